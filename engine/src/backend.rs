@@ -1,0 +1,17 @@
+//! The trait every backend (CPU reference, CUDA) implements, so the runner treats them alike.
+
+use crate::taps::TapSink;
+
+/// A loaded model on one backend, with its KV cache.
+pub trait Backend {
+    /// Short name used in trial names and reports: `cpu`, `cuda`.
+    fn name(&self) -> &'static str;
+    /// Number of positions already in the KV cache.
+    fn n_past(&self) -> usize;
+    /// Empties the KV cache (positions restart at 0).
+    fn reset(&mut self);
+    /// Runs `tokens` at positions `n_past()..n_past()+tokens.len()`, appends them to the KV cache and
+    /// returns the logits of the last token (`n_vocab` values). Like llama.cpp, the last layer computes
+    /// its FFN and the output head for the last token only.
+    fn forward(&mut self, tokens: &[u32], taps: Option<&mut dyn TapSink>) -> anyhow::Result<Vec<f32>>;
+}

@@ -1,0 +1,1 @@
+//! The f32 CPU reference backend (being written).

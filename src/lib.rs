@@ -1,0 +1,1 @@
+//! lockstep: the validation runner (suites, checks, localization, reports) and its CLI.
