@@ -14,12 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+# Chat prompts carry a short system message: the templates' default system prompts would add ~16 tokens
+# to every prefill, and prefill taps are what the 64 MB golden budget is spent on (golden/README.md).
+_SYSTEM = {"role": "system", "content": "Be concise."}
 _HAIKU = {"id": "haiku", "chat": True,
-          "messages": [{"role": "user", "content": "Write a haiku about GPU computing"}]}
+          "messages": [_SYSTEM, {"role": "user", "content": "Write a haiku about GPU computing"}]}
 _CODE = {"id": "code", "chat": False, "text": "def fibonacci(n):"}
 _MULTITURN = {"id": "multiturn", "chat": True, "messages": [
-    {"role": "user", "content": "What is the capital of France?"},
-    {"role": "assistant", "content": "The capital of France is Paris."},
+    _SYSTEM,
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
     {"role": "user", "content": "And of Italy?"},
 ]}
 _FOX = {"id": "fox", "chat": False, "text": "The quick brown fox"}
