@@ -1,0 +1,322 @@
+//! The CPU backend's math, one small named function per graph operation, each matching the
+//! arithmetic of ggml's CPU kernels where the order of operations changes the f32 result
+//! (RMSNorm and softmax sum in f64; RoPE builds its angles by repeated multiplication).
+//!
+//! Dimension letters: `T` tokens in the batch, `D` model width (`n_embd`), `F` FFN width,
+//! `H`/`Hkv` query/key-value heads, `Dh` head dimension, `V` vocabulary.
+//!
+//! Every function here is a hook point for the fault injector: keep them small and named.
+
+use rayon::prelude::*;
+
+pub use crate::config::RopeStyle;
+
+/// A row-major f32 matrix `[rows][cols]`: GGUF's `ne = [cols, rows]` (ne0 contiguous) read as is.
+/// For a projection, `cols` is in-features and `rows` out-features, so `y = W x` is one dot
+/// product per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows][cols]`
+    pub data: Vec<f32>,
+}
+
+impl Matrix {
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// Dot product in f32 with 16 independent accumulators, so LLVM keeps them in vector registers.
+/// On x86-64 with AVX2+FMA (detected once at run time) the same body is compiled with fused
+/// multiply-add. The summation order differs from ggml's, which is why the engine agrees with
+/// llama.cpp to ~1e-6 relative rather than bit for bit.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all
+            // `dot_avx2` requires; it reads only within the two slices.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_body::<false>(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_body::<true>(a, b)
+}
+
+#[inline(always)]
+fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..LANES {
+            acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    // pairwise reduction of the lanes
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0] + tail
+}
+
+/// `y[t] = W x[t]` for each of the `T` rows of `x`.
+/// x: `[T][W.cols]`, returns `[T][W.rows]`. Parallel over blocks of output rows, so each weight row
+/// is read once per call whatever `T` is.
+pub fn matmul(w: &Matrix, x: &[f32]) -> Vec<f32> {
+    let (n_in, n_out) = (w.cols, w.rows);
+    assert_eq!(x.len() % n_in, 0, "matmul: input length {} is not a multiple of {n_in}", x.len());
+    let t = x.len() / n_in;
+    // yt: `[W.rows][T]` (transposed so that each parallel task writes a contiguous block)
+    let mut yt = vec![0.0f32; n_out * t];
+    const ROWS_PER_TASK: usize = 16;
+    yt.par_chunks_mut(ROWS_PER_TASK * t).enumerate().for_each(|(blk, out)| {
+        let r0 = blk * ROWS_PER_TASK;
+        for (i, orow) in out.chunks_mut(t).enumerate() {
+            let wr = w.row(r0 + i);
+            for (ti, o) in orow.iter_mut().enumerate() {
+                *o = dot(wr, &x[ti * n_in..(ti + 1) * n_in]);
+            }
+        }
+    });
+    if t == 1 {
+        return yt;
+    }
+    let mut y = vec![0.0f32; t * n_out];
+    for r in 0..n_out {
+        for ti in 0..t {
+            y[ti * n_out + r] = yt[r * t + ti];
+        }
+    }
+    y
+}
+
+/// RMSNorm without the weight (ggml_rms_norm): `x / sqrt(mean(x²) + eps)` per row of `width`.
+/// Like ggml, the sum of squares is accumulated in f64 and the scale computed in f32.
+pub fn rmsnorm(x: &[f32], width: usize, eps: f32) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
+        let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / width as f64) as f32;
+        let scale = 1.0f32 / (mean + eps).sqrt();
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = v * scale;
+        }
+    }
+    y
+}
+
+/// Element-wise product with a per-channel weight broadcast over rows (the norm weight, ggml_mul).
+pub fn mul_rows(x: &[f32], w: &[f32]) -> Vec<f32> {
+    let d = w.len();
+    x.chunks_exact(d).flat_map(|r| r.iter().zip(w).map(|(a, b)| a * b)).collect()
+}
+
+/// Adds a per-channel bias to every row (ggml_add with a broadcast `[D]` operand).
+pub fn add_bias(x: &mut [f32], b: &[f32]) {
+    for r in x.chunks_exact_mut(b.len()) {
+        for (v, bb) in r.iter_mut().zip(b) {
+            *v += bb;
+        }
+    }
+}
+
+/// Residual add `a + b`, same shape.
+pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "residual add: {} vs {} elements", a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| x + y).collect()
+}
+
+/// Rotary position embedding in place. x: `[T][heads][Dh]`, `positions[t]` the absolute position of
+/// row t; only the first `n_rot` dimensions of each head rotate (the rest pass through), as in
+/// ggml_rope_ext with `n_dims = n_rot`. Angles as ggml builds them: θ₀ = p,
+/// θ_{i+1} = θ_i · base^(-2/n_rot) in f32, cos/sin in f32.
+pub fn rope(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, n_rot: usize, base: f32, style: RopeStyle) {
+    assert!(n_rot <= head_dim && n_rot % 2 == 0, "rope: n_rot {n_rot} vs head_dim {head_dim}");
+    let theta_scale = base.powf(-2.0 / n_rot as f32);
+    let mut cache = vec![0.0f32; n_rot]; // [n_rot/2] of (cos, sin)
+    for (t, &p) in positions.iter().enumerate() {
+        let mut theta = p as f32;
+        for i0 in (0..n_rot).step_by(2) {
+            cache[i0] = theta.cos();
+            cache[i0 + 1] = theta.sin();
+            theta *= theta_scale;
+        }
+        for h in 0..heads {
+            let v = &mut x[(t * heads + h) * head_dim..(t * heads + h + 1) * head_dim];
+            for i0 in (0..n_rot).step_by(2) {
+                let (c, s) = (cache[i0], cache[i0 + 1]);
+                let (a, b) = match style {
+                    RopeStyle::Normal => (i0, i0 + 1),
+                    RopeStyle::Neox => (i0 / 2, i0 / 2 + n_rot / 2),
+                };
+                let (x0, x1) = (v[a], v[b]);
+                v[a] = x0 * c - x1 * s;
+                v[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// Softmax of one row as ggml_soft_max_ext computes it: `w = x·scale + mask`, max subtracted,
+/// exponentials summed in f64, then multiplied by the f32 inverse of the sum.
+/// `n_valid`: entries at index ≥ n_valid are masked (−∞) and come out 0 (the causal mask).
+pub fn softmax_row(x: &[f32], scale: f32, n_valid: usize) -> Vec<f32> {
+    let w: Vec<f32> =
+        x.iter().enumerate().map(|(j, &v)| if j < n_valid { v * scale } else { f32::NEG_INFINITY }).collect();
+    let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    let mut y: Vec<f32> = w
+        .iter()
+        .map(|&v| {
+            let e = if v == f32::NEG_INFINITY { 0.0 } else { (v - max).exp() };
+            sum += e as f64;
+            e
+        })
+        .collect();
+    let inv = (1.0 / sum) as f32;
+    for v in &mut y {
+        *v *= inv;
+    }
+    y
+}
+
+/// SwiGLU (ggml_swiglu): `silu(gate) · up`, silu(x) = x / (1 + e^(−x)).
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    assert_eq!(gate.len(), up.len(), "swiglu: gate {} vs up {}", gate.len(), up.len());
+    gate.iter().zip(up).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect()
+}
+
+/// Embedding lookup (ggml_get_rows): rows of `table` (`[V][D]`) for each token. Errors on an id
+/// outside the vocabulary.
+pub fn embedding(table: &Matrix, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(tokens.len() * table.cols);
+    for &tok in tokens {
+        anyhow::ensure!((tok as usize) < table.rows, "token id {tok} is outside the vocabulary ({} rows)", table.rows);
+        out.extend_from_slice(table.row(tok as usize));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    #[test]
+    fn dot_matches_f64_for_odd_lengths() {
+        for n in [0usize, 1, 7, 16, 17, 33, 896, 4864 + 3] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 7.0).collect();
+            let d = dot(&a, &b) as f64;
+            let r = naive_dot(&a, &b);
+            assert!((d - r).abs() <= 1e-5 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
+            let g = dot_body::<false>(&a, &b) as f64;
+            assert!((g - r).abs() <= 1e-5 * (1.0 + r.abs()), "portable n={n}: {g} vs {r}");
+        }
+    }
+
+    #[test]
+    fn matmul_is_w_times_x_for_each_row() {
+        // W: [3 out][2 in]
+        let w = Matrix { rows: 3, cols: 2, data: vec![1., 2., 3., 4., 5., 6.] };
+        let x = vec![1., 0., 0., 1., 1., 1.]; // [T=3][2]
+        let y = matmul(&w, &x);
+        assert_eq!(y, vec![1., 3., 5., 2., 4., 6., 3., 7., 11.]);
+        // many rows: crosses the task block boundary
+        let w = Matrix { rows: 37, cols: 5, data: (0..185).map(|i| i as f32).collect() };
+        let y = matmul(&w, &[1., 1., 1., 1., 1.]);
+        for (r, v) in y.iter().enumerate() {
+            assert_eq!(*v, (5 * r * 5 + 10) as f32);
+        }
+    }
+
+    #[test]
+    fn rmsnorm_unit_rms() {
+        let x = vec![3.0f32, 4.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0];
+        let y = rmsnorm(&x, 4, 0.0);
+        // row 0: mean square 25/4 → rms 2.5
+        assert!((y[0] - 1.2).abs() < 1e-6 && (y[1] - 1.6).abs() < 1e-6);
+        assert!(y[4..].iter().all(|v| (v - 1.0).abs() < 1e-6));
+        // epsilon is inside the root
+        let y = rmsnorm(&[0.0, 0.0], 2, 1e-6);
+        assert_eq!(y, vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn rope_position_zero_is_identity_and_styles_differ() {
+        let x0: Vec<f32> = (0..8).map(|i| i as f32 + 1.0).collect(); // T=1, heads=1, Dh=8
+        for style in [RopeStyle::Normal, RopeStyle::Neox] {
+            let mut x = x0.clone();
+            rope(&mut x, &[0], 1, 8, 8, 10000.0, style);
+            assert_eq!(x, x0);
+        }
+        let mut a = x0.clone();
+        let mut b = x0.clone();
+        rope(&mut a, &[3], 1, 8, 8, 10000.0, RopeStyle::Normal);
+        rope(&mut b, &[3], 1, 8, 8, 10000.0, RopeStyle::Neox);
+        assert_ne!(a, b);
+        // Normal: first pair (0,1) rotated by 3 rad
+        let (c, s) = (3f32.cos(), 3f32.sin());
+        assert!((a[0] - (1.0 * c - 2.0 * s)).abs() < 1e-6);
+        assert!((a[1] - (1.0 * s + 2.0 * c)).abs() < 1e-6);
+        // Neox: first pair (0,4) rotated by 3 rad
+        assert!((b[0] - (1.0 * c - 5.0 * s)).abs() < 1e-6);
+        assert!((b[4] - (1.0 * s + 5.0 * c)).abs() < 1e-6);
+        // rotation keeps the norm of every pair
+        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>();
+        assert!((n(&a) - n(&x0)).abs() < 1e-3 && (n(&b) - n(&x0)).abs() < 1e-3);
+    }
+
+    #[test]
+    fn softmax_masks_scales_and_survives_large_inputs() {
+        let y = softmax_row(&[1000.0, 1000.0, 5.0], 1.0, 2);
+        assert_eq!(y, vec![0.5, 0.5, 0.0]);
+        let y = softmax_row(&[0.0, 2.0f32.ln() * 2.0], 0.5, 2);
+        assert!((y[0] - 1.0 / 3.0).abs() < 1e-6 && (y[1] - 2.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn swiglu_is_silu_gate_times_up() {
+        let y = swiglu(&[0.0, 1.0, -1.0], &[5.0, 2.0, 2.0]);
+        assert_eq!(y[0], 0.0);
+        assert!((y[1] - 2.0 / (1.0 + (-1f32).exp())).abs() < 1e-6);
+        assert!((y[2] - -2.0 / (1.0 + 1f32.exp())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn embedding_reads_rows_and_rejects_out_of_range() {
+        let t = Matrix { rows: 3, cols: 2, data: vec![0., 1., 10., 11., 20., 21.] };
+        assert_eq!(embedding(&t, &[2, 0]).unwrap(), vec![20., 21., 0., 1.]);
+        assert!(embedding(&t, &[3]).is_err());
+    }
+}
