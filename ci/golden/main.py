@@ -51,32 +51,44 @@ def spread(n_layer: int) -> list[int]:
     return sorted({0, 1, n_layer // 2, n_layer - 1})
 
 
-# What a taps file keeps: the 64 MB budget of golden/ cannot hold every tap of every layer of a real
-# model (qwen: ~107 KB per prompt token per layer in f32; one 36-token prefill alone is 90 MB).
-# Prefill taps are what costs; decode steps (one token) are cheap. Measured sizes: golden/README.md.
-#   tiny models ........ every tap of every layer, f32, both tiers
-#   real, exact, "haiku" and "code" .. every tap of layers 0, 1, middle, last; l_out and kq_soft_max of
-#                        every layer; f32 (the issue's floor)
-#   real, exact, other . every tap of layers 0 and last; l_out and kq_soft_max of every layer; f32
-#   real, shipped ...... every tap of layer 0 and last; l_out of every layer; stored f16 (the shipped
-#                        tier's tolerance is ~1e-2; f16 storage adds < 1e-3)
-def keep_policy(model_id: str, n_layer: int, tier: str, prompt_id: str):
-    """(predicate on a tap, storage dtype, layers with every tap, description)."""
-    if model_id.startswith("tiny-"):
-        return (lambda tap: True), np.float32, list(range(n_layer)), "every tap of every layer"
-    if tier == "exact" and prompt_id in ("haiku", "code"):
-        full, families = spread(n_layer), ("l_out", "kq_soft_max")
-    elif tier == "exact":
-        full, families = sorted({0, n_layer - 1}), ("l_out", "kq_soft_max")
-    else:
-        full, families = sorted({0, n_layer - 1}), ("l_out",)
-    dtype = np.float32 if tier == "exact" else np.float16
+# What a taps file keeps. golden/ travels with the repository to the GPU machine, where the whole tree
+# plus the test binaries must stay under 64 MiB, so golden/ aims at ~40 MB. A real model cannot keep every
+# tap of every layer (qwen: ~107 KB per prompt token per layer in f32): prefill taps are what costs,
+# decode steps (one token) are cheap. Per real model:
+#   "code" (4-6 tokens) .... every tap of layers 0, 1, middle and last; l_out and kq_soft_max of every layer
+#   "haiku" ................ every tap of layer 0; l_out and kq_soft_max of every layer
+#   "multiturn" ............ every tap of layer 0; l_out of every layer
+# Shipped tier: stored f16 (its tolerance is ~1e-2; f16 storage adds < 1e-3). Exact tier: f32.
+# result_output (0.6 MB for qwen) at the prefill only; every step's top-64 logits and log-sum-exp are
+# kept (topk_ids, topk_values, lse). Tiny models: every tap of every layer at every step.
+REAL_POLICY = {
+    "code": ("spread", ("l_out", "kq_soft_max")),
+    "haiku": ("first", ("l_out", "kq_soft_max")),
+    "multiturn": ("first", ("l_out",)),
+}
 
-    def keep(tap: capture.Tap) -> bool:
+
+def spread(n_layer: int) -> list[int]:
+    """0, 1, the middle layer and the last."""
+    return sorted({0, 1, n_layer // 2, n_layer - 1})
+
+
+def keep_policy(model_id: str, n_layer: int, tier: str, prompt_id: str):
+    """(predicate on (step, tap), storage dtype, layers with every tap, description)."""
+    dtype = np.float32 if tier == "exact" else np.float16
+    if model_id.startswith("tiny-"):
+        return (lambda step, tap: True), dtype, list(range(n_layer)), \
+            f"every tap of every layer; stored {np.dtype(dtype).name}"
+    layers, families = REAL_POLICY[prompt_id]
+    full = spread(n_layer) if layers == "spread" else [0]
+
+    def keep(step: int, tap: capture.Tap) -> bool:
+        if tap.name == "result_output":
+            return step == 0   # decode steps: the top-64 logits and log-sum-exp (topk_*, lse) stand in
         if tap.layer is None or tap.layer in full:
             return True
         return capture.split_layer(tap.name)[0] in families
-    desc = (f"every tap of layers {full} and of the non-layer tensors; "
+    desc = (f"every tap of layers {full} and of the non-layer tensors (result_output at the prefill only); "
             f"{' and '.join(families)} of every layer; stored {np.dtype(dtype).name}")
     return keep, dtype, full, desc
 
@@ -119,7 +131,7 @@ def write_taps(out: Path, rel: str, run: capture.Run, keep, dtype, meta: dict) -
     listed = []
     for step, taps in enumerate(run.steps):
         for tap in taps:
-            if not keep(tap):
+            if not keep(step, tap):
                 continue
             key = f"s{step}/{tap.key}"
             arr = np.ascontiguousarray(tap.array, dtype=dtype)
