@@ -1,1 +1,13 @@
 //! lockstep: the validation runner (suites, checks, localization, reports) and its CLI.
+//!
+//! Code map:
+//! - [`golden`]: golden/manifest.json and taps safetensors files over memmap2 (sha256-verified).
+//! - [`tapname`]: tap keys `s{step}/{name}-{layer}.{stage}` and graph order.
+//! - [`metrics`]: rel L2, max abs, cosine, NMSE, KL, top-k, ranks, entropy (f64).
+//! - [`checks`]: the nine checks; each yields {name, metric, value, limit, passed}.
+pub mod checks;
+pub mod error;
+pub mod golden;
+pub mod metrics;
+pub mod tapname;
+pub mod localize;

@@ -1,0 +1,277 @@
+//! Check 4: reference-free invariants of an engine's taps.
+//! - attention probabilities (`kq_soft_max`) sum to 1 per row; masked (future) entries are exactly 0;
+//! - no NaN or Inf in any tap;
+//! - RoPE keeps each pair's norm, and its rotation angle is linear in the position (angle(p) = p·angle(1)
+//!   mod 2π), which is what makes q·k depend only on the position difference;
+//! - RMSNorm output (`norm-L`, before its weight) has unit mean square per row.
+
+use super::{CheckResult, Op, TapSource, Tolerances};
+use crate::error::Result;
+use crate::tapname::TapId;
+use std::f64::consts::PI;
+
+/// RoPE pairing: NeoX rotates (i, i + d/2) (qwen2); normal rotates (2i, 2i + 1) (llama).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pairing {
+    Neox,
+    Adjacent,
+}
+
+impl Pairing {
+    pub fn pairs(self, d: usize) -> Vec<(usize, usize)> {
+        match self {
+            Pairing::Neox => (0..d / 2).map(|i| (i, i + d / 2)).collect(),
+            Pairing::Adjacent => (0..d / 2).map(|i| (2 * i, 2 * i + 1)).collect(),
+        }
+    }
+    /// The pairing llama.cpp uses for an architecture, if known.
+    pub fn for_arch(arch: &str) -> Option<Pairing> {
+        match arch {
+            "qwen2" | "qwen3" | "phi3" | "gemma" | "gemma2" | "stablelm" | "gptneox" => Some(Pairing::Neox),
+            "llama" | "mistral" => Some(Pairing::Adjacent),
+            _ => None,
+        }
+    }
+}
+
+/// Runs all invariants over the engine's taps. `pairing`: the model's RoPE pairing (None: accept either
+/// and say which held).
+pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>) -> Result<Vec<CheckResult>> {
+    let mut ids: Vec<TapId> = src.keys().iter().filter_map(|k| TapId::parse_key(k)).collect();
+    crate::tapname::GraphOrder::default().sort(&mut ids);
+    let lim = |k: &str| tol.get(&format!("invariants.{k}"));
+
+    let (mut nonfinite, mut nonfinite_at) = (0usize, None);
+    let (mut row_err, mut row_at, mut masked, mut masked_at, mut n_sm) = (0f64, String::new(), 0f64, String::new(), 0);
+    let (mut rms_err, mut rms_at, mut n_rms) = (0f64, String::new(), 0);
+    let n_prompt = ids.iter().find(|t| t.step == 0 && t.family == "embd").and_then(|t| src.tensor(&t.key())).transpose()?.map(|t| rows(&t.shape));
+    for id in &ids {
+        let t = src.tensor(&id.key()).expect("listed key")?;
+        let nf = t.data.iter().filter(|v| !v.is_finite()).count();
+        if nf > 0 && nonfinite_at.is_none() {
+            nonfinite_at = Some(id.key());
+        }
+        nonfinite += nf;
+        if id.family == "kq_soft_max" && t.shape.len() == 4 {
+            n_sm += 1;
+            let (h, tk, kv) = (t.shape[1], t.shape[2], t.shape[3]);
+            for hh in 0..h {
+                for r in 0..tk {
+                    let row = &t.data[(hh * tk + r) * kv..(hh * tk + r + 1) * kv];
+                    let s: f64 = row.iter().map(|&v| v as f64).sum();
+                    if worse((s - 1.0).abs(), row_err) {
+                        row_err = (s - 1.0).abs();
+                        row_at = format!("{} head {hh} row {r}", id.key());
+                    }
+                    let pos = kv - tk + r; // row r's position: the kv length is trimmed to the used cache
+                    for &v in &row[pos + 1..] {
+                        if worse(v.abs() as f64, masked) {
+                            masked = v.abs() as f64;
+                            masked_at = format!("{} head {hh} row {r}", id.key());
+                        }
+                    }
+                }
+            }
+        }
+        if id.family == "norm" && t.shape.len() >= 2 {
+            n_rms += 1;
+            let w = *t.shape.last().unwrap();
+            for (r, row) in t.data.chunks_exact(w.max(1)).enumerate() {
+                let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / w as f64;
+                if worse((ms - 1.0).abs(), rms_err) {
+                    rms_err = (ms - 1.0).abs();
+                    rms_at = format!("{} row {r}", id.key());
+                }
+            }
+        }
+    }
+    let mut res = vec![CheckResult::new("invariants:non_finite", "NaN/Inf elements in all taps", nonfinite as f64, Op::Le, lim("non_finite").value)
+        .with_detail(nonfinite_at.map_or("none".into(), |k| format!("first in {k}")))];
+    if n_sm > 0 {
+        let l = lim("softmax_row_sum");
+        res.push(CheckResult::new("invariants:softmax_row_sum", "max |Σ row − 1| of kq_soft_max", row_err, Op::Le, l.value).with_detail(row_at).with_reason(Some(l.reason)));
+        res.push(CheckResult::new("invariants:masked", "max |p| at future positions", masked, Op::Le, lim("masked").value).with_detail(if masked_at.is_empty() { "none".into() } else { masked_at }));
+    }
+    if n_rms > 0 {
+        let l = lim("rms_unit");
+        res.push(CheckResult::new("invariants:rms_unit", "max |mean square − 1| of norm-L (before weight)", rms_err, Op::Le, l.value).with_detail(rms_at).with_reason(Some(l.reason)));
+    }
+    res.extend(rope_checks(src, &ids, tol, pairing, n_prompt)?);
+    Ok(res)
+}
+
+fn rows(shape: &[usize]) -> usize {
+    if shape.len() >= 2 { shape[shape.len() - 2] } else { 1 }
+}
+
+/// RoPE pair-norm and angle-linearity over every `{Q,K}cur-L.rope` with its pre-RoPE tap.
+fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Option<Pairing>, n_prompt: Option<usize>) -> Result<Vec<CheckResult>> {
+    let candidates: Vec<Pairing> = pairing.map_or(vec![Pairing::Neox, Pairing::Adjacent], |p| vec![p]);
+    // For each candidate pairing: (worst pair-norm error, where), (worst angle deviation, where).
+    let mut best: Option<(Pairing, f64, String, f64, String)> = None;
+    let mut any = false;
+    for &pairing in &candidates {
+        let (mut norm_err, mut norm_at, mut ang_err, mut ang_at) = (0f64, String::new(), 0f64, String::new());
+        // Angles per (family, layer, head, pair) at position 1, filled as we meet them.
+        let mut theta1: std::collections::HashMap<(String, Option<usize>, usize, usize), f64> = Default::default();
+        let mut angles: Vec<((String, Option<usize>, usize, usize), usize, f64, String)> = Vec::new();
+        for id in ids.iter().filter(|t| t.stage.as_deref() == Some("rope")) {
+            let pre_key = ["add", "mul_mat"].iter().map(|s| format!("s{}/{}-{}.{s}", id.step, id.family, id.layer.unwrap_or(0))).find(|k| src.tensor(k).is_some());
+            let Some(pre_key) = pre_key else { continue };
+            let post = src.tensor(&id.key()).expect("listed")?;
+            let pre = src.tensor(&pre_key).expect("checked")?;
+            if post.shape.len() != 4 || pre.data.len() != post.data.len() {
+                continue;
+            }
+            any = true;
+            let (tk, h, d) = (post.shape[1], post.shape[2], post.shape[3]);
+            let pos0 = if id.step == 0 { 0 } else { n_prompt.unwrap_or(0) + id.step - 1 };
+            for t in 0..tk {
+                for hh in 0..h {
+                    let base = (t * h + hh) * d;
+                    let (a, b) = (&pre.data[base..base + d], &post.data[base..base + d]);
+                    let head_norm = a.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+                    for (pi, (i, j)) in pairing.pairs(d).into_iter().enumerate() {
+                        let (x0, y0, x1, y1) = (a[i] as f64, a[j] as f64, b[i] as f64, b[j] as f64);
+                        let (n0, n1) = ((x0 * x0 + y0 * y0).sqrt(), (x1 * x1 + y1 * y1).sqrt());
+                        let e = (n1 - n0).abs() / head_norm;
+                        if worse(e, norm_err) {
+                            norm_err = e;
+                            norm_at = format!("{} token {t} head {hh} pair {pi}", id.key());
+                        }
+                        // Angles are only well defined where the pair carries signal.
+                        if n0 > 1e-3 * head_norm && n1 > 0.0 {
+                            let ang = (x0 * y1 - y0 * x1).atan2(x0 * x1 + y0 * y1);
+                            let k = (id.family.clone(), id.layer, hh, pi);
+                            let p = pos0 + t;
+                            if p == 1 {
+                                theta1.insert(k.clone(), ang);
+                            }
+                            angles.push((k, p, ang, format!("{} token {t} head {hh} pair {pi}", id.key())));
+                        }
+                    }
+                }
+            }
+        }
+        for (k, p, ang, at) in &angles {
+            let Some(&t1) = theta1.get(k) else { continue };
+            let want = *p as f64 * t1;
+            let dev = wrap(ang - want).abs();
+            if worse(dev, ang_err) {
+                ang_err = dev;
+                ang_at = format!("{at} (position {p})");
+            }
+        }
+        let has_angles = !theta1.is_empty();
+        let cand = (pairing, norm_err, norm_at, if has_angles { ang_err } else { f64::NAN }, ang_at);
+        if best.as_ref().is_none_or(|b| cand.1 < b.1) {
+            best = Some(cand);
+        }
+    }
+    let Some((pairing_seen, norm_err, norm_at, ang_err, ang_at)) = best.filter(|_| any) else { return Ok(Vec::new()) };
+    let (ln, la) = (tol.get("invariants.rope_pair_norm"), tol.get("invariants.rope_relative"));
+    let mut out = vec![CheckResult::new("invariants:rope_pair_norm", "max |‖pair after‖ − ‖pair before‖| / ‖head‖", norm_err, Op::Le, ln.value)
+        .with_detail(format!("{pairing_seen:?} pairing; worst at {norm_at}"))
+        .with_reason(Some(ln.reason))];
+    if !ang_err.is_nan() {
+        out.push(CheckResult::new("invariants:rope_relative", "max |angle(p) − p·angle(1)| rad", ang_err, Op::Le, la.value)
+            .with_detail(format!("angle linear in position ⇔ q·k depends on m−n only; worst at {ang_at}"))
+            .with_reason(Some(la.reason)));
+    }
+    Ok(out)
+}
+
+/// Whether `v` is a worse (larger, or NaN) value than the worst so far; NaN stays worst.
+pub fn worse(v: f64, cur: f64) -> bool {
+    !cur.is_nan() && (v.is_nan() || v > cur)
+}
+
+fn wrap(a: f64) -> f64 {
+    let mut a = a % (2.0 * PI);
+    if a > PI {
+        a -= 2.0 * PI;
+    } else if a < -PI {
+        a += 2.0 * PI;
+    }
+    a
+}
+
+/// Applies RoPE to a `[tokens, heads, d]` buffer (test helper and reference for the probes).
+pub fn apply_rope(x: &mut [f32], tokens: usize, heads: usize, d: usize, pos0: usize, base: f64, pairing: Pairing) {
+    for t in 0..tokens {
+        for h in 0..heads {
+            for (i, (a, b)) in pairing.pairs(d).into_iter().enumerate() {
+                let theta = (pos0 + t) as f64 * base.powf(-2.0 * i as f64 / d as f64);
+                let (c, s) = (theta.cos(), theta.sin());
+                let o = (t * heads + h) * d;
+                let (x0, x1) = (x[o + a] as f64, x[o + b] as f64);
+                x[o + a] = (x0 * c - x1 * s) as f32;
+                x[o + b] = (x0 * s + x1 * c) as f32;
+            }
+        }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::MemTaps;
+    use crate::golden::Tensor;
+
+    fn rope_taps(pairing_used: Pairing, base: f64) -> MemTaps {
+        let (tk, h, d) = (4, 2, 8);
+        let pre: Vec<f32> = (0..tk * h * d).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3 + 0.1).collect();
+        let mut post = pre.clone();
+        apply_rope(&mut post, tk, h, d, 0, base, pairing_used);
+        let mut m = MemTaps::default();
+        m.0.insert("s0/Qcur-0.add".into(), Tensor { shape: vec![1, 1, tk, h * d], data: pre });
+        m.0.insert("s0/Qcur-0.rope".into(), Tensor { shape: vec![1, tk, h, d], data: post });
+        m
+    }
+
+    #[test]
+    fn rope_invariants_hold_for_rope_and_catch_a_wrong_pairing() {
+        let tol = Tolerances::new("exact");
+        let ok = check(&rope_taps(Pairing::Neox, 1e6), &tol, Some(Pairing::Neox)).unwrap();
+        assert!(ok.iter().all(|c| c.passed), "{ok:?}");
+        assert!(ok.iter().any(|c| c.name == "invariants:rope_relative"));
+        let bad = check(&rope_taps(Pairing::Adjacent, 1e6), &tol, Some(Pairing::Neox)).unwrap();
+        assert!(bad.iter().any(|c| c.name == "invariants:rope_pair_norm" && !c.passed), "{bad:?}");
+        // Unknown pairing: the one that holds is reported.
+        let either = check(&rope_taps(Pairing::Adjacent, 1e4), &tol, None).unwrap();
+        assert!(either.iter().all(|c| c.passed), "{either:?}");
+    }
+
+    #[test]
+    fn rope_with_a_position_dependent_base_breaks_linearity() {
+        let (tk, h, d) = (4, 1, 4);
+        let pre: Vec<f32> = (0..tk * h * d).map(|i| 1.0 + i as f32 * 0.1).collect();
+        let mut post = pre.clone();
+        for t in 0..tk {
+            // Each position rotated with a different base: not a function of position alone times θ.
+            apply_rope(&mut post[t * d..(t + 1) * d], 1, 1, d, t * t, 1e4, Pairing::Neox);
+        }
+        let mut m = MemTaps::default();
+        m.0.insert("s0/Kcur-0.mul_mat".into(), Tensor { shape: vec![1, 1, tk, d], data: pre });
+        m.0.insert("s0/Kcur-0.rope".into(), Tensor { shape: vec![1, tk, h, d], data: post });
+        let r = check(&m, &Tolerances::new("exact"), Some(Pairing::Neox)).unwrap();
+        assert!(r.iter().any(|c| c.name == "invariants:rope_relative" && !c.passed), "{r:?}");
+    }
+
+    #[test]
+    fn softmax_mask_nan_and_rms() {
+        // 1 head, 2 tokens, kv 2: causal rows [1, 0], [0.4, 0.6].
+        let mut m = MemTaps::default();
+        m.0.insert("s0/kq_soft_max-0".into(), Tensor { shape: vec![1, 1, 2, 2], data: vec![1.0, 0.0, 0.4, 0.6] });
+        m.0.insert("s0/norm-0.rms_norm.0".into(), Tensor { shape: vec![1, 1, 1, 2], data: vec![1.0, -1.0] });
+        let tol = Tolerances::new("exact");
+        assert!(check(&m, &tol, None).unwrap().iter().all(|c| c.passed));
+        // A missing causal mask: row 0 attends to position 1.
+        m.0.insert("s0/kq_soft_max-0".into(), Tensor { shape: vec![1, 1, 2, 2], data: vec![0.5, 0.5, 0.4, 0.6] });
+        m.0.insert("s0/norm-0.rms_norm.0".into(), Tensor { shape: vec![1, 1, 1, 2], data: vec![2.0, f32::NAN] });
+        let r = check(&m, &tol, None).unwrap();
+        let failed: Vec<_> = r.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
+        assert_eq!(failed, ["invariants:non_finite", "invariants:masked", "invariants:rms_unit"]);
+    }
+}
