@@ -526,7 +526,8 @@ fn build_bpe(f: &GgufFile, texts: &[String], cfg: &PreConfig) -> Result<HfTokeni
         .enumerate()
         .map(|(index, m)| {
             // llama.cpp splits at the first space after the first byte.
-            match m.get(1..).and_then(|rest| rest.find(' ')) {
+            // (bytes: the first char may be several bytes long; ' ' is a char boundary either way)
+            match m.as_bytes().iter().skip(1).position(|&b| b == b' ') {
                 Some(p) => Ok((m[..p + 1].to_string(), m[p + 2..].to_string())),
                 None => Err(TokenizerError::BadMerge { index, merge: m.to_string() }),
             }
