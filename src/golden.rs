@@ -24,7 +24,17 @@ pub fn default_dir() -> PathBuf {
 /// One tensor as the manifest lists it (graph order within the file).
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ManifestTensor {
-    pub name: String,
+    /// The full key (`s0/Qcur-0.rope`, `tokens`).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The tap inside its step (`Qcur-0.rope`).
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// llama.cpp's callback name (`Qcur-0`).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub op: Option<String>,
     #[serde(default)]
     pub stage: Option<serde_json::Value>,
     #[serde(default)]
@@ -60,6 +70,15 @@ pub struct ManifestFile {
     pub tokens: Option<Vec<i64>>,
     #[serde(default)]
     pub steps: Option<usize>,
+    /// The greedy continuation's token ids.
+    #[serde(default)]
+    pub continuation: Option<Vec<i64>>,
+    /// The model file llama.cpp ran, relative to golden/ for the tiny models (`models/tiny-qwen2.q.gguf`),
+    /// or `{id}.gguf (cache)` for the real ones.
+    #[serde(default)]
+    pub model_file: Option<String>,
+    #[serde(default)]
+    pub n_layer: Option<usize>,
     #[serde(default)]
     pub tensors: Vec<ManifestTensor>,
     #[serde(default)]
@@ -82,7 +101,7 @@ impl ManifestFile {
 
     /// Graph order from the listed tensors.
     pub fn graph_order(&self) -> GraphOrder {
-        GraphOrder::from_listed(self.tensors.iter().map(|t| t.name.as_str()))
+        GraphOrder::from_listed(self.tensors.iter().filter_map(|t| t.key.as_deref().or(t.tap.as_deref())))
     }
 }
 
@@ -300,7 +319,7 @@ mod tests {
         let sha = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
         let manifest = serde_json::json!({"llama_cpp_commit": "abc", "files": [
             {"path": "taps/m/exact/hi.safetensors", "sha256": sha, "kind": "taps", "model": "m", "tier": "exact", "prompt_id": "hi",
-             "tensors": [{"name": "s0/embd"}, {"name": "s0/l_out-0"}]}]});
+             "tensors": [{"key": "s0/embd", "tap": "embd", "stage": "prefill", "layer": null}, {"key": "s0/l_out-0"}, {"key": "tokens"}]}]});
         std::fs::write(dir.path().join("manifest.json"), manifest.to_string()).unwrap();
         let m = Manifest::load(dir.path()).unwrap();
         let f = m.find("m/exact/hi").unwrap();

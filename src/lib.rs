@@ -11,3 +11,7 @@ pub mod golden;
 pub mod metrics;
 pub mod tapname;
 pub mod localize;
+pub mod report;
+pub mod compare;
+#[doc(hidden)]
+pub mod synth;

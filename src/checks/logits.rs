@@ -67,13 +67,41 @@ fn coarse_entropy_from(values: &[f32], lse: f64) -> f64 {
     h
 }
 
-/// Loads the golden's per-step logits: `logits/{k}` where present, else `topk/{k}/ids|values` + `lse/{k}`.
+/// Loads the golden's per-step logits. Layout of golden/README.md: `topk_ids` i32 `[steps, 64]`,
+/// `topk_values` f32 `[steps, 64]`, `lse` f32 `[steps]`, with the full logits of a step where its
+/// `s{k}/result_output` (or `logits/{k}`) is kept. Older per-step keys (`topk/{k}/ids`) are read too.
 pub fn load_golden(golden: &TapsFile) -> Result<Vec<GoldenStep>> {
+    let full = |k: usize| -> Result<Option<Vec<f32>>> {
+        for key in [format!("s{k}/result_output"), format!("logits/{k}")] {
+            if golden.contains(&key) {
+                return Ok(Some(golden.f32(&key)?.data));
+            }
+        }
+        Ok(None)
+    };
     let mut out = Vec::new();
+    if golden.contains("topk_ids") {
+        let shape = golden.shape("topk_ids").unwrap_or_default();
+        let (n, k) = (shape.first().copied().unwrap_or(0), shape.get(1).copied().unwrap_or(0));
+        let ids = golden.ints("topk_ids")?;
+        let values = golden.f32("topk_values")?.data;
+        let lse = golden.f32("lse")?.data;
+        for s in 0..n {
+            if let Some(l) = full(s)? {
+                out.push(GoldenStep::Full(l));
+                continue;
+            }
+            out.push(GoldenStep::TopK {
+                ids: ids[s * k..(s + 1) * k].iter().map(|&v| v as u32).collect(),
+                values: values[s * k..(s + 1) * k].to_vec(),
+                lse: lse.get(s).copied().unwrap_or(f32::NAN) as f64,
+            });
+        }
+        return Ok(out);
+    }
     for k in 0.. {
-        let full = format!("logits/{k}");
-        if golden.contains(&full) {
-            out.push(GoldenStep::Full(golden.f32(&full)?.data));
+        if let Some(l) = full(k)? {
+            out.push(GoldenStep::Full(l));
             continue;
         }
         let ids = format!("topk/{k}/ids");
@@ -84,15 +112,6 @@ pub fn load_golden(golden: &TapsFile) -> Result<Vec<GoldenStep>> {
         let values = golden.f32(&format!("topk/{k}/values"))?.data;
         let lse = golden.f32(&format!("lse/{k}"))?.data.first().copied().unwrap_or(f32::NAN) as f64;
         out.push(GoldenStep::TopK { ids, values, lse });
-    }
-    if out.is_empty() {
-        // A bare golden or dump with only result_output taps.
-        for s in golden.steps() {
-            let key = format!("s{s}/result_output");
-            if golden.contains(&key) {
-                out.push(GoldenStep::Full(golden.f32(&key)?.data));
-            }
-        }
     }
     Ok(out)
 }
@@ -173,8 +192,9 @@ mod tests {
         assert!(continuation_check(&e, &g, &cont, true).passed);
         // A far-off token fails even in the shipped tier.
         let far = vec![vec![0.0, 0.0, 0.0, 1.0, 0.0, 9.0], vec![0.0; 6]];
-        let g = vec![GoldenStep::TopK { ids: vec![1, 2, 3, 0, 4], values: vec![5.0, 4.9, 1.0, 0.0, 0.0], lse: 6.0 }, g[1].clone()];
-        assert!(!continuation_check(&far, &g, &cont, true).passed);
+        let g_top = vec![GoldenStep::TopK { ids: vec![1, 2, 3, 0, 4], values: vec![5.0, 4.9, 1.0, 0.0, 0.0], lse: 6.0 }, g[1].clone()];
+        assert!(!continuation_check(&far, &g_top, &cont, true).passed);
+        assert!(continuation_check(&e, &g_top, &cont, true).passed);
         let same: Vec<Vec<f32>> = g.iter().map(|s| match s { GoldenStep::Full(l) => l.clone(), _ => unreachable!() }).collect();
         let r = check(&same, &g, &cont, &Tolerances::new("exact"));
         assert!(r.iter().all(|c| c.passed), "{r:?}");

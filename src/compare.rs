@@ -1,0 +1,148 @@
+//! Judging an engine's taps against a golden with the checks that need no engine (2, 3, 4, 7, and 1
+//! when the dump carries `tokens`): `lockstep compare --dump FILE --golden ENTRY`, and the tap half of
+//! every suite case.
+
+use crate::checks::{self, diversity, invariants::Pairing, logits, taps::TapComparison, TapSource, Tolerances};
+use crate::error::Result;
+use crate::golden::{Manifest, ManifestFile, TapsFile};
+use crate::localize;
+use crate::report::{CaseReport, Heatmap};
+
+/// Everything the engine produced for one golden: its taps, logits per continuation step (teacher-forced
+/// on the golden's tokens), its prompt ids and its greedy continuation.
+pub struct EngineRun<'a> {
+    pub taps: &'a dyn TapSource,
+    /// `logits[k]`: the engine's logits at continuation step k.
+    pub logits: Vec<Vec<f32>>,
+    pub tokens: Option<Vec<u32>>,
+    /// The engine's own greedy continuation (for the diversity gate), if it generated one.
+    pub continuation: Option<Vec<u32>>,
+}
+
+/// Options of a comparison.
+pub struct Options<'a> {
+    pub tol: &'a Tolerances,
+    pub pairing: Option<Pairing>,
+    /// Diversity limits (from the golden continuations of the model and tier); None skips the gate.
+    pub diversity: Option<diversity::Limits>,
+    /// Compare taps of steps ≤ this only.
+    pub max_step: Option<usize>,
+}
+
+/// The manifest record without its (long) tensor list, for reports.
+pub fn entry_for_report(f: &ManifestFile) -> serde_json::Value {
+    let mut v = serde_json::to_value(f).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("tensors");
+    }
+    v
+}
+
+/// Runs checks 1 (if tokens), 2, 3, 4 and 7 (if limits) and localizes; fills `case`.
+pub fn judge(golden: &TapsFile, run: &EngineRun, opt: &Options, case: &mut CaseReport) -> Result<Vec<TapComparison>> {
+    let tokens_ok = match (&run.tokens, golden.token_ids("tokens")?) {
+        (Some(e), Some(g)) => {
+            let r = checks::tokens::check(e, &g);
+            let ok = r.passed;
+            case.checks.push(r);
+            Some(ok)
+        }
+        _ => None,
+    };
+    let cmps = checks::taps::compare_all(golden, run.taps, opt.tol, opt.max_step)?;
+    case.checks.extend(checks::taps::summarize(&cmps, opt.tol));
+
+    let gl = logits::load_golden(golden)?;
+    let cont: Vec<u32> = golden.token_ids("continuation")?.unwrap_or_default();
+    if !run.logits.is_empty() && !gl.is_empty() {
+        case.checks.extend(logits::check(&run.logits, &gl, &cont, opt.tol));
+    }
+    case.checks.extend(checks::invariants::check(run.taps, opt.tol, opt.pairing)?);
+    if let (Some(limits), Some(gen)) = (&opt.diversity, &run.continuation) {
+        let ent: Vec<f64> = run.logits.iter().take(gen.len()).map(|l| logits::coarse_entropy(l, 64)).collect();
+        let s = diversity::stats(gen, &ent);
+        case.checks.extend(diversity::check("greedy", &s, limits));
+        case.diversity = Some(s);
+    }
+    let loc = localize::localize(&cmps, tokens_ok);
+    case.attention = choose_heatmap(golden, run.taps, &cmps, loc.first_divergence.as_ref());
+    case.apply(loc);
+    Ok(cmps)
+}
+
+/// Diversity limits from every golden continuation of `model` and `tier` in the manifest.
+pub fn diversity_limits(manifest: &Manifest, model: &str, tier: &str) -> Result<Option<diversity::Limits>> {
+    let mut stats = Vec::new();
+    for f in manifest.taps_files().filter(|f| f.model.as_deref() == Some(model) && f.tier.as_deref() == Some(tier)) {
+        let t = manifest.open_taps(f)?;
+        let Some(cont) = t.token_ids("continuation")? else { continue };
+        let gl = logits::load_golden(&t)?;
+        let ent: Vec<f64> = gl.iter().take(cont.len()).map(|g| g.coarse_entropy()).collect();
+        stats.push(diversity::stats(&cont, &ent));
+    }
+    Ok((!stats.is_empty()).then(|| diversity::Limits::from_golden(&stats)))
+}
+
+/// The attention heatmap: the first divergence's kq_soft_max (worst head) if attention diverges,
+/// else the kq_soft_max of the first divergence's layer (or layer 0) at step 0, head 0.
+fn choose_heatmap(golden: &TapsFile, engine: &dyn TapSource, cmps: &[TapComparison], first: Option<&localize::Divergence>) -> Option<Heatmap> {
+    let pick = cmps
+        .iter()
+        .filter(|c| c.id.family == "kq_soft_max" && c.errors.is_some())
+        .find(|c| first.is_some_and(|d| d.step == c.id.step && d.layer == c.id.layer) || !c.passed)
+        .or_else(|| cmps.iter().find(|c| c.id.family == "kq_soft_max" && c.id.step == 0 && c.errors.is_some()))?;
+    let head = pick.per_head.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).filter(|(_, &e)| e > pick.limit).map_or(0, |(h, _)| h);
+    let g = golden.f32(&pick.key).ok()?;
+    let e = engine.tensor(&pick.key)?.ok()?;
+    let [_, h, rows, cols] = <[usize; 4]>::try_from(g.shape.as_slice()).ok()?;
+    if head >= h || e.data.len() != g.data.len() {
+        return None;
+    }
+    let slice = |d: &[f32]| d[head * rows * cols..(head + 1) * rows * cols].to_vec();
+    Some(Heatmap { tap: pick.key.clone(), head, rows, cols, engine: slice(&e.data), golden: slice(&g.data) })
+}
+
+/// Reads a dump's engine run: taps, `s{k}/result_output` as logits of step k, `tokens`, `continuation`.
+pub fn run_from_dump(dump: &TapsFile) -> Result<EngineRun<'_>> {
+    let mut logits = Vec::new();
+    for s in dump.steps() {
+        let key = format!("s{s}/result_output");
+        if s != logits.len() || !dump.contains(&key) {
+            break;
+        }
+        logits.push(dump.f32(&key)?.data);
+    }
+    Ok(EngineRun { taps: dump, logits, tokens: dump.token_ids("tokens")?, continuation: dump.token_ids("continuation")? })
+}
+
+/// `lockstep compare`: a dump against a golden entry of the manifest.
+pub fn compare_dump(manifest: &Manifest, dump_path: &std::path::Path, entry: &str, tol: Option<Tolerances>) -> Result<CaseReport> {
+    let f = manifest.find(entry)?;
+    let golden = manifest.open_taps(f)?;
+    let dump = TapsFile::open(dump_path)?;
+    let tier = f.tier.clone().unwrap_or_else(|| "exact".into());
+    let model = f.model.clone().unwrap_or_default();
+    let tol = tol.unwrap_or_else(|| Tolerances::new(&tier));
+    let arch = match model.as_str() {
+        m if m.contains("qwen") => "qwen2",
+        m if m.contains("llama") || m.contains("smollm") => "llama",
+        _ => "",
+    };
+    let opt = Options { tol: &tol, pairing: Pairing::for_arch(arch), diversity: diversity_limits(manifest, &model, &tier)?, max_step: None };
+    let mut case = CaseReport {
+        name: format!("compare::{}::dump", f.entry_name()),
+        suite: "compare".into(),
+        case: f.entry_name(),
+        model,
+        tier,
+        backend: "dump".into(),
+        golden_entry: Some(entry_for_report(f)),
+        ..Default::default()
+    };
+    let t0 = std::time::Instant::now();
+    let run = run_from_dump(&dump)?;
+    judge(&golden, &run, &opt, &mut case)?;
+    case.seconds = t0.elapsed().as_secs_f64();
+    case.finish();
+    Ok(case)
+}

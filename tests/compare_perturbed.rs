@@ -1,0 +1,108 @@
+//! `lockstep compare` on perturbed copies of a golden names exactly the step, layer and tap that was
+//! perturbed (issue #4, "Done when"): one element, one row, one head, one decode step.
+
+use lockstep::compare::compare_dump;
+use lockstep::golden::Manifest;
+use lockstep::synth;
+
+struct Perturbation {
+    what: &'static str,
+    key: &'static str,
+    edit: fn(&[usize], &mut Vec<f32>),
+}
+
+const CASES: &[Perturbation] = &[
+    Perturbation { what: "one element", key: "s0/ffn_up-0", edit: |_, d| d[5] += 0.5 },
+    Perturbation { what: "one row", key: "s0/attn_norm-1", edit: |s, d| { let w = s[3]; d[w..2 * w].iter_mut().for_each(|v| *v *= 1.01) } },
+    Perturbation {
+        what: "one head",
+        key: "s0/Qcur-1.rope",
+        // [1, tokens, heads, head_dim]: head 1 of every token, scaled by 1.001.
+        edit: |s, d| { let (t, h, hd) = (s[1], s[2], s[3]); for tok in 0..t { d[(tok * h + 1) * hd..(tok * h + 2) * hd].iter_mut().for_each(|v| *v *= 1.001) } },
+    },
+    Perturbation { what: "one decode step", key: "s2/kqv-0", edit: |_, d| d.iter_mut().for_each(|v| *v += 1e-3) },
+];
+
+#[test]
+fn compare_names_the_perturbed_tap() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = synth::write_golden(dir.path()).unwrap();
+    let manifest = Manifest::load(dir.path()).unwrap();
+
+    // The unperturbed copy passes every check.
+    let same = dir.path().join("same.safetensors");
+    synth::rewrite(&golden, &same, |_, _, _| {}).unwrap();
+    let case = compare_dump(&manifest, &same, "synthetic/exact/fox", None).unwrap();
+    let failed: Vec<_> = case.failed_checks().collect();
+    assert!(case.passed && case.first_divergence.is_none(), "{failed:#?}");
+
+    for p in CASES {
+        let dump = dir.path().join(format!("{}.safetensors", p.what.replace(' ', "_")));
+        synth::rewrite(&golden, &dump, |k, s, d| if k == p.key { (p.edit)(s, d) }).unwrap();
+        let case = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap();
+        assert!(!case.passed, "{}: perturbation not detected", p.what);
+        let d = case.first_divergence.as_ref().unwrap_or_else(|| panic!("{}: no divergence", p.what));
+        let want = lockstep::tapname::TapId::parse_key(p.key).unwrap();
+        assert_eq!((d.step, d.layer, d.tap.as_str()), (want.step, want.layer, want.tap.as_str()), "{}", p.what);
+        assert!(d.value > d.limit);
+    }
+}
+
+#[test]
+fn a_missing_tap_is_reported_missing_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = synth::write_golden(dir.path()).unwrap();
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let src = lockstep::golden::TapsFile::open(&golden).unwrap();
+    let mut f32s = Vec::new();
+    for k in src.keys().into_iter().filter(|k| k.starts_with("s0/") && k != "s0/kq-1") {
+        let t = src.f32(&k).unwrap();
+        f32s.push((k, t.shape, t.data));
+    }
+    let dump = dir.path().join("partial.safetensors");
+    lockstep::golden::write_safetensors(&dump, &f32s, &[]).unwrap();
+    let case = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap();
+    assert!(!case.passed);
+    let d = case.first_divergence.unwrap();
+    assert_eq!((d.step, d.layer, d.tap.as_str(), d.metric.as_str()), (0, Some(1), "kq-1", "missing"));
+    let missing = case.checks.iter().find(|c| c.name == "taps:missing_or_misshapen").unwrap();
+    assert!(!missing.passed);
+}
+
+#[test]
+fn a_dump_of_the_wrong_shape_gets_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = synth::write_golden(dir.path()).unwrap();
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let src = lockstep::golden::TapsFile::open(&golden).unwrap();
+    let mut f32s = Vec::new();
+    for k in src.keys().into_iter().filter(|k| k.starts_with('s')) {
+        let t = src.f32(&k).unwrap();
+        // embd transposed: [1, 1, width, tokens].
+        let shape = if k == "s0/embd" { vec![1, 1, t.shape[3], t.shape[2]] } else { t.shape };
+        f32s.push((k, shape, t.data));
+    }
+    let dump = dir.path().join("transposed.safetensors");
+    lockstep::golden::write_safetensors(&dump, &f32s, &[]).unwrap();
+    let case = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap();
+    let d = case.first_divergence.unwrap();
+    assert_eq!((d.tap.as_str(), d.metric.as_str()), ("embd", "shape"));
+    let c = case.checks.iter().find(|c| c.name == "taps:missing_or_misshapen").unwrap();
+    assert!(c.detail.as_ref().unwrap().contains("shape mismatch"), "{c:?}");
+}
+
+#[test]
+fn an_unknown_entry_and_a_corrupt_golden_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = synth::write_golden(dir.path()).unwrap();
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let e = compare_dump(&manifest, &golden, "synthetic/exact/nope", None).unwrap_err().to_string();
+    assert!(e.contains("synthetic/exact/fox"), "{e}");
+    // Flip one byte of the golden's data: the checksum names the file and the fix.
+    let mut bytes = std::fs::read(&golden).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&golden, bytes).unwrap();
+    let e = compare_dump(&manifest, &golden, "synthetic/exact/fox", None).unwrap_err().to_string();
+    assert!(e.contains("fox.safetensors") && e.contains("ci/regenerate-golden"), "{e}");
+}
