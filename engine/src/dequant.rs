@@ -20,7 +20,7 @@
 //! Hand-written: no maintained Rust crate offers these formats with gguf-py's exact rounding order
 //! (candle's are close but tied to its tensor types).
 
-use crate::gguf::{GgmlType, GgufFile, TensorInfo, QK_K};
+use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -378,6 +378,7 @@ pub fn dequantize_rows(file: &GgufFile, t: &TensorInfo, rows: Range<usize>) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::QK_K;
 
     #[test]
     fn q4_0_by_hand() {
