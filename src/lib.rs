@@ -15,3 +15,4 @@ pub mod report;
 pub mod compare;
 #[doc(hidden)]
 pub mod synth;
+pub mod suite;

@@ -1,0 +1,281 @@
+//! Suites: TOML files under suites/, one case per golden prompt and tier. Adding a case is adding a
+//! table to a file, never code.
+//!
+//! ```toml
+//! suite = "tiny-qwen2"              # optional: defaults to the file stem
+//! model = "tiny-qwen2"              # a known model id, a golden/models/… path, or any GGUF path
+//! backends = ["cpu", "cuda"]        # default for the cases
+//! checks = ["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "sampler"]
+//!
+//! [[tolerance]]                     # applies to every case (or only those of `tier`)
+//! tier = "exact"
+//! key = "taps.rel_l2"               # check.metric, or check.metric:family (taps.rel_l2:kq_soft_max)
+//! limit = 1e-5
+//! reason = "measured ≤5.5e-6 on qwen"   # required: why this number
+//!
+//! [[case]]
+//! name = "exact-haiku"
+//! tier = "exact"
+//! golden = "tiny-qwen2/exact/haiku"   # a manifest entry: model/tier/prompt_id or its path
+//! steps = 2                           # decode steps compared (default: all the golden holds)
+//! # backends, checks, [[case.tolerance]] may override the file's defaults
+//! ```
+
+use crate::checks::Tolerances;
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// The checks a case may ask for.
+pub const CHECKS: &[&str] = &["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "sampler", "anticheat"];
+pub const BACKENDS: &[&str] = &["cpu", "cuda"];
+pub const TIERS: &[&str] = &["exact", "shipped"];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TolToml {
+    #[serde(default)]
+    tier: Option<String>,
+    key: String,
+    limit: f64,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CaseToml {
+    name: String,
+    tier: String,
+    golden: String,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    steps: Option<usize>,
+    #[serde(default)]
+    backends: Option<Vec<String>>,
+    #[serde(default)]
+    checks: Option<Vec<String>>,
+    #[serde(default)]
+    tolerance: Vec<Spanned<TolToml>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuiteToml {
+    #[serde(default)]
+    suite: Option<String>,
+    model: String,
+    #[serde(default)]
+    backends: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    checks: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    tolerance: Vec<Spanned<TolToml>>,
+    #[serde(default)]
+    case: Vec<Spanned<CaseToml>>,
+}
+
+/// One case, with the suite's defaults applied.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub name: String,
+    pub model: String,
+    pub tier: String,
+    pub golden: String,
+    pub steps: Option<usize>,
+    pub backends: Vec<String>,
+    pub checks: Vec<String>,
+    pub tolerances: Tolerances,
+    /// `file:line` of the case, for messages.
+    pub location: String,
+}
+
+impl Case {
+    pub fn wants(&self, check: &str) -> bool {
+        self.checks.iter().any(|c| c == check)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Suite {
+    pub name: String,
+    pub path: PathBuf,
+    pub cases: Vec<Case>,
+}
+
+/// (line, column), 1-based, of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+impl Suite {
+    pub fn load(path: &Path) -> Result<Suite> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Suite> {
+        let err = |offset: usize, message: String| {
+            let (line, column) = line_col(text, offset);
+            Error::Suite { path: path.to_path_buf(), line, column, message }
+        };
+        let raw: SuiteToml = toml::from_str(text).map_err(|e| err(e.span().map_or(0, |s| s.start), e.message().trim().to_string()))?;
+        let name = raw.suite.clone().unwrap_or_else(|| path.file_stem().map_or("suite".into(), |s| s.to_string_lossy().into_owned()));
+        let check_list = |list: &[String], at: usize| -> Result<()> {
+            for c in list {
+                if !CHECKS.contains(&c.as_str()) {
+                    return Err(err(at, format!("unknown check {c:?}; known: {}", CHECKS.join(", "))));
+                }
+            }
+            Ok(())
+        };
+        let backend_list = |list: &[String], at: usize| -> Result<()> {
+            for b in list {
+                if !BACKENDS.contains(&b.as_str()) {
+                    return Err(err(at, format!("unknown backend {b:?}; known: {}", BACKENDS.join(", "))));
+                }
+            }
+            Ok(())
+        };
+        let tol_ok = |t: &Spanned<TolToml>| -> Result<()> {
+            let v = t.get_ref();
+            if v.reason.trim().is_empty() {
+                return Err(err(t.span().start, format!("tolerance {:?}: `reason` must say why this limit (a measurement)", v.key)));
+            }
+            if !v.limit.is_finite() || v.limit < 0.0 {
+                return Err(err(t.span().start, format!("tolerance {:?}: limit must be a finite number ≥ 0", v.key)));
+            }
+            if v.tier.as_deref().is_some_and(|x| !TIERS.contains(&x)) {
+                return Err(err(t.span().start, format!("tolerance {:?}: tier must be one of {}", v.key, TIERS.join(", "))));
+            }
+            Ok(())
+        };
+        for t in &raw.tolerance {
+            tol_ok(t)?;
+        }
+        let default_backends = raw.backends.as_ref().map_or_else(|| BACKENDS.iter().map(|s| s.to_string()).collect(), |b| b.get_ref().clone());
+        let default_checks = raw.checks.as_ref().map_or_else(|| CHECKS.iter().filter(|c| **c != "anticheat").map(|s| s.to_string()).collect(), |c| c.get_ref().clone());
+        check_list(&default_checks, raw.checks.as_ref().map_or(0, |c| c.span().start))?;
+        backend_list(&default_backends, raw.backends.as_ref().map_or(0, |b| b.span().start))?;
+        let mut cases = Vec::new();
+        for sc in &raw.case {
+            let at = sc.span().start;
+            let c = sc.get_ref();
+            if !TIERS.contains(&c.tier.as_str()) {
+                return Err(err(at, format!("case {:?}: tier {:?} must be one of {}", c.name, c.tier, TIERS.join(", "))));
+            }
+            if cases.iter().any(|o: &Case| o.name == c.name) {
+                return Err(err(at, format!("case {:?} is defined twice", c.name)));
+            }
+            let checks = c.checks.clone().unwrap_or_else(|| default_checks.clone());
+            check_list(&checks, at)?;
+            let backends = c.backends.clone().unwrap_or_else(|| default_backends.clone());
+            backend_list(&backends, at)?;
+            let mut tolerances = Tolerances::new(&c.tier);
+            for t in raw.tolerance.iter().chain(&c.tolerance) {
+                tol_ok(t)?;
+                let t = t.get_ref();
+                if t.tier.as_deref().is_none_or(|x| x == c.tier) {
+                    tolerances.set(&t.key, t.limit, &t.reason);
+                }
+            }
+            let (line, _) = line_col(text, at);
+            cases.push(Case {
+                name: c.name.clone(),
+                model: c.model.clone().unwrap_or_else(|| raw.model.clone()),
+                tier: c.tier.clone(),
+                golden: c.golden.clone(),
+                steps: c.steps,
+                backends,
+                checks,
+                tolerances,
+                location: format!("{}:{line}", path.display()),
+            });
+        }
+        if cases.is_empty() {
+            return Err(err(0, "no [[case]] in this suite".into()));
+        }
+        Ok(Suite { name, path: path.to_path_buf(), cases })
+    }
+}
+
+/// The default suites directory: `$LOCKSTEP_SUITES` or `suites/` beside Cargo.toml.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("LOCKSTEP_SUITES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("suites"),
+    }
+}
+
+/// Every `*.toml` of a directory, sorted by name.
+pub fn load_dir(dir: &Path) -> Result<Vec<Suite>> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    paths.iter().map(|p| Suite::load(p)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+model = "tiny-qwen2"
+backends = ["cpu"]
+
+[[tolerance]]
+tier = "exact"
+key = "taps.rel_l2"
+limit = 1e-5
+reason = "measured"
+
+[[case]]
+name = "exact-fox"
+tier = "exact"
+golden = "tiny-qwen2/exact/fox"
+steps = 2
+
+[[case.tolerance]]
+key = "taps.rel_l2:kq_soft_max"
+limit = 2e-5
+reason = "softmax rounding, measured 1.1e-5"
+"#;
+
+    #[test]
+    fn parses_a_suite() {
+        let s = Suite::parse(Path::new("suites/x.toml"), GOOD).unwrap();
+        assert_eq!(s.name, "x");
+        let c = &s.cases[0];
+        assert_eq!((c.model.as_str(), c.backends.as_slice(), c.steps), ("tiny-qwen2", &["cpu".to_string()][..], Some(2)));
+        assert_eq!(c.tolerances.get("taps.rel_l2:kq_soft_max").value, 2e-5);
+        assert_eq!(c.tolerances.get("taps.rel_l2:kq").reason, "measured");
+        assert!(c.wants("taps") && !c.wants("anticheat"));
+        assert_eq!(c.location, "suites/x.toml:11");
+    }
+
+    #[test]
+    fn malformed_suites_name_file_and_line() {
+        let cases = [
+            (GOOD.replace("steps = 2", "steps = \"two\""), 15, "invalid type"),
+            (GOOD.replace("golden = \"tiny-qwen2/exact/fox\"", "golden = \"tiny-qwen2/exact/fox\"\ncolour = 3"), 15, "unknown field"),
+            (GOOD.replace("reason = \"measured\"", "reason = \"\""), 5, "reason"),
+            (GOOD.replace("tier = \"exact\"\ngolden", "tier = \"exactish\"\ngolden"), 11, "tier"),
+            (GOOD.replace("backends = [\"cpu\"]", "backends = [\"tpu\"]"), 3, "unknown backend"),
+            (GOOD.replace("[[case]]", "[[case]"), 11, ""),
+        ];
+        for (text, line, needle) in cases {
+            let e = Suite::parse(Path::new("suites/x.toml"), &text).unwrap_err();
+            let Error::Suite { path, line: l, message, .. } = &e else { panic!("{e}") };
+            assert_eq!(path, Path::new("suites/x.toml"));
+            assert_eq!(*l, line, "{e}");
+            assert!(message.contains(needle), "{e}");
+        }
+    }
+}
