@@ -92,7 +92,7 @@ impl Weights {
                 if got != ne {
                     bail!("{fname}: tensor {name} has ne {got:?}, the metadata implies {ne:?}");
                 }
-                let data = dequantize(file, info)
+                let data = crate::dequant::dequantize_tensor(file, info)
                     .with_context(|| format!("{fname}: dequantizing {name}"))?;
                 if data.len() != ne.iter().product::<usize>() {
                     bail!("{fname}: {name} dequantized to {} values, expected {:?}", data.len(), ne);
@@ -144,13 +144,3 @@ fn to_matrix((ne, data): (Vec<usize>, Vec<f32>)) -> Matrix {
     Matrix { rows: ne[1], cols: ne[0], data }
 }
 
-/// TEMPORARY until crate::dequant lands (F32/F16 only); replaced by `crate::dequant::dequantize_tensor`.
-fn dequantize(file: &GgufFile, info: &crate::gguf::TensorInfo) -> Result<Vec<f32>> {
-    use crate::gguf::GgmlType;
-    let b = file.tensor_data(info);
-    match info.ty {
-        GgmlType::F32 => Ok(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
-        GgmlType::F16 => Ok(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()),
-        ty => bail!("{ty:?} needs crate::dequant (not yet wired)"),
-    }
-}
