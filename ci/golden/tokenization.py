@@ -78,6 +78,16 @@ COMMON_STRINGS: list[str] = [
     # things that look like special tokens but are not
     "<|im_start", "im_start|>", "<| im_start |>", "<|IM_START|>", "<<|im_start|>>", "<|im_start|><|im_start|>",
     "<|endoftext|> and <|endoftext|>", "<s> </s> [INST] [/INST]",
+    "<|im_start|im_end|>", "<|im_end|>>", "<<|im_end|>", "<|im_start|>\n<|im_end|>\n\n",
+    # edges of the pre-tokenizer regexes
+    "next\u0085line", "line\u2028sep\u2029par", "unassigned \u0378\u0379 code points", "tag \U000e0041 char",
+    "nul \x00 and \x01\x02 and del \x7f", " \n \n  x", "\r\r\n\n  \t", "x \n\n\ny", "  \u3000 x",
+    "DON'T WE'LL I'D YOU'RE IT'S", "'s 't 're 've 'm 'll 'd", "a'b'c''''d", "rock 'n' roll", "'",
+    "abc123def456", "\u0661\u0662\u0663 \u0967\u0968 \u2460\u2461 \u216b", "3rd 21st 1000000th",
+    "\t\tdef f(x):\n\t\t\treturn x  # tabs\n    \tmixed", "a  b   c    d     e",
+    "word\n\n\n\n\nword", "!!!\n\n", "...\r\n", "?!\n \n",
+    "The quick brown fox jumps over the lazy dog. " * 40,
+    "日本語" * 50,
 ]
 
 
@@ -136,6 +146,11 @@ def chat_cases(model_path: Path, model_id: str) -> list[dict[str, Any]]:
     """The golden prompts' chats plus variants (system message given, no generation prompt)."""
     template, bos, eos = prompts.chat_info(model_path)
     chats = [p["messages"] for p in prompts.PROMPTS.get(model_id, []) if p["chat"]]
+    # Without a system message: the templates' default system prompts.
+    chats.append([{"role": "user", "content": "Write a haiku about GPU computing"}])
+    chats.append([{"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "The capital of France is Paris."},
+                  {"role": "user", "content": "And of Italy?"}])
     chats.append([{"role": "system", "content": "You are a terse assistant."},
                   {"role": "user", "content": "Say hi in three languages: English, 中文, emoji 👋"}])
     chats.append([{"role": "user", "content": "  leading and trailing spaces  \n"},

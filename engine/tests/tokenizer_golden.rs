@@ -2,13 +2,14 @@
 //! written by `ci/golden/tokenization.py`): every case's ids and detokenized text, the EOG set,
 //! BOS / EOS, and every chat rendering.
 //!
-//! Goldens: `<repo>/golden/tokenize/`, or `$LOCKSTEP_GOLDEN_DIR/tokenize/`. Models: the lockstep
-//! cache (`$LOCKSTEP_CACHE/models/{id}.gguf`, default `dirs::cache_dir()/lockstep`). A missing
-//! golden or model fails the test and says how to make it.
+//! Goldens: `<repo>/golden/tokenize/`, or `$LOCKSTEP_GOLDEN_DIR/tokenize/`. Models:
+//! `fetch::ensure_model` (the lockstep cache, `$LOCKSTEP_CACHE`; fetched when missing). A missing
+//! golden fails the test and names `ci/regenerate-golden`.
 
 use std::path::PathBuf;
 
 use lockstep_engine::chat::{self, ChatMessage};
+use lockstep_engine::fetch;
 use lockstep_engine::gguf::GgufFile;
 use lockstep_engine::tokenizer::Tokenizer;
 use serde::Deserialize;
@@ -57,14 +58,6 @@ fn golden_dir() -> PathBuf {
     }
 }
 
-fn model_path(id: &str) -> PathBuf {
-    let cache = match std::env::var_os("LOCKSTEP_CACHE") {
-        Some(c) => PathBuf::from(c),
-        None => dirs::cache_dir().expect("no cache directory on this system").join("lockstep"),
-    };
-    cache.join("models").join(format!("{id}.gguf"))
-}
-
 fn load(id: &str) -> (Golden, GgufFile) {
     let gpath = golden_dir().join("tokenize").join(format!("{id}.json"));
     let text = std::fs::read_to_string(&gpath).unwrap_or_else(|e| {
@@ -74,10 +67,8 @@ fn load(id: &str) -> (Golden, GgufFile) {
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not a tokenization golden: {e}", gpath.display()));
     assert_eq!(golden.model, id, "{}: golden is for another model", gpath.display());
     assert!(golden.add_special && golden.parse_special, "{}: expected add_special and parse_special on", gpath.display());
-    let mpath = model_path(id);
-    let gguf = GgufFile::open(&mpath).unwrap_or_else(|e| {
-        panic!("{}: {e}; fetch the model first (`lockstep fetch {id}` or `ci/regenerate-golden`)", mpath.display())
-    });
+    let mpath = fetch::ensure_model(id, false).unwrap_or_else(|e| panic!("{id}: the model is not in the cache: {e}"));
+    let gguf = GgufFile::open(&mpath).unwrap_or_else(|e| panic!("{id}: {e}"));
     (golden, gguf)
 }
 
