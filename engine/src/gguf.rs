@@ -285,6 +285,11 @@ impl GgmlType {
         }
     }
 
+    /// The type with ggml's name (`"Q4_K"`), as [`Self::name`] writes it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// Bytes taken by `n_elements` elements, or `None` when `n_elements` is not a whole number of
     /// blocks or the size overflows.
     pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
@@ -1022,6 +1027,8 @@ mod tests {
             assert_eq!(GgmlType::from_u32(t.to_u32()), Some(t), "{t}");
         }
         assert_eq!(GgmlType::from_u32(4), None);
+        assert_eq!(GgmlType::from_name("Q5_K"), Some(GgmlType::Q5_K));
+        assert_eq!(GgmlType::from_name("q5_k"), None);
     }
 
     #[test]
