@@ -104,6 +104,101 @@ fn pre_config(pre: &str) -> Option<PreConfig> {
     }
 }
 
+/// Special token ids as given by the metadata (unchecked; out-of-range ids are ignored).
+#[derive(Clone, Debug, Default)]
+pub struct SpecialIds {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub eot: Option<u32>,
+    pub eom: Option<u32>,
+    pub fim_pre: Option<u32>,
+    pub fim_suf: Option<u32>,
+    pub fim_mid: Option<u32>,
+    pub fim_pad: Option<u32>,
+    pub fim_rep: Option<u32>,
+    pub fim_sep: Option<u32>,
+}
+
+/// Everything the tokenizer is built from: the `tokenizer.ggml.*` metadata of a GGUF file.
+#[derive(Clone, Debug, Default)]
+pub struct VocabSpec {
+    /// `tokenizer.ggml.pre` ("" when absent: llama.cpp's default pre-tokenizer).
+    pub pre: String,
+    /// `tokenizer.ggml.tokens`, GPT-2 byte-level text.
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.token_type` (llama_token_type values), if present.
+    pub token_types: Option<Vec<i64>>,
+    /// `tokenizer.ggml.merges`, split in two; rank = index.
+    pub merges: Vec<(String, String)>,
+    pub ids: SpecialIds,
+    pub add_bos: Option<bool>,
+    pub add_eos: Option<bool>,
+}
+
+impl VocabSpec {
+    /// Reads the `tokenizer.*` metadata; only "gpt2" (byte-level BPE) vocabularies.
+    pub fn from_gguf(f: &GgufFile) -> Result<VocabSpec, TokenizerError> {
+        let model_key = "tokenizer.ggml.model";
+        let model = req(f, model_key)?;
+        let model = model.as_str().ok_or_else(|| key_err(model_key, "a string", model))?;
+        if model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel(model.to_string()));
+        }
+        let pre = match f.meta("tokenizer.ggml.pre") {
+            None => String::new(),
+            Some(v) => v.as_str().ok_or_else(|| key_err("tokenizer.ggml.pre", "a string", v))?.to_string(),
+        };
+        let tokens: Vec<String> = str_array(f, "tokenizer.ggml.tokens")?.into_iter().map(String::from).collect();
+        let tt_key = "tokenizer.ggml.token_type";
+        let token_types = match f.meta(tt_key) {
+            None => None,
+            Some(v) => {
+                let arr = v.as_array().ok_or_else(|| key_err(tt_key, "an array of integers", v))?;
+                Some(
+                    arr.iter()
+                        .map(|t| t.as_i64().ok_or_else(|| key_err(tt_key, "an array of integers", t)))
+                        .collect::<Result<Vec<i64>, _>>()?,
+                )
+            }
+        };
+        let merges = str_array(f, "tokenizer.ggml.merges")?
+            .into_iter()
+            .enumerate()
+            .map(|(index, m)| split_merge(m).ok_or_else(|| TokenizerError::BadMerge { index, merge: m.to_string() }))
+            .collect::<Result<Vec<_>, _>>()?;
+        let id = |key: &str| opt_u32(f, key);
+        let ids = SpecialIds {
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            eot: id("tokenizer.ggml.eot_token_id")?,
+            eom: id("tokenizer.ggml.eom_token_id")?,
+            // the deprecated prefix / suffix / middle keys win when both are present (llama.cpp reads them last)
+            fim_pre: id("tokenizer.ggml.prefix_token_id")?.or(id("tokenizer.ggml.fim_pre_token_id")?),
+            fim_suf: id("tokenizer.ggml.suffix_token_id")?.or(id("tokenizer.ggml.fim_suf_token_id")?),
+            fim_mid: id("tokenizer.ggml.middle_token_id")?.or(id("tokenizer.ggml.fim_mid_token_id")?),
+            fim_pad: id("tokenizer.ggml.fim_pad_token_id")?,
+            fim_rep: id("tokenizer.ggml.fim_rep_token_id")?,
+            fim_sep: id("tokenizer.ggml.fim_sep_token_id")?,
+        };
+        Ok(VocabSpec {
+            pre,
+            tokens,
+            token_types,
+            merges,
+            ids,
+            add_bos: opt_bool(f, "tokenizer.ggml.add_bos_token")?,
+            add_eos: opt_bool(f, "tokenizer.ggml.add_eos_token")?,
+        })
+    }
+}
+
+/// A merge line "a b" split as llama.cpp splits it: at the first space after the first byte (bytes:
+/// the first char may be several bytes long; ' ' is a char boundary either way).
+fn split_merge(m: &str) -> Option<(String, String)> {
+    let p = m.as_bytes().iter().skip(1).position(|&b| b == b' ')?;
+    Some((m[..p + 1].to_string(), m[p + 2..].to_string()))
+}
+
 /// A byte-level BPE tokenizer that agrees with llama.cpp's.
 pub struct Tokenizer {
     /// Token texts as stored (GPT-2 byte-level unicode for normal tokens), by id.
@@ -209,35 +304,31 @@ const EOG_TEXTS: &[&str] = &[
 impl Tokenizer {
     /// Builds the tokenizer from a GGUF file's `tokenizer.*` metadata.
     pub fn from_gguf(f: &GgufFile) -> Result<Tokenizer, TokenizerError> {
-        let model_key = "tokenizer.ggml.model";
-        let model = req(f, model_key)?;
-        let model = model.as_str().ok_or_else(|| key_err(model_key, "a string", model))?;
-        if model != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(model.to_string()));
-        }
-        let pre = match f.meta("tokenizer.ggml.pre") {
-            None => "",
-            Some(v) => v.as_str().ok_or_else(|| key_err("tokenizer.ggml.pre", "a string", v))?,
-        };
-        let cfg = pre_config(pre).ok_or_else(|| TokenizerError::UnsupportedPre(pre.to_string()))?;
+        Tokenizer::from_spec(VocabSpec::from_gguf(f)?)
+    }
 
-        let texts: Vec<String> = str_array(f, "tokenizer.ggml.tokens")?
+    /// Builds the tokenizer from a vocabulary description (what `from_gguf` reads from metadata).
+    pub fn from_spec(spec: VocabSpec) -> Result<Tokenizer, TokenizerError> {
+        let cfg = pre_config(&spec.pre).ok_or_else(|| TokenizerError::UnsupportedPre(spec.pre.clone()))?;
+        let texts: Vec<String> = spec
+            .tokens
             .into_iter()
             .enumerate()
-            .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t.to_string() })
+            .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t })
             .collect();
         let n_vocab = texts.len();
 
-        // Attributes from token types; a missing array means every token is NORMAL.
+        // Attributes from token types; no types means every token is NORMAL.
         let mut attrs = vec![ATTR_NORMAL; n_vocab];
-        let tt_key = "tokenizer.ggml.token_type";
-        if let Some(v) = f.meta(tt_key) {
-            let arr = v.as_array().ok_or_else(|| key_err(tt_key, "an array of integers", v))?;
-            if arr.len() < n_vocab {
-                return Err(TokenizerError::LengthMismatch { key: tt_key.into(), len: arr.len(), n_vocab });
+        if let Some(types) = &spec.token_types {
+            if types.len() < n_vocab {
+                return Err(TokenizerError::LengthMismatch {
+                    key: "tokenizer.ggml.token_type".into(),
+                    len: types.len(),
+                    n_vocab,
+                });
             }
-            for (a, t) in attrs.iter_mut().zip(arr) {
-                let t = t.as_i64().ok_or_else(|| key_err(tt_key, "an array of integers", t))?;
+            for (a, &t) in attrs.iter_mut().zip(types) {
                 *a = match t {
                     TYPE_UNKNOWN => ATTR_UNKNOWN,
                     TYPE_UNUSED => ATTR_UNUSED,
@@ -256,34 +347,22 @@ impl Tokenizer {
 
         // Special ids: llama.cpp's BPE defaults (bos = eos = 11, dropped when out of range), then the
         // metadata (ids out of range are ignored, as llama.cpp does with a warning).
-        let in_range = |id: u32| (id as usize) < n_vocab;
-        let meta_id = |key: &str, default: Option<u32>| -> Result<Option<u32>, TokenizerError> {
-            let default = default.filter(|&d| in_range(d));
-            Ok(match opt_u32(f, key)? {
-                Some(id) if in_range(id) => Some(id),
-                _ => default,
-            })
-        };
-        let bos = meta_id("tokenizer.ggml.bos_token_id", Some(11))?;
-        let eos = meta_id("tokenizer.ggml.eos_token_id", Some(11))?;
-        let mut eot = meta_id("tokenizer.ggml.eot_token_id", None)?;
-        let mut eom = meta_id("tokenizer.ggml.eom_token_id", None)?;
-        let fim = |new: &str, old: Option<&str>| -> Result<Option<u32>, TokenizerError> {
-            let v = meta_id(new, None)?;
-            match old {
-                Some(old) => Ok(meta_id(old, v)?),
-                None => Ok(v),
-            }
-        };
-        let mut fim_pre = fim("tokenizer.ggml.fim_pre_token_id", Some("tokenizer.ggml.prefix_token_id"))?;
-        let mut fim_suf = fim("tokenizer.ggml.fim_suf_token_id", Some("tokenizer.ggml.suffix_token_id"))?;
-        let mut fim_mid = fim("tokenizer.ggml.fim_mid_token_id", Some("tokenizer.ggml.middle_token_id"))?;
-        let mut fim_pad = fim("tokenizer.ggml.fim_pad_token_id", None)?;
-        let mut fim_rep = fim("tokenizer.ggml.fim_rep_token_id", None)?;
-        let mut fim_sep = fim("tokenizer.ggml.fim_sep_token_id", None)?;
+        let in_range = |id: &u32| (*id as usize) < n_vocab;
+        let pick = |given: Option<u32>, default: Option<u32>| given.filter(in_range).or(default.filter(in_range));
+        let ids = &spec.ids;
+        let bos = pick(ids.bos, Some(11));
+        let eos = pick(ids.eos, Some(11));
+        let mut eot = pick(ids.eot, None);
+        let mut eom = pick(ids.eom, None);
+        let mut fim_pre = pick(ids.fim_pre, None);
+        let mut fim_suf = pick(ids.fim_suf, None);
+        let mut fim_mid = pick(ids.fim_mid, None);
+        let mut fim_pad = pick(ids.fim_pad, None);
+        let mut fim_rep = pick(ids.fim_rep, None);
+        let mut fim_sep = pick(ids.fim_sep, None);
 
-        let add_bos = opt_bool(f, "tokenizer.ggml.add_bos_token")?.unwrap_or(cfg.add_bos);
-        let add_eos = opt_bool(f, "tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+        let add_bos = spec.add_bos.unwrap_or(cfg.add_bos);
+        let add_eos = spec.add_eos.unwrap_or(false);
 
         // Text-based detection of EOT / EOM / FIM; a found token is forced to CONTROL. llama.cpp
         // walks an unordered map, so with several candidates present its pick is unspecified; we
@@ -358,7 +437,7 @@ impl Tokenizer {
             .collect();
         specials.sort_by(|&a, &b| texts[b as usize].len().cmp(&texts[a as usize].len()).then(a.cmp(&b)));
 
-        let bpe = build_bpe(f, &texts, &cfg)?;
+        let bpe = build_bpe(&texts, spec.merges, &cfg)?;
         let unicode_to_byte = byte_to_unicode().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
 
         Ok(Tokenizer {
@@ -519,20 +598,8 @@ impl Tokenizer {
     }
 }
 
-fn build_bpe(f: &GgufFile, texts: &[String], cfg: &PreConfig) -> Result<HfTokenizer, TokenizerError> {
+fn build_bpe(texts: &[String], merges: Vec<(String, String)>, cfg: &PreConfig) -> Result<HfTokenizer, TokenizerError> {
     let vocab: Vocab = texts.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let merges = str_array(f, "tokenizer.ggml.merges")?
-        .into_iter()
-        .enumerate()
-        .map(|(index, m)| {
-            // llama.cpp splits at the first space after the first byte.
-            // (bytes: the first char may be several bytes long; ' ' is a char boundary either way)
-            match m.as_bytes().iter().skip(1).position(|&b| b == b' ') {
-                Some(p) => Ok((m[..p + 1].to_string(), m[p + 2..].to_string())),
-                None => Err(TokenizerError::BadMerge { index, merge: m.to_string() }),
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .ignore_merges(cfg.ignore_merges)
@@ -590,4 +657,121 @@ fn clean_spaces(text: &[u8]) -> Vec<u8> {
         c.push(x);
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A vocabulary of the 256 byte symbols, a few merges and some special tokens.
+    /// Ids: 0..256 bytes, then "he", "hel", "hell", "hello", then the specials.
+    fn spec(extra: &[(&str, i64)]) -> VocabSpec {
+        let b2u = byte_to_unicode();
+        let mut tokens: Vec<String> = b2u.iter().map(|c| c.to_string()).collect();
+        let mut types = vec![TYPE_NORMAL; 256];
+        for w in ["he", "hel", "hell", "hello"] {
+            tokens.push(w.to_string());
+            types.push(TYPE_NORMAL);
+        }
+        let merges = [("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        for (t, ty) in extra {
+            tokens.push(t.to_string());
+            types.push(*ty);
+        }
+        VocabSpec { pre: "qwen2".into(), tokens, token_types: Some(types), merges, ..Default::default() }
+    }
+
+    fn id_of(t: &Tokenizer, text: &str) -> u32 {
+        (0..t.n_vocab() as u32).find(|&i| t.token_text(i) == Some(text)).unwrap()
+    }
+
+    #[test]
+    fn bpe_merges_and_byte_fallback_symbols() {
+        let t = Tokenizer::from_spec(spec(&[])).unwrap();
+        let hello = id_of(&t, "hello");
+        assert_eq!(t.encode("hello", false, true).unwrap(), vec![hello]);
+        // " hello" is one pre-token "Ġhello" (qwen2 regex); there is no merge for 'Ġ' + 'h'.
+        assert_eq!(t.encode(" hello", false, true).unwrap(), vec![id_of(&t, "Ġ"), hello]);
+        // "hello1": \p{N} is cut off; "hellx": the BPE stops at "hell".
+        assert_eq!(t.encode("hellx1", false, true).unwrap(), vec![id_of(&t, "hell"), id_of(&t, "x"), id_of(&t, "1")]);
+        assert_eq!(t.decode(&t.encode("héllo wörld\n", false, true).unwrap()), "héllo wörld\n");
+    }
+
+    #[test]
+    fn specials_cut_longest_first_and_control_only_with_parse_special() {
+        let t = Tokenizer::from_spec(spec(&[("<|x|>", TYPE_CONTROL), ("<|x|>y", TYPE_CONTROL), ("[U]", TYPE_USER_DEFINED)]))
+            .unwrap();
+        let (x, xy, u) = (id_of(&t, "<|x|>"), id_of(&t, "<|x|>y"), id_of(&t, "[U]"));
+        assert_eq!(t.encode("<|x|>y<|x|>", false, true).unwrap(), vec![xy, x]);
+        let ids = t.encode("a<|x|>[U]b", false, false).unwrap();
+        assert!(!ids.contains(&x), "CONTROL tokens are text without parse_special: {ids:?}");
+        assert!(ids.contains(&u), "USER_DEFINED tokens are cut even without parse_special: {ids:?}");
+        assert_eq!(t.decode(&ids), "a<|x|>[U]b");
+    }
+
+    #[test]
+    fn llama_cpp_fixups_by_text() {
+        // "<|im_end|>" typed NORMAL still becomes CONTROL and end-of-generation; "<|fim_pad|>" too
+        // (FIM pad is EOG); an UNUSED token renders as nothing.
+        let t = Tokenizer::from_spec(spec(&[
+            ("<|im_end|>", TYPE_NORMAL),
+            ("<|fim_pad|>", TYPE_CONTROL),
+            ("[PAD9]", TYPE_UNUSED),
+            ("<|other|>", TYPE_CONTROL),
+        ]))
+        .unwrap();
+        let (end, pad, unused, other) = (id_of(&t, "<|im_end|>"), id_of(&t, "<|fim_pad|>"), id_of(&t, "[PAD9]"), id_of(&t, "<|other|>"));
+        assert!(t.is_eog(end) && t.is_eog(pad) && !t.is_eog(other));
+        assert_eq!(t.encode("<|im_end|>", false, true).unwrap(), vec![end]);
+        assert_eq!(t.token_piece(unused), "");
+        assert_eq!(t.token_piece(end), "<|im_end|>");
+        // bos / eos default to 11 for BPE vocabularies, as in llama.cpp
+        assert_eq!((t.bos(), t.eos()), (Some(11), Some(11)));
+    }
+
+    #[test]
+    fn add_special_follows_the_model_flags() {
+        let mut s = spec(&[("<s>", TYPE_CONTROL)]);
+        let bos = s.tokens.len() as u32 - 1;
+        s.ids.bos = Some(bos);
+        s.add_bos = Some(true);
+        let t = Tokenizer::from_spec(s).unwrap();
+        assert_eq!(t.encode("", true, true).unwrap(), vec![bos]);
+        assert_eq!(t.encode("", false, true).unwrap(), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn bad_inputs_are_typed_errors() {
+        let mut s = spec(&[]);
+        s.pre = "no-such-pre".into();
+        assert!(matches!(Tokenizer::from_spec(s), Err(TokenizerError::UnsupportedPre(p)) if p == "no-such-pre"));
+        let mut s = spec(&[]);
+        s.token_types = Some(vec![1; 3]);
+        assert!(matches!(Tokenizer::from_spec(s), Err(TokenizerError::LengthMismatch { .. })));
+        assert_eq!(split_merge("Ġ Ġ"), Some(("Ġ".into(), "Ġ".into())));
+        assert_eq!(split_merge("  x"), Some((" ".into(), "x".into())));
+        assert_eq!(split_merge("ab"), None);
+    }
+
+    #[test]
+    fn byte_to_unicode_is_gpt2s() {
+        let m = byte_to_unicode();
+        assert_eq!(m[b'a' as usize], 'a');
+        assert_eq!(m[b' ' as usize], 'Ġ');
+        assert_eq!(m[b'\n' as usize], 'Ċ');
+        assert_eq!(m[0], 'Ā');
+        let distinct: HashSet<char> = m.iter().copied().collect();
+        assert_eq!(distinct.len(), 256);
+    }
+
+    #[test]
+    fn clean_spaces_like_llama_cpp() {
+        let c = |s: &str| String::from_utf8(clean_spaces(s.as_bytes())).unwrap();
+        assert_eq!(c("Hello , world ! ok ?"), "Hello, world! ok?");
+        assert_eq!(c("rock ' n"), "rock'n");
+        assert_eq!(c("it 's I 'm we 're they 've I 'll don 't"), "it's I'm we're they've I 'll don 't");
+    }
 }
