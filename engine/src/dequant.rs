@@ -271,7 +271,7 @@ fn block_q6_k(b: &[u8], y: &mut [f32]) {
 /// Bytes needed for `n_elements` of `ty`, or the error saying why there is no such size.
 pub fn bytes_needed(ty: GgmlType, n_elements: usize) -> Result<usize, DequantError> {
     let bs = ty.block_size();
-    if n_elements % bs != 0 {
+    if !n_elements.is_multiple_of(bs) {
         return Err(DequantError::PartialBlock { ty, n_elements, block_size: bs });
     }
     Ok(n_elements / bs * ty.type_size())

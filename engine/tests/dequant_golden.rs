@@ -6,6 +6,7 @@
 //! - `{model}.safetensors`: a few blocks of real tensors (`{tensor}@{first}.raw` and values).
 //! - `{model}.json`: sha256 of every whole tensor dequantized to f32 (needs the model file: the real
 //!   models are fetched with `fetch::ensure_model` when missing).
+//!
 //! Missing goldens fail the test, naming the command that regenerates them.
 
 use lockstep_engine::dequant::{dequantize, dequantize_tensor};
