@@ -62,8 +62,9 @@ pub struct ManifestFile {
     pub tier: Option<String>,
     #[serde(default)]
     pub prompt_id: Option<String>,
+    /// The text (`chat` false) or the list of {role, content} messages (`chat` true).
     #[serde(default)]
-    pub prompt: Option<String>,
+    pub prompt: Option<serde_json::Value>,
     #[serde(default)]
     pub chat: Option<bool>,
     #[serde(default)]

@@ -16,3 +16,4 @@ pub mod compare;
 #[doc(hidden)]
 pub mod synth;
 pub mod suite;
+pub mod validate;

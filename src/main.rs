@@ -1,3 +1,221 @@
-fn main() {
-    eprintln!("lockstep: being written");
+//! The `lockstep` command line: validate, compare, and thin wrappers over the engine (generate, dump,
+//! inspect, fetch).
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use lockstep::golden::{self, Manifest};
+use lockstep::report::{table, Provenance, Report};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "lockstep", version, about = "Tells an LLM inference engine's authors where it stops agreeing with llama.cpp")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run suites against the goldens; exit status 1 when anything fails.
+    Validate {
+        /// Suite files (default: every suites/*.toml).
+        #[arg(long = "suite")]
+        suites: Vec<PathBuf>,
+        /// cpu, cuda or all (default: all that are available here).
+        #[arg(long, default_value = "all")]
+        backend: String,
+        /// Where report.json, report.html and junit.xml go.
+        #[arg(long, default_value = "reports/latest")]
+        report: PathBuf,
+        /// Inject a known fault into the engine (a class of ../shared/BUGS.md).
+        #[arg(long)]
+        inject: Option<String>,
+        /// Only cases whose `{suite}::{case}::{backend}` name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Judge an engine's dump (golden naming) against a golden entry: checks 2, 3, 4, 7.
+    Compare {
+        #[arg(long)]
+        dump: PathBuf,
+        /// model/tier/prompt (e.g. qwen2.5-coder-0.5b/exact/haiku) or the golden file's path.
+        #[arg(long)]
+        golden: String,
+        #[arg(long, default_value = "reports/compare")]
+        report: PathBuf,
+    },
+    /// Generate text with the CPU engine.
+    Generate {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        #[arg(long)]
+        temperature: Option<f32>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write every tap of the prefill and N greedy decode steps to a safetensors file.
+    Dump {
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print a GGUF file's metadata and tensor table.
+    Inspect { file: PathBuf },
+    /// Fetch a known model (or all) into the cache.
+    Fetch { model: Option<String> },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("lockstep: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<bool> {
+    match cli.cmd {
+        Cmd::Validate { suites, backend, report, inject, filter } => validate(suites, &backend, &report, inject, filter),
+        Cmd::Compare { dump, golden: entry, report } => {
+            let manifest = Manifest::load(&golden::default_dir())?;
+            let case = lockstep::compare::compare_dump(&manifest, &dump, &entry, None)?;
+            let rep = Report::new(Provenance::here(serde_json::Value::Object(manifest.provenance.clone()), None), vec![case]);
+            print!("{}", table::render(&rep));
+            for c in &rep.cases {
+                for k in c.failed_checks() {
+                    println!("  {}: {} = {:.3e} (limit {:.3e}) {}", k.name, k.metric, k.value, k.limit, k.detail.clone().unwrap_or_default());
+                }
+                if let Some(l) = &c.likely_class {
+                    println!("  likely class: {l}{}", c.evidence.as_ref().map_or(String::new(), |e| format!(" — {e}")));
+                }
+            }
+            rep.write(&report)?;
+            println!("report: {}", report.join("report.html").display());
+            Ok(rep.passed)
+        }
+        Cmd::Generate { model, prompt, chat, max_tokens, temperature, seed, json } => engine_cli::generate(&model, &prompt, chat, max_tokens, temperature, seed, json),
+        Cmd::Dump { model, prompt, chat, steps, out } => engine_cli::dump(&model, &prompt, chat, steps, &out),
+        Cmd::Inspect { file } => engine_cli::inspect(&file),
+        Cmd::Fetch { model } => engine_cli::fetch(model.as_deref()),
+    }
+}
+
+fn validate(suites: Vec<PathBuf>, backend: &str, report: &PathBuf, inject: Option<String>, filter: Option<String>) -> Result<bool> {
+    if let Some(name) = inject {
+        bail!("--inject {name}: fault injection is not built into the engine yet");
+    }
+    let suites = if suites.is_empty() {
+        lockstep::suite::load_dir(&lockstep::suite::default_dir())?
+    } else {
+        suites.iter().map(|p| lockstep::suite::Suite::load(p)).collect::<Result<Vec<_>, _>>()?
+    };
+    let backends: Option<Vec<String>> = match backend {
+        "all" => None,
+        b if lockstep::suite::BACKENDS.contains(&b) => Some(vec![b.to_string()]),
+        b => bail!("--backend {b}: expected cpu, cuda or all"),
+    };
+    let manifest = Manifest::load(&golden::default_dir())?;
+    let mut trials = lockstep::validate::trials(&suites, backends.as_deref());
+    if let Some(f) = &filter {
+        trials.retain(|(s, c, b)| format!("{}::{}::{b}", s.name, c.name).contains(f.as_str()));
+    }
+    let bar = indicatif::ProgressBar::new(trials.len() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}").expect("static template").progress_chars("=> "));
+    let mut runner = lockstep::validate::Runner::default();
+    let mut cases = Vec::new();
+    for (s, c, b) in trials {
+        bar.set_message(format!("{}::{}::{b}", s.name, c.name));
+        cases.push(runner.run(&manifest, s, c, &b));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let rep = Report::new(Provenance::here(serde_json::Value::Object(manifest.provenance.clone()), lockstep::validate::gpu_name()), cases);
+    print!("{}", table::render(&rep));
+    rep.write(report)?;
+    println!("report: {} (report.json, junit.xml beside it)", report.join("report.html").display());
+    Ok(rep.passed)
+}
+
+/// Thin wrappers over the engine.
+mod engine_cli {
+    use super::*;
+    use lockstep_engine::chat::ChatMessage;
+    use lockstep_engine::model::{Model, Prompt};
+
+    fn prompt(text: &str, chat: bool) -> Prompt {
+        if chat { Prompt::Chat(vec![ChatMessage::new("user", text)]) } else { Prompt::Text(text.to_string()) }
+    }
+
+    pub fn generate(model: &str, text: &str, chat: bool, max_tokens: usize, temperature: Option<f32>, seed: u64, json: bool) -> Result<bool> {
+        let m = Model::open(model)?;
+        let ids = m.prompt_tokens(&prompt(text, chat))?;
+        let mut backend = lockstep_engine::cpu::CpuBackend::load(&m.file, Default::default())?;
+        let mut sampler = temperature.map(|t| lockstep_engine::sampler::Sampler::new(lockstep_engine::sampler::SamplerParams { temperature: t, seed, ..Default::default() }));
+        let tk = &m.tokenizer;
+        let g = lockstep_engine::generate::generate(&mut backend, &ids, max_tokens, sampler.as_mut(), &|t| tk.is_eog(t), false)?;
+        let out = tk.decode(&g.tokens);
+        if json {
+            println!("{}", serde_json::json!({"prompt_tokens": ids, "tokens": g.tokens, "text": out}));
+        } else {
+            println!("{out}");
+        }
+        Ok(true)
+    }
+
+    pub fn dump(model: &str, text: &str, chat: bool, steps: usize, out: &PathBuf) -> Result<bool> {
+        let m = Model::open(model)?;
+        let ids = m.prompt_tokens(&prompt(text, chat))?;
+        let mut backend = lockstep_engine::cpu::CpuBackend::load(&m.file, Default::default())?;
+        lockstep_engine::dump::dump(&mut backend, &ids, steps, out).with_context(|| format!("writing {}", out.display()))?;
+        println!("{}: prefill of {} tokens + {steps} decode steps", out.display(), ids.len());
+        Ok(true)
+    }
+
+    pub fn inspect(file: &PathBuf) -> Result<bool> {
+        let f = lockstep_engine::gguf::GgufFile::open(file)?;
+        println!("{}: GGUF v{}, alignment {}, {} metadata keys, {} tensors", file.display(), f.version, f.alignment, f.metadata.len(), f.tensors.len());
+        for (k, _) in &f.metadata {
+            let v = match f.meta_array(k) {
+                Ok(a) => format!("[array of {}]", a.len()),
+                Err(_) => f.meta_str(k).map(|s| format!("{:?}", s.chars().take(80).collect::<String>())).or_else(|_| f.meta_f64(k).map(|v| v.to_string())).unwrap_or_else(|_| "…".into()),
+            };
+            println!("  {k} = {v}");
+        }
+        println!("{:<40} {:>8} {:<24} {:>12}", "tensor", "type", "ne", "bytes");
+        for t in &f.tensors {
+            println!("{:<40} {:>8} {:<24} {:>12}", t.name, t.ty.to_string(), format!("{:?}", t.ne), t.n_bytes);
+        }
+        Ok(true)
+    }
+
+    pub fn fetch(model: Option<&str>) -> Result<bool> {
+        let ids: Vec<String> = match model {
+            Some(m) => vec![m.to_string()],
+            None => lockstep_engine::fetch::known_models().iter().map(|k| k.id.to_string()).collect(),
+        };
+        for id in ids {
+            let p = lockstep_engine::fetch::resolve_model(&id, true)?;
+            println!("{id}: {}", p.display());
+        }
+        Ok(true)
+    }
 }
