@@ -14,6 +14,7 @@ pub mod backend;
 pub mod chat;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod dequant;
 pub mod dump;
 pub mod fetch;

@@ -1,0 +1,307 @@
+//! The process-wide CUDA context, the NVRTC-compiled kernels, and one [`Gpu`] per backend: a stream,
+//! a cuBLAS handle, and the launch / allocation / copy helpers that turn driver errors into messages
+//! naming the kernel and launch shape, or the buffer being allocated.
+//!
+//! Architecture invariants:
+//! - cudarc's per-buffer event tracking is off (every buffer of a [`Gpu`] lives on its one stream),
+//!   so a launch is exactly one `cuLaunchKernel` and a decode step can be captured as a CUDA graph.
+//! - Kernels take raw device pointers ([`Arg::P`]); a pointer is only formed from a buffer that the
+//!   caller keeps alive for as long as the work on the stream may use it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::{anyhow, Context, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// What [`super::available`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub name: String,
+    /// (major, minor)
+    pub compute_capability: (i32, i32),
+    pub total_mem: usize,
+    pub driver_version: i32,
+}
+
+struct Shared {
+    ctx: Arc<CudaContext>,
+    info: DeviceInfo,
+}
+
+static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
+static KERNELS: OnceLock<Result<Arc<Kernels>, String>> = OnceLock::new();
+
+fn shared() -> Result<&'static Shared, String> {
+    SHARED.get_or_init(init_shared).as_ref().map_err(|e| e.clone())
+}
+
+fn init_shared() -> Result<Shared, String> {
+    // SAFETY: these only try to dlopen the libraries (no symbol is called); they let us report a
+    // missing library as an error instead of cudarc's panic on first use.
+    let (cuda, nvrtc, cublas) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            cudarc::cublas::sys::is_culib_present(),
+        )
+    };
+    if !cuda {
+        return Err("no NVIDIA driver: libcuda.so could not be loaded".into());
+    }
+    if !nvrtc {
+        return Err("NVRTC (libnvrtc.so, CUDA 13) could not be loaded".into());
+    }
+    if !cublas {
+        return Err("cuBLAS (libcublas.so, CUDA 13) could not be loaded".into());
+    }
+    let made = std::panic::catch_unwind(|| -> Result<Shared, String> {
+        cudarc::driver::result::init().map_err(|e| format!("cuInit failed: {e}"))?;
+        let n = CudaContext::device_count().map_err(|e| format!("cannot count CUDA devices: {e}"))?;
+        if n < 1 {
+            return Err("no CUDA device".into());
+        }
+        let ctx = CudaContext::new(0).map_err(|e| format!("cannot create a CUDA context on device 0: {e}"))?;
+        // SAFETY: called before any buffer exists; every buffer is then used on one stream only.
+        unsafe { ctx.disable_event_tracking() };
+        let info = DeviceInfo {
+            name: ctx.name().map_err(|e| e.to_string())?,
+            compute_capability: ctx.compute_capability().map_err(|e| e.to_string())?,
+            total_mem: ctx.total_mem().map_err(|e| e.to_string())?,
+            driver_version: driver_version(),
+        };
+        Ok(Shared { ctx, info })
+    });
+    match made {
+        Ok(r) => r,
+        Err(p) => Err(format!(
+            "CUDA initialisation panicked: {}",
+            p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+        )),
+    }
+}
+
+/// cuDriverGetVersion (e.g. 13000 for CUDA 13.0), 0 if it fails.
+fn driver_version() -> i32 {
+    let mut v = 0i32;
+    // SAFETY: the driver library is loaded (checked by the caller) and v is a valid out-pointer.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+        v
+    } else {
+        0
+    }
+}
+
+/// Whether CUDA can be used here: the device's description, or why not.
+pub fn available() -> Result<DeviceInfo, String> {
+    shared().map(|s| s.info.clone())
+}
+
+/// The kernel sources, in compile order; each is compiled with `common.cuh` in front of it.
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+const SOURCES: [(&str, &str); 3] = [
+    ("quant.cu", include_str!("../../../kernels/quant.cu")),
+    ("ops.cu", include_str!("../../../kernels/ops.cu")),
+    ("attention.cu", include_str!("../../../kernels/attention.cu")),
+];
+
+/// Every compiled kernel, by its `extern "C"` name.
+pub struct Kernels {
+    funcs: HashMap<String, CudaFunction>,
+}
+
+impl Kernels {
+    pub fn get(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs.get(name).ok_or_else(|| anyhow!("no CUDA kernel named `{name}` in kernels/*.cu"))
+    }
+}
+
+fn kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<Kernels>, String> {
+    KERNELS
+        .get_or_init(|| {
+            let arch = format!("--gpu-architecture=compute_{}{}", cc.0, cc.1);
+            let mut funcs = HashMap::new();
+            for (file, src) in SOURCES {
+                let full = format!("{COMMON}\n#line 1 \"{file}\"\n{src}");
+                let opts = cudarc::nvrtc::CompileOptions {
+                    options: vec![arch.clone(), "--std=c++17".into()],
+                    name: Some(file.to_string()),
+                    ..Default::default()
+                };
+                let ptx = cudarc::nvrtc::compile_ptx_with_opts(&full, opts).map_err(|e| match e {
+                    cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. } => {
+                        format!("NVRTC failed to compile kernels/{file} ({nvrtc:?}):\n{}", log.to_string_lossy())
+                    }
+                    other => format!("NVRTC failed on kernels/{file}: {other:?}"),
+                })?;
+                let module = ctx.load_module(ptx).map_err(|e| format!("loading kernels/{file} into the driver: {e}"))?;
+                for name in kernel_names(src) {
+                    let f = module.load_function(&name).map_err(|e| format!("kernels/{file}: function {name}: {e}"))?;
+                    funcs.insert(name, f);
+                }
+            }
+            Ok(Arc::new(Kernels { funcs }))
+        })
+        .clone()
+}
+
+/// The `extern "C" __global__ void NAME(` kernels of a source, including those stamped out by
+/// quant.cu's STAMP macro (`matvec_##NAME` for each `STAMP(name, …)`).
+fn kernel_names(src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stamps = Vec::new();
+    let mut stamped = Vec::new();
+    for line in src.lines() {
+        let l = line.trim_start();
+        if let Some(rest) = l.strip_prefix("STAMP(") {
+            if let Some(n) = rest.split(',').next() {
+                stamps.push(n.trim().to_string());
+            }
+        } else if let Some(i) = l.find("__global__ void ") {
+            let rest = &l[i + "__global__ void ".len()..];
+            let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '#').collect();
+            match name.strip_suffix("##NAME") {
+                Some(prefix) => stamped.push(prefix.to_string()),
+                None => out.push(name),
+            }
+        }
+    }
+    for p in &stamped {
+        for s in &stamps {
+            out.push(format!("{p}{s}"));
+        }
+    }
+    out
+}
+
+/// One kernel argument.
+#[derive(Clone, Copy, Debug)]
+pub enum Arg {
+    /// A device pointer (0 for an optional output that is not wanted).
+    P(u64),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+/// A stream with its kernels and cuBLAS handle.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub kernels: Arc<Kernels>,
+    pub blas: CudaBlas,
+    pub info: DeviceInfo,
+    /// Synchronise after every launch (LOCKSTEP_CUDA_SYNC=1) so that a fault names its kernel.
+    pub sync_each: bool,
+    /// While a CUDA graph is being captured no synchronisation may happen.
+    pub capturing: bool,
+}
+
+impl Gpu {
+    pub fn new() -> Result<Gpu> {
+        let sh = shared().map_err(|e| anyhow!("CUDA is not available: {e}"))?;
+        let kernels = kernels(&sh.ctx, sh.info.compute_capability).map_err(|e| anyhow!(e))?;
+        let stream = sh.ctx.new_stream().context("creating a CUDA stream")?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("creating a cuBLAS handle: {e}"))?;
+        // Default math: no TF32 tensor-op math, so SGEMM is full f32 (the exact tier needs it).
+        // SAFETY: the handle is valid (just created) and the mode a valid enum value.
+        unsafe {
+            cudarc::cublas::sys::cublasSetMathMode(*blas.handle(), cudarc::cublas::sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                .result()
+                .map_err(|e| anyhow!("cublasSetMathMode: {e}"))?;
+        }
+        Ok(Gpu {
+            ctx: sh.ctx.clone(),
+            stream,
+            kernels,
+            blas,
+            info: sh.info.clone(),
+            sync_each: std::env::var("LOCKSTEP_CUDA_SYNC").is_ok_and(|v| v == "1"),
+            capturing: false,
+        })
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().context("cuMemGetInfo")
+    }
+
+    /// Allocates `n` zeroed elements; on failure names `what` and the free memory.
+    pub fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize, what: &str) -> Result<CudaSlice<T>> {
+        let bytes = n.max(1) * std::mem::size_of::<T>();
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            anyhow!(
+                "out of GPU memory? allocating {what} ({bytes} bytes) failed: {e} ({} MiB free of {} MiB)",
+                free >> 20,
+                total >> 20
+            )
+        })
+    }
+
+    /// Uploads `data` to a new buffer named `what` in errors.
+    pub fn upload<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, data: &[T], what: &str) -> Result<CudaSlice<T>> {
+        let mut b = self.alloc::<T>(data.len(), what)?;
+        if !data.is_empty() {
+            self.stream.memcpy_htod(data, &mut b).with_context(|| format!("copying {what} to the GPU"))?;
+        }
+        Ok(b)
+    }
+
+    /// Copies `n` values starting at element `off` of `b` to the host (synchronises the stream).
+    pub fn download(&self, b: &CudaSlice<f32>, off: usize, n: usize) -> Result<Vec<f32>> {
+        anyhow::ensure!(off + n <= b.len(), "download of {n} values at {off} from a buffer of {}", b.len());
+        let v = self.stream.clone_dtoh(&b.slice(off..off + n)).context("copying from the GPU")?;
+        self.sync()?;
+        Ok(v)
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().context("CUDA stream synchronisation (an earlier kernel may have faulted)")
+    }
+
+    /// Launches kernel `name` on this stream.
+    pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
+        let f = self.kernels.get(name)?;
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(p) => b.arg(p),
+                Arg::I(i) => b.arg(i),
+                Arg::L(l) => b.arg(l),
+                Arg::F(x) => b.arg(x),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
+        // SAFETY: every caller in ops.rs passes the argument list of the kernel's C signature, with
+        // pointers into live buffers sized for the launch shape (checked there).
+        unsafe { b.launch(cfg) }
+            .map_err(|e| anyhow!("CUDA kernel {name} failed to launch (grid {grid:?}, block {block}, shared {smem} B): {e}"))?;
+        if self.sync_each && !self.capturing {
+            self.stream
+                .synchronize()
+                .map_err(|e| anyhow!("CUDA kernel {name} (grid {grid:?}, block {block}) faulted: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The raw device address of a buffer (event tracking is off, so nothing is recorded).
+pub fn ptr<T>(b: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _sync) = b.device_ptr(stream);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_names_include_stamped_ones() {
+        let names = super::kernel_names(super::SOURCES[0].1);
+        assert!(names.contains(&"matvec_q4_k".to_string()), "{names:?}");
+        assert!(names.contains(&"get_rows_f32".to_string()), "{names:?}");
+        let ops = super::kernel_names(super::SOURCES[1].1);
+        assert!(ops.contains(&"rmsnorm_f32".to_string()) && ops.contains(&"rope_store_f32".to_string()), "{ops:?}");
+    }
+}

@@ -1,0 +1,329 @@
+//! Launch wrappers, one per kernel of kernels/*.cu, over raw device pointers (see [`super::device`]).
+//! Each checks what it can about its arguments and computes the launch shape.
+//!
+//! Dimension letters as in the CPU backend: `T` tokens, `D` width, `F` FFN width, `H`/`Hkv` heads,
+//! `Dh` head dimension, `V` vocabulary.
+
+use anyhow::{bail, ensure, Result};
+use cudarc::driver::CudaSlice;
+
+use super::device::{ptr, Arg, Gpu};
+use crate::gguf::GgmlType;
+
+/// Most token rows the matrix-vector kernels take (quant.cu's MV_MAX_T); above it, prefill GEMMs go
+/// through an f32 scratch copy of the weight and cuBLAS SGEMM.
+pub const MV_MAX_T: usize = 8;
+/// Threads per block of the row-parallel kernels (8 warps: 8 output rows per block).
+const BLOCK: u32 = 256;
+
+/// The formats the kernels dequantize.
+pub const SUPPORTED: [GgmlType; 8] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];
+
+/// The kernel-name suffix of a weight format.
+pub fn type_suffix(ty: GgmlType) -> Result<&'static str> {
+    Ok(match ty {
+        GgmlType::F32 => "f32",
+        GgmlType::F16 => "f16",
+        GgmlType::Q4_0 => "q4_0",
+        GgmlType::Q4_1 => "q4_1",
+        GgmlType::Q5_0 => "q5_0",
+        GgmlType::Q8_0 => "q8_0",
+        GgmlType::Q4_K => "q4_k",
+        GgmlType::Q6_K => "q6_k",
+        other => bail!("the CUDA backend has no kernel for {other} weights (supported: F32, F16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)"),
+    })
+}
+
+/// A weight matrix on the GPU in its GGUF format: `[rows][cols]`, each row `row_bytes` of blocks.
+pub struct QMat {
+    pub buf: CudaSlice<u8>,
+    pub ptr: u64,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+}
+
+impl QMat {
+    /// Uploads `bytes` (the tensor's data as stored in the GGUF file) as a `[rows][cols]` matrix.
+    pub fn upload(gpu: &Gpu, ty: GgmlType, rows: usize, cols: usize, bytes: &[u8], what: &str) -> Result<QMat> {
+        type_suffix(ty)?;
+        let bs = ty.block_size();
+        ensure!(cols % bs == 0, "{what}: {cols} columns is not a multiple of the {ty} block of {bs}");
+        let row_bytes = cols / bs * ty.type_size();
+        ensure!(
+            bytes.len() == rows * row_bytes,
+            "{what}: {} bytes of {ty} data for [{rows}][{cols}] (expected {})",
+            bytes.len(),
+            rows * row_bytes
+        );
+        let buf = gpu.upload(bytes, what)?;
+        let ptr = ptr(&buf, &gpu.stream);
+        Ok(QMat { buf, ptr, ty, rows, cols, row_bytes })
+    }
+}
+
+fn p(x: Option<u64>) -> Arg {
+    Arg::P(x.unwrap_or(0))
+}
+
+fn i(v: usize) -> Result<Arg> {
+    Ok(Arg::I(i32::try_from(v).map_err(|_| anyhow::anyhow!("dimension {v} does not fit the kernels' int"))?))
+}
+
+fn grid_1d(n: usize) -> u32 {
+    n.div_ceil(BLOCK as usize).clamp(1, 65535 * 8) as u32
+}
+
+impl Gpu {
+    /// `y[t] = W x[t] (+ bias) (+ res[t])` for t < T ≤ [`MV_MAX_T`]; `raw[t] = W x[t]` when given.
+    /// x: `[T][cols]`, y/res/raw: `[T][rows]`, bias: `[rows]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec(&self, w: &QMat, x: u64, t: usize, y: u64, bias: Option<u64>, res: Option<u64>, raw: Option<u64>) -> Result<()> {
+        ensure!((1..=MV_MAX_T).contains(&t), "matvec: {t} rows (1..={MV_MAX_T})");
+        let name = format!("matvec_{}", type_suffix(w.ty)?);
+        let warps = (BLOCK / 32) as usize;
+        let args = [
+            Arg::P(w.ptr),
+            Arg::L(w.row_bytes as i64),
+            i(w.rows)?,
+            i(w.cols)?,
+            Arg::P(x),
+            i(t)?,
+            Arg::P(y),
+            p(bias),
+            p(res),
+            p(raw),
+        ];
+        self.launch(&name, (w.rows.div_ceil(warps) as u32, 1, 1), BLOCK, 0, &args)
+    }
+
+    /// `s[t] = silu(G x[t]) · (U x[t])`, with the two products in g_out/u_out when given.
+    /// G and U share format and shape; x: `[T][cols]`, outputs `[T][rows]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_swiglu(&self, g: &QMat, u: &QMat, x: u64, t: usize, s: u64, g_out: Option<u64>, u_out: Option<u64>) -> Result<()> {
+        ensure!((1..=MV_MAX_T).contains(&t), "matvec_swiglu: {t} rows (1..={MV_MAX_T})");
+        ensure!(g.ty == u.ty && g.rows == u.rows && g.cols == u.cols, "matvec_swiglu: gate and up differ in format or shape");
+        let name = format!("matvec_swiglu_{}", type_suffix(g.ty)?);
+        let warps = (BLOCK / 32) as usize;
+        let args = [
+            Arg::P(g.ptr),
+            Arg::P(u.ptr),
+            Arg::L(g.row_bytes as i64),
+            i(g.rows)?,
+            i(g.cols)?,
+            Arg::P(x),
+            i(t)?,
+            Arg::P(s),
+            p(g_out),
+            p(u_out),
+        ];
+        self.launch(&name, (g.rows.div_ceil(warps) as u32, 1, 1), BLOCK, 0, &args)
+    }
+
+    /// The whole matrix dequantized to f32 `[rows][cols]` at `out`.
+    pub fn dequant(&self, w: &QMat, out: u64) -> Result<()> {
+        let name = format!("dequant_{}", type_suffix(w.ty)?);
+        let chunks = w.rows * w.cols.div_ceil(16);
+        let args = [Arg::P(w.ptr), Arg::L(w.row_bytes as i64), i(w.rows)?, i(w.cols)?, Arg::P(out)];
+        self.launch(&name, (grid_1d(chunks), 1, 1), BLOCK, 0, &args)
+    }
+
+    /// `x[t] = table[tokens[t]]` for t < T; tokens: `[T]` i32 on the device (checked by the caller).
+    pub fn get_rows(&self, table: &QMat, tokens: u64, t: usize, x: u64) -> Result<()> {
+        let name = format!("get_rows_{}", type_suffix(table.ty)?);
+        let chunks = table.cols.div_ceil(16);
+        let args = [Arg::P(table.ptr), Arg::L(table.row_bytes as i64), i(table.cols)?, Arg::P(tokens), Arg::P(x)];
+        self.launch(&name, (chunks.div_ceil(BLOCK as usize) as u32, t as u32, 1), BLOCK, 0, &args)
+    }
+
+    /// `y[t] = W x[t]` with W f32 `[rows][cols]` (cuBLAS SGEMM, default math: no TF32).
+    pub fn sgemm(&self, w: u64, rows: usize, cols: usize, x: u64, t: usize, y: u64) -> Result<()> {
+        use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Row-major y[T][rows] is column-major yᵀ (rows × T) = Wᵀᵀ·x: W read column-major is
+        // (cols × rows), transposed; x read column-major is (cols × T).
+        // SAFETY: w holds rows·cols, x T·cols and y T·rows f32 values (the callers' buffers); the
+        // handle's stream is this Gpu's stream.
+        unsafe {
+            cudarc::cublas::result::sgemm(
+                *self.blas.handle(),
+                CUBLAS_OP_T,
+                CUBLAS_OP_N,
+                rows as i32,
+                t as i32,
+                cols as i32,
+                &alpha,
+                w as *const f32,
+                cols as i32,
+                x as *const f32,
+                cols as i32,
+                &beta,
+                y as *mut f32,
+                rows as i32,
+            )
+        }
+        .map_err(|e| anyhow::anyhow!("cuBLAS SGEMM ({rows}×{cols} weight, {t} rows) failed: {e}"))?;
+        if self.sync_each && !self.capturing {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// A projection for any T: matvec for T ≤ [`MV_MAX_T`], else dequantize W into `scratch`
+    /// (≥ rows·cols f32) and SGEMM into `raw` (then `y = raw + bias + res`) or straight into y.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(
+        &self,
+        w: &QMat,
+        x: u64,
+        t: usize,
+        y: u64,
+        bias: Option<u64>,
+        res: Option<u64>,
+        raw: Option<u64>,
+        scratch: Option<&CudaSlice<f32>>,
+    ) -> Result<()> {
+        if t <= MV_MAX_T {
+            return self.matvec(w, x, t, y, bias, res, raw);
+        }
+        let scratch = scratch.ok_or_else(|| anyhow::anyhow!("linear: no dequantization scratch for a {t}-row batch"))?;
+        ensure!(scratch.len() >= w.rows * w.cols, "linear: scratch of {} for a {}×{} weight", scratch.len(), w.rows, w.cols);
+        let sp = ptr(scratch, &self.stream);
+        let wp = if w.ty == GgmlType::F32 {
+            w.ptr
+        } else {
+            self.dequant(w, sp)?;
+            sp
+        };
+        if bias.is_none() && res.is_none() {
+            return self.sgemm(wp, w.rows, w.cols, x, t, y);
+        }
+        let raw = raw.ok_or_else(|| anyhow::anyhow!("linear: a batched projection with bias or residual needs a raw buffer"))?;
+        self.sgemm(wp, w.rows, w.cols, x, t, raw)?;
+        self.add(raw, bias, w.rows, res, y, t * w.rows)
+    }
+
+    /// RMSNorm of `rows` rows of width n: y_norm (optional) = x / rms, y = y_norm · w.
+    pub fn rmsnorm(&self, x: u64, w: u64, y_norm: Option<u64>, y: u64, rows: usize, n: usize, eps: f32) -> Result<()> {
+        let args = [Arg::P(x), Arg::P(w), p(y_norm), Arg::P(y), i(n)?, Arg::F(eps)];
+        self.launch("rmsnorm_f32", (rows as u32, 1, 1), BLOCK, 0, &args)
+    }
+
+    /// `y = a (+ bias broadcast over rows of nb) (+ res)`, n elements; y may alias a or res.
+    pub fn add(&self, a: u64, bias: Option<u64>, nb: usize, res: Option<u64>, y: u64, n: usize) -> Result<()> {
+        let args = [Arg::P(a), p(bias), i(nb.max(1))?, p(res), Arg::P(y), Arg::L(n as i64)];
+        self.launch("add_f32", (grid_1d(n), 1, 1), BLOCK, 0, &args)
+    }
+
+    /// `s = silu(g) · u`, n elements.
+    pub fn swiglu(&self, g: u64, u: u64, s: u64, n: usize) -> Result<()> {
+        let args = [Arg::P(g), Arg::P(u), Arg::P(s), Arg::L(n as i64)];
+        self.launch("swiglu_f32", (grid_1d(n), 1, 1), BLOCK, 0, &args)
+    }
+
+    /// RoPE on q (in place) and k (into k_out when given) at positions `*pos + t`, and the KV-cache
+    /// write of k (rotated) and v into kc/vc `[ctx][Hkv·Dh]` of this layer.
+    pub fn rope_store(&self, a: &RopeArgs) -> Result<()> {
+        ensure!(a.head_dim % 2 == 0 && a.n_rot <= a.head_dim && a.n_rot % 2 == 0, "rope: n_rot {} head_dim {}", a.n_rot, a.head_dim);
+        let n = a.t * (a.n_head + a.n_head_kv) * a.head_dim / 2 + a.t * a.n_head_kv * a.head_dim;
+        let args = [
+            Arg::P(a.q),
+            Arg::P(a.k),
+            p(a.k_out),
+            Arg::P(a.v),
+            Arg::P(a.kc),
+            Arg::P(a.vc),
+            Arg::P(a.pos),
+            i(a.t)?,
+            i(a.n_head)?,
+            i(a.n_head_kv)?,
+            i(a.head_dim)?,
+            i(a.n_rot)?,
+            Arg::F(a.theta_scale),
+            Arg::I(a.neox as i32),
+        ];
+        self.launch("rope_store_f32", (grid_1d(n), 1, 1), BLOCK, 0, &args)
+    }
+
+    /// Causal GQA attention of T query rows against the cache (kv_len = *pos + T); writes kq and
+    /// p `[H][T][kv_len]` and out `[T][H·Dh]`.
+    pub fn attention(&self, a: &AttnArgs) -> Result<()> {
+        ensure!(a.head_dim <= BLOCK as usize, "attention: head dim {} > {BLOCK}", a.head_dim);
+        ensure!(a.n_head % a.n_head_kv == 0, "attention: {} heads over {} kv heads", a.n_head, a.n_head_kv);
+        let args = [
+            Arg::P(a.q),
+            Arg::P(a.kc),
+            Arg::P(a.vc),
+            Arg::P(a.kq),
+            Arg::P(a.p),
+            Arg::P(a.out),
+            Arg::P(a.pos),
+            i(a.t)?,
+            i(a.n_head)?,
+            i(a.n_head_kv)?,
+            i(a.head_dim)?,
+            Arg::F(a.scale),
+            Arg::I(a.full_scores as i32),
+        ];
+        self.launch("attention_f32", (a.n_head as u32, a.t as u32, 1), BLOCK, (a.head_dim * 4) as u32, &args)
+    }
+}
+
+/// Arguments of [`Gpu::rope_store`].
+#[derive(Debug, Clone, Copy)]
+pub struct RopeArgs {
+    /// `[T][H][Dh]`, rotated in place
+    pub q: u64,
+    /// `[T][Hkv][Dh]`, read only
+    pub k: u64,
+    /// `[T][Hkv][Dh]`: the rotated k, when wanted
+    pub k_out: Option<u64>,
+    /// `[T][Hkv][Dh]`
+    pub v: u64,
+    /// this layer's `[ctx][Hkv·Dh]`
+    pub kc: u64,
+    pub vc: u64,
+    /// device i32: positions already in the cache
+    pub pos: u64,
+    pub t: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    /// base^(−2/n_rot), computed on the host like the CPU twin
+    pub theta_scale: f32,
+    pub neox: bool,
+}
+
+/// Arguments of [`Gpu::attention`].
+#[derive(Debug, Clone, Copy)]
+pub struct AttnArgs {
+    /// `[T][H][Dh]`
+    pub q: u64,
+    /// this layer's `[ctx][Hkv][Dh]`
+    pub kc: u64,
+    pub vc: u64,
+    /// `[H][T][kv_len]`
+    pub kq: u64,
+    pub p: u64,
+    /// `[T][H·Dh]`
+    pub out: u64,
+    pub pos: u64,
+    pub t: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// Also compute the masked (future) scores, for the `kq` tap.
+    pub full_scores: bool,
+}

@@ -1,0 +1,72 @@
+//! Shared by the CUDA test binaries (included with `#[path]`): skip-or-fail policy and comparisons.
+#![allow(dead_code)]
+
+use libtest_mimic::Trial;
+
+/// Why CUDA trials cannot run here, or None when they can. With LOCKSTEP_REQUIRE_CUDA=1 (set by
+/// ci/gpu-tests) a missing GPU is a failure, not a skip.
+pub fn skip_reason() -> Option<String> {
+    match lockstep_engine::cuda::available() {
+        Ok(_) => None,
+        Err(e) => Some(e),
+    }
+}
+
+/// Wraps CUDA trials: ignored with the reason when CUDA is unavailable (unless required).
+pub fn trials(list: Vec<Trial>) -> Vec<Trial> {
+    let require = std::env::var("LOCKSTEP_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    match skip_reason() {
+        None => list,
+        Some(reason) if require => vec![Trial::test("cuda_required", move || Err(format!("LOCKSTEP_REQUIRE_CUDA=1 but {reason}").into()))],
+        Some(reason) => {
+            eprintln!("CUDA trials ignored: {reason}");
+            list.into_iter().map(|t| t.with_ignored_flag(true)).collect()
+        }
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ (0 when both are zero).
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mut num = 0.0f64;
+    let mut den = 0.0f64;
+    for (x, y) in a.iter().zip(b) {
+        num += (*x as f64 - *y as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Fails with the first mismatching pairs, the worst difference and the relative L2 error.
+pub fn check_close(what: &str, got: &[f32], want: &[f32], tol: f64) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
+    }
+    if let Some(i) = got.iter().zip(want).position(|(g, w)| g.is_nan() != w.is_nan()) {
+        return Err(format!("{what}: NaN mismatch at {i}: got {} want {}", got[i], want[i]));
+    }
+    let r = rel_l2(got, want);
+    if r.is_nan() || r > tol {
+        let mut worst = (0usize, 0f32);
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let d = (g - w).abs();
+            if d > worst.1 {
+                worst = (i, d);
+            }
+        }
+        let firsts: Vec<String> = got
+            .iter()
+            .zip(want)
+            .enumerate()
+            .filter(|(_, (g, w))| (*g - *w).abs() > 1e-6 * w.abs().max(1.0))
+            .take(4)
+            .map(|(i, (g, w))| format!("[{i}] {g} vs {w}"))
+            .collect();
+        return Err(format!("{what}: rel L2 {r:.3e} > {tol:.0e}; worst |d| {} at {}; first: {}", worst.1, worst.0, firsts.join(", ")));
+    }
+    Ok(())
+}

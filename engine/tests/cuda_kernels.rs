@@ -1,0 +1,317 @@
+//! Each CUDA kernel against its CPU twin on random and adversarial inputs: every weight format, odd
+//! sizes (rows not a multiple of the 8 rows of a block, F32/F16 widths not a multiple of 16), batch
+//! sizes on both sides of the matvec/GEMM switch, large magnitudes, and attention scores that
+//! overflow without max subtraction. Ignored (with the reason) where CUDA is unavailable.
+
+mod cuda_common;
+
+use cuda_common::{check_close, trials};
+use libtest_mimic::{Arguments, Failed, Trial};
+use lockstep_engine::cpu::attention::{self as cpu_attn, AttnDims, KvCache};
+use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
+use lockstep_engine::cuda::device::ptr;
+use lockstep_engine::cuda::ops::{AttnArgs, QMat, RopeArgs};
+use lockstep_engine::cuda::Gpu;
+use lockstep_engine::dequant;
+use lockstep_engine::gguf::GgmlType;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+type R = Result<(), Failed>;
+
+fn gpu() -> Result<Gpu, Failed> {
+    Gpu::new().map_err(|e| format!("{e:#}").into())
+}
+
+fn f16_bits(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_bits().to_le_bytes()
+}
+
+/// Random weights of `ty`, `[rows][cols]`, with every block scale a valid f16 of magnitude ≤ `scale`.
+fn random_weights(rng: &mut ChaCha8Rng, ty: GgmlType, rows: usize, cols: usize, scale: f32) -> Vec<u8> {
+    let n = rows * cols;
+    match ty {
+        GgmlType::F32 => (0..n).flat_map(|_| (rng.random_range(-1.0f32..1.0) * scale).to_le_bytes()).collect(),
+        GgmlType::F16 => (0..n).flat_map(|_| f16_bits(rng.random_range(-1.0f32..1.0) * scale)).collect(),
+        _ => {
+            let (bs, tsz) = (ty.block_size(), ty.type_size());
+            let nblocks = n / bs;
+            let mut bytes: Vec<u8> = (0..nblocks * tsz).map(|_| rng.random()).collect();
+            for b in 0..nblocks {
+                let blk = &mut bytes[b * tsz..(b + 1) * tsz];
+                let mut put = |off: usize, v: f32| blk[off..off + 2].copy_from_slice(&f16_bits(v));
+                let mut r = || rng.random_range(-1.0f32..1.0) * scale;
+                match ty {
+                    GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => put(0, r()),
+                    GgmlType::Q4_1 => {
+                        let (d, m) = (r(), r());
+                        put(0, d);
+                        put(2, m);
+                    }
+                    GgmlType::Q4_K => {
+                        let (d, m) = (r() / 64.0, r() / 64.0);
+                        put(0, d);
+                        put(2, m);
+                    }
+                    GgmlType::Q6_K => put(208, r() / 64.0),
+                    _ => unreachable!(),
+                }
+            }
+            bytes
+        }
+    }
+}
+
+fn cpu_matrix(ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Matrix {
+    Matrix { rows, cols, data: dequant::dequantize(ty, bytes, rows * cols).expect("CPU dequant") }
+}
+
+fn randv(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0) * scale).collect()
+}
+
+const TYPES: [GgmlType; 8] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];
+
+fn cols_for(ty: GgmlType) -> Vec<usize> {
+    match ty {
+        GgmlType::F32 | GgmlType::F16 => vec![33, 100, 896],
+        _ => {
+            let bs = ty.block_size();
+            vec![bs * 3, bs * 7]
+        }
+    }
+}
+
+/// matvec / linear (T = 1, 3, 8 through the matvec kernel; T = 37 through dequant + SGEMM) with bias
+/// and residual, against dequant + CPU matmul.
+fn linear_case(ty: GgmlType, scale: f32, xscale: f32) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(ty.to_u32() as u64 * 1000 + scale as u64);
+    for cols in cols_for(ty) {
+        let rows = 37;
+        let bytes = random_weights(&mut rng, ty, rows, cols, scale);
+        let m = cpu_matrix(ty, &bytes, rows, cols);
+        let w = QMat::upload(&g, ty, rows, cols, &bytes, "test weight")?;
+        // the dequant kernel alone
+        let dq = g.alloc::<f32>(rows * cols, "dq")?;
+        g.dequant(&w, ptr(&dq, &g.stream))?;
+        check_close(&format!("dequant {ty} {rows}x{cols}"), &g.download(&dq, 0, rows * cols)?, &m.data, 1e-6)?;
+        let scratch = g.alloc::<f32>(rows * cols, "scratch")?;
+        for t in [1usize, 3, 8, 37] {
+            let x = randv(&mut rng, t * cols, xscale);
+            let bias = randv(&mut rng, rows, xscale);
+            let res = randv(&mut rng, t * rows, xscale);
+            let want_raw = cpu::matmul(&m, &x);
+            let mut want = want_raw.clone();
+            cpu::add_bias(&mut want, &bias);
+            let want = cpu::add(&want, &res);
+            let (xd, bd, rd) = (g.upload(&x, "x")?, g.upload(&bias, "b")?, g.upload(&res, "res")?);
+            let y = g.alloc::<f32>(t * rows, "y")?;
+            let raw = g.alloc::<f32>(t * rows, "raw")?;
+            let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+            g.linear(&w, p(&xd), t, p(&y), Some(p(&bd)), Some(p(&rd)), Some(p(&raw)), Some(&scratch))?;
+            let what = format!("linear {ty} {rows}x{cols} T={t} scale {scale}");
+            check_close(&format!("{what} raw"), &g.download(&raw, 0, t * rows)?, &want_raw, 1e-5)?;
+            check_close(&what, &g.download(&y, 0, t * rows)?, &want, 1e-5)?;
+        }
+    }
+    Ok(())
+}
+
+/// The fused gate/up/SwiGLU matvec against two CPU matmuls and swiglu.
+fn swiglu_case(ty: GgmlType) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(77 + ty.to_u32() as u64);
+    let cols = cols_for(ty)[0];
+    let rows = 45;
+    let (bg, bu) = (random_weights(&mut rng, ty, rows, cols, 1.0), random_weights(&mut rng, ty, rows, cols, 1.0));
+    let (mg, mu) = (cpu_matrix(ty, &bg, rows, cols), cpu_matrix(ty, &bu, rows, cols));
+    let (wg, wu) = (QMat::upload(&g, ty, rows, cols, &bg, "gate")?, QMat::upload(&g, ty, rows, cols, &bu, "up")?);
+    for t in [1usize, 5] {
+        let x = randv(&mut rng, t * cols, 2.0);
+        let (gw, uw) = (cpu::matmul(&mg, &x), cpu::matmul(&mu, &x));
+        let sw = cpu::swiglu(&gw, &uw);
+        let xd = g.upload(&x, "x")?;
+        let (s, go, uo) = (g.alloc::<f32>(t * rows, "s")?, g.alloc::<f32>(t * rows, "g")?, g.alloc::<f32>(t * rows, "u")?);
+        let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+        g.matvec_swiglu(&wg, &wu, p(&xd), t, p(&s), Some(p(&go)), Some(p(&uo)))?;
+        check_close(&format!("gate {ty} T={t}"), &g.download(&go, 0, t * rows)?, &gw, 1e-5)?;
+        check_close(&format!("up {ty} T={t}"), &g.download(&uo, 0, t * rows)?, &uw, 1e-5)?;
+        check_close(&format!("swiglu {ty} T={t}"), &g.download(&s, 0, t * rows)?, &sw, 1e-5)?;
+        // the unfused swiglu kernel on the same products
+        let s2 = g.alloc::<f32>(t * rows, "s2")?;
+        g.swiglu(p(&go), p(&uo), p(&s2), t * rows)?;
+        check_close(&format!("swiglu_f32 {ty} T={t}"), &g.download(&s2, 0, t * rows)?, &cpu::swiglu(&g.download(&go, 0, t * rows)?, &g.download(&uo, 0, t * rows)?), 1e-6)?;
+    }
+    Ok(())
+}
+
+fn get_rows_case(ty: GgmlType) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(5 + ty.to_u32() as u64);
+    let cols = *cols_for(ty).last().unwrap();
+    let rows = 50;
+    let bytes = random_weights(&mut rng, ty, rows, cols, 3.0);
+    let m = cpu_matrix(ty, &bytes, rows, cols);
+    let w = QMat::upload(&g, ty, rows, cols, &bytes, "table")?;
+    let toks = [49u32, 0, 7, 49, 13];
+    let want = cpu::embedding(&m, &toks)?;
+    let ti: Vec<i32> = toks.iter().map(|&t| t as i32).collect();
+    let td = g.upload(&ti, "tokens")?;
+    let x = g.alloc::<f32>(toks.len() * cols, "x")?;
+    g.get_rows(&w, ptr(&td, &g.stream), toks.len(), ptr(&x, &g.stream))?;
+    check_close(&format!("get_rows {ty}"), &g.download(&x, 0, toks.len() * cols)?, &want, 0.0)?;
+    Ok(())
+}
+
+fn rmsnorm_add_case() -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (n, scale) in [(897usize, 1.0f32), (64, 1e15), (5, 1e-20), (4864, 300.0)] {
+        let rows = 3;
+        let x = randv(&mut rng, rows * n, scale);
+        let w = randv(&mut rng, n, 2.0);
+        let eps = 1e-6;
+        let want_n = cpu::rmsnorm(&x, n, eps);
+        let want = cpu::mul_rows(&want_n, &w);
+        let (xd, wd) = (g.upload(&x, "x")?, g.upload(&w, "w")?);
+        let (yn, y) = (g.alloc::<f32>(rows * n, "yn")?, g.alloc::<f32>(rows * n, "y")?);
+        let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+        g.rmsnorm(p(&xd), p(&wd), Some(p(&yn)), p(&y), rows, n, eps)?;
+        check_close(&format!("rmsnorm n={n} scale {scale}"), &g.download(&yn, 0, rows * n)?, &want_n, 1e-6)?;
+        check_close(&format!("rmsnorm·w n={n} scale {scale}"), &g.download(&y, 0, rows * n)?, &want, 1e-6)?;
+        // add: a + bias + res, in place into a
+        let bias = randv(&mut rng, n, scale);
+        let mut want_add = x.clone();
+        cpu::add_bias(&mut want_add, &bias);
+        let want_add = cpu::add(&want_add, &want);
+        let bd = g.upload(&bias, "bias")?;
+        g.add(p(&xd), Some(p(&bd)), n, Some(p(&y)), p(&xd), rows * n)?;
+        check_close(&format!("add n={n}"), &g.download(&xd, 0, rows * n)?, &want_add, 1e-7)?;
+    }
+    Ok(())
+}
+
+fn rope_case(style: RopeStyle, n_rot: usize) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(21 + n_rot as u64);
+    let (t, h, hkv, dh, n_past, ctx) = (3usize, 4usize, 2usize, 16usize, 5usize, 12usize);
+    let base = 1e6f32;
+    let q = randv(&mut rng, t * h * dh, 10.0);
+    let k = randv(&mut rng, t * hkv * dh, 10.0);
+    let v = randv(&mut rng, t * hkv * dh, 10.0);
+    let positions: Vec<usize> = (n_past..n_past + t).collect();
+    let (mut wq, mut wk) = (q.clone(), k.clone());
+    cpu::rope(&mut wq, &positions, h, dh, n_rot, base, style);
+    cpu::rope(&mut wk, &positions, hkv, dh, n_rot, base, style);
+    let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+    let (qd, kd, vd) = (g.upload(&q, "q")?, g.upload(&k, "k")?, g.upload(&v, "v")?);
+    let kr = g.alloc::<f32>(k.len(), "krot")?;
+    let (kc, vc) = (g.alloc::<f32>(ctx * hkv * dh, "kc")?, g.alloc::<f32>(ctx * hkv * dh, "vc")?);
+    let pos = g.upload(&[n_past as i32], "pos")?;
+    g.rope_store(&RopeArgs {
+        q: p(&qd),
+        k: p(&kd),
+        k_out: Some(p(&kr)),
+        v: p(&vd),
+        kc: p(&kc),
+        vc: p(&vc),
+        pos: ptr(&pos, &g.stream),
+        t,
+        n_head: h,
+        n_head_kv: hkv,
+        head_dim: dh,
+        n_rot,
+        theta_scale: base.powf(-2.0 / n_rot as f32),
+        neox: style == RopeStyle::Neox,
+    })?;
+    let what = format!("rope {style:?} n_rot {n_rot}");
+    check_close(&format!("{what} q"), &g.download(&qd, 0, q.len())?, &wq, 1e-6)?;
+    check_close(&format!("{what} k"), &g.download(&kr, 0, k.len())?, &wk, 1e-6)?;
+    let row = hkv * dh;
+    let kcache = g.download(&kc, 0, ctx * row)?;
+    let vcache = g.download(&vc, 0, ctx * row)?;
+    let mut want_kc = vec![0.0f32; ctx * row];
+    let mut want_vc = vec![0.0f32; ctx * row];
+    want_kc[n_past * row..(n_past + t) * row].copy_from_slice(&wk);
+    want_vc[n_past * row..(n_past + t) * row].copy_from_slice(&v);
+    check_close(&format!("{what} K cache"), &kcache, &want_kc, 1e-6)?;
+    check_close(&format!("{what} V cache"), &vcache, &want_vc, 0.0)?;
+    Ok(())
+}
+
+fn attention_case(dh: usize, qscale: f32) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(31 + dh as u64);
+    let (t, n_past, h, hkv, ctx) = (5usize, 3usize, 6usize, 2usize, 16usize);
+    let kv_len = n_past + t;
+    let row = hkv * dh;
+    let q = randv(&mut rng, t * h * dh, qscale);
+    let kcache = randv(&mut rng, ctx * row, 1.0);
+    let vcache = randv(&mut rng, ctx * row, 1.0);
+    let dims = AttnDims { n_tokens: t, n_past, n_head: h, n_head_kv: hkv, head_dim: dh };
+    let mut cache = KvCache::new(1, row);
+    cpu_attn::kv_write(&mut cache, 0, &kcache[..kv_len * row], &vcache[..kv_len * row]);
+    let (kc, vc) = cpu_attn::kv_read(&cache, 0, kv_len);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let want_kq = cpu_attn::attn_scores(&q, kc, &dims);
+    let want_p = cpu_attn::attn_softmax(&want_kq, scale, &dims);
+    let want_out = cpu_attn::attn_values(&want_p, vc, &dims);
+    let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+    let (qd, kd, vd) = (g.upload(&q, "q")?, g.upload(&kcache, "kc")?, g.upload(&vcache, "vc")?);
+    let n = h * t * kv_len;
+    let (kq, pr, out) = (g.alloc::<f32>(n, "kq")?, g.alloc::<f32>(n, "p")?, g.alloc::<f32>(t * h * dh, "out")?);
+    let pos = g.upload(&[n_past as i32], "pos")?;
+    g.attention(&AttnArgs {
+        q: p(&qd),
+        kc: p(&kd),
+        vc: p(&vd),
+        kq: p(&kq),
+        p: p(&pr),
+        out: p(&out),
+        pos: ptr(&pos, &g.stream),
+        t,
+        n_head: h,
+        n_head_kv: hkv,
+        head_dim: dh,
+        scale,
+        full_scores: true,
+    })?;
+    let what = format!("attention Dh={dh} q scale {qscale}");
+    check_close(&format!("{what} kq"), &g.download(&kq, 0, n)?, &want_kq, 1e-6)?;
+    let got_p = g.download(&pr, 0, n)?;
+    if got_p.iter().any(|v| !v.is_finite()) {
+        return Err(format!("{what}: non-finite probabilities").into());
+    }
+    check_close(&format!("{what} kq_soft_max"), &got_p, &want_p, 1e-5)?;
+    check_close(&format!("{what} kqv_out"), &g.download(&out, 0, t * h * dh)?, &want_out, 1e-5)?;
+    Ok(())
+}
+
+fn main() {
+    let args = Arguments::from_args();
+    let mut list = Vec::new();
+    for ty in TYPES {
+        list.push(Trial::test(format!("linear_{ty}"), move || linear_case(ty, 1.0, 1.0)));
+        list.push(Trial::test(format!("linear_{ty}_large"), move || linear_case(ty, 3.0e4, 1.0e3)));
+        list.push(Trial::test(format!("get_rows_{ty}"), move || get_rows_case(ty)));
+        list.push(Trial::test(format!("matvec_swiglu_{ty}"), move || swiglu_case(ty)));
+    }
+    list.push(Trial::test("rmsnorm_and_add", rmsnorm_add_case));
+    for (style, n_rot) in [(RopeStyle::Neox, 16), (RopeStyle::Normal, 16), (RopeStyle::Neox, 8), (RopeStyle::Normal, 8)] {
+        list.push(Trial::test(format!("rope_store_{style:?}_nrot{n_rot}"), move || rope_case(style, n_rot)));
+    }
+    for (dh, qs) in [(64usize, 1.0f32), (40, 1.0), (64, 300.0), (128, 1.0)] {
+        list.push(Trial::test(format!("attention_dh{dh}_qscale{qs}"), move || attention_case(dh, qs)));
+    }
+    libtest_mimic::run(&args, trials(list)).exit();
+}

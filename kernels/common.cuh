@@ -1,0 +1,61 @@
+// Shared helpers, prepended by the Rust side to every kernels/*.cu before NVRTC compiles it
+// (NVRTC has no file system include path here, so the sources are concatenated instead).
+// Type ids are ggml's (ggml.h enum ggml_type).
+#define GT_F32 0
+#define GT_F16 1
+#define GT_Q4_0 2
+#define GT_Q4_1 3
+#define GT_Q5_0 6
+#define GT_Q8_0 8
+#define GT_Q4_K 12
+#define GT_Q6_K 14
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+// IEEE half bits → f32 (exact), without cuda_fp16.h.
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// Little-endian u16 from a 2-byte-aligned or unaligned address.
+__device__ __forceinline__ u16 ld_u16(const u8* p) { return (u16)p[0] | ((u16)p[1] << 8); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+// Block-wide sum in f64 (blockDim.x a multiple of 32, at most 1024). Every thread gets the result.
+__device__ double block_sum_d(double v, double* sh /* [32] */) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0;
+    v = warp_sum_d(v);
+    return v;
+}
+__device__ float block_max(float v, float* sh /* [32] */) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : -INFINITY;
+    v = warp_max(v);
+    return v;
+}

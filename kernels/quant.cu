@@ -1,0 +1,248 @@
+// Quantized weights: dequantization in registers, matrix-vector products, embedding rows.
+// CPU twins: engine/src/dequant.rs (dequantize_row) and engine/src/cpu/ops.rs (matmul, embedding).
+//
+// A weight matrix is `[rows][cols]` (GGUF ne = [cols, rows]); each row is `row_bytes` of blocks.
+// Work is split in "chunks" of 16 consecutive elements of a row: half a block for the 32-element
+// formats, a sixteenth of a super-block for the k-quants, 16 plain values for F32/F16.
+
+// Dequantizes chunk `c` (elements 16c .. 16c+15) of the row at `row` into `out`. For F32/F16,
+// elements at or past `ncols` come out 0; the block formats always have whole blocks.
+template <int TY>
+__device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncols, float* out) {
+    if (TY == GT_F32) {
+        const float* p = (const float*)row + 16 * c;
+#pragma unroll
+        for (int j = 0; j < 16; j++) out[j] = (16 * c + j < ncols) ? p[j] : 0.0f;
+    } else if (TY == GT_F16) {
+        const u16* p = (const u16*)row + 16 * c;
+#pragma unroll
+        for (int j = 0; j < 16; j++) out[j] = (16 * c + j < ncols) ? h2f(p[j]) : 0.0f;
+    } else if (TY == GT_Q4_0) {  // 18 bytes: f16 d, qs[16]; x = (q - 8) d
+        const u8* b = row + (c >> 1) * 18;
+        int sh = (c & 1) * 4;
+        float d = h2f(ld_u16(b));
+        const u8* qs = b + 2;
+#pragma unroll
+        for (int j = 0; j < 16; j++) out[j] = (float)(((qs[j] >> sh) & 0xF) - 8) * d;
+    } else if (TY == GT_Q4_1) {  // 20 bytes: f16 d, f16 m, qs[16]; x = q d + m
+        const u8* b = row + (c >> 1) * 20;
+        int sh = (c & 1) * 4;
+        float d = h2f(ld_u16(b)), m = h2f(ld_u16(b + 2));
+        const u8* qs = b + 4;
+#pragma unroll
+        for (int j = 0; j < 16; j++) out[j] = (float)((qs[j] >> sh) & 0xF) * d + m;
+    } else if (TY == GT_Q5_0) {  // 22 bytes: f16 d, qh[4], qs[16]; x = (q | bit<<4) - 16) d
+        const u8* b = row + (c >> 1) * 22;
+        int h = c & 1;
+        float d = h2f(ld_u16(b));
+        u32 qh = (u32)b[2] | ((u32)b[3] << 8) | ((u32)b[4] << 16) | ((u32)b[5] << 24);
+        const u8* qs = b + 6;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            int q = ((qs[j] >> (4 * h)) & 0xF) | (((qh >> (j + 16 * h)) & 1) << 4);
+            out[j] = (float)(q - 16) * d;
+        }
+    } else if (TY == GT_Q8_0) {  // 34 bytes: f16 d, qs[32] (i8); x = q d
+        const u8* b = row + (c >> 1) * 34;
+        float d = h2f(ld_u16(b));
+        const signed char* qs = (const signed char*)(b + 2) + 16 * (c & 1);
+#pragma unroll
+        for (int j = 0; j < 16; j++) out[j] = (float)qs[j] * d;
+    } else if (TY == GT_Q4_K) {  // 144 bytes: f16 d, f16 dmin, scales[12], qs[128]
+        const u8* b = row + (c >> 4) * 144;
+        int cc = c & 15, g = cc >> 2, sub = cc & 3;
+        float d = h2f(ld_u16(b)), dmin = h2f(ld_u16(b + 2));
+        const u8* s = b + 4;
+        int is = 2 * g + (sub >> 1);
+        int sc, mn;  // ggml's get_scale_min_k4
+        if (is < 4) {
+            sc = s[is] & 63;
+            mn = s[is + 4] & 63;
+        } else {
+            sc = (s[is + 4] & 0xF) | ((s[is - 4] >> 6) << 4);
+            mn = (s[is + 4] >> 4) | ((s[is] >> 6) << 4);
+        }
+        float d1 = d * (float)sc, m1 = dmin * (float)mn;
+        const u8* q = b + 16 + 32 * g + 16 * (sub & 1);
+        int sh = 4 * (sub >> 1);
+#pragma unroll
+        for (int j = 0; j < 16; j++) out[j] = d1 * (float)((q[j] >> sh) & 0xF) - m1;
+    } else if (TY == GT_Q6_K) {  // 210 bytes: ql[128], qh[64], scales[16] (i8), f16 d
+        const u8* b = row + (c >> 4) * 210;
+        int cc = c & 15, n = cc >> 3, r = cc & 7, k = r >> 1, lh = r & 1;
+        float d = h2f(ld_u16(b + 208));
+        const signed char* sc = (const signed char*)(b + 192);
+        float ds = d * (float)sc[8 * n + lh + 2 * k];
+        const u8* ql = b + 64 * n + (k & 1) * 32 + 16 * lh;
+        const u8* qh = b + 128 + 32 * n + 16 * lh;
+        int shl = (k >> 1) * 4, shh = 2 * k;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            int q = (((ql[j] >> shl) & 0xF) | (((qh[j] >> shh) & 3) << 4)) - 32;
+            out[j] = ds * (float)q;
+        }
+    }
+}
+
+#define MV_MAX_T 8
+
+// y[t][r] = W[r] · x[t] (+ bias[r]) (+ res[t][r]) for t < T ≤ MV_MAX_T; one warp per output row.
+// y_raw (optional) receives W[r] · x[t] before bias/residual (for the `.mul_mat` taps).
+// y may alias res (each element is read and written by the same thread).
+template <int TY>
+__device__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, int nrows, int ncols,
+                            const float* __restrict__ x, int T, float* y, const float* __restrict__ bias,
+                            const float* res, float* __restrict__ y_raw) {
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= nrows) return;
+    const u8* row = W + (long long)r * row_bytes;
+    int nchunks = (ncols + 15) >> 4;
+    float acc[MV_MAX_T];
+#pragma unroll
+    for (int t = 0; t < MV_MAX_T; t++) acc[t] = 0.0f;
+    for (int c = lane; c < nchunks; c += 32) {
+        float w[16];
+        dq16<TY>(row, c, ncols, w);
+#pragma unroll
+        for (int t = 0; t < MV_MAX_T; t++) {
+            if (t < T) {
+                const float* xp = x + (long long)t * ncols + 16 * c;
+                float s = 0.0f;
+                if (TY == GT_F32 || TY == GT_F16) {
+#pragma unroll
+                    for (int j = 0; j < 16; j++) s += (16 * c + j < ncols) ? w[j] * xp[j] : 0.0f;
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 16; j++) s += w[j] * xp[j];
+                }
+                acc[t] += s;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MV_MAX_T; t++) {
+        if (t < T) {
+            float v = warp_sum(acc[t]);
+            if (lane == 0) {
+                long long o = (long long)t * nrows + r;
+                if (y_raw) y_raw[o] = v;
+                if (bias) v += bias[r];
+                if (res) v += res[o];
+                y[o] = v;
+            }
+        }
+    }
+}
+
+// s[t][r] = silu(G[r]·x[t]) · (U[r]·x[t]); g/u (optional) receive the two products.
+template <int TY>
+__device__ void matvec_swiglu_impl(const u8* __restrict__ G, const u8* __restrict__ U, long long row_bytes,
+                                   int nrows, int ncols, const float* __restrict__ x, int T,
+                                   float* __restrict__ s_out, float* __restrict__ g_out, float* __restrict__ u_out) {
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int lane = threadIdx.x & 31;
+    if (r >= nrows) return;
+    const u8* grow = G + (long long)r * row_bytes;
+    const u8* urow = U + (long long)r * row_bytes;
+    int nchunks = (ncols + 15) >> 4;
+    float ag[MV_MAX_T], au[MV_MAX_T];
+#pragma unroll
+    for (int t = 0; t < MV_MAX_T; t++) ag[t] = au[t] = 0.0f;
+    for (int c = lane; c < nchunks; c += 32) {
+        float wg[16], wu[16];
+        dq16<TY>(grow, c, ncols, wg);
+        dq16<TY>(urow, c, ncols, wu);
+#pragma unroll
+        for (int t = 0; t < MV_MAX_T; t++) {
+            if (t < T) {
+                const float* xp = x + (long long)t * ncols + 16 * c;
+                float sg = 0.0f, su = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 16; j++) {
+                    float xv = (16 * c + j < ncols) ? xp[j] : 0.0f;
+                    sg += wg[j] * xv;
+                    su += wu[j] * xv;
+                }
+                ag[t] += sg;
+                au[t] += su;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < MV_MAX_T; t++) {
+        if (t < T) {
+            float g = warp_sum(ag[t]);
+            float u = warp_sum(au[t]);
+            if (lane == 0) {
+                long long o = (long long)t * nrows + r;
+                if (g_out) g_out[o] = g;
+                if (u_out) u_out[o] = u;
+                s_out[o] = g / (1.0f + expf(-g)) * u;
+            }
+        }
+    }
+}
+
+// out[r][16c + j] for every chunk of every row (the f32 scratch that cuBLAS reads at prefill).
+template <int TY>
+__device__ void dequant_impl(const u8* __restrict__ W, long long row_bytes, int nrows, int ncols,
+                             float* __restrict__ out) {
+    int nchunks = (ncols + 15) >> 4;
+    long long total = (long long)nrows * nchunks;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int r = (int)(i / nchunks), c = (int)(i % nchunks);
+        float w[16];
+        dq16<TY>(W + r * row_bytes, c, ncols, w);
+        float* o = out + (long long)r * ncols + 16 * c;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (16 * c + j < ncols) o[j] = w[j];
+    }
+}
+
+// x[t] = table[tokens[t]] (ggml_get_rows); grid.y = T. Token ids are checked on the host.
+template <int TY>
+__device__ void get_rows_impl(const u8* __restrict__ table, long long row_bytes, int ncols,
+                              const int* __restrict__ tokens, float* __restrict__ x) {
+    int t = blockIdx.y;
+    int nchunks = (ncols + 15) >> 4;
+    const u8* row = table + (long long)tokens[t] * row_bytes;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < nchunks; c += gridDim.x * blockDim.x) {
+        float w[16];
+        dq16<TY>(row, c, ncols, w);
+        float* o = x + (long long)t * ncols + 16 * c;
+#pragma unroll
+        for (int j = 0; j < 16; j++)
+            if (16 * c + j < ncols) o[j] = w[j];
+    }
+}
+
+#define STAMP(NAME, TY)                                                                                   \
+    extern "C" __global__ void matvec_##NAME(const u8* W, long long rb, int nr, int nc, const float* x,   \
+                                             int T, float* y, const float* b, const float* res,         \
+                                             float* y_raw) {                                              \
+        matvec_impl<TY>(W, rb, nr, nc, x, T, y, b, res, y_raw);                                           \
+    }                                                                                                     \
+    extern "C" __global__ void matvec_swiglu_##NAME(const u8* G, const u8* U, long long rb, int nr,      \
+                                                    int nc, const float* x, int T, float* s, float* g,   \
+                                                    float* u) {                                           \
+        matvec_swiglu_impl<TY>(G, U, rb, nr, nc, x, T, s, g, u);                                          \
+    }                                                                                                     \
+    extern "C" __global__ void dequant_##NAME(const u8* W, long long rb, int nr, int nc, float* out) {   \
+        dequant_impl<TY>(W, rb, nr, nc, out);                                                             \
+    }                                                                                                     \
+    extern "C" __global__ void get_rows_##NAME(const u8* W, long long rb, int nc, const int* tok,        \
+                                               float* x) {                                                \
+        get_rows_impl<TY>(W, rb, nc, tok, x);                                                             \
+    }
+
+STAMP(f32, GT_F32)
+STAMP(f16, GT_F16)
+STAMP(q4_0, GT_Q4_0)
+STAMP(q4_1, GT_Q4_1)
+STAMP(q5_0, GT_Q5_0)
+STAMP(q8_0, GT_Q8_0)
+STAMP(q4_k, GT_Q4_K)
+STAMP(q6_k, GT_Q6_K)
