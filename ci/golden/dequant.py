@@ -25,10 +25,39 @@ import numpy as np
 import gguf
 from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from safetensors.numpy import save_file
 
 BLOCKS_PER_SAMPLE = 4
 MIN_ELEMENTS_PER_SAMPLE = 256   # plain types (block size 1) get at least this many elements
+
+
+_ST_DTYPES = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("uint8"): "U8",
+              np.dtype("int32"): "I32", np.dtype("int64"): "I64"}
+
+
+def save_sorted(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file whose bytes depend only on the inputs: header JSON with sorted keys (the
+    `safetensors` package passes `metadata` through a Rust HashMap, so its order, and the file's bytes,
+    change from run to run). Tensors are stored widest dtype first, then by name, so every tensor's data
+    stays aligned to its element size; little-endian."""
+    header: dict = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}}
+    blobs, offset = [], 0
+    for name in sorted(tensors, key=lambda n: (-tensors[n].dtype.itemsize, n)):
+        a = np.ascontiguousarray(tensors[name])
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        b = a.tobytes()
+        header[name] = {"dtype": _ST_DTYPES[np.dtype(a.dtype.str.lstrip("<>|="))], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    tmp = Path(str(path) + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(len(h).to_bytes(8, "little"))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+    tmp.replace(path)
 
 
 def _raw_bytes(t) -> np.ndarray:
@@ -100,7 +129,7 @@ def export_model(model_id: str, path: Path, out_dir: Path) -> list[dict]:
     meta = {"model": model_id, "generator": "ci/golden/dequant.py", "gguf": _gguf_version(),
             "model_file": model_file, "model_sha256": _sha256_file(path),
             "samples": json.dumps(samples, sort_keys=True)}
-    save_file({k: tensors[k] for k in sorted(tensors)}, str(st), metadata=meta)
+    save_sorted(tensors, st, meta)
     js = d / f"{model_id}.json"
     js.write_text(json.dumps(checks, indent=1, sort_keys=True) + "\n")
     common = {"kind": "dequant", "model": model_id, "types": sorted(by_type),
@@ -156,8 +185,8 @@ def export_synthetic(out_dir: Path) -> list[dict]:
         tensors[f"{tname}.raw"] = raw
     d = out_dir / "dequant"
     d.mkdir(parents=True, exist_ok=True)
-    save_file({k: tensors[k] for k in sorted(tensors)}, str(d / "synthetic.safetensors"),
-              metadata={"generator": "ci/golden/dequant.py", "seed": str(SYNTHETIC_SEED), "gguf": _gguf_version()})
+    save_sorted(tensors, d / "synthetic.safetensors",
+                {"generator": "ci/golden/dequant.py", "seed": str(SYNTHETIC_SEED), "gguf": _gguf_version()})
     return [{"path": "dequant/synthetic.safetensors", "kind": "dequant", "model": "synthetic",
              "what": "random blocks of every supported type", "types": sorted(t for t in tensors if "." not in t),
              "command": "ci/regenerate-golden"}]
