@@ -21,12 +21,12 @@ import numpy as np
 import gguf
 import llama_cpp as L
 import safetensors
-from safetensors.numpy import save_file
 
 import capture
 import models
 import prompts
 import tiny
+from dequant import save_sorted
 from ggufutil import write_f32_copy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -157,8 +157,7 @@ def write_taps(out: Path, rel: str, run: capture.Run, keep, dtype, meta: dict) -
                        "sha256": sha256_bytes(arr.tobytes())})
     path = out / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={k: json.dumps(v) if not isinstance(v, str) else v
-                                            for k, v in meta.items()})
+    save_sorted(tensors, path, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})
     return listed
 
 
