@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dequant;
 pub mod dump;
+pub mod faults;
 pub mod fetch;
 pub mod gguf;
 pub mod generate;

@@ -25,6 +25,9 @@ pub struct Model {
     pub file: GgufFile,
     pub config: ModelConfig,
     pub tokenizer: Tokenizer,
+    /// An injected bug class of the prompt path (crate::faults: special tokens split, chat template
+    /// skipped); `None` unless a caller sets it.
+    pub fault: Option<crate::faults::Fault>,
 }
 
 impl Model {
@@ -38,7 +41,7 @@ impl Model {
         let file = GgufFile::open(&path)?;
         let config = ModelConfig::from_gguf(&file)?;
         let tokenizer = Tokenizer::from_gguf(&file).with_context(|| format!("{}: tokenizer", path.display()))?;
-        Ok(Model { path, file, config, tokenizer })
+        Ok(Model { path, file, config, tokenizer, fault: None })
     }
 
     /// The text the model sees: `Text` as is; `Chat` rendered with the GGUF's template
@@ -61,7 +64,12 @@ impl Model {
     /// The prompt's token ids, as the goldens make them: rendered (see [`Self::render`]), then
     /// encoded with add_special and parse_special on.
     pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        let text = self.render(prompt)?;
-        Ok(self.tokenizer.encode(&text, true, true)?)
+        use crate::faults::Fault;
+        let text = match (self.fault, prompt) {
+            (Some(Fault::ChatTemplateSkipped), Prompt::Chat(msgs)) => crate::faults::chat_without_template(msgs),
+            _ => self.render(prompt)?,
+        };
+        let parse_special = self.fault != Some(Fault::SpecialTokensSplit);
+        Ok(self.tokenizer.encode(&text, true, parse_special)?)
     }
 }

@@ -53,7 +53,7 @@ pub fn greedy(logits: &[f32]) -> u32 {
 
 /// The candidates that survive top-k and top-p, sorted by logit descending (ties: lower id
 /// first), as `(token id, logit)`.
-fn candidates(logits: &[f32], p: &SamplerParams) -> Vec<(u32, f32)> {
+fn candidates(logits: &[f32], p: &SamplerParams, fault: Option<crate::faults::Fault>) -> Vec<(u32, f32)> {
     let mut c: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
     let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     // top-k
@@ -66,7 +66,9 @@ fn candidates(logits: &[f32], p: &SamplerParams) -> Vec<(u32, f32)> {
     // top-p over the truncated set, on raw logits, in f32 like llama_sampler_softmax_impl
     if p.top_p < 1.0 && !c.is_empty() {
         let max = c[0].1;
-        let e: Vec<f32> = c.iter().map(|&(_, l)| (l - max).exp()).collect();
+        // fault injection (crate::faults::Fault::SamplerOrder): temperature applied before top-p
+        let t = if fault == Some(crate::faults::Fault::SamplerOrder) && p.temperature > 0.0 { p.temperature } else { 1.0 };
+        let e: Vec<f32> = c.iter().map(|&(_, l)| ((l - max) / t).exp()).collect();
         let sum: f32 = e.iter().sum();
         let mut cum = 0.0f32;
         let mut last = c.len();
@@ -86,6 +88,11 @@ fn candidates(logits: &[f32], p: &SamplerParams) -> Vec<(u32, f32)> {
 /// zero outside the surviving set, `softmax(logit / T)` inside it, computed in f64.
 /// With `temperature <= 0` it is one-hot on [`greedy`]'s choice.
 pub fn distribution(logits: &[f32], p: &SamplerParams) -> Vec<f64> {
+    distribution_with_fault(logits, p, None)
+}
+
+/// [`distribution`] of a sampler with an injected fault (crate::faults).
+pub fn distribution_with_fault(logits: &[f32], p: &SamplerParams, fault: Option<crate::faults::Fault>) -> Vec<f64> {
     let mut out = vec![0.0f64; logits.len()];
     if logits.is_empty() {
         return out;
@@ -94,7 +101,7 @@ pub fn distribution(logits: &[f32], p: &SamplerParams) -> Vec<f64> {
         out[greedy(logits) as usize] = 1.0;
         return out;
     }
-    let c = candidates(logits, p);
+    let c = candidates(logits, p, fault);
     let t = p.temperature as f64;
     let max = c[0].1 as f64 / t;
     let e: Vec<f64> = c.iter().map(|&(_, l)| (l as f64 / t - max).exp()).collect();
@@ -109,11 +116,17 @@ pub fn distribution(logits: &[f32], p: &SamplerParams) -> Vec<f64> {
 pub struct Sampler {
     pub params: SamplerParams,
     rng: ChaCha20Rng,
+    fault: Option<crate::faults::Fault>,
 }
 
 impl Sampler {
     pub fn new(params: SamplerParams) -> Self {
-        Self { params, rng: ChaCha20Rng::seed_from_u64(params.seed) }
+        Self::with_fault(params, None)
+    }
+
+    /// A sampler with an injected fault (crate::faults); `None` is [`Self::new`].
+    pub fn with_fault(params: SamplerParams, fault: Option<crate::faults::Fault>) -> Self {
+        Self { params, rng: ChaCha20Rng::seed_from_u64(params.seed), fault }
     }
 
     /// Picks the next token. Draws exactly one random number per call when `temperature > 0`
@@ -122,7 +135,7 @@ impl Sampler {
         if self.params.temperature <= 0.0 || logits.is_empty() {
             return greedy(logits);
         }
-        let c = candidates(logits, &self.params);
+        let c = candidates(logits, &self.params, self.fault);
         let t = self.params.temperature;
         // dist: softmax over the survivors (temperature applied), f64 running sum
         let max = c[0].1 / t;

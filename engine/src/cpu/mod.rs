@@ -17,6 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
+use crate::faults::{self, Fault};
 use crate::gguf::GgufFile;
 use crate::taps::{key, TapInfo, TapSink};
 use attention::{AttnDims, KvCache};
@@ -45,22 +46,33 @@ pub struct CpuBackend {
     pub options: EngineOptions,
     cache: KvCache,
     pool: Option<rayon::ThreadPool>,
+    /// An injected bug class (crate::faults); `None` unless a caller asked for one explicitly.
+    pub fault: Option<Fault>,
 }
 
 impl CpuBackend {
     /// Reads the configuration from `file` and dequantizes every weight to f32.
     pub fn load(file: &GgufFile, options: EngineOptions) -> Result<Self> {
-        let config = ModelConfig::from_gguf(file)?;
+        Self::load_with_fault(file, options, None)
+    }
+
+    /// [`Self::load`] with a fault of crate::faults injected (loader faults corrupt the weights here,
+    /// op faults act in the forward pass).
+    pub fn load_with_fault(file: &GgufFile, options: EngineOptions, fault: Option<Fault>) -> Result<Self> {
+        let mut config = ModelConfig::from_gguf(file)?;
         let pool = match options.threads {
             0 => None,
             n => Some(rayon::ThreadPoolBuilder::new().num_threads(n).build().context("building the thread pool")?),
         };
-        let weights = match &pool {
+        let mut weights = match &pool {
             Some(p) => p.install(|| Weights::load(file, &config))?,
             None => Weights::load(file, &config)?,
         };
+        if let Some(f) = fault {
+            faults::corrupt_weights(f, file, &mut config, &mut weights)?;
+        }
         let cache = KvCache::new(config.n_layer, config.kv_dim());
-        Ok(Self { config, weights, options, cache, pool })
+        Ok(Self { config, weights, options, cache, pool, fault })
     }
 
     /// The number of positions the KV cache may hold.
@@ -83,7 +95,7 @@ impl CpuBackend {
             self.max_ctx()
         );
         let mut taps = Taps { sink };
-        let ex = Exec { pool: self.pool.as_ref() };
+        let ex = Exec { pool: self.pool.as_ref(), fault: self.fault };
         let out = forward_layers(&self.config, &self.weights, &mut self.cache, tokens, &mut taps, ex);
         match out {
             Ok(logits) => {
@@ -124,6 +136,8 @@ impl Backend for CpuBackend {
 #[derive(Clone, Copy)]
 struct Exec<'p> {
     pool: Option<&'p rayon::ThreadPool>,
+    /// The injected fault, checked by the ops it concerns (crate::faults).
+    fault: Option<Fault>,
 }
 
 impl Exec<'_> {
@@ -205,16 +219,16 @@ fn forward_layers(
         let last = l + 1 == cfg.n_layer;
         let li = Some(l);
         // attention block
-        let n0 = ops::rmsnorm(&x, d, cfg.rms_eps);
+        let n0 = faults::rmsnorm(ex.fault, &x, d, cfg.rms_eps);
         taps.emit("norm", li, Some("rms_norm.0"), act(t_n, d), &n0);
         let a = ops::mul_rows(&n0, &lw.attn_norm);
         taps.emit("attn_norm", li, None, act(t_n, d), &a);
 
         let q = project(taps, ex, "Qcur", l, &lw.wq, lw.bq.as_deref(), &a, t_n, true)?;
-        let q = rotate(taps, cfg, "Qcur", l, q, n_past, cfg.n_head);
+        let q = rotate(taps, ex, cfg, "Qcur", l, q, n_past, cfg.n_head);
         let v = project(taps, ex, "Vcur", l, &lw.wv, lw.bv.as_deref(), &a, t_n, false)?;
         let k = project(taps, ex, "Kcur", l, &lw.wk, lw.bk.as_deref(), &a, t_n, true)?;
-        let k = rotate(taps, cfg, "Kcur", l, k, n_past, cfg.n_head_kv);
+        let k = rotate(taps, ex, cfg, "Kcur", l, k, n_past, cfg.n_head_kv);
         attention::kv_write(cache, l, &k, &v);
 
         let dims = AttnDims {
@@ -226,12 +240,14 @@ fn forward_layers(
         };
         let kv_len = dims.kv_len();
         let (kc, vc) = attention::kv_read(cache, l, kv_len);
-        let kq = ex.par(|| attention::attn_scores(&q, kc, &dims));
+        let stale = faults::kv_stale(ex.fault, cache, n_past, &k, &v);
+        let (kc, vc) = stale.as_ref().map_or((kc, vc), |(a, b)| (&a[..], &b[..]));
+        let kq = ex.par(|| faults::attn_scores(ex.fault, &q, kc, &dims));
         taps.emit("kq", li, None, [1, cfg.n_head, t_n, kv_len], &kq);
-        let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
-        let p = ex.par(|| attention::attn_softmax(&kq, scale, &dims));
+        let scale = faults::softmax_scale(ex.fault, cfg.head_dim);
+        let p = ex.par(|| faults::attn_softmax(ex.fault, &kq, scale, &dims));
         taps.emit("kq_soft_max", li, None, [1, cfg.n_head, t_n, kv_len], &p);
-        let kqv_out = ex.par(|| attention::attn_values(&p, vc, &dims));
+        let kqv_out = ex.par(|| faults::attn_values(ex.fault, &p, vc, &dims));
         taps.emit_with("kqv", li, None, [1, cfg.n_head, t_n, cfg.head_dim], || {
             attention::heads_first(&kqv_out, t_n, cfg.n_head, cfg.head_dim).into()
         });
@@ -246,11 +262,11 @@ fn forward_layers(
             x.drain(..(t_n - 1) * d);
             rows = 1;
         }
-        let h = ops::add(&o, &x);
+        let h = faults::residual(ex.fault, &o, &x);
         taps.emit("ffn_inp", li, None, act(rows, d), &h);
 
         // feed-forward block
-        let n1 = ops::rmsnorm(&h, d, cfg.rms_eps);
+        let n1 = faults::rmsnorm(ex.fault, &h, d, cfg.rms_eps);
         taps.emit("norm", li, Some("rms_norm.1"), act(rows, d), &n1);
         let f = ops::mul_rows(&n1, &lw.ffn_norm);
         taps.emit("ffn_norm", li, None, act(rows, d), &f);
@@ -258,7 +274,7 @@ fn forward_layers(
         taps.emit("ffn_gate", li, None, act(rows, cfg.n_ff), &g);
         let u = ex.par(|| ops::matmul(&lw.w_up, &f));
         taps.emit("ffn_up", li, None, act(rows, cfg.n_ff), &u);
-        let s = ops::swiglu(&g, &u);
+        let s = faults::swiglu(ex.fault, &g, &u);
         taps.emit("ffn_swiglu", li, None, act(rows, cfg.n_ff), &s);
         let down = ex.par(|| ops::matmul(&lw.w_down, &s));
         taps.emit("ffn_out", li, None, act(rows, d), &down);
@@ -271,7 +287,7 @@ fn forward_layers(
 
     // output head on the last row
     let x_last = &x[(rows - 1) * d..];
-    let n = ops::rmsnorm(x_last, d, cfg.rms_eps);
+    let n = faults::rmsnorm(ex.fault, x_last, d, cfg.rms_eps);
     taps.emit("norm", None, None, act(1, d), &n);
     let r = ops::mul_rows(&n, &w.output_norm);
     taps.emit("result_norm", None, None, act(1, d), &r);
@@ -309,10 +325,11 @@ fn project(
 }
 
 /// RoPE on `[T][heads][Dh]` at positions `n_past..`, tapped as `name-L.rope` `[1, T, heads, Dh]`.
-fn rotate(taps: &mut Taps<'_>, cfg: &ModelConfig, name: &str, l: usize, mut x: Vec<f32>, n_past: usize, heads: usize) -> Vec<f32> {
+#[allow(clippy::too_many_arguments)]
+fn rotate(taps: &mut Taps<'_>, ex: Exec<'_>, cfg: &ModelConfig, name: &str, l: usize, mut x: Vec<f32>, n_past: usize, heads: usize) -> Vec<f32> {
     let t_n = x.len() / (heads * cfg.head_dim);
     let positions: Vec<usize> = (n_past..n_past + t_n).collect();
-    ops::rope(&mut x, &positions, heads, cfg.head_dim, cfg.n_rot, cfg.rope_base, cfg.rope_style);
+    faults::rope(ex.fault, &mut x, &positions, heads, cfg.head_dim, cfg.n_rot, cfg.rope_base, cfg.rope_style);
     taps.emit(name, Some(l), Some("rope"), [1, t_n, heads, cfg.head_dim], &x);
     x
 }

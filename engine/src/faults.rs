@@ -1,0 +1,510 @@
+//! Fault injection: each bug class of ../shared/BUGS.md as a named [`Fault`] that one run of the
+//! engine can switch on, so that lockstep's own tests prove the suite detects the class and names
+//! where it shows (suites/faults/, tests/faults.rs).
+//!
+//! Architecture invariants:
+//! - A fault is on only when a caller passes it explicitly ([`crate::cpu::CpuBackend::load_with_fault`],
+//!   [`crate::model::Model::fault`], [`crate::sampler::Sampler::with_fault`], `lockstep validate
+//!   --inject NAME`). No environment variable, file or default turns one on.
+//! - Off costs one `match` on an `Option` per op call: the clean path calls the very same op functions.
+//! - Each fault changes the operation where its class lives: loader faults corrupt the weights as a
+//!   buggy loader would (at load, once), op faults replace one op of the graph by its buggy twin
+//!   (below), the tokenizer faults change the model's prompt path, the sampler fault the sampler.
+//!
+//! The buggy twins live here rather than inside cpu/ops.rs so that the reference ops stay readable;
+//! each is the reference op with the one mistake of its class, and each is called from the same
+//! place of the graph (cpu/mod.rs) as the op it replaces.
+
+use anyhow::{Context, Result};
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::cpu::attention::{self, AttnDims, KvCache};
+use crate::cpu::ops::{self, Matrix};
+use crate::cpu::weights::Weights;
+use crate::gguf::{GgmlType, GgufFile};
+
+/// A multiplicative factor for the sensitivity probes, compared bit for bit (so that [`Fault`] is `Eq`).
+#[derive(Debug, Clone, Copy)]
+pub struct Factor(pub f64);
+
+impl PartialEq for Factor {
+    fn eq(&self, o: &Self) -> bool {
+        self.0.to_bits() == o.0.to_bits()
+    }
+}
+impl Eq for Factor {}
+
+/// One bug class of BUGS.md, injected on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    // Found in that engine (BUGS.md, first table)
+    WeightTransposed,
+    LmHeadTransposed,
+    EmbeddingTransposed,
+    FfnSizeWrong,
+    ProjectionDropped,
+    KvCacheNotWritten,
+    Q4kMinSign,
+    SpecialTokensSplit,
+    ChatTemplateSkipped,
+    SamplerOrder,
+    QkvBiasZeroed,
+    RopeAdjacent,
+    // Suspected there, or common elsewhere (second table)
+    RopeBase,
+    GqaMapping,
+    CausalMaskMissing,
+    SoftmaxScale,
+    SoftmaxNoMax,
+    RmsNormEps,
+    NormWeightIgnored,
+    GeluActivation,
+    ResidualDropped,
+    F16Accumulation,
+    /// Sensitivity probe (not in [`Fault::ALL`]): RMSNorm epsilon multiplied by the factor.
+    RmsEpsScaled(Factor),
+    /// Sensitivity probe (not in [`Fault::ALL`]): RoPE base multiplied by the factor.
+    RopeBaseScaled(Factor),
+}
+
+/// What the catalog says about one fault.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultInfo {
+    /// Stable kebab-case name (`--inject NAME`, suites/faults/NAME.toml).
+    pub name: &'static str,
+    /// One line: what the engine does wrong.
+    pub description: &'static str,
+    /// BUGS.md's "where it shows".
+    pub shows: &'static str,
+    /// The smallest golden model on which the class shows.
+    pub model: &'static str,
+}
+
+const TINY: &str = "tiny-qwen2";
+const QWEN: &str = "qwen2.5-coder-0.5b";
+
+impl Fault {
+    /// Every class of BUGS.md, both tables, in its order.
+    pub const ALL: [Fault; 22] = [
+        Fault::WeightTransposed,
+        Fault::LmHeadTransposed,
+        Fault::EmbeddingTransposed,
+        Fault::FfnSizeWrong,
+        Fault::ProjectionDropped,
+        Fault::KvCacheNotWritten,
+        Fault::Q4kMinSign,
+        Fault::SpecialTokensSplit,
+        Fault::ChatTemplateSkipped,
+        Fault::SamplerOrder,
+        Fault::QkvBiasZeroed,
+        Fault::RopeAdjacent,
+        Fault::RopeBase,
+        Fault::GqaMapping,
+        Fault::CausalMaskMissing,
+        Fault::SoftmaxScale,
+        Fault::SoftmaxNoMax,
+        Fault::RmsNormEps,
+        Fault::NormWeightIgnored,
+        Fault::GeluActivation,
+        Fault::ResidualDropped,
+        Fault::F16Accumulation,
+    ];
+
+    pub fn info(self) -> FaultInfo {
+        let i = |name, description, shows, model| FaultInfo { name, description, shows, model };
+        match self {
+            Fault::WeightTransposed => i("weight-transposed", "attn_q.weight read with the wrong leading dimension (W instead of Wᵀ), every layer", "the first tap after that matmul, layer 0 (Qcur-0.mul_mat)", TINY),
+            Fault::LmHeadTransposed => i("lm-head-transposed", "output.weight read as [hidden, vocab] the wrong way", "result_output", TINY),
+            Fault::EmbeddingTransposed => i("embedding-transposed", "token_embd read column-wise", "embd", TINY),
+            Fault::FfnSizeWrong => i("ffn-size-wrong", "FFN width taken from n_embd instead of feed_forward_length", "ffn_gate / ffn_up, layer 0", TINY),
+            Fault::ProjectionDropped => i("projection-dropped", "ffn_down weight missing: the projection outputs zeros", "ffn_out, layer 0", TINY),
+            Fault::KvCacheNotWritten => i("kv-cache-not-written", "positions of earlier calls read back as zeros (the batch's own K/V are used, so prefill passes)", "kq at decode step 1, layer 0", TINY),
+            Fault::Q4kMinSign => i("q4k-min-sign", "Q4_K dequantization adds the block minimum instead of subtracting it", "the first tap after the first Q4_K matmul (tiny-qwen2: attn_q of layer 0)", TINY),
+            Fault::SpecialTokensSplit => i("special-tokens-split", "the prompt is tokenized with parse_special off: <|im_start|> becomes text pieces", "token ids, before any tensor", TINY),
+            Fault::ChatTemplateSkipped => i("chat-template-skipped", "chat messages joined as plain text instead of rendered with the chat template", "token ids", TINY),
+            Fault::SamplerOrder => i("sampler-order", "temperature applied before top-p (top-p on tempered logits)", "the sampler distribution test", TINY),
+            Fault::QkvBiasZeroed => i("qkv-bias-zeroed", "Q/K/V biases zeroed by the loader", "Qcur-0 / Kcur-0 pre-RoPE (Qcur-0.add)", TINY),
+            Fault::RopeAdjacent => i("rope-adjacent", "RoPE rotates adjacent pairs (2i, 2i+1) on a NeoX model", "Qcur-0 after RoPE at positions ≥ 1", TINY),
+            Fault::RopeBase => i("rope-base", "RoPE base 1e4 instead of the file's", "Qcur after RoPE, positions ≥ 1", TINY),
+            Fault::GqaMapping => i("gqa-mapping", "kv head = q_head % n_kv instead of q_head / (n_head / n_kv)", "kqv_out-0 (our graph: kq-0, the first tensor that uses the mapping)", TINY),
+            Fault::CausalMaskMissing => i("causal-mask-missing", "prefill rows attend to later positions", "kq_soft_max-0, every row but the last", TINY),
+            Fault::SoftmaxScale => i("softmax-scale", "attention scores scaled by 1/d instead of 1/√d", "kq_soft_max-0", TINY),
+            Fault::SoftmaxNoMax => i("softmax-no-max", "softmax without max subtraction (exp overflows to inf, inf/inf = NaN)", "kq_soft_max, NaN check (needs qwen's large scores)", QWEN),
+            Fault::RmsNormEps => i("rmsnorm-eps", "RMSNorm epsilon 1e-5 instead of the file's", "attn_norm-0 (exact tier; our first tap: norm-0.rms_norm.0)", TINY),
+            Fault::NormWeightIgnored => i("norm-weight-ignored", "attn_norm weight ignored (treated as ones)", "attn_norm-0", TINY),
+            Fault::GeluActivation => i("gelu-activation", "GELU instead of SiLU in SwiGLU", "ffn_swiglu-0", TINY),
+            Fault::ResidualDropped => i("residual-dropped", "attention output not added back to the residual stream", "ffn_inp-0", TINY),
+            Fault::F16Accumulation => i("f16-accumulation", "RMSNorm's sum of squares accumulated in f16, saturating at 65504", "the layer where the outlier appears (qwen: l_out-3 holds a 760 outlier, Σx² = 6.3e5)", QWEN),
+            Fault::RmsEpsScaled(_) => i("rmsnorm-eps-scaled", "RMSNorm epsilon multiplied by a factor (sensitivity probe)", "norm-0.rms_norm.0", TINY),
+            Fault::RopeBaseScaled(_) => i("rope-base-scaled", "RoPE base multiplied by a factor (sensitivity probe)", "Qcur-0.rope", TINY),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.info().name
+    }
+
+    /// The catalog fault with this name ([`Fault::ALL`] only; the probes have no name to inject).
+    pub fn from_name(name: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Whether the fault is applied to the weights at load (needs [`crate::cpu::CpuBackend::load_with_fault`]).
+    pub fn at_load(self) -> bool {
+        matches!(
+            self,
+            Fault::WeightTransposed
+                | Fault::LmHeadTransposed
+                | Fault::EmbeddingTransposed
+                | Fault::FfnSizeWrong
+                | Fault::ProjectionDropped
+                | Fault::Q4kMinSign
+                | Fault::QkvBiasZeroed
+                | Fault::NormWeightIgnored
+        )
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::RmsEpsScaled(x) | Fault::RopeBaseScaled(x) => write!(f, "{}×{}", self.name(), x.0),
+            _ => f.write_str(self.name()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loader faults: applied once, to the f32 weights (and the configuration) a buggy loader would make.
+
+/// `m` (`[rows][cols]`) read with the wrong leading dimension: element (r, c) taken from
+/// `data[c·rows + r]`, i.e. the bytes read column-major. Same shape, wrong values.
+fn wrong_leading_dim(m: &Matrix) -> Matrix {
+    let mut data = vec![0.0f32; m.data.len()];
+    for r in 0..m.rows {
+        for c in 0..m.cols {
+            data[r * m.cols + c] = m.data[c * m.rows + r];
+        }
+    }
+    Matrix { rows: m.rows, cols: m.cols, data }
+}
+
+/// Applies a loader fault to freshly loaded weights. `file` is read again only by the Q4_K fault.
+pub fn corrupt_weights(fault: Fault, file: &GgufFile, cfg: &mut ModelConfig, w: &mut Weights) -> Result<()> {
+    match fault {
+        Fault::WeightTransposed => {
+            for lw in &mut w.layers {
+                lw.wq = wrong_leading_dim(&lw.wq);
+            }
+        }
+        Fault::LmHeadTransposed => w.output = Some(wrong_leading_dim(w.lm_head())),
+        Fault::EmbeddingTransposed => {
+            if w.output.is_none() {
+                // tied: the output head keeps reading the table correctly
+                w.output = Some(w.token_embd.clone());
+            }
+            w.token_embd = wrong_leading_dim(&w.token_embd);
+        }
+        Fault::FfnSizeWrong => {
+            // ffn_dim = n_embd: the first n_embd rows of gate/up, the first n_embd columns of down
+            let f = cfg.n_embd.min(cfg.n_ff);
+            for lw in &mut w.layers {
+                lw.w_gate.data.truncate(f * lw.w_gate.cols);
+                lw.w_gate.rows = f;
+                lw.w_up.data.truncate(f * lw.w_up.cols);
+                lw.w_up.rows = f;
+                let d = &lw.w_down;
+                let data: Vec<f32> = (0..d.rows).flat_map(|r| d.row(r)[..f].to_vec()).collect();
+                lw.w_down = Matrix { rows: d.rows, cols: f, data };
+            }
+            cfg.n_ff = f;
+        }
+        Fault::ProjectionDropped => {
+            for lw in &mut w.layers {
+                lw.w_down.data.fill(0.0);
+            }
+        }
+        Fault::QkvBiasZeroed => {
+            for lw in &mut w.layers {
+                for b in [&mut lw.bq, &mut lw.bk, &mut lw.bv].into_iter().flatten() {
+                    b.fill(0.0);
+                }
+            }
+        }
+        Fault::NormWeightIgnored => {
+            for lw in &mut w.layers {
+                lw.attn_norm.fill(1.0);
+            }
+        }
+        Fault::Q4kMinSign => {
+            for t in file.tensors.iter().filter(|t| t.ty == GgmlType::Q4_K) {
+                if let Some(dst) = weight_mut(w, &t.name) {
+                    *dst = dequant_q4k_min_sign(file.tensor_data(t), dst.len())
+                        .with_context(|| format!("{}: {} (q4k-min-sign)", file.display_name(), t.name))?;
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The f32 data of the weight named `name` in GGUF's naming, if the graph uses it.
+fn weight_mut<'a>(w: &'a mut Weights, name: &str) -> Option<&'a mut Vec<f32>> {
+    match name {
+        "token_embd.weight" => return Some(&mut w.token_embd.data),
+        "output.weight" => return w.output.as_mut().map(|m| &mut m.data),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (l, t) = rest.split_once('.')?;
+    let lw = w.layers.get_mut(l.parse::<usize>().ok()?)?;
+    Some(match t {
+        "attn_q.weight" => &mut lw.wq.data,
+        "attn_k.weight" => &mut lw.wk.data,
+        "attn_v.weight" => &mut lw.wv.data,
+        "attn_output.weight" => &mut lw.wo.data,
+        "ffn_gate.weight" => &mut lw.w_gate.data,
+        "ffn_up.weight" => &mut lw.w_up.data,
+        "ffn_down.weight" => &mut lw.w_down.data,
+        _ => return None,
+    })
+}
+
+/// Q4_K blocks (256 values in 144 bytes: d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of
+/// nibbles) dequantized as dequant.rs does, with the class's mistake: `+ dmin·m` instead of `− dmin·m`.
+/// Hand-written on purpose: it is the bug.
+pub fn dequant_q4k_min_sign(bytes: &[u8], n: usize) -> Result<Vec<f32>> {
+    const QK: usize = 256;
+    const BS: usize = 144;
+    anyhow::ensure!(n % QK == 0 && bytes.len() == n / QK * BS, "Q4_K: {} bytes for {n} values", bytes.len());
+    let f16 = |b: &[u8], o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
+    let mut y = vec![0.0f32; n];
+    for (b, out) in bytes.chunks_exact(BS).zip(y.chunks_exact_mut(QK)) {
+        let (d, dmin) = (f16(b, 0), f16(b, 2));
+        let s = &b[4..16];
+        let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+        for j in 0..4 {
+            sc[j] = s[j] & 0x3F;
+            mn[j] = s[j + 4] & 0x3F;
+            sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 2) & 0x30);
+            mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
+        }
+        let qs = &b[16..144];
+        for c in 0..4 {
+            for h in 0..2 {
+                let j = 2 * c + h;
+                let (dl, ml) = (d * sc[j] as f32, dmin * mn[j] as f32);
+                for l in 0..32 {
+                    let q = (qs[32 * c + l] >> (4 * h)) & 0x0F;
+                    out[32 * j + l] = dl * q as f32 + ml; // the fault: the minimum's sign
+                }
+            }
+        }
+    }
+    Ok(y)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op faults: each function is the op the CPU graph calls, with the fault's mistake when it is on.
+
+/// RMSNorm (ops::rmsnorm) with the wrong epsilon, or with its Σx² accumulated in f16.
+pub fn rmsnorm(fault: Option<Fault>, x: &[f32], width: usize, eps: f32) -> Vec<f32> {
+    match fault {
+        Some(Fault::RmsNormEps) => ops::rmsnorm(x, width, 1e-5),
+        Some(Fault::RmsEpsScaled(f)) => ops::rmsnorm(x, width, (eps as f64 * f.0) as f32),
+        Some(Fault::F16Accumulation) => rmsnorm_f16_sum(x, width, eps),
+        _ => ops::rmsnorm(x, width, eps),
+    }
+}
+
+/// Largest finite f16.
+pub const F16_MAX: f32 = 65504.0;
+
+/// RMSNorm whose sum of squares is an f16 accumulator that saturates at 65504 (each partial sum
+/// rounded to f16 and clamped): rows with an activation outlier (|x| ≳ 256) are scaled wrong.
+fn rmsnorm_f16_sum(x: &[f32], width: usize, eps: f32) -> Vec<f32> {
+    let mut y = vec![0.0f32; x.len()];
+    for (xr, yr) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
+        let mut acc = half::f16::ZERO;
+        for &v in xr {
+            let s = (acc.to_f32() + v * v).min(F16_MAX);
+            acc = half::f16::from_f32(s);
+        }
+        let scale = 1.0f32 / (acc.to_f32() / width as f32 + eps).sqrt();
+        for (o, &v) in yr.iter_mut().zip(xr) {
+            *o = v * scale;
+        }
+    }
+    y
+}
+
+/// RoPE (ops::rope) with the wrong pairing or base.
+#[allow(clippy::too_many_arguments)]
+pub fn rope(fault: Option<Fault>, x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, n_rot: usize, base: f32, style: RopeStyle) {
+    let (base, style) = match fault {
+        Some(Fault::RopeAdjacent) => (base, RopeStyle::Normal),
+        Some(Fault::RopeBase) => (1e4, style),
+        Some(Fault::RopeBaseScaled(f)) => ((base as f64 * f.0) as f32, style),
+        _ => (base, style),
+    };
+    ops::rope(x, positions, heads, head_dim, n_rot, base, style);
+}
+
+/// KV-cache read (attention::kv_read). With [`Fault::KvCacheNotWritten`], the positions written by
+/// earlier calls read as zeros: the returned owned copy holds zeros for `0..n_past` then the batch's
+/// own rows `k`, `v` (`[T][Hkv·Dh]`).
+pub fn kv_stale(fault: Option<Fault>, cache: &KvCache, n_past: usize, k: &[f32], v: &[f32]) -> Option<(Vec<f32>, Vec<f32>)> {
+    if fault != Some(Fault::KvCacheNotWritten) {
+        return None;
+    }
+    let mut kc = vec![0.0f32; n_past * cache.row];
+    let mut vc = kc.clone();
+    kc.extend_from_slice(k);
+    vc.extend_from_slice(v);
+    Some((kc, vc))
+}
+
+/// Attention scores (attention::attn_scores), or with the modulo GQA mapping.
+pub fn attn_scores(fault: Option<Fault>, q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
+    if fault != Some(Fault::GqaMapping) {
+        return attention::attn_scores(q, k, d);
+    }
+    let (t_n, kv, hd) = (d.n_tokens, d.kv_len(), d.head_dim);
+    let mut kq = vec![0.0f32; d.n_head * t_n * kv];
+    for h in 0..d.n_head {
+        let hk = h % d.n_head_kv; // the fault
+        for t in 0..t_n {
+            let qv = &q[(t * d.n_head + h) * hd..(t * d.n_head + h + 1) * hd];
+            for j in 0..kv {
+                let kr = &k[(j * d.n_head_kv + hk) * hd..(j * d.n_head_kv + hk + 1) * hd];
+                kq[(h * t_n + t) * kv + j] = ops::dot(kr, qv);
+            }
+        }
+    }
+    kq
+}
+
+/// Softmax scale: 1/√Dh, or 1/Dh with [`Fault::SoftmaxScale`].
+pub fn softmax_scale(fault: Option<Fault>, head_dim: usize) -> f32 {
+    match fault {
+        Some(Fault::SoftmaxScale) => 1.0 / head_dim as f32,
+        _ => 1.0 / (head_dim as f32).sqrt(),
+    }
+}
+
+/// Causal softmax (attention::attn_softmax), or without the mask, or without max subtraction.
+pub fn attn_softmax(fault: Option<Fault>, kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
+    let kv = d.kv_len();
+    let row = |r: usize, s: &[f32]| -> Vec<f32> {
+        let causal = d.n_past + r % d.n_tokens + 1;
+        match fault {
+            Some(Fault::CausalMaskMissing) => ops::softmax_row(s, scale, kv),
+            _ => softmax_row_no_max(s, scale, causal),
+        }
+    };
+    match fault {
+        Some(Fault::CausalMaskMissing | Fault::SoftmaxNoMax) => kq.chunks(kv).enumerate().flat_map(|(r, s)| row(r, s)).collect(),
+        _ => attention::attn_softmax(kq, scale, d),
+    }
+}
+
+/// ops::softmax_row without subtracting the maximum: `exp(x·scale)` overflows to inf past ~88.7.
+fn softmax_row_no_max(x: &[f32], scale: f32, n_valid: usize) -> Vec<f32> {
+    let mut sum = 0.0f32;
+    let mut y: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(j, &v)| {
+            let e = if j < n_valid { (v * scale).exp() } else { 0.0 };
+            sum += e;
+            e
+        })
+        .collect();
+    for v in &mut y {
+        *v /= sum;
+    }
+    y
+}
+
+/// Weighted values (attention::attn_values), or with the modulo GQA mapping.
+pub fn attn_values(fault: Option<Fault>, p: &[f32], v: &[f32], d: &AttnDims) -> Vec<f32> {
+    if fault != Some(Fault::GqaMapping) {
+        return attention::attn_values(p, v, d);
+    }
+    let (t_n, kv, hd, nh, nkv) = (d.n_tokens, d.kv_len(), d.head_dim, d.n_head, d.n_head_kv);
+    let mut out = vec![0.0f32; t_n * nh * hd];
+    for t in 0..t_n {
+        for h in 0..nh {
+            let hk = h % nkv; // the fault
+            for e in 0..hd {
+                out[(t * nh + h) * hd + e] = (0..kv).map(|j| p[(h * t_n + t) * kv + j] * v[(j * nkv + hk) * hd + e]).sum();
+            }
+        }
+    }
+    out
+}
+
+/// Residual add after attention (ops::add), or the attention output alone.
+pub fn residual(fault: Option<Fault>, o: &[f32], x: &[f32]) -> Vec<f32> {
+    match fault {
+        Some(Fault::ResidualDropped) => o.to_vec(),
+        _ => ops::add(o, x),
+    }
+}
+
+/// SwiGLU (ops::swiglu), or GELU(gate)·up.
+pub fn swiglu(fault: Option<Fault>, gate: &[f32], up: &[f32]) -> Vec<f32> {
+    if fault != Some(Fault::GeluActivation) {
+        return ops::swiglu(gate, up);
+    }
+    // tanh approximation of GELU, as ggml_gelu
+    const C: f32 = 0.797_884_6; // √(2/π)
+    gate.iter().zip(up).map(|(&g, &u)| 0.5 * g * (1.0 + (C * (g + 0.044715 * g * g * g)).tanh()) * u).collect()
+}
+
+/// The prompt text with the chat template skipped: the messages' contents, one per line.
+pub fn chat_without_template(msgs: &[crate::chat::ChatMessage]) -> String {
+    msgs.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_kebab_and_round_trip() {
+        let mut seen = std::collections::HashSet::new();
+        for f in Fault::ALL {
+            let n = f.name();
+            assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{n}");
+            assert!(seen.insert(n), "duplicate {n}");
+            assert_eq!(Fault::from_name(n), Some(f));
+            assert!(!f.info().description.is_empty() && !f.info().shows.is_empty());
+        }
+        assert_eq!(Fault::from_name("rmsnorm-eps-scaled"), None);
+        assert_eq!(Fault::from_name("nope"), None);
+    }
+
+    #[test]
+    fn wrong_leading_dim_reads_column_major() {
+        let m = Matrix { rows: 2, cols: 3, data: vec![0., 1., 2., 3., 4., 5.] };
+        assert_eq!(wrong_leading_dim(&m).data, vec![0., 2., 4., 1., 3., 5.]);
+    }
+
+    #[test]
+    fn off_is_the_reference_op() {
+        let x: Vec<f32> = (0..16).map(|i| i as f32 * 0.3 - 2.0).collect();
+        assert_eq!(rmsnorm(None, &x, 8, 1e-6), ops::rmsnorm(&x, 8, 1e-6));
+        assert_eq!(swiglu(None, &x, &x), ops::swiglu(&x, &x));
+        assert_ne!(swiglu(Some(Fault::GeluActivation), &x, &x), ops::swiglu(&x, &x));
+        let d = AttnDims { n_tokens: 2, n_past: 0, n_head: 4, n_head_kv: 2, head_dim: 2 };
+        assert_eq!(attn_softmax(None, &x, 0.5, &d), attention::attn_softmax(&x, 0.5, &d));
+        // without max subtraction, large scores give NaN
+        let big = vec![1000.0f32; 16];
+        assert!(attn_softmax(Some(Fault::SoftmaxNoMax), &big, 1.0, &d).iter().any(|v| v.is_nan()));
+        // the f16 accumulator saturates
+        let y = rmsnorm(Some(Fault::F16Accumulation), &[300.0, 0.0], 2, 0.0);
+        assert!((y[0] - 300.0 / (F16_MAX / 2.0).sqrt()).abs() < 1e-3, "{y:?}");
+    }
+}
