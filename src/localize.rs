@@ -2,6 +2,7 @@
 //! bug class (patterns of ../shared/BUGS.md), and the error-growth profile of each tap family.
 
 use crate::checks::taps::TapComparison;
+use crate::checks::CheckResult;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -94,6 +95,9 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(&'static str, String)> 
         return Some(("tap not produced", format!("{at} is in the golden but not in the engine's taps")));
     }
     if c.errors.is_none() {
+        if matches!(fam, "ffn_gate" | "ffn_up") {
+            return Some(("FFN size from the wrong dimension", format!("{at} has the wrong width: {}", c.problem.clone().unwrap_or_default())));
+        }
         return Some(("wrong tensor shape", format!("{at}: {}", c.problem.clone().unwrap_or_default())));
     }
     if nonfinite {
@@ -152,5 +156,19 @@ fn fmt_positions(p: &[usize]) -> String {
         [a] => format!("{a}"),
         _ if p.windows(2).all(|w| w[1] == w[0] + 1) => format!("{}–{}", p[0], p[p.len() - 1]),
         _ => format!("{p:?}"),
+    }
+}
+
+/// When no tap names a class: the class of the first failing check that is not about taps (the
+/// sampler test, the KV-cache check), as BUGS.md's "where it shows" column names them.
+pub fn class_from_checks(checks: &[CheckResult]) -> Option<(&'static str, String)> {
+    let c = checks.iter().find(|c| !c.passed)?;
+    let n = c.name.as_str();
+    if n.starts_with("sampler:") {
+        Some(("sampling order (top-k, top-p, temperature)", format!("{n} fails: the engine's sampler does not draw from llama.cpp's distribution")))
+    } else if n.starts_with("kv_cache") {
+        Some(("KV cache (never written, wrong layout or stride)", format!("{n} fails while every tap agrees")))
+    } else {
+        None
     }
 }

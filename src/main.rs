@@ -79,6 +79,8 @@ enum Cmd {
     Inspect { file: PathBuf },
     /// Fetch a known model (or all) into the cache.
     Fetch { model: Option<String> },
+    /// List the injectable faults (the bug classes of BUGS.md) with a one-line description.
+    Faults,
 }
 
 fn main() -> ExitCode {
@@ -116,13 +118,24 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Dump { model, prompt, chat, steps, out } => engine_cli::dump(&model, &prompt, chat, steps, &out),
         Cmd::Inspect { file } => engine_cli::inspect(&file),
         Cmd::Fetch { model } => engine_cli::fetch(model.as_deref()),
+        Cmd::Faults => {
+            for f in lockstep_engine::faults::Fault::ALL {
+                let i = f.info();
+                println!("{:<24} {}  [shows: {}; model: {}]", i.name, i.description, i.shows, i.model);
+            }
+            Ok(true)
+        }
     }
 }
 
 fn validate(suites: Vec<PathBuf>, backend: &str, report: &PathBuf, inject: Option<String>, filter: Option<String>) -> Result<bool> {
-    if let Some(name) = inject {
-        bail!("--inject {name}: fault injection is not built into the engine yet");
-    }
+    let fault = match inject {
+        None => None,
+        Some(name) => Some(lockstep_engine::faults::Fault::from_name(&name).with_context(|| {
+            let names: Vec<&str> = lockstep_engine::faults::Fault::ALL.iter().map(|f| f.name()).collect();
+            format!("--inject {name}: no such fault (`lockstep faults` lists them: {})", names.join(", "))
+        })?),
+    };
     let suites = if suites.is_empty() {
         lockstep::suite::load_dir(&lockstep::suite::default_dir())?
     } else {
@@ -141,6 +154,7 @@ fn validate(suites: Vec<PathBuf>, backend: &str, report: &PathBuf, inject: Optio
     let bar = indicatif::ProgressBar::new(trials.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}").expect("static template").progress_chars("=> "));
     let mut runner = lockstep::validate::Runner::default();
+    runner.fault = fault;
     let mut cases = Vec::new();
     for (s, c, b) in trials {
         bar.set_message(format!("{}::{}::{b}", s.name, c.name));

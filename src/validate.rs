@@ -12,8 +12,9 @@ use crate::suite::{Case, Suite};
 use anyhow::{anyhow, Context, Result};
 use lockstep_engine::backend::Backend;
 use lockstep_engine::chat::ChatMessage;
+use lockstep_engine::faults::Fault;
 use lockstep_engine::model::{Model, Prompt};
-use lockstep_engine::sampler::{distribution, Sampler, SamplerParams};
+use lockstep_engine::sampler::{distribution_with_fault, Sampler, SamplerParams};
 use lockstep_engine::taps::Recorder;
 use std::path::PathBuf;
 
@@ -50,11 +51,14 @@ pub fn model_path(manifest: &Manifest, entry: &ManifestFile, case: &Case) -> Res
     lockstep_engine::fetch::resolve_model(&case.model, true).map_err(|e| anyhow!("model {:?} not available: {e}", case.model))
 }
 
-/// Loads a backend for a model.
+/// Loads a backend for a model, with the model's injected fault (`model.fault`, normally none).
 pub fn load_backend(name: &str, model: &Model) -> Result<Box<dyn Backend>> {
     let opts = lockstep_engine::cpu::EngineOptions::default();
     match name {
-        "cpu" => Ok(Box::new(lockstep_engine::cpu::CpuBackend::load(&model.file, opts)?)),
+        "cpu" => Ok(Box::new(lockstep_engine::cpu::CpuBackend::load_with_fault(&model.file, opts, model.fault)?)),
+        "cuda" if model.fault.is_some_and(|f| !matches!(f, Fault::SpecialTokensSplit | Fault::ChatTemplateSkipped | Fault::SamplerOrder)) => {
+            Err(anyhow!("fault {} is not implemented in the CUDA backend yet", model.fault.map_or(String::new(), |f| f.to_string())))
+        }
         "cuda" => Ok(Box::new(lockstep_engine::cuda::backend::CudaBackend::load(
             &model.file,
             lockstep_engine::cuda::backend::CudaOptions::from_engine(&opts),
@@ -169,8 +173,8 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &M
     }
     if case.wants("sampler") {
         let params = SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: checks::sampler::SEED };
-        let mut s = Sampler::new(params);
-        let dist = distribution(&checks::sampler::fixed_logits(), &params);
+        let mut s = Sampler::with_fault(params, model.fault);
+        let dist = distribution_with_fault(&checks::sampler::fixed_logits(), &params, model.fault);
         rep.checks.extend(checks::sampler::check(|l| s.sample(l), Some(dist), tol));
     }
     if case.wants("anticheat") {
@@ -185,6 +189,12 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &M
         }
     }
     backend.reset();
+    if rep.likely_class.is_none() {
+        if let Some((class, why)) = crate::localize::class_from_checks(&rep.checks) {
+            rep.likely_class = Some(class.into());
+            rep.evidence = Some(why);
+        }
+    }
     rep.seconds = t0.elapsed().as_secs_f64();
     rep.finish();
     Ok(rep)
@@ -193,6 +203,8 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &M
 /// Loads models and backends once and runs cases on them. Not `Send`: backends stay on one thread.
 #[derive(Default)]
 pub struct Runner {
+    /// A fault injected into every model and backend this runner loads (`--inject`); normally none.
+    pub fault: Option<Fault>,
     models: std::collections::HashMap<PathBuf, std::rc::Rc<Model>>,
     backends: std::collections::HashMap<(PathBuf, String), Box<dyn Backend>>,
 }
@@ -216,7 +228,7 @@ impl Runner {
         };
         let model = match self.models.get(&path) {
             Some(m) => m.clone(),
-            None => match Model::open_path(path.clone()) {
+            None => match Model::open_path(path.clone()).map(|m| Model { fault: self.fault, ..m }) {
                 Ok(m) => self.models.entry(path.clone()).or_insert(std::rc::Rc::new(m)).clone(),
                 Err(e) => return failed(&name, suite, case, backend, format!("{}: {e:#}", path.display())),
             },
