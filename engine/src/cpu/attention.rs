@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::{dot, softmax_row};
+use super::ops::{dot, gemm_order, softmax_row};
 
 /// Keys and values of every layer for the positions seen so far.
 #[derive(Debug, Clone)]
@@ -96,20 +96,32 @@ pub fn attn_softmax(kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
 
 /// `out[t][h][e] = Σ_j P[h][t][j] · V[j][h/g][e]`: the weighted values, written straight into the
 /// `kqv_out` layout `[T][H·Dh]`. p: `[H][T][kv_len]`, v: `[kv_len][Hkv][Dh]`.
+/// Like llama.cpp's non-flash path (V cached transposed, `ggml_mul_mat(v, kq)`), each output is one
+/// dot product over positions; both operands are zero-padded to a multiple of 32 positions, as the
+/// padded cache view is, so the dot products sum in ggml's order ([`gemm_order`]).
 pub fn attn_values(p: &[f32], v: &[f32], d: &AttnDims) -> Vec<f32> {
-    let (t_n, kv, hd, nh) = (d.n_tokens, d.kv_len(), d.head_dim, d.n_head);
-    let group = nh / d.n_head_kv;
+    let (t_n, kv, hd, nh, nkv) = (d.n_tokens, d.kv_len(), d.head_dim, d.n_head, d.n_head_kv);
+    let group = nh / nkv;
+    let kv_pad = kv.div_ceil(32) * 32;
+    // vt: [Hkv][Dh][kv_pad]
+    let mut vt = vec![0.0f32; nkv * hd * kv_pad];
+    for j in 0..kv {
+        for hk in 0..nkv {
+            for e in 0..hd {
+                vt[(hk * hd + e) * kv_pad + j] = v[(j * nkv + hk) * hd + e];
+            }
+        }
+    }
+    // ggml_mul_mat(v [kv][Dh], kq [kv][T]): m = Dh, k = the padded cache view, n = T
+    let dotf = gemm_order(hd, kv_pad, t_n);
     let mut out = vec![0.0f32; t_n * nh * hd];
     out.par_chunks_mut(nh * hd).enumerate().for_each(|(t, orow)| {
+        let mut pr = vec![0.0f32; kv_pad];
         for h in 0..nh {
             let hk = h / group;
-            let pr = &p[(h * t_n + t) * kv..(h * t_n + t + 1) * kv];
-            let o = &mut orow[h * hd..(h + 1) * hd];
-            for (j, &pj) in pr.iter().enumerate() {
-                let vr = &v[(j * d.n_head_kv + hk) * hd..(j * d.n_head_kv + hk + 1) * hd];
-                for (oe, &ve) in o.iter_mut().zip(vr) {
-                    *oe += pj * ve;
-                }
+            pr[..kv].copy_from_slice(&p[(h * t_n + t) * kv..(h * t_n + t + 1) * kv]);
+            for (e, o) in orow[h * hd..(h + 1) * hd].iter_mut().enumerate() {
+                *o = dotf(&vt[(hk * hd + e) * kv_pad..(hk * hd + e + 1) * kv_pad], &pr);
             }
         }
     });
