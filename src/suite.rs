@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The checks a case may ask for.
-pub const CHECKS: &[&str] = &["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "sampler", "anticheat"];
+pub const CHECKS: &[&str] = &["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "diversity_sampled", "sampler", "anticheat"];
 pub const BACKENDS: &[&str] = &["cpu", "cuda"];
 pub const TIERS: &[&str] = &["exact", "shipped"];
 
@@ -158,7 +158,7 @@ impl Suite {
             tol_ok(t)?;
         }
         let default_backends = raw.backends.as_ref().map_or_else(|| BACKENDS.iter().map(|s| s.to_string()).collect(), |b| b.get_ref().clone());
-        let default_checks = raw.checks.as_ref().map_or_else(|| CHECKS.iter().filter(|c| **c != "anticheat").map(|s| s.to_string()).collect(), |c| c.get_ref().clone());
+        let default_checks = raw.checks.as_ref().map_or_else(|| CHECKS.iter().filter(|c| !matches!(**c, "anticheat" | "diversity_sampled")).map(|s| s.to_string()).collect(), |c| c.get_ref().clone());
         check_list(&default_checks, raw.checks.as_ref().map_or(0, |c| c.span().start))?;
         backend_list(&default_backends, raw.backends.as_ref().map_or(0, |b| b.span().start))?;
         let mut cases = Vec::new();

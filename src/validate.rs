@@ -141,7 +141,7 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &M
     };
     // The pairing llama.cpp uses for the architecture named in the file, not the engine's own choice.
     let pairing = Pairing::for_arch(&format!("{:?}", model.config.arch).to_lowercase());
-    let div_limits = if case.wants("diversity") { compare::diversity_limits(manifest, &case.model, &case.tier)? } else { None };
+    let div_limits = if case.wants("diversity") || case.wants("diversity_sampled") || case.wants("anticheat") { compare::diversity_limits(manifest, &case.model, &case.tier)? } else { None };
     let opt = Options { tol, pairing, diversity: None, max_step: Some(max_step) };
     let run = EngineRun { taps: &taps, logits: if case.wants("logits") { all_logits.clone() } else { Vec::new() }, tokens: engine_tokens, continuation: None };
     let cmps = compare::judge(&golden, &run, &opt, &mut rep)?;
@@ -152,11 +152,13 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &M
         rep.checks.retain(|c| !c.name.starts_with("invariants:"));
     }
     drop(cmps);
-    if let Some(limits) = &div_limits {
+    if let (Some(limits), true) = (&div_limits, case.wants("diversity")) {
         let ent: Vec<f64> = greedy_logits.iter().map(|l| logits::coarse_entropy(l, 64)).collect();
         let s = diversity::stats(&greedy_gen, &ent);
         rep.checks.extend(diversity::check("greedy", &s, limits));
         rep.diversity = Some(s);
+    }
+    if let (Some(limits), true) = (&div_limits, case.wants("diversity_sampled")) {
         let mut sampler = Sampler::new(SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 42 });
         let g = lockstep_engine::generate::generate(backend, &g_tokens, GEN_TOKENS, Some(&mut sampler), &|_| false, true)?;
         let ent: Vec<f64> = g.logits.unwrap_or_default().iter().map(|l| logits::coarse_entropy(l, 64)).collect();
