@@ -20,21 +20,29 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     int valid = n_past + t + 1;
     int hk = h / (H / Hkv);
     int kvd = Hkv * Dh;
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const float* qr = q + ((long long)t * H + h) * Dh;
+        const float* qr = q + ((long long)t * H + h) * Dh;
     for (int d = threadIdx.x; d < Dh; d += blockDim.x) qs[d] = qr[d];
     __syncthreads();
     long long row = ((long long)h * T + t) * kv_len;
     float* kqr = kq + row;
     float* pr = p + row;
     int n_scores = full_scores ? kv_len : valid;
-    // scores: one warp per key position, lanes over the head dimension
-    for (int j = w; j < n_scores; j += nw) {
+    // scores: one thread per key position, q from shared memory, k rows read as float4 when aligned
+    bool vec4 = (Dh & 3) == 0;
+    for (int j = threadIdx.x; j < n_scores; j += blockDim.x) {
         const float* kr = kc + (long long)j * kvd + hk * Dh;
         float s = 0.0f;
-        for (int d = lane; d < Dh; d += 32) s += kr[d] * qs[d];
-        s = warp_sum(s);
-        if (lane == 0) kqr[j] = s;
+        if (vec4) {
+            const float4* k4 = (const float4*)kr;
+#pragma unroll 4
+            for (int d4 = 0; d4 < (Dh >> 2); d4++) {
+                float4 kv = k4[d4];
+                s += kv.x * qs[4 * d4] + kv.y * qs[4 * d4 + 1] + kv.z * qs[4 * d4 + 2] + kv.w * qs[4 * d4 + 3];
+            }
+        } else {
+            for (int d = 0; d < Dh; d++) s += kr[d] * qs[d];
+        }
+        kqr[j] = s;
     }
     __syncthreads();
     // softmax over the visible positions: max subtracted, sum in f64
@@ -56,6 +64,7 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     int g = threadIdx.x / Dh, e = threadIdx.x % Dh;
     float acc = 0.0f;
     if (g < G) {
+#pragma unroll 4
         for (int j = g; j < valid; j += G) acc += pr[j] * vc[(long long)j * kvd + hk * Dh + e];
     }
     // reuse the q staging area: Dh floats per group would not fit, so accumulate group by group

@@ -1,6 +1,7 @@
 // Shared helpers, prepended by the Rust side to every kernels/*.cu before NVRTC compiles it
 // (NVRTC has no file system include path here, so the sources are concatenated instead).
 // Type ids are ggml's (ggml.h enum ggml_type).
+#define INFINITY __int_as_float(0x7f800000)
 #define GT_F32 0
 #define GT_F16 1
 #define GT_Q4_0 2

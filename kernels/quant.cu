@@ -86,51 +86,67 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
 
 #define MV_MAX_T 8
 
-// y[t][r] = W[r] · x[t] (+ bias[r]) (+ res[t][r]) for t < T ≤ MV_MAX_T; one warp per output row.
+// y[t][r] = W[r] · x[t] (+ bias[r]) (+ res[t][r]) for t < T ≤ MV_MAX_T. `wpr` warps (1, 2, 4 or 8)
+// share an output row, splitting its chunks; blockDim.x = 256, so a block covers 8 / wpr rows.
 // y_raw (optional) receives W[r] · x[t] before bias/residual (for the `.mul_mat` taps).
 // y may alias res (each element is read and written by the same thread).
 template <int TY>
 __device__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, int nrows, int ncols,
                             const float* __restrict__ x, int T, float* y, const float* __restrict__ bias,
-                            const float* res, float* __restrict__ y_raw) {
-    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    int lane = threadIdx.x & 31;
-    if (r >= nrows) return;
-    const u8* row = W + (long long)r * row_bytes;
+                            const float* res, float* __restrict__ y_raw, int wpr) {
+    __shared__ float red[8][MV_MAX_T];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int sub = warp % wpr;
+    int r = blockIdx.x * (8 / wpr) + warp / wpr;
+    bool live = r < nrows;
+    const u8* row = W + (long long)(live ? r : 0) * row_bytes;
     int nchunks = (ncols + 15) >> 4;
     float acc[MV_MAX_T];
 #pragma unroll
     for (int t = 0; t < MV_MAX_T; t++) acc[t] = 0.0f;
-    for (int c = lane; c < nchunks; c += 32) {
-        float w[16];
-        dq16<TY>(row, c, ncols, w);
+    if (live) {
+        for (int c = sub * 32 + lane; c < nchunks; c += 32 * wpr) {
+            float w[16];
+            dq16<TY>(row, c, ncols, w);
 #pragma unroll
-        for (int t = 0; t < MV_MAX_T; t++) {
-            if (t < T) {
-                const float* xp = x + (long long)t * ncols + 16 * c;
-                float s = 0.0f;
-                if (TY == GT_F32 || TY == GT_F16) {
+            for (int t = 0; t < MV_MAX_T; t++) {
+                if (t < T) {
+                    const float* xp = x + (long long)t * ncols + 16 * c;
+                    float s = 0.0f;
+                    if (TY == GT_F32 || TY == GT_F16) {
 #pragma unroll
-                    for (int j = 0; j < 16; j++) s += (16 * c + j < ncols) ? w[j] * xp[j] : 0.0f;
-                } else {
+                        for (int j = 0; j < 16; j++) s += (16 * c + j < ncols) ? w[j] * xp[j] : 0.0f;
+                    } else {
+                        const float4* x4 = (const float4*)xp;  // 16 floats, 64-byte aligned rows
 #pragma unroll
-                    for (int j = 0; j < 16; j++) s += w[j] * xp[j];
+                        for (int j = 0; j < 4; j++) {
+                            float4 v = x4[j];
+                            s += w[4 * j] * v.x + w[4 * j + 1] * v.y + w[4 * j + 2] * v.z + w[4 * j + 3] * v.w;
+                        }
+                    }
+                    acc[t] += s;
                 }
-                acc[t] += s;
             }
         }
     }
 #pragma unroll
     for (int t = 0; t < MV_MAX_T; t++) {
+        float v = warp_sum(acc[t]);
+        if (wpr > 1 && lane == 0) red[warp][t] = v;
+        acc[t] = v;
+    }
+    if (wpr > 1) __syncthreads();
+    if (!live || sub != 0 || lane != 0) return;
+#pragma unroll
+    for (int t = 0; t < MV_MAX_T; t++) {
         if (t < T) {
-            float v = warp_sum(acc[t]);
-            if (lane == 0) {
-                long long o = (long long)t * nrows + r;
-                if (y_raw) y_raw[o] = v;
-                if (bias) v += bias[r];
-                if (res) v += res[o];
-                y[o] = v;
-            }
+            float v = acc[t];
+            for (int k = 1; k < wpr; k++) v += red[warp + k][t];
+            long long o = (long long)t * nrows + r;
+            if (y_raw) y_raw[o] = v;
+            if (bias) v += bias[r];
+            if (res) v += res[o];
+            y[o] = v;
         }
     }
 }
@@ -222,8 +238,8 @@ __device__ void get_rows_impl(const u8* __restrict__ table, long long row_bytes,
 #define STAMP(NAME, TY)                                                                                   \
     extern "C" __global__ void matvec_##NAME(const u8* W, long long rb, int nr, int nc, const float* x,   \
                                              int T, float* y, const float* b, const float* res,         \
-                                             float* y_raw) {                                              \
-        matvec_impl<TY>(W, rb, nr, nc, x, T, y, b, res, y_raw);                                           \
+                                             float* y_raw, int wpr) {                                     \
+        matvec_impl<TY>(W, rb, nr, nc, x, T, y, b, res, y_raw, wpr);                                      \
     }                                                                                                     \
     extern "C" __global__ void matvec_swiglu_##NAME(const u8* G, const u8* U, long long rb, int nr,      \
                                                     int nc, const float* x, int T, float* s, float* g,   \

@@ -186,7 +186,7 @@ fn no_leak(path: PathBuf) -> R {
     // warm-up: context, kernels, cuBLAS's own one-time allocations
     drop(cuda(&file, 256)?);
     let gpu = lockstep_engine::cuda::Gpu::new()?;
-    gpu.ctx.synchronize()?;
+    gpu.device_sync()?;
     let (free0, _) = gpu.mem_info()?;
     for _ in 0..3 {
         let mut g = cuda(&file, 256)?;
@@ -194,7 +194,7 @@ fn no_leak(path: PathBuf) -> R {
         g.forward(&[1], None)?;
         drop(g);
     }
-    gpu.ctx.synchronize()?;
+    gpu.device_sync()?;
     let (free1, _) = gpu.mem_info()?;
     let lost = free0 as i64 - free1 as i64;
     eprintln!("free before {} MiB, after {} MiB", free0 >> 20, free1 >> 20);

@@ -101,7 +101,8 @@ struct Acts {
     /// `[1 + T]` i32: n_past, then the token ids
     params: CudaSlice<i32>,
     params_ptr: u64,
-    params_host: PinnedHostSlice<i32>,
+    /// `None` only while the backend is being dropped (freed under the capture lock)
+    params_host: Option<PinnedHostSlice<i32>>,
 }
 
 impl Acts {
@@ -148,7 +149,7 @@ impl Acts {
             scratch,
             params,
             params_ptr,
-            params_host,
+            params_host: Some(params_host),
         })
     }
 }
@@ -175,6 +176,7 @@ impl CudaBackend {
     pub fn load(file: &GgufFile, options: CudaOptions) -> Result<Self> {
         let config = ModelConfig::from_gguf(file)?;
         let gpu = Gpu::new()?;
+        let _lock = super::device::shared_lock();
         ensure!(config.head_dim % 2 == 0 && config.head_dim <= 256, "head dim {} unsupported by the CUDA attention kernel", config.head_dim);
         let weights = GpuWeights::load(&gpu, file, &config)?;
         let max_ctx = if options.max_ctx == 0 { config.n_ctx_train } else { options.max_ctx };
@@ -227,22 +229,28 @@ impl CudaBackend {
         for &tok in tokens {
             ensure!((tok as usize) < self.config.n_vocab, "token id {tok} is outside the vocabulary ({} rows)", self.config.n_vocab);
         }
+        let use_graph = sink.is_none() && t == 1 && self.options.graphs;
+        let capture = use_graph && self.graph.is_none();
+        let (_shared, _exclusive) = if capture {
+            (None, Some(super::device::exclusive_lock()))
+        } else {
+            (Some(super::device::shared_lock()), None)
+        };
         self.ensure_capacity(t, n_past)?;
         {
-            let host = self.acts.params_host.as_mut_slice().context("pinned step parameters")?;
+            let pinned = self.acts.params_host.as_mut().context("CUDA backend used while being dropped")?;
+            let host = pinned.as_mut_slice().context("pinned step parameters")?;
             host[0] = n_past as i32;
             for (i, &tok) in tokens.iter().enumerate() {
                 host[1 + i] = tok as i32;
             }
         }
-        self.gpu
-            .stream
-            .memcpy_htod(&self.acts.params_host, &mut self.acts.params)
-            .context("copying the step parameters to the GPU")?;
+        if let Some(pinned) = &self.acts.params_host {
+            self.gpu.stream.memcpy_htod(pinned, &mut self.acts.params).context("copying the step parameters to the GPU")?;
+        }
 
-        let use_graph = sink.is_none() && t == 1 && self.options.graphs;
         if use_graph {
-            if self.graph.is_none() {
+            if capture {
                 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
                 self.gpu.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).context("beginning CUDA graph capture")?;
                 self.gpu.capturing = true;
@@ -264,6 +272,16 @@ impl CudaBackend {
         let logits = self.gpu.download(&self.acts.logits.buf, 0, self.config.n_vocab)?;
         self.n_past = n_past + t;
         Ok(logits)
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Freeing pinned memory synchronises the device: not while another thread captures a graph.
+        let _lock = super::device::shared_lock();
+        self.graph = None;
+        self.acts.params_host = None;
+        let _ = self.gpu.sync();
     }
 }
 

@@ -9,7 +9,7 @@
 //!   caller keeps alive for as long as the work on the stream may use it.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use anyhow::{anyhow, Context, Result};
 use cudarc::cublas::CudaBlas;
@@ -28,6 +28,22 @@ pub struct DeviceInfo {
 struct Shared {
     ctx: Arc<CudaContext>,
     info: DeviceInfo,
+}
+
+/// CUDA graph capture must not overlap device-wide synchronising calls from other threads (freeing
+/// pinned memory, context synchronisation, module loading), or the capture is invalidated. Every
+/// backend operation holds this lock shared; capturing a decode graph holds it exclusively (once
+/// per backend, a few milliseconds).
+static GPU_LOCK: RwLock<()> = RwLock::new(());
+
+/// Shared hold of the capture lock (see [`GPU_LOCK`]).
+pub fn shared_lock() -> RwLockReadGuard<'static, ()> {
+    GPU_LOCK.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Exclusive hold of the capture lock, for a graph capture.
+pub fn exclusive_lock() -> RwLockWriteGuard<'static, ()> {
+    GPU_LOCK.write().unwrap_or_else(|e| e.into_inner())
 }
 
 static SHARED: OnceLock<Result<Shared, String>> = OnceLock::new();
@@ -201,6 +217,7 @@ pub struct Gpu {
 
 impl Gpu {
     pub fn new() -> Result<Gpu> {
+        let _lock = shared_lock();
         let sh = shared().map_err(|e| anyhow!("CUDA is not available: {e}"))?;
         let kernels = kernels(&sh.ctx, sh.info.compute_capability).map_err(|e| anyhow!(e))?;
         let stream = sh.ctx.new_stream().context("creating a CUDA stream")?;
@@ -256,6 +273,12 @@ impl Gpu {
         let v = self.stream.clone_dtoh(&b.slice(off..off + n)).context("copying from the GPU")?;
         self.sync()?;
         Ok(v)
+    }
+
+    /// Synchronises the whole device (all streams), holding the capture lock.
+    pub fn device_sync(&self) -> Result<()> {
+        let _lock = shared_lock();
+        self.ctx.synchronize().context("CUDA device synchronisation")
     }
 
     pub fn sync(&self) -> Result<()> {

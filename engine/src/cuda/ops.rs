@@ -91,7 +91,15 @@ impl Gpu {
     pub fn matvec(&self, w: &QMat, x: u64, t: usize, y: u64, bias: Option<u64>, res: Option<u64>, raw: Option<u64>) -> Result<()> {
         ensure!((1..=MV_MAX_T).contains(&t), "matvec: {t} rows (1..={MV_MAX_T})");
         let name = format!("matvec_{}", type_suffix(w.ty)?);
-        let warps = (BLOCK / 32) as usize;
+        let vec_x = !matches!(w.ty, GgmlType::F32 | GgmlType::F16);
+        ensure!(!vec_x || x % 16 == 0, "matvec: x at {x:#x} is not 16-byte aligned (float4 loads)");
+        // warps per output row: enough blocks to fill the GPU, never a warp without two chunks' work
+        let nchunks = w.cols.div_ceil(16);
+        let mut wpr = 1usize;
+        while wpr < 8 && w.rows * wpr / 8 < 2 * 132 && 64 * wpr <= nchunks {
+            wpr *= 2;
+        }
+        let rows_per_block = (BLOCK / 32) as usize / wpr;
         let args = [
             Arg::P(w.ptr),
             Arg::L(w.row_bytes as i64),
@@ -103,8 +111,9 @@ impl Gpu {
             p(bias),
             p(res),
             p(raw),
+            i(wpr)?,
         ];
-        self.launch(&name, (w.rows.div_ceil(warps) as u32, 1, 1), BLOCK, 0, &args)
+        self.launch(&name, (w.rows.div_ceil(rows_per_block) as u32, 1, 1), BLOCK, 0, &args)
     }
 
     /// `s[t] = silu(G x[t]) · (U x[t])`, with the two products in g_out/u_out when given.
