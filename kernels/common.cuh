@@ -21,8 +21,23 @@ __device__ __forceinline__ float h2f(u16 h) {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
-// Little-endian u16 from a 2-byte-aligned or unaligned address.
-__device__ __forceinline__ u16 ld_u16(const u8* p) { return (u16)p[0] | ((u16)p[1] << 8); }
+// Little-endian u16 from a 2-byte-aligned address (every block field the kernels read this way is).
+__device__ __forceinline__ u16 ld_u16(const u8* p) { return *(const u16*)p; }
+
+// 16 bytes from any address as 4 little-endian words: aligned 4-byte loads and funnel shifts, so a
+// lane issues 4 or 5 loads instead of 16 byte loads. Reads no byte past p + 15 rounded up to 4.
+__device__ __forceinline__ void ld16(const u8* p, u32 out[4]) {
+    const u32* b = (const u32*)((unsigned long long)p & ~3ull);
+    u32 sh = ((unsigned long long)p & 3) * 8;
+    u32 w0 = b[0], w1 = b[1], w2 = b[2], w3 = b[3];
+    u32 w4 = sh ? b[4] : 0u;
+    out[0] = __funnelshift_r(w0, w1, sh);
+    out[1] = __funnelshift_r(w1, w2, sh);
+    out[2] = __funnelshift_r(w2, w3, sh);
+    out[3] = __funnelshift_r(w3, w4, sh);
+}
+// Byte j (0..15) of the 16 bytes loaded by ld16.
+#define B16(w, j) (((w)[(j) >> 2] >> (8 * ((j) & 3))) & 0xFFu)
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

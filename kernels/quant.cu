@@ -21,33 +21,37 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         const u8* b = row + (c >> 1) * 18;
         int sh = (c & 1) * 4;
         float d = h2f(ld_u16(b));
-        const u8* qs = b + 2;
+        u32 qs[4];
+        ld16(b + 2, qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = (float)(((qs[j] >> sh) & 0xF) - 8) * d;
+        for (int j = 0; j < 16; j++) out[j] = (float)((int)((B16(qs, j) >> sh) & 0xF) - 8) * d;
     } else if (TY == GT_Q4_1) {  // 20 bytes: f16 d, f16 m, qs[16]; x = q d + m
         const u8* b = row + (c >> 1) * 20;
         int sh = (c & 1) * 4;
         float d = h2f(ld_u16(b)), m = h2f(ld_u16(b + 2));
-        const u8* qs = b + 4;
+        u32 qs[4];
+        ld16(b + 4, qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = (float)((qs[j] >> sh) & 0xF) * d + m;
+        for (int j = 0; j < 16; j++) out[j] = (float)((B16(qs, j) >> sh) & 0xF) * d + m;
     } else if (TY == GT_Q5_0) {  // 22 bytes: f16 d, qh[4], qs[16]; x = (q | bit<<4) - 16) d
         const u8* b = row + (c >> 1) * 22;
         int h = c & 1;
         float d = h2f(ld_u16(b));
-        u32 qh = (u32)b[2] | ((u32)b[3] << 8) | ((u32)b[4] << 16) | ((u32)b[5] << 24);
-        const u8* qs = b + 6;
+        u32 qh = (u32)ld_u16(b + 2) | ((u32)ld_u16(b + 4) << 16);
+        u32 qs[4];
+        ld16(b + 6, qs);
 #pragma unroll
         for (int j = 0; j < 16; j++) {
-            int q = ((qs[j] >> (4 * h)) & 0xF) | (((qh >> (j + 16 * h)) & 1) << 4);
+            int q = (int)((B16(qs, j) >> (4 * h)) & 0xF) | (int)(((qh >> (j + 16 * h)) & 1) << 4);
             out[j] = (float)(q - 16) * d;
         }
     } else if (TY == GT_Q8_0) {  // 34 bytes: f16 d, qs[32] (i8); x = q d
         const u8* b = row + (c >> 1) * 34;
         float d = h2f(ld_u16(b));
-        const signed char* qs = (const signed char*)(b + 2) + 16 * (c & 1);
+        u32 qs[4];
+        ld16(b + 2 + 16 * (c & 1), qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = (float)qs[j] * d;
+        for (int j = 0; j < 16; j++) out[j] = (float)(signed char)B16(qs, j) * d;
     } else if (TY == GT_Q4_K) {  // 144 bytes: f16 d, f16 dmin, scales[12], qs[128]
         const u8* b = row + (c >> 4) * 144;
         int cc = c & 15, g = cc >> 2, sub = cc & 3;
@@ -63,22 +67,24 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
             mn = (s[is + 4] >> 4) | ((s[is] >> 6) << 4);
         }
         float d1 = d * (float)sc, m1 = dmin * (float)mn;
-        const u8* q = b + 16 + 32 * g + 16 * (sub & 1);
+        u32 q[4];
+        ld16(b + 16 + 32 * g + 16 * (sub & 1), q);
         int sh = 4 * (sub >> 1);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = d1 * (float)((q[j] >> sh) & 0xF) - m1;
+        for (int j = 0; j < 16; j++) out[j] = d1 * (float)((B16(q, j) >> sh) & 0xF) - m1;
     } else if (TY == GT_Q6_K) {  // 210 bytes: ql[128], qh[64], scales[16] (i8), f16 d
         const u8* b = row + (c >> 4) * 210;
         int cc = c & 15, n = cc >> 3, r = cc & 7, k = r >> 1, lh = r & 1;
         float d = h2f(ld_u16(b + 208));
         const signed char* sc = (const signed char*)(b + 192);
         float ds = d * (float)sc[8 * n + lh + 2 * k];
-        const u8* ql = b + 64 * n + (k & 1) * 32 + 16 * lh;
-        const u8* qh = b + 128 + 32 * n + 16 * lh;
+        u32 ql[4], qh[4];
+        ld16(b + 64 * n + (k & 1) * 32 + 16 * lh, ql);
+        ld16(b + 128 + 32 * n + 16 * lh, qh);
         int shl = (k >> 1) * 4, shh = 2 * k;
 #pragma unroll
         for (int j = 0; j < 16; j++) {
-            int q = (((ql[j] >> shl) & 0xF) | (((qh[j] >> shh) & 3) << 4)) - 32;
+            int q = (int)(((B16(ql, j) >> shl) & 0xF) | (((B16(qh, j) >> shh) & 3) << 4)) - 32;
             out[j] = ds * (float)q;
         }
     }
@@ -174,11 +180,21 @@ __device__ void matvec_swiglu_impl(const u8* __restrict__ G, const u8* __restric
             if (t < T) {
                 const float* xp = x + (long long)t * ncols + 16 * c;
                 float sg = 0.0f, su = 0.0f;
+                if (TY == GT_F32 || TY == GT_F16) {
 #pragma unroll
-                for (int j = 0; j < 16; j++) {
-                    float xv = (16 * c + j < ncols) ? xp[j] : 0.0f;
-                    sg += wg[j] * xv;
-                    su += wu[j] * xv;
+                    for (int j = 0; j < 16; j++) {
+                        float xv = (16 * c + j < ncols) ? xp[j] : 0.0f;
+                        sg += wg[j] * xv;
+                        su += wu[j] * xv;
+                    }
+                } else {
+                    const float4* x4 = (const float4*)xp;
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        float4 v = x4[j];
+                        sg += wg[4 * j] * v.x + wg[4 * j + 1] * v.y + wg[4 * j + 2] * v.z + wg[4 * j + 3] * v.w;
+                        su += wu[4 * j] * v.x + wu[4 * j + 1] * v.y + wu[4 * j + 2] * v.z + wu[4 * j + 3] * v.w;
+                    }
                 }
                 ag[t] += sg;
                 au[t] += su;

@@ -103,6 +103,8 @@ struct Acts {
     params_ptr: u64,
     /// `None` only while the backend is being dropped (freed under the capture lock)
     params_host: Option<PinnedHostSlice<i32>>,
+    /// `[V]` page-locked copy of the logits (a fast device → host copy)
+    logits_host: Option<PinnedHostSlice<f32>>,
 }
 
 impl Acts {
@@ -114,6 +116,9 @@ impl Acts {
         // SAFETY: page-locked host memory of 1 + t_cap i32, flag 0 (cached, readable from the host).
         let params_host = unsafe { gpu.ctx.alloc_pinned_with_flags::<i32>(1 + t_cap, 0) }
             .context("allocating pinned host memory for the step parameters")?;
+        // SAFETY: page-locked host memory of V f32, flag 0 (cached, readable from the host).
+        let logits_host = unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(cfg.n_vocab, 0) }
+            .context("allocating pinned host memory for the logits")?;
         let scratch = if t_cap > MV_MAX_T {
             Some(gpu.alloc::<f32>(w.max_layer_matrix(), "f32 dequantization scratch for prefill GEMMs")?)
         } else {
@@ -150,6 +155,7 @@ impl Acts {
             params,
             params_ptr,
             params_host: Some(params_host),
+            logits_host: Some(logits_host),
         })
     }
 }
@@ -269,7 +275,11 @@ impl CudaBackend {
             let mut taps = Taps { sink };
             run(&self.gpu, &self.config, &self.weights, &self.acts, &self.kc, &self.vc, self.max_ctx, t, n_past, &mut taps)?;
         }
-        let logits = self.gpu.download(&self.acts.logits.buf, 0, self.config.n_vocab)?;
+        let pinned = self.acts.logits_host.as_mut().context("CUDA backend used while being dropped")?;
+        self.gpu.stream.memcpy_dtoh(&self.acts.logits.buf, pinned).context("copying the logits from the GPU")?;
+        // cudarc records no event on the pinned buffer with event tracking off: wait on the stream.
+        self.gpu.sync()?;
+        let logits = pinned.as_slice().context("reading the pinned logits")?.to_vec();
         self.n_past = n_past + t;
         Ok(logits)
     }
@@ -281,6 +291,7 @@ impl Drop for CudaBackend {
         let _lock = super::device::shared_lock();
         self.graph = None;
         self.acts.params_host = None;
+        self.acts.logits_host = None;
         let _ = self.gpu.sync();
     }
 }

@@ -4,7 +4,7 @@
 //! Dimension letters as in the CPU backend: `T` tokens, `D` width, `F` FFN width, `H`/`Hkv` heads,
 //! `Dh` head dimension, `V` vocabulary.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::CudaSlice;
 
 use super::device::{ptr, Arg, Gpu};
@@ -66,7 +66,14 @@ impl QMat {
             bytes.len(),
             rows * row_bytes
         );
-        let buf = gpu.upload(bytes, what)?;
+        // 16 bytes of padding: the kernels' 16-byte loads (ld16) may touch up to 3 bytes past the
+        // last block.
+        let mut buf = gpu.alloc::<u8>(bytes.len() + 16, what)?;
+        if !bytes.is_empty() {
+            gpu.stream
+                .memcpy_htod(bytes, &mut buf.slice_mut(0..bytes.len()))
+                .with_context(|| format!("copying {what} to the GPU"))?;
+        }
         let ptr = ptr(&buf, &gpu.stream);
         Ok(QMat { buf, ptr, ty, rows, cols, row_bytes })
     }
