@@ -103,6 +103,14 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(&'static str, String)> 
     if nonfinite {
         return Some(("overflow: f16 accumulation or softmax without max subtraction", format!("{at} holds NaN or Inf")));
     }
+    if step == 0 && layer.is_some_and(|l| l > 0) && matches!(fam, "norm" | "attn_norm" | "ffn_norm" | "kq" | "kq_soft_max" | "kqv" | "kqv_out" | "attn_out" | "ffn_inp" | "l_out") {
+        // A wrong formula shows at layer 0; a first failure deeper down depends on that layer's data.
+        let l = layer.unwrap_or(0);
+        return Some((
+            "f16 overflow in accumulation (activation outlier) or this layer's weights",
+            format!("every tap of layers 0–{} passes and {at} is the first to fail, at positions {}: a data-dependent fault (an activation outlier overflowing a narrow accumulator), not a wrong formula", l - 1, fmt_positions(&c.bad_positions())),
+        ));
+    }
     if step >= 1 && step0_all_pass && matches!(fam, "kq" | "kq_soft_max" | "kqv" | "kqv_out" | "attn_out") {
         return Some(("KV cache (never written, wrong layout or stride)", format!("every prefill tap passes; {at} at decode step {step} is the first to fail")));
     }

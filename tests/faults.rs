@@ -213,13 +213,14 @@ fn detects(manifest: &Manifest, s: &Suite, c: &Case, backend: &mut lockstep_engi
     Ok(!rep.passed)
 }
 
-/// Bisection over log(factor) in (1, hi]: the smallest factor > 1 (to 0.5 % relative) the case detects.
+/// Bisection over log(factor) in (1, hi]: the smallest factor > 1 the case detects, to 2 % of the
+/// change (ln f) itself, down to changes of 1e-7.
 fn smallest_factor(mut test: impl FnMut(f64) -> Result<bool, String>, hi: f64) -> Result<Option<f64>, String> {
     if !test(hi)? {
         return Ok(None);
     }
     let (mut lo, mut hi) = (0.0f64, hi.ln());
-    while hi - lo > 0.005 {
+    while hi - lo > 0.02 * hi && hi > 1e-7 {
         let mid = 0.5 * (lo + hi);
         if test(mid.exp())? { hi = mid } else { lo = mid }
     }
@@ -240,7 +241,7 @@ fn sensitivity(manifest: &Manifest, suite_name: &str, case: &str) -> Result<Stri
     let e = smallest_factor(|f| detects(manifest, &s, &c, &mut b, &model, Fault::RmsEpsScaled(Factor(f))), 10.0)?;
     let r = smallest_factor(|f| detects(manifest, &s, &c, &mut b, &model, Fault::RopeBaseScaled(Factor(f))), 10.0)?;
     let show = |x: Option<f64>, v: f32, what: &str| match x {
-        Some(f) => format!("{what}: ×{f:.4} ({v:e} → {:e}, +{:.2} %)", v as f64 * f, (f - 1.0) * 100.0),
+        Some(f) => format!("{what}: ×{f:.6} ({v:e} → {:.6e}, +{:.3} %)", v as f64 * f, (f - 1.0) * 100.0),
         None => format!("{what}: not detected even ×10"),
     };
     Ok(format!("{suite_name}::{case}: smallest detected change, {}; {}", show(e, eps, "RMSNorm epsilon"), show(r, base, "RoPE base")))
