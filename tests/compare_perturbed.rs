@@ -106,3 +106,28 @@ fn an_unknown_entry_and_a_corrupt_golden_are_clear_errors() {
     let e = compare_dump(&manifest, &golden, "synthetic/exact/fox", None).unwrap_err().to_string();
     assert!(e.contains("fox.safetensors") && e.contains("ci/regenerate-golden"), "{e}");
 }
+
+/// The likely class follows the pattern around the first divergence (../shared/BUGS.md).
+#[test]
+fn likely_classes_from_patterns() {
+    let dir = tempfile::tempdir().unwrap();
+    let golden = synth::write_golden(dir.path()).unwrap();
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let cases: &[(&str, &str, fn(&[usize], &mut Vec<f32>))] = &[
+        // RoPE wrong only at positions ≥ 1 (position 0 is unrotated by any RoPE).
+        ("s0/Qcur-0.rope", "RoPE pairing or base", |s, d| { let n = s[2] * s[3]; d[n..].iter_mut().for_each(|v| *v = -*v) }),
+        // The bias: mul_mat passes, add fails.
+        ("s0/Qcur-0.add", "Q/K/V bias (zeroed or not loaded)", |_, d| d.iter_mut().for_each(|v| *v += 3.0)),
+        // Decode step 1's scores wrong, prefill fine.
+        ("s1/kq-0", "KV cache (never written, wrong layout or stride)", |_, d| d.iter_mut().for_each(|v| *v *= 0.5)),
+        // Every row but the last of the prefill's attention differs.
+        ("s0/kq_soft_max-0", "causal mask missing", |s, d| { let (h, t, kv) = (s[1], s[2], s[3]); for hh in 0..h { for r in 0..t - 1 { d[(hh * t + r) * kv..(hh * t + r + 1) * kv].iter_mut().for_each(|v| *v = 1.0 / kv as f32) } } }),
+        ("s0/embd", "embedding lookup (index transposed or wrong row)", |_, d| d.reverse()),
+    ];
+    for (key, class, edit) in cases {
+        let dump = dir.path().join("d.safetensors");
+        synth::rewrite(&golden, &dump, |k, s, d| if k == *key { edit(s, d) }).unwrap();
+        let case = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap();
+        assert_eq!(case.likely_class.as_deref(), Some(*class), "{key}: {:?}", case.evidence);
+    }
+}

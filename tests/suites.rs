@@ -65,7 +65,7 @@ fn run(s: &Suite, c: &Case, b: &str, manifest: Result<Arc<Manifest>, String>) ->
     settings.set_omit_expression(true);
     let snap = rep.name.replace("::", "__");
     let summary = report::summary(&rep);
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| settings.bind(|| insta::assert_json_snapshot!(snap, summary))))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| settings.bind(|| insta::assert_json_snapshot!(snap.as_str(), &summary))))
         .map_err(|_| Failed::from(format!("snapshot {snap} differs: review with `cargo insta review`")))
 }
 
