@@ -17,9 +17,9 @@ fn report_html_renders_in_headless_chromium() {
     let golden = synth::write_golden(dir.path()).unwrap();
     let manifest = Manifest::load(dir.path()).unwrap();
     let dump = dir.path().join("dump.safetensors");
-    // kq_soft_max of layer 1 broken for head 1 at the prefill.
+    // kq_soft_max of layer 0 broken for head 1 at the prefill.
     synth::rewrite(&golden, &dump, |k, s, d| {
-        if k == "s0/kq_soft_max-1" {
+        if k == "s0/kq_soft_max-0" {
             let n = s[2] * s[3];
             d[n..2 * n].iter_mut().for_each(|v| *v = 1.0 - *v);
         }
@@ -47,12 +47,12 @@ fn report_html_renders_in_headless_chromium() {
         "lockstep report",
         "id=\"verdict\" class=\"fail\">FAIL",
         "First divergence",
-        "<code>kq_soft_max-1</code>",
+        "<code>kq_soft_max-0</code>",
         "softmax scale, mask or softmax",
         "Error versus layer",
         "aria-label=\"error versus layer\"",
         "aria-label=\"attention heatmap\"",
-        "Attention: <code>s0/kq_soft_max-1</code>, head 1",
+        "Attention: <code>s0/kq_soft_max-0</code>, head 1",
         "Provenance",
         "compare::synthetic/exact/fox::dump",
     ] {
