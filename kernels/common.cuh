@@ -75,3 +75,17 @@ __device__ float block_max(float v, float* sh /* [32] */) {
     v = warp_max(v);
     return v;
 }
+
+// RMSNorm scale of one row, 1 / sqrt(mean(x²) + eps), with the sum of squares in f64 over the block
+// (thread i takes elements i, i + blockDim.x, …): the same arithmetic in rmsnorm_f32 and in the fused
+// matvecs, so both give the same bits. Every thread of the block must call it.
+__device__ float row_rms_scale(const float* xr, int n, float eps, double* sh /* [32] */) {
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i];
+        s += (double)(v * v);
+    }
+    s = block_sum_d(s, sh);
+    float mean = (float)(s / (double)n);
+    return 1.0f / sqrtf(mean + eps);
+}

@@ -7,14 +7,7 @@ extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float*
                                        float* __restrict__ y_norm, float* __restrict__ y, int n, float eps) {
     __shared__ double sh[32];
     const float* xr = x + (long long)blockIdx.x * n;
-    double s = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = xr[i];
-        s += (double)(v * v);
-    }
-    s = block_sum_d(s, sh);
-    float mean = (float)(s / (double)n);
-    float scale = 1.0f / sqrtf(mean + eps);
+    float scale = row_rms_scale(xr, n, eps, sh);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = xr[i] * scale;
         if (y_norm) y_norm[(long long)blockIdx.x * n + i] = v;

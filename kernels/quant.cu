@@ -96,32 +96,58 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
 // share an output row, splitting its chunks; blockDim.x = 256, so a block covers 8 / wpr rows.
 // y_raw (optional) receives W[r] · x[t] before bias/residual (for the `.mul_mat` taps).
 // y may alias res (each element is read and written by the same thread).
-template <int TY>
+// With norm_w, x is first RMS-normalised and scaled by norm_w (the rmsnorm_f32 kernel fused in, with
+// the same arithmetic: the block's f64 sum of squares, then (x · scale) · w per element).
+template <int TY, int NT>
 __device__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, int nrows, int ncols,
                             const float* __restrict__ x, int T, float* y, const float* __restrict__ bias,
-                            const float* res, float* __restrict__ y_raw, int wpr) {
-    __shared__ float red[8][MV_MAX_T];
+                            const float* res, float* __restrict__ y_raw, int wpr,
+                            const float* __restrict__ norm_w, float eps) {
+    __shared__ float red[8][NT];
+    __shared__ float nscale[NT];
+    __shared__ double shd[32];
+    if (norm_w) {
+        for (int t = 0; t < T && t < NT; t++) {
+            float sc = row_rms_scale(x + (long long)t * ncols, ncols, eps, shd);
+            if (threadIdx.x == 0) nscale[t] = sc;
+        }
+        __syncthreads();
+    }
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int sub = warp % wpr;
     int r = blockIdx.x * (8 / wpr) + warp / wpr;
     bool live = r < nrows;
     const u8* row = W + (long long)(live ? r : 0) * row_bytes;
     int nchunks = (ncols + 15) >> 4;
-    float acc[MV_MAX_T];
+    float acc[NT];
 #pragma unroll
-    for (int t = 0; t < MV_MAX_T; t++) acc[t] = 0.0f;
+    for (int t = 0; t < NT; t++) acc[t] = 0.0f;
     if (live) {
         for (int c = sub * 32 + lane; c < nchunks; c += 32 * wpr) {
             float w[16];
             dq16<TY>(row, c, ncols, w);
 #pragma unroll
-            for (int t = 0; t < MV_MAX_T; t++) {
+            for (int t = 0; t < NT; t++) {
                 if (t < T) {
                     const float* xp = x + (long long)t * ncols + 16 * c;
                     float s = 0.0f;
                     if (TY == GT_F32 || TY == GT_F16) {
+                        float sc = norm_w ? nscale[t] : 1.0f;
 #pragma unroll
-                        for (int j = 0; j < 16; j++) s += (16 * c + j < ncols) ? w[j] * xp[j] : 0.0f;
+                        for (int j = 0; j < 16; j++) {
+                            int e = 16 * c + j;
+                            if (e < ncols) s += w[j] * (norm_w ? xp[j] * sc * norm_w[e] : xp[j]);
+                        }
+                    } else if (norm_w) {
+                        const float4* x4 = (const float4*)xp;
+                        const float4* n4 = (const float4*)(norm_w + 16 * c);
+                        float sc = nscale[t];
+#pragma unroll
+                        for (int j = 0; j < 4; j++) {
+                            float4 v = x4[j], nw = n4[j];
+                            s += w[4 * j] * (v.x * sc * nw.x) + w[4 * j + 1] * (v.y * sc * nw.y) +
+                                 w[4 * j + 2] * (v.z * sc * nw.z) + w[4 * j + 3] * (v.w * sc * nw.w);
+                        }
                     } else {
                         const float4* x4 = (const float4*)xp;  // 16 floats, 64-byte aligned rows
 #pragma unroll
@@ -136,7 +162,7 @@ __device__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, int n
         }
     }
 #pragma unroll
-    for (int t = 0; t < MV_MAX_T; t++) {
+    for (int t = 0; t < NT; t++) {
         float v = warp_sum(acc[t]);
         if (wpr > 1 && lane == 0) red[warp][t] = v;
         acc[t] = v;
@@ -144,7 +170,7 @@ __device__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, int n
     if (wpr > 1) __syncthreads();
     if (!live || sub != 0 || lane != 0) return;
 #pragma unroll
-    for (int t = 0; t < MV_MAX_T; t++) {
+    for (int t = 0; t < NT; t++) {
         if (t < T) {
             float v = acc[t];
             for (int k = 1; k < wpr; k++) v += red[warp + k][t];
@@ -158,34 +184,58 @@ __device__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, int n
 }
 
 // s[t][r] = silu(G[r]·x[t]) · (U[r]·x[t]); g/u (optional) receive the two products.
-template <int TY>
+// With norm_w, x is RMS-normalised and scaled first, as in matvec_impl.
+template <int TY, int NT>
 __device__ void matvec_swiglu_impl(const u8* __restrict__ G, const u8* __restrict__ U, long long row_bytes,
                                    int nrows, int ncols, const float* __restrict__ x, int T,
-                                   float* __restrict__ s_out, float* __restrict__ g_out, float* __restrict__ u_out) {
+                                   float* __restrict__ s_out, float* __restrict__ g_out, float* __restrict__ u_out,
+                                   const float* __restrict__ norm_w, float eps) {
+    __shared__ float nscale[NT];
+    __shared__ double shd[32];
+    if (norm_w) {
+        for (int t = 0; t < T && t < NT; t++) {
+            float sc = row_rms_scale(x + (long long)t * ncols, ncols, eps, shd);
+            if (threadIdx.x == 0) nscale[t] = sc;
+        }
+        __syncthreads();
+    }
     int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (r >= nrows) return;
     const u8* grow = G + (long long)r * row_bytes;
     const u8* urow = U + (long long)r * row_bytes;
     int nchunks = (ncols + 15) >> 4;
-    float ag[MV_MAX_T], au[MV_MAX_T];
+    float ag[NT], au[NT];
 #pragma unroll
-    for (int t = 0; t < MV_MAX_T; t++) ag[t] = au[t] = 0.0f;
+    for (int t = 0; t < NT; t++) ag[t] = au[t] = 0.0f;
     for (int c = lane; c < nchunks; c += 32) {
         float wg[16], wu[16];
         dq16<TY>(grow, c, ncols, wg);
         dq16<TY>(urow, c, ncols, wu);
 #pragma unroll
-        for (int t = 0; t < MV_MAX_T; t++) {
+        for (int t = 0; t < NT; t++) {
             if (t < T) {
                 const float* xp = x + (long long)t * ncols + 16 * c;
                 float sg = 0.0f, su = 0.0f;
                 if (TY == GT_F32 || TY == GT_F16) {
+                    float sc = norm_w ? nscale[t] : 1.0f;
 #pragma unroll
                     for (int j = 0; j < 16; j++) {
-                        float xv = (16 * c + j < ncols) ? xp[j] : 0.0f;
+                        int e = 16 * c + j;
+                        float xv = e < ncols ? (norm_w ? xp[j] * sc * norm_w[e] : xp[j]) : 0.0f;
                         sg += wg[j] * xv;
                         su += wu[j] * xv;
+                    }
+                } else if (norm_w) {
+                    const float4* x4 = (const float4*)xp;
+                    const float4* n4 = (const float4*)(norm_w + 16 * c);
+                    float sc = nscale[t];
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        float4 v = x4[j], nw = n4[j];
+                        float a0 = v.x * sc * nw.x, a1 = v.y * sc * nw.y, a2 = v.z * sc * nw.z, a3 = v.w * sc * nw.w;
+                        sg += wg[4 * j] * a0 + wg[4 * j + 1] * a1 + wg[4 * j + 2] * a2 + wg[4 * j + 3] * a3;
+                        su += wu[4 * j] * a0 + wu[4 * j + 1] * a1 + wu[4 * j + 2] * a2 + wu[4 * j + 3] * a3;
                     }
                 } else {
                     const float4* x4 = (const float4*)xp;
@@ -202,7 +252,7 @@ __device__ void matvec_swiglu_impl(const u8* __restrict__ G, const u8* __restric
         }
     }
 #pragma unroll
-    for (int t = 0; t < MV_MAX_T; t++) {
+    for (int t = 0; t < NT; t++) {
         if (t < T) {
             float g = warp_sum(ag[t]);
             float u = warp_sum(au[t]);
@@ -254,13 +304,23 @@ __device__ void get_rows_impl(const u8* __restrict__ table, long long row_bytes,
 #define STAMP(NAME, TY)                                                                                   \
     extern "C" __global__ void matvec_##NAME(const u8* W, long long rb, int nr, int nc, const float* x,   \
                                              int T, float* y, const float* b, const float* res,         \
-                                             float* y_raw, int wpr) {                                     \
-        matvec_impl<TY>(W, rb, nr, nc, x, T, y, b, res, y_raw, wpr);                                      \
+                                             float* y_raw, int wpr, const float* nw, float eps) {          \
+        matvec_impl<TY, MV_MAX_T>(W, rb, nr, nc, x, T, y, b, res, y_raw, wpr, nw, eps);                            \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, 4) matvec1_##NAME(const u8* W, long long rb, int nr, int nc, const float* x,  \
+                                              int T, float* y, const float* b, const float* res,        \
+                                              float* y_raw, int wpr, const float* nw, float eps) {         \
+        matvec_impl<TY, 1>(W, rb, nr, nc, x, T, y, b, res, y_raw, wpr, nw, eps);                                   \
     }                                                                                                     \
     extern "C" __global__ void matvec_swiglu_##NAME(const u8* G, const u8* U, long long rb, int nr,      \
                                                     int nc, const float* x, int T, float* s, float* g,   \
-                                                    float* u) {                                           \
-        matvec_swiglu_impl<TY>(G, U, rb, nr, nc, x, T, s, g, u);                                          \
+                                                    float* u, const float* nw, float eps) {               \
+        matvec_swiglu_impl<TY, MV_MAX_T>(G, U, rb, nr, nc, x, T, s, g, u, nw, eps);                                \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, 4) matvec_swiglu1_##NAME(const u8* G, const u8* U, long long rb, int nr,     \
+                                                     int nc, const float* x, int T, float* s, float* g,  \
+                                                     float* u, const float* nw, float eps) {              \
+        matvec_swiglu_impl<TY, 1>(G, U, rb, nr, nc, x, T, s, g, u, nw, eps);                                       \
     }                                                                                                     \
     extern "C" __global__ void dequant_##NAME(const u8* W, long long rb, int nr, int nc, float* out) {   \
         dequant_impl<TY>(W, rb, nr, nc, out);                                                             \

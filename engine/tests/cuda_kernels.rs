@@ -143,7 +143,7 @@ fn swiglu_case(ty: GgmlType) -> R {
         let xd = g.upload(&x, "x")?;
         let (s, go, uo) = (g.alloc::<f32>(t * rows, "s")?, g.alloc::<f32>(t * rows, "g")?, g.alloc::<f32>(t * rows, "u")?);
         let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
-        g.matvec_swiglu(&wg, &wu, p(&xd), t, p(&s), Some(p(&go)), Some(p(&uo)))?;
+        g.matvec_swiglu(&wg, &wu, p(&xd), t, p(&s), Some(p(&go)), Some(p(&uo)), None)?;
         check_close(&format!("gate {ty} T={t}"), &g.download(&go, 0, t * rows)?, &gw, 1e-5)?;
         check_close(&format!("up {ty} T={t}"), &g.download(&uo, 0, t * rows)?, &uw, 1e-5)?;
         check_close(&format!("swiglu {ty} T={t}"), &g.download(&s, 0, t * rows)?, &sw, 1e-5)?;
@@ -151,6 +151,33 @@ fn swiglu_case(ty: GgmlType) -> R {
         let s2 = g.alloc::<f32>(t * rows, "s2")?;
         g.swiglu(p(&go), p(&uo), p(&s2), t * rows)?;
         check_close(&format!("swiglu_f32 {ty} T={t}"), &g.download(&s2, 0, t * rows)?, &cpu::swiglu(&g.download(&go, 0, t * rows)?, &g.download(&uo, 0, t * rows)?), 1e-6)?;
+    }
+    Ok(())
+}
+
+/// The matvec kernels with the RMSNorm fused in, against CPU rmsnorm · weight, then matmul / swiglu.
+fn fused_norm_case(ty: GgmlType) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(99 + ty.to_u32() as u64);
+    let cols = cols_for(ty)[0]; // 33 for F32/F16: a width that is not a multiple of 16
+    let rows = 29;
+    let (b1, b2) = (random_weights(&mut rng, ty, rows, cols, 1.0), random_weights(&mut rng, ty, rows, cols, 1.0));
+    let (m1, m2) = (cpu_matrix(ty, &b1, rows, cols), cpu_matrix(ty, &b2, rows, cols));
+    let (w1, w2) = (QMat::upload(&g, ty, rows, cols, &b1, "w1")?, QMat::upload(&g, ty, rows, cols, &b2, "w2")?);
+    let eps = 1e-6f32;
+    for (t, xs) in [(1usize, 1.0f32), (4, 1e4), (8, 1e-3)] {
+        let x = randv(&mut rng, t * cols, xs);
+        let nw = randv(&mut rng, cols, 2.0);
+        let xn = cpu::mul_rows(&cpu::rmsnorm(&x, cols, eps), &nw);
+        let want = cpu::matmul(&m1, &xn);
+        let want_s = cpu::swiglu(&cpu::matmul(&m1, &xn), &cpu::matmul(&m2, &xn));
+        let (xd, nd) = (g.upload(&x, "x")?, g.upload(&nw, "nw")?);
+        let (y, s) = (g.alloc::<f32>(t * rows, "y")?, g.alloc::<f32>(t * rows, "s")?);
+        let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+        g.matvec(&w1, p(&xd), t, p(&y), None, None, None, Some((p(&nd), eps)))?;
+        check_close(&format!("matvec+norm {ty} T={t} x scale {xs}"), &g.download(&y, 0, t * rows)?, &want, 1e-5)?;
+        g.matvec_swiglu(&w1, &w2, p(&xd), t, p(&s), None, None, Some((p(&nd), eps)))?;
+        check_close(&format!("swiglu+norm {ty} T={t} x scale {xs}"), &g.download(&s, 0, t * rows)?, &want_s, 1e-5)?;
     }
     Ok(())
 }
@@ -305,6 +332,7 @@ fn main() {
         list.push(Trial::test(format!("linear_{ty}_large"), move || linear_case(ty, 3.0e4, 1.0e3)));
         list.push(Trial::test(format!("get_rows_{ty}"), move || get_rows_case(ty)));
         list.push(Trial::test(format!("matvec_swiglu_{ty}"), move || swiglu_case(ty)));
+        list.push(Trial::test(format!("matvec_fused_norm_{ty}"), move || fused_norm_case(ty)));
     }
     list.push(Trial::test("rmsnorm_and_add", rmsnorm_add_case));
     for (style, n_rot) in [(RopeStyle::Neox, 16), (RopeStyle::Normal, 16), (RopeStyle::Neox, 8), (RopeStyle::Normal, 8)] {

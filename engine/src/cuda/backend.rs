@@ -401,20 +401,42 @@ fn run(
         let layer_kc = kc.at(l * max_ctx * kvd);
         let layer_vc = vc.at(l * max_ctx * kvd);
 
-        // attention block
+        // attention block; without taps on the norm, the projections normalise x themselves
         let want_n0 = taps.wants("norm", li, Some("rms_norm.0"));
-        gpu.rmsnorm(a.x.ptr, lw.attn_norm.ptr, want_n0.then_some(a.n0.ptr), a.a.ptr, t, d, eps)?;
+        let fuse_norm = !batched && !want_n0 && !taps.wants("attn_norm", li, None);
+        let (a_in, a_norm) = if fuse_norm {
+            (a.x.ptr, Some((lw.attn_norm.ptr, eps)))
+        } else {
+            gpu.rmsnorm(a.x.ptr, lw.attn_norm.ptr, want_n0.then_some(a.n0.ptr), a.a.ptr, t, d, eps)?;
+            (a.a.ptr, None)
+        };
         taps.emit(gpu, "norm", li, Some("rms_norm.0"), act(t, d), &a.n0, 0)?;
         taps.emit(gpu, "attn_norm", li, None, act(t, d), &a.a, 0)?;
 
-        // Q, then V and K (the CPU twin's order of taps: Q, Q rope, V, K, K rope)
-        let (q_src, q_raw) = project(gpu, taps, "Qcur", l, &lw.wq, lw.bq.as_ref().map(|b| b.ptr), a.a.ptr, t, &a.q, &a.qraw, true, batched, scratch)?;
+        // Q, then V and K (the CPU twin's order of taps: Q, Q rope, V, K, K rope). On the matvec
+        // path V and K run beside Q on the side streams (cuBLAS is bound to the main stream).
+        let branch = !batched;
+        if branch {
+            gpu.fork()?;
+        }
+        let (q_src, q_raw) = project(gpu, taps, "Qcur", l, &lw.wq, lw.bq.as_ref().map(|b| b.ptr), a_in, a_norm, t, &a.q, &a.qraw, true, batched, scratch)?;
         taps.emit(gpu, "Qcur", li, Some("mul_mat"), act(t, qd), q_raw.unwrap_or(q_src), 0)?;
         if lw.bq.is_some() {
             taps.emit(gpu, "Qcur", li, Some("add"), act(t, qd), &a.q, 0)?;
         }
-        let (_, v_raw) = project(gpu, taps, "Vcur", l, &lw.wv, lw.bv.as_ref().map(|b| b.ptr), a.a.ptr, t, &a.v, &a.vraw, false, batched, scratch)?;
-        let (_, k_raw) = project(gpu, taps, "Kcur", l, &lw.wk, lw.bk.as_ref().map(|b| b.ptr), a.a.ptr, t, &a.k, &a.kraw, true, batched, scratch)?;
+        if branch {
+            gpu.on(1);
+        }
+        let vp = project(gpu, taps, "Vcur", l, &lw.wv, lw.bv.as_ref().map(|b| b.ptr), a_in, a_norm, t, &a.v, &a.vraw, false, batched, scratch);
+        if branch {
+            gpu.on(2);
+        }
+        let kp = project(gpu, taps, "Kcur", l, &lw.wk, lw.bk.as_ref().map(|b| b.ptr), a_in, a_norm, t, &a.k, &a.kraw, true, batched, scratch);
+        if branch {
+            gpu.join()?;
+        }
+        let (_, v_raw) = vp?;
+        let (_, k_raw) = kp?;
         let want_krot = taps.wants("Kcur", li, Some("rope"));
         gpu.rope_store(&RopeArgs {
             q: a.q.ptr,
@@ -489,14 +511,18 @@ fn run(
 
         // feed-forward block
         let want_n1 = taps.wants("norm", li, Some("rms_norm.1"));
-        gpu.rmsnorm(a.h.ptr, lw.ffn_norm.ptr, want_n1.then_some(a.n1.ptr), a.f.ptr, rows, d, eps)?;
+        let fused = rows <= MV_MAX_T && lw.w_gate.ty == lw.w_up.ty;
+        let fuse_norm = fused && !want_n1 && !taps.wants("ffn_norm", li, None);
+        if !fuse_norm {
+            gpu.rmsnorm(a.h.ptr, lw.ffn_norm.ptr, want_n1.then_some(a.n1.ptr), a.f.ptr, rows, d, eps)?;
+        }
         taps.emit(gpu, "norm", li, Some("rms_norm.1"), act(rows, d), &a.n1, 0)?;
         taps.emit(gpu, "ffn_norm", li, None, act(rows, d), &a.f, 0)?;
-        let fused = rows <= MV_MAX_T && lw.w_gate.ty == lw.w_up.ty;
         if fused {
             let wg = taps.wants("ffn_gate", li, None).then_some(a.g.ptr);
             let wu = taps.wants("ffn_up", li, None).then_some(a.u.ptr);
-            gpu.matvec_swiglu(&lw.w_gate, &lw.w_up, a.f.ptr, rows, a.s.ptr, wg, wu)?;
+            let (f_in, f_norm) = if fuse_norm { (a.h.ptr, Some((lw.ffn_norm.ptr, eps))) } else { (a.f.ptr, None) };
+            gpu.matvec_swiglu(&lw.w_gate, &lw.w_up, f_in, rows, a.s.ptr, wg, wu, f_norm)?;
         } else {
             gpu.linear(&lw.w_gate, a.f.ptr, rows, a.g.ptr, None, None, None, scratch)?;
             gpu.linear(&lw.w_up, a.f.ptr, rows, a.u.ptr, None, None, None, scratch)?;
@@ -520,7 +546,7 @@ fn run(
     gpu.rmsnorm(xl, w.output_norm.ptr, want_norm.then_some(a.fin_n.ptr), a.fin_r.ptr, 1, d, eps)?;
     taps.emit(gpu, "norm", None, None, act(1, d), &a.fin_n, 0)?;
     taps.emit(gpu, "result_norm", None, None, act(1, d), &a.fin_r, 0)?;
-    gpu.matvec(w.lm_head(), a.fin_r.ptr, 1, a.logits.ptr, None, None, None)?;
+    gpu.matvec(w.lm_head(), a.fin_r.ptr, 1, a.logits.ptr, None, None, None, None)?;
     taps.emit(gpu, "result_output", None, None, act(1, cfg.n_vocab), &a.logits, 0)?;
     Ok(())
 }
@@ -536,6 +562,7 @@ fn project<'b>(
     w: &super::ops::QMat,
     bias: Option<u64>,
     x: u64,
+    norm: Option<(u64, f32)>,
     t: usize,
     y: &'b Buf,
     raw: &'b Buf,
@@ -546,7 +573,10 @@ fn project<'b>(
     let stage = (rotated || bias.is_some()).then_some("mul_mat");
     let want_raw = bias.is_some() && (batched || taps.wants(name, Some(l), stage));
     let raw_ptr = want_raw.then_some(raw.ptr);
-    gpu.linear(w, x, t, y.ptr, bias, None, raw_ptr, scratch)?;
+    match norm {
+        Some(_) => gpu.matvec(w, x, t, y.ptr, bias, None, raw_ptr, norm)?,
+        None => gpu.linear(w, x, t, y.ptr, bias, None, raw_ptr, scratch)?,
+    }
     Ok((y, want_raw.then_some(raw)))
 }
 

@@ -176,7 +176,10 @@ fn kernel_names(src: &str) -> Vec<String> {
                 stamps.push(n.trim().to_string());
             }
         } else if let Some(i) = l.find("__global__ void ") {
-            let rest = &l[i + "__global__ void ".len()..];
+            let mut rest = &l[i + "__global__ void ".len()..];
+            if let Some(r) = rest.strip_prefix("__launch_bounds__(") {
+                rest = r.split_once(')').map(|(_, after)| after.trim_start()).unwrap_or(r);
+            }
             let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '#').collect();
             match name.strip_suffix("##NAME") {
                 Some(prefix) => stamped.push(prefix.to_string()),
@@ -206,6 +209,10 @@ pub enum Arg {
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
+    /// Two side streams for independent work (the K and V projections beside Q); launches go to
+    /// `side[active - 1]` while `active` is 1 or 2, else to `stream`.
+    pub side: [Arc<CudaStream>; 2],
+    active: std::sync::atomic::AtomicUsize,
     pub kernels: Arc<Kernels>,
     pub blas: CudaBlas,
     pub info: DeviceInfo,
@@ -221,6 +228,7 @@ impl Gpu {
         let sh = shared().map_err(|e| anyhow!("CUDA is not available: {e}"))?;
         let kernels = kernels(&sh.ctx, sh.info.compute_capability).map_err(|e| anyhow!(e))?;
         let stream = sh.ctx.new_stream().context("creating a CUDA stream")?;
+        let side = [sh.ctx.new_stream().context("creating a CUDA stream")?, sh.ctx.new_stream().context("creating a CUDA stream")?];
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("creating a cuBLAS handle: {e}"))?;
         // Default math: no TF32 tensor-op math, so SGEMM is full f32 (the exact tier needs it).
         // SAFETY: the handle is valid (just created) and the mode a valid enum value.
@@ -232,6 +240,8 @@ impl Gpu {
         Ok(Gpu {
             ctx: sh.ctx.clone(),
             stream,
+            side,
+            active: std::sync::atomic::AtomicUsize::new(0),
             kernels,
             blas,
             info: sh.info.clone(),
@@ -281,6 +291,30 @@ impl Gpu {
         self.ctx.synchronize().context("CUDA device synchronisation")
     }
 
+    /// Makes the side streams wait for the work queued so far on the main stream.
+    pub fn fork(&self) -> Result<()> {
+        let ev = self.stream.record_event(None).context("recording a CUDA event")?;
+        for s in &self.side {
+            s.wait(&ev).context("side stream wait")?;
+        }
+        Ok(())
+    }
+
+    /// Makes the main stream wait for the work queued on the side streams; launches go to main.
+    pub fn join(&self) -> Result<()> {
+        self.on(0);
+        for s in &self.side {
+            let ev = s.record_event(None).context("recording a CUDA event")?;
+            self.stream.wait(&ev).context("main stream wait")?;
+        }
+        Ok(())
+    }
+
+    /// Sends the following launches to the main stream (0) or side stream 1 or 2.
+    pub fn on(&self, i: usize) {
+        self.active.store(i.min(2), std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn sync(&self) -> Result<()> {
         self.stream.synchronize().context("CUDA stream synchronisation (an earlier kernel may have faulted)")
     }
@@ -288,7 +322,11 @@ impl Gpu {
     /// Launches kernel `name` on this stream.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
         let f = self.kernels.get(name)?;
-        let mut b = self.stream.launch_builder(f);
+        let stream = match self.active.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => &self.stream,
+            i => &self.side[i - 1],
+        };
+        let mut b = stream.launch_builder(f);
         for a in args {
             match a {
                 Arg::P(p) => b.arg(p),
@@ -303,7 +341,7 @@ impl Gpu {
         unsafe { b.launch(cfg) }
             .map_err(|e| anyhow!("CUDA kernel {name} failed to launch (grid {grid:?}, block {block}, shared {smem} B): {e}"))?;
         if self.sync_each && !self.capturing {
-            self.stream
+            stream
                 .synchronize()
                 .map_err(|e| anyhow!("CUDA kernel {name} (grid {grid:?}, block {block}) faulted: {e}"))?;
         }
@@ -323,6 +361,7 @@ mod tests {
     fn kernel_names_include_stamped_ones() {
         let names = super::kernel_names(super::SOURCES[0].1);
         assert!(names.contains(&"matvec_q4_k".to_string()), "{names:?}");
+        assert!(names.contains(&"matvec1_q4_k".to_string()) && names.contains(&"matvec_swiglu1_q6_k".to_string()), "{names:?}");
         assert!(names.contains(&"get_rows_f32".to_string()), "{names:?}");
         let ops = super::kernel_names(super::SOURCES[1].1);
         assert!(ops.contains(&"rmsnorm_f32".to_string()) && ops.contains(&"rope_store_f32".to_string()), "{ops:?}");

@@ -93,11 +93,23 @@ fn grid_1d(n: usize) -> u32 {
 
 impl Gpu {
     /// `y[t] = W x[t] (+ bias) (+ res[t])` for t < T ≤ [`MV_MAX_T`]; `raw[t] = W x[t]` when given.
-    /// x: `[T][cols]`, y/res/raw: `[T][rows]`, bias: `[rows]`.
+    /// x: `[T][cols]`, y/res/raw: `[T][rows]`, bias: `[rows]`. With `norm = (w, eps)`, x is first
+    /// RMS-normalised and multiplied by the norm weight `w` `[cols]` (the rmsnorm kernel fused in).
     #[allow(clippy::too_many_arguments)]
-    pub fn matvec(&self, w: &QMat, x: u64, t: usize, y: u64, bias: Option<u64>, res: Option<u64>, raw: Option<u64>) -> Result<()> {
+    pub fn matvec(
+        &self,
+        w: &QMat,
+        x: u64,
+        t: usize,
+        y: u64,
+        bias: Option<u64>,
+        res: Option<u64>,
+        raw: Option<u64>,
+        norm: Option<(u64, f32)>,
+    ) -> Result<()> {
         ensure!((1..=MV_MAX_T).contains(&t), "matvec: {t} rows (1..={MV_MAX_T})");
-        let name = format!("matvec_{}", type_suffix(w.ty)?);
+        // T = 1 (decode) has its own instantiation: one accumulator, fewer registers, more warps.
+        let name = format!("matvec{}_{}", if t == 1 { "1" } else { "" }, type_suffix(w.ty)?);
         let vec_x = !matches!(w.ty, GgmlType::F32 | GgmlType::F16);
         ensure!(!vec_x || x % 16 == 0, "matvec: x at {x:#x} is not 16-byte aligned (float4 loads)");
         // warps per output row: enough blocks to fill the GPU, never a warp without two chunks' work
@@ -119,17 +131,30 @@ impl Gpu {
             p(res),
             p(raw),
             i(wpr)?,
+            p(norm.map(|n| n.0)),
+            Arg::F(norm.map_or(0.0, |n| n.1)),
         ];
         self.launch(&name, (w.rows.div_ceil(rows_per_block) as u32, 1, 1), BLOCK, 0, &args)
     }
 
     /// `s[t] = silu(G x[t]) · (U x[t])`, with the two products in g_out/u_out when given.
     /// G and U share format and shape; x: `[T][cols]`, outputs `[T][rows]`.
+    /// `norm` as in [`Gpu::matvec`].
     #[allow(clippy::too_many_arguments)]
-    pub fn matvec_swiglu(&self, g: &QMat, u: &QMat, x: u64, t: usize, s: u64, g_out: Option<u64>, u_out: Option<u64>) -> Result<()> {
+    pub fn matvec_swiglu(
+        &self,
+        g: &QMat,
+        u: &QMat,
+        x: u64,
+        t: usize,
+        s: u64,
+        g_out: Option<u64>,
+        u_out: Option<u64>,
+        norm: Option<(u64, f32)>,
+    ) -> Result<()> {
         ensure!((1..=MV_MAX_T).contains(&t), "matvec_swiglu: {t} rows (1..={MV_MAX_T})");
         ensure!(g.ty == u.ty && g.rows == u.rows && g.cols == u.cols, "matvec_swiglu: gate and up differ in format or shape");
-        let name = format!("matvec_swiglu_{}", type_suffix(g.ty)?);
+        let name = format!("matvec_swiglu{}_{}", if t == 1 { "1" } else { "" }, type_suffix(g.ty)?);
         let warps = (BLOCK / 32) as usize;
         let args = [
             Arg::P(g.ptr),
@@ -142,6 +167,8 @@ impl Gpu {
             Arg::P(s),
             p(g_out),
             p(u_out),
+            p(norm.map(|n| n.0)),
+            Arg::F(norm.map_or(0.0, |n| n.1)),
         ];
         self.launch(&name, (g.rows.div_ceil(warps) as u32, 1, 1), BLOCK, 0, &args)
     }
@@ -210,7 +237,7 @@ impl Gpu {
         scratch: Option<&CudaSlice<f32>>,
     ) -> Result<()> {
         if t <= MV_MAX_T {
-            return self.matvec(w, x, t, y, bias, res, raw);
+            return self.matvec(w, x, t, y, bias, res, raw, None);
         }
         let scratch = scratch.ok_or_else(|| anyhow::anyhow!("linear: no dequantization scratch for a {t}-row batch"))?;
         ensure!(scratch.len() >= w.rows * w.cols, "linear: scratch of {} for a {}×{} weight", scratch.len(), w.rows, w.cols);
