@@ -205,12 +205,19 @@ fn clean_trial(manifest: &Manifest, suite_name: &str, case: &str, backend: &str,
     Ok(())
 }
 
-/// Whether the exact-tier case detects the probe `fault` on an already loaded clean backend.
-fn detects(manifest: &Manifest, s: &Suite, c: &Case, backend: &mut lockstep_engine::cpu::CpuBackend, model: &lockstep_engine::model::Model, fault: Fault) -> Result<bool, String> {
+/// The report of the exact-tier case with the probe `fault` on an already loaded clean backend.
+fn probe(manifest: &Manifest, s: &Suite, c: &Case, backend: &mut lockstep_engine::cpu::CpuBackend, model: &lockstep_engine::model::Model, fault: Fault) -> Result<CaseReport, String> {
     backend.fault = Some(fault);
-    let rep = run_case(s, c, backend, model, manifest).map_err(|e| format!("{e:#}"))?;
+    let rep = run_case(s, c, backend, model, manifest).map_err(|e| format!("{e:#}"));
     backend.fault = None;
-    Ok(!rep.passed)
+    rep
+}
+
+/// What caught a probe: the first divergence and the failed checks.
+fn caught_by(rep: &CaseReport) -> String {
+    let fd = rep.first_divergence.as_ref().map_or("no tap".into(), |d| format!("s{}/{} rel_l2 {:.2e}", d.step, d.tap, d.value));
+    let checks: Vec<String> = rep.failed_checks().map(|c| c.name.clone()).collect();
+    format!("first divergence {fd}; failed checks {}", checks.join(", "))
 }
 
 /// Bisection over log(factor) in (1, hi]: the smallest factor > 1 the case detects, to 2 % of the
@@ -238,13 +245,33 @@ fn sensitivity(manifest: &Manifest, suite_name: &str, case: &str) -> Result<Stri
         return Err(format!("{suite_name}::{case}: the clean engine fails, no sensitivity to measure").into());
     }
     let (eps, base) = (model.config.rms_eps, model.config.rope_base);
-    let e = smallest_factor(|f| detects(manifest, &s, &c, &mut b, &model, Fault::RmsEpsScaled(Factor(f))), 10.0)?;
-    let r = smallest_factor(|f| detects(manifest, &s, &c, &mut b, &model, Fault::RopeBaseScaled(Factor(f))), 10.0)?;
-    let show = |x: Option<f64>, v: f32, what: &str| match x {
-        Some(f) => format!("{what}: ×{f:.6} ({v:e} → {:.6e}, +{:.3} %)", v as f64 * f, (f - 1.0) * 100.0),
-        None => format!("{what}: not detected even ×10"),
+    let eps_probe = |f: f64| Fault::RmsEpsScaled(Factor(f));
+    let base_probe = |f: f64| Fault::RopeBaseScaled(Factor(f));
+    // Detected: the case fails. Localized: it fails first at the tap where the class shows.
+    let at = |r: &CaseReport, taps: &[&str]| r.first_divergence.as_ref().is_some_and(|d| d.step == 0 && taps.contains(&d.tap.as_str()));
+    let (eps_taps, rope_taps) = (["norm-0.rms_norm.0"], ["Qcur-0.rope", "Kcur-0.rope"]);
+    let e = smallest_factor(|f| probe(manifest, &s, &c, &mut b, &model, eps_probe(f)).map(|r| !r.passed), 10.0)?;
+    let r = smallest_factor(|f| probe(manifest, &s, &c, &mut b, &model, base_probe(f)).map(|r| !r.passed), 10.0)?;
+    let el = smallest_factor(|f| probe(manifest, &s, &c, &mut b, &model, eps_probe(f)).map(|r| at(&r, &eps_taps)), 10.0)?;
+    let rl = smallest_factor(|f| probe(manifest, &s, &c, &mut b, &model, base_probe(f)).map(|r| at(&r, &rope_taps)), 10.0)?;
+    let worst = clean.checks.iter().filter(|k| k.name.starts_with("taps:")).max_by(|a, b| (a.value / a.limit).total_cmp(&(b.value / b.limit)));
+    let margin = worst.map_or(String::new(), |k| format!("clean run's closest tap check: {} = {:.2e} of {:.0e} ({})", k.name, k.value, k.limit, k.detail.clone().unwrap_or_default()));
+    let mut show = |x: Option<f64>, v: f32, what: &str, mk: &dyn Fn(f64) -> Fault| -> Result<String, String> {
+        Ok(match x {
+            Some(f) => {
+                let rep = probe(manifest, &s, &c, &mut b, &model, mk(f))?;
+                format!("{what}: ×{f:.6} ({v:e} → {:.6e}, +{:.4} %; {})", v as f64 * f, (f - 1.0) * 100.0, caught_by(&rep))
+            }
+            None => format!("{what}: not detected even ×10"),
+        })
     };
-    Ok(format!("{suite_name}::{case}: smallest detected change, {}; {}", show(e, eps, "RMSNorm epsilon"), show(r, base, "RoPE base")))
+    let (e, r) = (show(e, eps, "RMSNorm epsilon", &eps_probe)?, show(r, base, "RoPE base", &base_probe)?);
+    let (el, rl) = (show(el, eps, "RMSNorm epsilon", &eps_probe)?, show(rl, base, "RoPE base", &base_probe)?);
+    Ok(format!(
+        "{suite_name}::{case} (exact tier), smallest change that fails the case — {e}; {r}\n\
+         smallest change localized where the class shows (norm-0.rms_norm.0 / Qcur-0.rope at the prefill) — {el}; {rl}\n\
+         {margin}"
+    ))
 }
 
 fn main() {
