@@ -139,8 +139,20 @@ fn kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<Kernels>, Strin
         .get_or_init(|| {
             let arch = format!("--gpu-architecture=compute_{}{}", cc.0, cc.1);
             let mut funcs = HashMap::new();
-            for (file, src) in SOURCES {
-                let full = format!("{COMMON}\n#line 1 \"{file}\"\n{src}");
+            // LOCKSTEP_KERNELS_DIR: read the sources from a directory instead of the embedded copies
+            // (kernel development without rebuilding).
+            let dir = std::env::var_os("LOCKSTEP_KERNELS_DIR").map(std::path::PathBuf::from);
+            let read = |name: &str, embedded: &'static str| -> Result<String, String> {
+                match &dir {
+                    Some(d) => std::fs::read_to_string(d.join(name)).map_err(|e| format!("{}: {e}", d.join(name).display())),
+                    None => Ok(embedded.to_string()),
+                }
+            };
+            let common = read("common.cuh", COMMON)?;
+            for (file, embedded) in SOURCES {
+                let src = read(file, embedded)?;
+                let src = src.as_str();
+                let full = format!("{common}\n#line 1 \"{file}\"\n{src}");
                 let opts = cudarc::nvrtc::CompileOptions {
                     options: vec![arch.clone(), "--std=c++17".into()],
                     name: Some(file.to_string()),

@@ -112,10 +112,11 @@ impl Gpu {
         let name = format!("matvec{}_{}", if t == 1 { "1" } else { "" }, type_suffix(w.ty)?);
         let vec_x = !matches!(w.ty, GgmlType::F32 | GgmlType::F16);
         ensure!(!vec_x || x % 16 == 0, "matvec: x at {x:#x} is not 16-byte aligned (float4 loads)");
-        // warps per output row: enough blocks to fill the GPU, never a warp without two chunks' work
+        // warps per output row: split rows until the grid fills the GPU (2 blocks per SM of an H100)
+        // while the row still has more chunks than the lanes of the warps sharing it
         let nchunks = w.cols.div_ceil(16);
         let mut wpr = 1usize;
-        while wpr < 8 && w.rows * wpr / 8 < 2 * 132 && 64 * wpr <= nchunks {
+        while wpr < 8 && w.rows * wpr / 8 < 2 * 132 && 32 * wpr < nchunks {
             wpr *= 2;
         }
         let rows_per_block = (BLOCK / 32) as usize / wpr;
