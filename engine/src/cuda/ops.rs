@@ -58,7 +58,7 @@ impl QMat {
     pub fn upload(gpu: &Gpu, ty: GgmlType, rows: usize, cols: usize, bytes: &[u8], what: &str) -> Result<QMat> {
         type_suffix(ty)?;
         let bs = ty.block_size();
-        ensure!(cols % bs == 0, "{what}: {cols} columns is not a multiple of the {ty} block of {bs}");
+        ensure!(cols.is_multiple_of(bs), "{what}: {cols} columns is not a multiple of the {ty} block of {bs}");
         let row_bytes = cols / bs * ty.type_size();
         ensure!(
             bytes.len() == rows * row_bytes,
@@ -111,7 +111,7 @@ impl Gpu {
         // T = 1 (decode) has its own instantiation: one accumulator, fewer registers, more warps.
         let name = format!("matvec{}_{}", if t == 1 { "1" } else { "" }, type_suffix(w.ty)?);
         let vec_x = !matches!(w.ty, GgmlType::F32 | GgmlType::F16);
-        ensure!(!vec_x || x % 16 == 0, "matvec: x at {x:#x} is not 16-byte aligned (float4 loads)");
+        ensure!(!vec_x || x.is_multiple_of(16), "matvec: x at {x:#x} is not 16-byte aligned (float4 loads)");
         // warps per output row: split rows until the grid fills the GPU (2 blocks per SM of an H100)
         // while the row still has more chunks than the lanes of the warps sharing it
         let nchunks = w.cols.div_ceil(16);
@@ -258,6 +258,7 @@ impl Gpu {
     }
 
     /// RMSNorm of `rows` rows of width n: y_norm (optional) = x / rms, y = y_norm · w.
+    #[allow(clippy::too_many_arguments)]
     pub fn rmsnorm(&self, x: u64, w: u64, y_norm: Option<u64>, y: u64, rows: usize, n: usize, eps: f32) -> Result<()> {
         let args = [Arg::P(x), Arg::P(w), p(y_norm), Arg::P(y), i(n)?, Arg::F(eps)];
         self.launch("rmsnorm_f32", (rows as u32, 1, 1), BLOCK, 0, &args)
@@ -278,7 +279,7 @@ impl Gpu {
     /// RoPE on q (in place) and k (into k_out when given) at positions `*pos + t`, and the KV-cache
     /// write of k (rotated) and v into kc/vc `[ctx][Hkv·Dh]` of this layer.
     pub fn rope_store(&self, a: &RopeArgs) -> Result<()> {
-        ensure!(a.head_dim % 2 == 0 && a.n_rot <= a.head_dim && a.n_rot % 2 == 0, "rope: n_rot {} head_dim {}", a.n_rot, a.head_dim);
+        ensure!(a.head_dim.is_multiple_of(2) && a.n_rot <= a.head_dim && a.n_rot.is_multiple_of(2), "rope: n_rot {} head_dim {}", a.n_rot, a.head_dim);
         let n = a.t * (a.n_head + a.n_head_kv) * a.head_dim / 2 + a.t * a.n_head_kv * a.head_dim;
         let args = [
             Arg::P(a.q),
@@ -303,7 +304,7 @@ impl Gpu {
     /// p `[H][T][kv_len]` and out `[T][H·Dh]`.
     pub fn attention(&self, a: &AttnArgs) -> Result<()> {
         ensure!(a.head_dim <= BLOCK as usize, "attention: head dim {} > {BLOCK}", a.head_dim);
-        ensure!(a.n_head % a.n_head_kv == 0, "attention: {} heads over {} kv heads", a.n_head, a.n_head_kv);
+        ensure!(a.n_head.is_multiple_of(a.n_head_kv), "attention: {} heads over {} kv heads", a.n_head, a.n_head_kv);
         let args = [
             Arg::P(a.q),
             Arg::P(a.kc),

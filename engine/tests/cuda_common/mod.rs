@@ -6,10 +6,7 @@ use libtest_mimic::Trial;
 /// Why CUDA trials cannot run here, or None when they can. With LOCKSTEP_REQUIRE_CUDA=1 (set by
 /// ci/gpu-tests) a missing GPU is a failure, not a skip.
 pub fn skip_reason() -> Option<String> {
-    match lockstep_engine::cuda::available() {
-        Ok(_) => None,
-        Err(e) => Some(e),
-    }
+    lockstep_engine::cuda::available().err()
 }
 
 /// Wraps CUDA trials: ignored with the reason when CUDA is unavailable (unless required).
