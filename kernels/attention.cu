@@ -6,19 +6,21 @@
 // kq holds the unscaled scores; with full_scores = 0 the masked entries of kq are left unwritten
 // (nobody reads them: they exist only for the `kq` tap). Query head h reads KV head h / (H / Hkv).
 // blockDim.x: a multiple of 32, ≥ Dh. Dynamic shared memory: Dh floats.
+// fault: 0, or injected bug classes (engine/src/faults.rs), uniform per launch: 1 = no causal mask
+// (every row sees all kv_len positions), 2 = softmax without max subtraction, 4 = kv head h % Hkv.
 extern "C" __global__ void attention_f32(const float* __restrict__ q, const float* __restrict__ kc,
                                          const float* __restrict__ vc, float* __restrict__ kq,
                                          float* __restrict__ p, float* __restrict__ out,
                                          const int* __restrict__ pos, int T, int H, int Hkv, int Dh,
-                                         float scale, int full_scores) {
+                                         float scale, int full_scores, int fault) {
     extern __shared__ float qs[];
     __shared__ float shf[32];
     __shared__ double shd[32];
     int h = blockIdx.x, t = blockIdx.y;
     int n_past = pos[0];
     int kv_len = n_past + T;
-    int valid = n_past + t + 1;
-    int hk = h / (H / Hkv);
+    int valid = (fault & 1) ? kv_len : n_past + t + 1;
+    int hk = (fault & 4) ? h % Hkv : h / (H / Hkv);
     int kvd = Hkv * Dh;
         const float* qr = q + ((long long)t * H + h) * Dh;
     for (int d = threadIdx.x; d < Dh; d += blockDim.x) qs[d] = qr[d];
@@ -49,6 +51,7 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     float m = -INFINITY;
     for (int j = threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, kqr[j] * scale);
     m = block_max(m, shf);
+    if (fault & 2) m = 0.0f;
     double sum = 0.0;
     for (int j = threadIdx.x; j < valid; j += blockDim.x) {
         float e = expf(kqr[j] * scale - m);

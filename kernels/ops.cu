@@ -15,6 +15,27 @@ extern "C" __global__ void rmsnorm_f32(const float* __restrict__ x, const float*
     }
 }
 
+// Fault injection (engine/src/faults.rs, f16-accumulation): rmsnorm_f32 with its sum of squares
+// saturating at 65504 as an f16 accumulator does (the squares are non-negative: min(Σx², 65504)).
+extern "C" __global__ void rmsnorm_f16sat_f32(const float* __restrict__ x, const float* __restrict__ w,
+                                              float* __restrict__ y_norm, float* __restrict__ y, int n, float eps) {
+    __shared__ double sh[32];
+    const float* xr = x + (long long)blockIdx.x * n;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i];
+        s += (double)(v * v);
+    }
+    s = block_sum_d(s, sh);
+    s = fmin(s, 65504.0);
+    float scale = 1.0f / sqrtf((float)(s / (double)n) + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = xr[i] * scale;
+        if (y_norm) y_norm[(long long)blockIdx.x * n + i] = v;
+        y[(long long)blockIdx.x * n + i] = v * w[i];
+    }
+}
+
 // y[i] = a[i] + (bias ? bias[i % nb] : 0) + (res ? res[i] : 0). y may alias a or res.
 extern "C" __global__ void add_f32(const float* a, const float* __restrict__ bias, int nb, const float* res,
                                    float* y, long long n) {
@@ -34,6 +55,16 @@ extern "C" __global__ void swiglu_f32(const float* __restrict__ g, const float* 
          i += (long long)gridDim.x * blockDim.x) {
         float gv = g[i];
         s[i] = gv / (1.0f + expf(-gv)) * u[i];
+    }
+}
+
+// Fault injection (gelu-activation): s = gelu(g) · u, GELU's tanh approximation as ggml_gelu.
+extern "C" __global__ void gelu_mul_f32(const float* __restrict__ g, const float* __restrict__ u,
+                                        float* __restrict__ s, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float gv = g[i];
+        s[i] = 0.5f * gv * (1.0f + tanhf(0.7978846f * (gv + 0.044715f * gv * gv * gv))) * u[i];
     }
 }
 

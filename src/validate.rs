@@ -56,12 +56,10 @@ pub fn load_backend(name: &str, model: &Model) -> Result<Box<dyn Backend>> {
     let opts = lockstep_engine::cpu::EngineOptions::default();
     match name {
         "cpu" => Ok(Box::new(lockstep_engine::cpu::CpuBackend::load_with_fault(&model.file, opts, model.fault)?)),
-        "cuda" if model.fault.is_some_and(|f| !matches!(f, Fault::SpecialTokensSplit | Fault::ChatTemplateSkipped | Fault::SamplerOrder)) => {
-            Err(anyhow!("fault {} is not implemented in the CUDA backend yet", model.fault.map_or(String::new(), |f| f.to_string())))
-        }
-        "cuda" => Ok(Box::new(lockstep_engine::cuda::backend::CudaBackend::load(
+        "cuda" => Ok(Box::new(lockstep_engine::cuda::backend::CudaBackend::load_with_fault(
             &model.file,
             lockstep_engine::cuda::backend::CudaOptions::from_engine(&opts),
+            model.fault,
         )?)),
         other => Err(anyhow!("unknown backend {other:?}")),
     }

@@ -149,7 +149,8 @@ impl Fault {
         Fault::ALL.into_iter().find(|f| f.name() == name)
     }
 
-    /// Whether the fault is applied to the weights at load (needs [`crate::cpu::CpuBackend::load_with_fault`]).
+    /// Whether the fault is applied to the weights at load (needs [`crate::cpu::CpuBackend::load_with_fault`]
+    /// or `crate::cuda::CudaBackend::load_with_fault`).
     pub fn at_load(self) -> bool {
         matches!(
             self,
@@ -179,7 +180,7 @@ impl std::fmt::Display for Fault {
 
 /// `m` (`[rows][cols]`) read with the wrong leading dimension: element (r, c) taken from
 /// `data[c·rows + r]`, i.e. the bytes read column-major. Same shape, wrong values.
-fn wrong_leading_dim(m: &Matrix) -> Matrix {
+pub(crate) fn wrong_leading_dim(m: &Matrix) -> Matrix {
     let mut data = vec![0.0f32; m.data.len()];
     for r in 0..m.rows {
         for c in 0..m.cols {
@@ -277,7 +278,7 @@ fn weight_mut<'a>(w: &'a mut Weights, name: &str) -> Option<&'a mut Vec<f32>> {
 pub fn dequant_q4k_min_sign(bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     const QK: usize = 256;
     const BS: usize = 144;
-    anyhow::ensure!(n % QK == 0 && bytes.len() == n / QK * BS, "Q4_K: {} bytes for {n} values", bytes.len());
+    anyhow::ensure!(n.is_multiple_of(QK) && bytes.len() == n / QK * BS, "Q4_K: {} bytes for {n} values", bytes.len());
     let f16 = |b: &[u8], o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
     let mut y = vec![0.0f32; n];
     for (b, out) in bytes.chunks_exact(BS).zip(y.chunks_exact_mut(QK)) {

@@ -16,6 +16,7 @@ use super::ops::{AttnArgs, RopeArgs, MV_MAX_T};
 use super::weights::GpuWeights;
 use crate::backend::Backend;
 use crate::config::{ModelConfig, RopeStyle};
+use crate::faults::Fault;
 use crate::gguf::GgufFile;
 use crate::taps::{key, TapInfo, TapSink};
 
@@ -173,6 +174,8 @@ pub struct CudaBackend {
     kc: Buf,
     vc: Buf,
     weights: GpuWeights,
+    /// An injected bug class (crate::faults); `None` unless a caller asked for one explicitly.
+    fault: Option<Fault>,
     gpu: Gpu,
 }
 
@@ -180,11 +183,21 @@ impl CudaBackend {
     /// Reads the configuration from `file`, uploads the weights in their GGUF formats, compiles the
     /// kernels (first use in the process) and allocates the KV cache and activation buffers.
     pub fn load(file: &GgufFile, options: CudaOptions) -> Result<Self> {
-        let config = ModelConfig::from_gguf(file)?;
+        Self::load_with_fault(file, options, None)
+    }
+
+    /// [`Self::load`] with a fault of crate::faults injected, as the CPU backend's
+    /// `load_with_fault`: loader faults corrupt the uploaded weights, op faults switch the forward
+    /// pass to a buggy kernel or argument. `None` loads the very same weights and graph as [`Self::load`].
+    pub fn load_with_fault(file: &GgufFile, options: CudaOptions, fault: Option<Fault>) -> Result<Self> {
+        let mut config = ModelConfig::from_gguf(file)?;
         let gpu = Gpu::new()?;
         let _lock = super::device::shared_lock();
         ensure!(config.head_dim % 2 == 0 && config.head_dim <= 256, "head dim {} unsupported by the CUDA attention kernel", config.head_dim);
-        let weights = GpuWeights::load(&gpu, file, &config)?;
+        let weights = GpuWeights::load_with_fault(&gpu, file, &config, fault)?;
+        if fault == Some(Fault::FfnSizeWrong) {
+            config.n_ff = super::weights::ffn_size_wrong(&config);
+        }
         let max_ctx = if options.max_ctx == 0 { config.n_ctx_train } else { options.max_ctx };
         let cache_n = config.n_layer * max_ctx * config.kv_dim();
         let kc = Buf::new(&gpu, cache_n, &format!("K cache ({max_ctx} positions)"))?;
@@ -193,7 +206,7 @@ impl CudaBackend {
         let kq_cap = (config.n_head * max_ctx).max(config.n_head * t_cap * t_cap);
         let acts = Acts::new(&gpu, &config, &weights, t_cap, kq_cap)?;
         gpu.sync()?;
-        Ok(Self { graph: None, config, options, max_ctx, n_past: 0, acts, kc, vc, weights, gpu })
+        Ok(Self { graph: None, config, options, max_ctx, n_past: 0, acts, kc, vc, weights, fault, gpu })
     }
 
     /// The number of positions the KV cache may hold.
@@ -255,13 +268,19 @@ impl CudaBackend {
             self.gpu.stream.memcpy_htod(pinned, &mut self.acts.params).context("copying the step parameters to the GPU")?;
         }
 
+        if self.fault == Some(Fault::KvCacheNotWritten) {
+            // the fault: positions of earlier calls read back as zeros (this batch's own rows are
+            // written by rope_store below, before attention reads them)
+            self.gpu.stream.memset_zeros(&mut self.kc.buf).context("kv-cache-not-written: zeroing the K cache")?;
+            self.gpu.stream.memset_zeros(&mut self.vc.buf).context("kv-cache-not-written: zeroing the V cache")?;
+        }
         if use_graph {
             if capture {
                 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
                 self.gpu.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).context("beginning CUDA graph capture")?;
                 self.gpu.capturing = true;
                 let mut taps = Taps { sink: None };
-                let r = run(&self.gpu, &self.config, &self.weights, &self.acts, &self.kc, &self.vc, self.max_ctx, t, n_past, &mut taps);
+                let r = run(&self.gpu, &self.config, &self.weights, &self.acts, &self.kc, &self.vc, self.max_ctx, t, n_past, self.fault, &mut taps);
                 self.gpu.capturing = false;
                 let g = self.gpu.stream.end_capture(CUgraphInstantiate_flags(0));
                 r?;
@@ -273,7 +292,7 @@ impl CudaBackend {
             }
         } else {
             let mut taps = Taps { sink };
-            run(&self.gpu, &self.config, &self.weights, &self.acts, &self.kc, &self.vc, self.max_ctx, t, n_past, &mut taps)?;
+            run(&self.gpu, &self.config, &self.weights, &self.acts, &self.kc, &self.vc, self.max_ctx, t, n_past, self.fault, &mut taps)?;
         }
         let pinned = self.acts.logits_host.as_mut().context("CUDA backend used while being dropped")?;
         self.gpu.stream.memcpy_dtoh(&self.acts.logits.buf, pinned).context("copying the logits from the GPU")?;
@@ -378,16 +397,41 @@ fn run(
     max_ctx: usize,
     t: usize,
     n_past: usize,
+    fault: Option<Fault>,
     taps: &mut Taps<'_>,
 ) -> Result<()> {
     let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
-    let eps = cfg.rms_eps;
+    // injected faults (crate::faults), each where its CPU twin acts; all off without one
+    let eps = match fault {
+        Some(Fault::RmsNormEps) => 1e-5,
+        Some(Fault::RmsEpsScaled(f)) => (cfg.rms_eps as f64 * f.0) as f32,
+        _ => cfg.rms_eps,
+    };
+    let f16_sum = fault == Some(Fault::F16Accumulation);
+    let rmsnorm = |x: u64, w: u64, y_norm: Option<u64>, y: u64, rows: usize| match f16_sum {
+        true => gpu.rmsnorm_f16sat(x, w, y_norm, y, rows, d, eps),
+        false => gpu.rmsnorm(x, w, y_norm, y, rows, d, eps),
+    };
+    let rope_base = match fault {
+        Some(Fault::RopeBase) => 1e4,
+        Some(Fault::RopeBaseScaled(f)) => (cfg.rope_base as f64 * f.0) as f32,
+        _ => cfg.rope_base,
+    };
+    let neox = cfg.rope_style == RopeStyle::Neox && fault != Some(Fault::RopeAdjacent);
+    let attn_fault = match fault {
+        Some(Fault::CausalMaskMissing) => 1,
+        Some(Fault::SoftmaxNoMax) => 2,
+        Some(Fault::GqaMapping) => 4,
+        _ => 0,
+    };
+    let residual = fault != Some(Fault::ResidualDropped);
+    let gelu = fault == Some(Fault::GeluActivation);
     let kv_len = n_past + t;
     let batched = t > MV_MAX_T;
     let pos = a.params_ptr;
     let scratch = a.scratch.as_ref();
-    let theta_scale = cfg.rope_base.powf(-2.0 / cfg.n_rot as f32);
-    let scale = 1.0f32 / (cfg.head_dim as f32).sqrt();
+    let theta_scale = rope_base.powf(-2.0 / cfg.n_rot as f32);
+    let scale = crate::faults::softmax_scale(fault, cfg.head_dim);
     // a raw (pre-bias / pre-residual) output: needed when tapped, or as the GEMM target
     let raw = |tapped: bool, b: &Buf| (tapped || batched).then_some(b.ptr);
 
@@ -403,11 +447,11 @@ fn run(
 
         // attention block; without taps on the norm, the projections normalise x themselves
         let want_n0 = taps.wants("norm", li, Some("rms_norm.0"));
-        let fuse_norm = !batched && !want_n0 && !taps.wants("attn_norm", li, None);
+        let fuse_norm = !batched && !f16_sum && !want_n0 && !taps.wants("attn_norm", li, None);
         let (a_in, a_norm) = if fuse_norm {
             (a.x.ptr, Some((lw.attn_norm.ptr, eps)))
         } else {
-            gpu.rmsnorm(a.x.ptr, lw.attn_norm.ptr, want_n0.then_some(a.n0.ptr), a.a.ptr, t, d, eps)?;
+            rmsnorm(a.x.ptr, lw.attn_norm.ptr, want_n0.then_some(a.n0.ptr), a.a.ptr, t)?;
             (a.a.ptr, None)
         };
         taps.emit(gpu, "norm", li, Some("rms_norm.0"), act(t, d), &a.n0, 0)?;
@@ -452,7 +496,7 @@ fn run(
             head_dim: cfg.head_dim,
             n_rot: cfg.n_rot,
             theta_scale,
-            neox: cfg.rope_style == RopeStyle::Neox,
+            neox,
         })?;
         taps.emit(gpu, "Qcur", li, Some("rope"), [1, t, cfg.n_head, cfg.head_dim], &a.q, 0)?;
         match lw.bv {
@@ -469,7 +513,7 @@ fn run(
         taps.emit(gpu, "Kcur", li, Some("rope"), [1, t, cfg.n_head_kv, cfg.head_dim], &a.krot, 0)?;
 
         let full_scores = taps.wants("kq", li, None);
-        gpu.attention(&AttnArgs {
+        gpu.attention_faulty(&AttnArgs {
             q: a.q.ptr,
             kc: layer_kc,
             vc: layer_vc,
@@ -483,7 +527,7 @@ fn run(
             head_dim: cfg.head_dim,
             scale,
             full_scores,
-        })?;
+        }, attn_fault)?;
         let kq_shape = [1, cfg.n_head, t, kv_len];
         taps.emit(gpu, "kq", li, None, kq_shape, &a.kq, 0)?;
         taps.emit(gpu, "kq_soft_max", li, None, kq_shape, &a.p, 0)?;
@@ -499,22 +543,22 @@ fn run(
             taps.emit(gpu, "attn_out", li, None, act(t, d), &a.o, 0)?;
             let r0 = if trim { t - 1 } else { 0 };
             rows = t - r0;
-            gpu.add(a.o.at(r0 * d), None, 1, Some(a.x.at(r0 * d)), a.h.ptr, rows * d)?;
+            gpu.add(a.o.at(r0 * d), None, 1, residual.then_some(a.x.at(r0 * d)), a.h.ptr, rows * d)?;
         } else if trim {
             rows = 1;
-            gpu.linear(&lw.wo, a.attn.at((t - 1) * qd), 1, a.h.ptr, None, Some(a.x.at((t - 1) * d)), None, scratch)?;
+            gpu.linear(&lw.wo, a.attn.at((t - 1) * qd), 1, a.h.ptr, None, residual.then_some(a.x.at((t - 1) * d)), None, scratch)?;
         } else {
             rows = t;
-            gpu.linear(&lw.wo, a.attn.ptr, t, a.h.ptr, None, Some(a.x.ptr), raw(false, &a.o), scratch)?;
+            gpu.linear(&lw.wo, a.attn.ptr, t, a.h.ptr, None, residual.then_some(a.x.ptr), raw(false, &a.o), scratch)?;
         }
         taps.emit(gpu, "ffn_inp", li, None, act(rows, d), &a.h, 0)?;
 
         // feed-forward block
         let want_n1 = taps.wants("norm", li, Some("rms_norm.1"));
-        let fused = rows <= MV_MAX_T && lw.w_gate.ty == lw.w_up.ty;
-        let fuse_norm = fused && !want_n1 && !taps.wants("ffn_norm", li, None);
+        let fused = rows <= MV_MAX_T && lw.w_gate.ty == lw.w_up.ty && !gelu;
+        let fuse_norm = fused && !f16_sum && !want_n1 && !taps.wants("ffn_norm", li, None);
         if !fuse_norm {
-            gpu.rmsnorm(a.h.ptr, lw.ffn_norm.ptr, want_n1.then_some(a.n1.ptr), a.f.ptr, rows, d, eps)?;
+            rmsnorm(a.h.ptr, lw.ffn_norm.ptr, want_n1.then_some(a.n1.ptr), a.f.ptr, rows)?;
         }
         taps.emit(gpu, "norm", li, Some("rms_norm.1"), act(rows, d), &a.n1, 0)?;
         taps.emit(gpu, "ffn_norm", li, None, act(rows, d), &a.f, 0)?;
@@ -526,7 +570,10 @@ fn run(
         } else {
             gpu.linear(&lw.w_gate, a.f.ptr, rows, a.g.ptr, None, None, None, scratch)?;
             gpu.linear(&lw.w_up, a.f.ptr, rows, a.u.ptr, None, None, None, scratch)?;
-            gpu.swiglu(a.g.ptr, a.u.ptr, a.s.ptr, rows * ff)?;
+            match gelu {
+                true => gpu.gelu_mul(a.g.ptr, a.u.ptr, a.s.ptr, rows * ff)?,
+                false => gpu.swiglu(a.g.ptr, a.u.ptr, a.s.ptr, rows * ff)?,
+            }
         }
         taps.emit(gpu, "ffn_gate", li, None, act(rows, ff), &a.g, 0)?;
         taps.emit(gpu, "ffn_up", li, None, act(rows, ff), &a.u, 0)?;
@@ -543,7 +590,7 @@ fn run(
     // output head on the last row
     let xl = a.x.at((rows - 1) * d);
     let want_norm = taps.wants("norm", None, None);
-    gpu.rmsnorm(xl, w.output_norm.ptr, want_norm.then_some(a.fin_n.ptr), a.fin_r.ptr, 1, d, eps)?;
+    rmsnorm(xl, w.output_norm.ptr, want_norm.then_some(a.fin_n.ptr), a.fin_r.ptr, 1)?;
     taps.emit(gpu, "norm", None, None, act(1, d), &a.fin_n, 0)?;
     taps.emit(gpu, "result_norm", None, None, act(1, d), &a.fin_r, 0)?;
     gpu.matvec(w.lm_head(), a.fin_r.ptr, 1, a.logits.ptr, None, None, None, None)?;

@@ -264,6 +264,19 @@ impl Gpu {
         self.launch("rmsnorm_f32", (rows as u32, 1, 1), BLOCK, 0, &args)
     }
 
+    /// [`Self::rmsnorm`] with the f16-accumulation fault: Σx² saturates at 65504 (crate::faults).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm_f16sat(&self, x: u64, w: u64, y_norm: Option<u64>, y: u64, rows: usize, n: usize, eps: f32) -> Result<()> {
+        let args = [Arg::P(x), Arg::P(w), p(y_norm), Arg::P(y), i(n)?, Arg::F(eps)];
+        self.launch("rmsnorm_f16sat_f32", (rows as u32, 1, 1), BLOCK, 0, &args)
+    }
+
+    /// `s = gelu(g) · u`, n elements (the gelu-activation fault, crate::faults).
+    pub fn gelu_mul(&self, g: u64, u: u64, s: u64, n: usize) -> Result<()> {
+        let args = [Arg::P(g), Arg::P(u), Arg::P(s), Arg::L(n as i64)];
+        self.launch("gelu_mul_f32", (grid_1d(n), 1, 1), BLOCK, 0, &args)
+    }
+
     /// `y = a (+ bias broadcast over rows of nb) (+ res)`, n elements; y may alias a or res.
     pub fn add(&self, a: u64, bias: Option<u64>, nb: usize, res: Option<u64>, y: u64, n: usize) -> Result<()> {
         let args = [Arg::P(a), p(bias), i(nb.max(1))?, p(res), Arg::P(y), Arg::L(n as i64)];
@@ -303,6 +316,12 @@ impl Gpu {
     /// Causal GQA attention of T query rows against the cache (kv_len = *pos + T); writes kq and
     /// p `[H][T][kv_len]` and out `[T][H·Dh]`.
     pub fn attention(&self, a: &AttnArgs) -> Result<()> {
+        self.attention_faulty(a, 0)
+    }
+
+    /// [`Self::attention`] with injected bug classes (crate::faults): `fault` bits 1 = no causal
+    /// mask, 2 = softmax without max subtraction, 4 = kv head `h % Hkv`; 0 is the clean kernel.
+    pub fn attention_faulty(&self, a: &AttnArgs, fault: i32) -> Result<()> {
         ensure!(a.head_dim <= BLOCK as usize, "attention: head dim {} > {BLOCK}", a.head_dim);
         ensure!(a.n_head.is_multiple_of(a.n_head_kv), "attention: {} heads over {} kv heads", a.n_head, a.n_head_kv);
         let args = [
@@ -319,6 +338,7 @@ impl Gpu {
             i(a.head_dim)?,
             Arg::F(a.scale),
             Arg::I(a.full_scores as i32),
+            Arg::I(fault),
         ];
         self.launch("attention_f32", (a.n_head as u32, a.t as u32, 1), BLOCK, (a.head_dim * 4) as u32, &args)
     }
