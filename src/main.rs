@@ -1,5 +1,5 @@
 //! The `lockstep` command line: validate, compare, and thin wrappers over the engine (generate, dump,
-//! inspect, fetch).
+//! inspect, fetch, bench).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -81,6 +81,27 @@ enum Cmd {
     Fetch { model: Option<String> },
     /// List the injectable faults (the bug classes of BUGS.md) with a one-line description.
     Faults,
+    /// llama-bench style throughput: prompt processing (pp) and generation (tg) tokens per second.
+    Bench {
+        /// A known model id (`lockstep fetch` lists them) or a GGUF path.
+        #[arg(long, default_value = "qwen2.5-coder-0.5b")]
+        model: String,
+        /// cuda or cpu.
+        #[arg(long, default_value = "cuda")]
+        backend: String,
+        /// Prompt tokens of the pp test (0: skip it).
+        #[arg(short = 'p', default_value_t = 512)]
+        prompt: usize,
+        /// Generated tokens of the tg test (0: skip it).
+        #[arg(short = 'n', default_value_t = 128)]
+        gen: usize,
+        /// Repetitions of each test (mean ± stddev over them).
+        #[arg(short = 'r', default_value_t = 5)]
+        reps: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +139,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Dump { model, prompt, chat, steps, out } => engine_cli::dump(&model, &prompt, chat, steps, &out),
         Cmd::Inspect { file } => engine_cli::inspect(&file),
         Cmd::Fetch { model } => engine_cli::fetch(model.as_deref()),
+        Cmd::Bench { model, backend, prompt, gen, reps, json } => engine_cli::bench(&model, &backend, prompt, gen, reps, json.as_deref()),
         Cmd::Faults => {
             for f in lockstep_engine::faults::Fault::ALL {
                 let i = f.info();
@@ -217,6 +239,48 @@ mod engine_cli {
         println!("{:<40} {:>8} {:<24} {:>12}", "tensor", "type", "ne", "bytes");
         for t in &f.tensors {
             println!("{:<40} {:>8} {:<24} {:>12}", t.name, t.ty.to_string(), format!("{:?}", t.ne), t.n_bytes);
+        }
+        Ok(true)
+    }
+
+    /// `lockstep bench`: the same measurement as engine/examples/bench.rs (lockstep_engine::cuda::bench).
+    pub fn bench(model: &str, backend: &str, p: usize, n: usize, r: usize, json: Option<&std::path::Path>) -> Result<bool> {
+        use lockstep_engine::backend::Backend;
+        use lockstep_engine::cuda::bench::{self, BenchModel};
+        if r == 0 {
+            bail!("-r 0: at least one repetition is needed");
+        }
+        let m = Model::open(model)?;
+        let (file, cfg) = (&m.file, &m.config);
+        let ctx = (p.max(n) + 16).min(cfg.n_ctx_train);
+        let (mut b, dev): (Box<dyn Backend>, String) = match backend {
+            "cuda" => {
+                let info = lockstep_engine::cuda::available().map_err(|e| anyhow::anyhow!("--backend cuda: no usable CUDA device ({e}); try --backend cpu"))?;
+                let opts = lockstep_engine::cuda::CudaOptions { max_ctx: ctx, batch: p.max(1), ..Default::default() };
+                (Box::new(lockstep_engine::cuda::CudaBackend::load(file, opts)?), format!("CUDA ({})", info.name))
+            }
+            "cpu" => {
+                let opts = lockstep_engine::cpu::EngineOptions { threads: 0, max_ctx: ctx };
+                (Box::new(lockstep_engine::cpu::CpuBackend::load(file, opts)?), "CPU".to_string())
+            }
+            other => bail!("--backend {other}: expected cuda or cpu"),
+        };
+        let size_bytes: u64 = file.tensors.iter().map(|t| t.n_bytes).sum();
+        let n_params: u64 = file.tensors.iter().map(|t| t.n_elements()).sum();
+        let name = file.meta("general.name").and_then(|v| v.as_str()).unwrap_or(cfg.arch.name()).to_string();
+        let bm = BenchModel { model: name, size_bytes, n_params, backend: dev };
+        let mut results = Vec::new();
+        if p > 0 {
+            results.push(bench::prompt(b.as_mut(), p, r, cfg.n_vocab)?);
+        }
+        if n > 0 {
+            results.push(bench::generate(b.as_mut(), n, r, cfg.n_vocab)?);
+        }
+        print!("{}", bench::table(&bm, &results));
+        if let Some(f) = json {
+            let j = serde_json::to_string_pretty(&bench::json(&bm, &results))?;
+            std::fs::write(f, j).with_context(|| format!("writing {}", f.display()))?;
+            println!("json: {}", f.display());
         }
         Ok(true)
     }
