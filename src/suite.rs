@@ -37,6 +37,9 @@ pub const TIERS: &[&str] = &["exact", "shipped"];
 struct TolToml {
     #[serde(default)]
     tier: Option<String>,
+    /// Only for this backend (a backend-specific limit overrides the shared one).
+    #[serde(default)]
+    backend: Option<String>,
     key: String,
     limit: f64,
     reason: String,
@@ -86,12 +89,18 @@ pub struct Case {
     pub steps: Option<usize>,
     pub backends: Vec<String>,
     pub checks: Vec<String>,
-    pub tolerances: Tolerances,
+    /// The limits for each backend of `backends` (shared limits, then that backend's own).
+    pub tolerances: std::collections::BTreeMap<String, Tolerances>,
     /// `file:line` of the case, for messages.
     pub location: String,
 }
 
 impl Case {
+    /// The limits that hold for `backend`.
+    pub fn tolerances_for(&self, backend: &str) -> Option<&Tolerances> {
+        self.tolerances.get(backend)
+    }
+
     pub fn wants(&self, check: &str) -> bool {
         self.checks.iter().any(|c| c == check)
     }
@@ -152,6 +161,9 @@ impl Suite {
             if v.tier.as_deref().is_some_and(|x| !TIERS.contains(&x)) {
                 return Err(err(t.span().start, format!("tolerance {:?}: tier must be one of {}", v.key, TIERS.join(", "))));
             }
+            if v.backend.as_deref().is_some_and(|x| !BACKENDS.contains(&x)) {
+                return Err(err(t.span().start, format!("tolerance {:?}: backend must be one of {}", v.key, BACKENDS.join(", "))));
+            }
             Ok(())
         };
         for t in &raw.tolerance {
@@ -175,13 +187,24 @@ impl Suite {
             check_list(&checks, at)?;
             let backends = c.backends.clone().unwrap_or_else(|| default_backends.clone());
             backend_list(&backends, at)?;
-            let mut tolerances = Tolerances::new(&c.tier);
-            for t in raw.tolerance.iter().chain(&c.tolerance) {
+            for t in &c.tolerance {
                 tol_ok(t)?;
-                let t = t.get_ref();
-                if t.tier.as_deref().is_none_or(|x| x == c.tier) {
-                    tolerances.set(&t.key, t.limit, &t.reason);
+            }
+            let mut tolerances = std::collections::BTreeMap::new();
+            for b in &backends {
+                let mut tol = Tolerances::new(&c.tier);
+                // Shared limits first, then the backend's own, each in file order (case after file).
+                for backend_specific in [false, true] {
+                    for t in raw.tolerance.iter().chain(&c.tolerance).map(|t| t.get_ref()) {
+                        if t.backend.is_some() == backend_specific
+                            && t.backend.as_deref().is_none_or(|x| x == b)
+                            && t.tier.as_deref().is_none_or(|x| x == c.tier)
+                        {
+                            tol.set(&t.key, t.limit, &t.reason);
+                        }
+                    }
                 }
+                tolerances.insert(b.clone(), tol);
             }
             let (line, _) = line_col(text, at);
             cases.push(Case {
@@ -249,13 +272,28 @@ reason = "softmax rounding, measured 1.1e-5"
 "#;
 
     #[test]
+    fn a_backend_limit_overrides_the_shared_one_for_that_backend_only() {
+        let text = GOOD.replace("backends = [\"cpu\"]", "backends = [\"cpu\", \"cuda\"]")
+            + "\n[[case.tolerance]]\nbackend = \"cuda\"\nkey = \"taps.rel_l2:kq_soft_max\"\nlimit = 5e-5\nreason = \"measured\"\n";
+        // The cuda-only limit holds for cuda; cpu keeps the shared one.
+        let s = Suite::parse(Path::new("suites/x.toml"), &text).unwrap();
+        let c = &s.cases[0];
+        assert_eq!(c.tolerances_for("cuda").unwrap().get("taps.rel_l2:kq_soft_max").value, 5e-5);
+        assert_eq!(c.tolerances_for("cpu").unwrap().get("taps.rel_l2:kq_soft_max").value, 2e-5);
+        let bad = text.replace("backend = \"cuda\"", "backend = \"tpu\"");
+        assert!(Suite::parse(Path::new("suites/x.toml"), &bad).unwrap_err().to_string().contains("backend must be one of"));
+    }
+
+    #[test]
     fn parses_a_suite() {
         let s = Suite::parse(Path::new("suites/x.toml"), GOOD).unwrap();
         assert_eq!(s.name, "x");
         let c = &s.cases[0];
         assert_eq!((c.model.as_str(), c.backends.as_slice(), c.steps), ("tiny-qwen2", &["cpu".to_string()][..], Some(2)));
-        assert_eq!(c.tolerances.get("taps.rel_l2:kq_soft_max").value, 2e-5);
-        assert_eq!(c.tolerances.get("taps.rel_l2:kq").reason, "measured");
+        let tol = c.tolerances_for("cpu").unwrap();
+        assert_eq!(tol.get("taps.rel_l2:kq_soft_max").value, 2e-5);
+        assert_eq!(tol.get("taps.rel_l2:kq").reason, "measured");
+        assert!(c.tolerances_for("cuda").is_none(), "cuda is not among the case's backends");
         assert!(c.wants("taps") && !c.wants("anticheat"));
         assert_eq!(c.location, "suites/x.toml:11");
     }

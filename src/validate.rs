@@ -118,7 +118,9 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &M
         golden_entry: Some(compare::entry_for_report(entry)),
         ..Default::default()
     };
-    let tol: &Tolerances = &case.tolerances;
+    let tol: &Tolerances = case
+        .tolerances_for(backend.name())
+        .ok_or_else(|| anyhow!("{}: case {} does not list backend {}", case.location, case.name, backend.name()))?;
     let g_tokens = golden.token_ids("tokens")?.ok_or_else(|| anyhow!("{}: golden has no `tokens`", golden.path.display()))?;
     let cont = golden.token_ids("continuation")?.unwrap_or_default();
     let engine_tokens = if case.wants("tokens") { Some(model.prompt_tokens(&prompt_of(entry)?).context("tokenizing the golden prompt")?) } else { None };

@@ -20,6 +20,17 @@ use lockstep_engine::taps::{Recorder, TapInfo, TapSink};
 
 type R = Result<(), Failed>;
 
+/// The leak check reads the device's free memory, which every other trial running beside it changes:
+/// trials take this lock shared, the leak check takes it alone.
+static DEVICE_MEMORY: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared(f: impl FnOnce() -> R + Send + 'static) -> impl FnOnce() -> R + Send + 'static {
+    move || {
+        let _g = DEVICE_MEMORY.read().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+}
+
 fn tiny_dirs() -> Vec<PathBuf> {
     let mut v = Vec::new();
     if let Ok(d) = std::env::var("LOCKSTEP_TINY_DIR") {
@@ -69,7 +80,14 @@ fn argmax(v: &[f32]) -> u32 {
 
 /// Every tap (names, order, shapes, values) of a prefill and 3 decode steps; then the greedy
 /// continuation of `n_gen` tokens must match token for token.
-fn taps_and_greedy(path: PathBuf, n_prompt: usize, n_gen: usize, tol: f64) -> R {
+/// The limit for one tap: `tol`, or `attn_tol` for the attention taps (kq_soft_max, kqv, kqv_out) where a
+/// model's scores are large enough that two correct f32 summation orders differ by more.
+fn limit_for(key: &str, tol: f64, attn_tol: f64) -> f64 {
+    let family = key.split(['-', '.']).next().unwrap_or(key);
+    if matches!(family, "kq_soft_max" | "kqv" | "kqv_out") { attn_tol } else { tol }
+}
+
+fn taps_and_greedy(path: PathBuf, n_prompt: usize, n_gen: usize, tol: f64, attn_tol: f64) -> R {
     let file = open(&path)?;
     let max_ctx = n_prompt + n_gen + 8;
     let mut c = cpu(&file, max_ctx)?;
@@ -90,7 +108,7 @@ fn taps_and_greedy(path: PathBuf, n_prompt: usize, n_gen: usize, tol: f64) -> R 
             if a.shape != b.shape {
                 return Err(format!("step {step} {}: shape {:?} vs cpu {:?}", a.key, a.shape, b.shape).into());
             }
-            check_close(&format!("step {step} {}", a.key), &a.data, &b.data, tol)?;
+            check_close(&format!("step {step} {}", a.key), &a.data, &b.data, limit_for(&a.key, tol, attn_tol))?;
         }
         n_taps += rg.tensors.len();
         check_close(&format!("step {step} logits"), &lg, &lc, tol)?;
@@ -182,6 +200,7 @@ fn bad_input(path: PathBuf) -> R {
 
 /// Loading, running and dropping a backend three times leaves device memory as it was.
 fn no_leak(path: PathBuf) -> R {
+    let _alone = DEVICE_MEMORY.write().unwrap_or_else(|e| e.into_inner());
     let file = open(&path)?;
     // warm-up: context, kernels, cuBLAS's own one-time allocations
     drop(cuda(&file, 256)?);
@@ -212,9 +231,9 @@ fn main() {
         match find_tiny(name) {
             Some(p) => {
                 let (p1, p2, p3) = (p.clone(), p.clone(), p.clone());
-                list.push(Trial::test(format!("{stem}_taps_and_greedy"), move || taps_and_greedy(p1, 23, 24, 1e-5)));
-                list.push(Trial::test(format!("{stem}_graph_and_kv"), move || graph_and_kv(p2)));
-                list.push(Trial::test(format!("{stem}_bad_input"), move || bad_input(p3)));
+                list.push(Trial::test(format!("{stem}_taps_and_greedy"), shared(move || taps_and_greedy(p1, 23, 24, 1e-5, 1e-5))));
+                list.push(Trial::test(format!("{stem}_graph_and_kv"), shared(move || graph_and_kv(p2))));
+                list.push(Trial::test(format!("{stem}_bad_input"), shared(move || bad_input(p3))));
             }
             None => list.push(Trial::test(format!("{stem}_taps_and_greedy"), || Ok(())).with_ignored_flag(true)),
         }
@@ -227,8 +246,12 @@ fn main() {
         match find_real(id) {
             Some(p) => {
                 let p2 = p.clone();
-                list.push(Trial::test(format!("{stem}_taps_and_greedy"), move || taps_and_greedy(p, 19, 16, 1e-5)));
-                list.push(Trial::test(format!("{stem}_graph_and_kv"), move || graph_and_kv(p2)));
+                // qwen's layer-0 attention scores reach ~8e3 (K biases of tens), where one f32 ulp is 5e-4:
+                // CUDA's summation order against the CPU's (ggml's) gave kq_soft_max-0 1.37e-5 rel L2 on
+                // the H100 (2026-11-26); the attention taps get 5e-5, every other tap keeps 1e-5.
+                let attn_tol = if id.starts_with("qwen") { 5e-5 } else { 1e-5 };
+                list.push(Trial::test(format!("{stem}_taps_and_greedy"), shared(move || taps_and_greedy(p, 19, 16, 1e-5, attn_tol))));
+                list.push(Trial::test(format!("{stem}_graph_and_kv"), shared(move || graph_and_kv(p2))));
             }
             None => list.push(Trial::test(format!("{stem}_taps_and_greedy (model not in cache)"), || Ok(())).with_ignored_flag(true)),
         }
