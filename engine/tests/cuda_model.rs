@@ -20,13 +20,16 @@ use lockstep_engine::taps::{Recorder, TapInfo, TapSink};
 
 type R = Result<(), Failed>;
 
-/// The leak check reads the device's free memory, which every other trial running beside it changes:
-/// trials take this lock shared, the leak check takes it alone.
+/// Trials run one at a time. The leak check reads the device's free memory, which any trial beside it
+/// changes; and two CudaBackends driven from two threads at once are not supported yet: on the H100
+/// (2026-11-26) a decode-graph capture in one thread made another thread's launches fail with
+/// CUDA_ERROR_STREAM_CAPTURE_INVALIDATED in 4 runs of 5 (cause not found yet; the runner drives one
+/// backend at a time).
 static DEVICE_MEMORY: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-fn shared(f: impl FnOnce() -> R + Send + 'static) -> impl FnOnce() -> R + Send + 'static {
+fn one_at_a_time(f: impl FnOnce() -> R + Send + 'static) -> impl FnOnce() -> R + Send + 'static {
     move || {
-        let _g = DEVICE_MEMORY.read().unwrap_or_else(|e| e.into_inner());
+        let _g = DEVICE_MEMORY.write().unwrap_or_else(|e| e.into_inner());
         f()
     }
 }
@@ -231,9 +234,9 @@ fn main() {
         match find_tiny(name) {
             Some(p) => {
                 let (p1, p2, p3) = (p.clone(), p.clone(), p.clone());
-                list.push(Trial::test(format!("{stem}_taps_and_greedy"), shared(move || taps_and_greedy(p1, 23, 24, 1e-5, 1e-5))));
-                list.push(Trial::test(format!("{stem}_graph_and_kv"), shared(move || graph_and_kv(p2))));
-                list.push(Trial::test(format!("{stem}_bad_input"), shared(move || bad_input(p3))));
+                list.push(Trial::test(format!("{stem}_taps_and_greedy"), one_at_a_time(move || taps_and_greedy(p1, 23, 24, 1e-5, 1e-5))));
+                list.push(Trial::test(format!("{stem}_graph_and_kv"), one_at_a_time(move || graph_and_kv(p2))));
+                list.push(Trial::test(format!("{stem}_bad_input"), one_at_a_time(move || bad_input(p3))));
             }
             None => list.push(Trial::test(format!("{stem}_taps_and_greedy"), || Ok(())).with_ignored_flag(true)),
         }
@@ -250,8 +253,8 @@ fn main() {
                 // CUDA's summation order against the CPU's (ggml's) gave kq_soft_max-0 1.37e-5 rel L2 on
                 // the H100 (2026-11-26); the attention taps get 5e-5, every other tap keeps 1e-5.
                 let attn_tol = if id.starts_with("qwen") { 5e-5 } else { 1e-5 };
-                list.push(Trial::test(format!("{stem}_taps_and_greedy"), shared(move || taps_and_greedy(p, 19, 16, 1e-5, attn_tol))));
-                list.push(Trial::test(format!("{stem}_graph_and_kv"), shared(move || graph_and_kv(p2))));
+                list.push(Trial::test(format!("{stem}_taps_and_greedy"), one_at_a_time(move || taps_and_greedy(p, 19, 16, 1e-5, attn_tol))));
+                list.push(Trial::test(format!("{stem}_graph_and_kv"), one_at_a_time(move || graph_and_kv(p2))));
             }
             None => list.push(Trial::test(format!("{stem}_taps_and_greedy (model not in cache)"), || Ok(())).with_ignored_flag(true)),
         }

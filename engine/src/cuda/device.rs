@@ -305,7 +305,7 @@ impl Gpu {
 
     /// Makes the side streams wait for the work queued so far on the main stream.
     pub fn fork(&self) -> Result<()> {
-        let ev = self.stream.record_event(None).context("recording a CUDA event")?;
+        let ev = self.stream.record_event(None).map_err(|e| anyhow::anyhow!("recording a CUDA event on the main stream: {e:?}"))?;
         for s in &self.side {
             s.wait(&ev).context("side stream wait")?;
         }
@@ -316,7 +316,7 @@ impl Gpu {
     pub fn join(&self) -> Result<()> {
         self.on(0);
         for s in &self.side {
-            let ev = s.record_event(None).context("recording a CUDA event")?;
+            let ev = s.record_event(None).map_err(|e| anyhow::anyhow!("recording a CUDA event on a side stream: {e:?}"))?;
             self.stream.wait(&ev).context("main stream wait")?;
         }
         Ok(())
