@@ -49,6 +49,23 @@ pub fn key(name: &str, layer: Option<usize>, stage: Option<&str>) -> String {
     k
 }
 
+/// The shape of an activation of `rows` tokens × `width`: `[1, 1, rows, width]`.
+pub fn act(rows: usize, width: usize) -> [usize; 4] {
+    [1, 1, rows, width]
+}
+
+/// Layer-isolated mode, for backends: asks `sink` for a replacement of `l_out-{layer}` and checks
+/// that it holds exactly `shape`'s values.
+pub fn layer_output_replacement(sink: &mut dyn TapSink, layer: usize, shape: [usize; 4]) -> anyhow::Result<Option<Vec<f32>>> {
+    let k = key("l_out", Some(layer), None);
+    let r = sink.replace(TapInfo { key: &k, layer: Some(layer), shape });
+    if let Some(v) = &r {
+        let n: usize = shape.iter().product();
+        anyhow::ensure!(v.len() == n, "replacement for {k} has {} values, expected {n} ({shape:?})", v.len());
+    }
+    Ok(r)
+}
+
 /// A sink that keeps every tensor it is offered (or those matching a filter), in arrival order.
 #[derive(Default)]
 pub struct Recorder {

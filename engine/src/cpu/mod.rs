@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::faults::{self, Fault};
 use crate::gguf::GgufFile;
-use crate::taps::{key, TapInfo, TapSink};
+use crate::taps::{act, key, TapInfo, TapSink};
 use attention::{AttnDims, KvCache};
 use ops::Matrix;
 use weights::Weights;
@@ -180,19 +180,11 @@ impl Taps<'_> {
 
     /// Layer-isolated mode: a replacement for `l_out-L`, if the sink gives one.
     fn replace(&mut self, layer: usize, shape: [usize; 4]) -> Result<Option<Vec<f32>>> {
-        let Some(sink) = self.sink.as_deref_mut() else { return Ok(None) };
-        let k = key("l_out", Some(layer), None);
-        let r = sink.replace(TapInfo { key: &k, layer: Some(layer), shape });
-        if let Some(v) = &r {
-            let n: usize = shape.iter().product();
-            ensure!(v.len() == n, "replacement for {k} has {} values, expected {n} ({shape:?})", v.len());
+        match self.sink.as_deref_mut() {
+            Some(sink) => crate::taps::layer_output_replacement(sink, layer, shape),
+            None => Ok(None),
         }
-        Ok(r)
     }
-}
-
-fn act(rows: usize, width: usize) -> [usize; 4] {
-    [1, 1, rows, width]
 }
 
 /// The whole graph for one batch: embeddings, every layer, the output head.

@@ -18,7 +18,7 @@ use crate::backend::Backend;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::faults::Fault;
 use crate::gguf::GgufFile;
-use crate::taps::{key, TapInfo, TapSink};
+use crate::taps::{act, key, TapInfo, TapSink};
 
 /// Settings of the CUDA backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -369,19 +369,11 @@ impl Taps<'_> {
     }
 
     fn replace(&mut self, layer: usize, shape: [usize; 4]) -> Result<Option<Vec<f32>>> {
-        let Some(sink) = self.sink.as_deref_mut() else { return Ok(None) };
-        let k = key("l_out", Some(layer), None);
-        let r = sink.replace(TapInfo { key: &k, layer: Some(layer), shape });
-        if let Some(v) = &r {
-            let n: usize = shape.iter().product();
-            ensure!(v.len() == n, "replacement for {k} has {} values, expected {n} ({shape:?})", v.len());
+        match self.sink.as_deref_mut() {
+            Some(sink) => crate::taps::layer_output_replacement(sink, layer, shape),
+            None => Ok(None),
         }
-        Ok(r)
     }
-}
-
-fn act(rows: usize, width: usize) -> [usize; 4] {
-    [1, 1, rows, width]
 }
 
 /// The whole graph for one batch of `t` tokens at `n_past` (token ids and n_past already on the
