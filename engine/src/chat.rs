@@ -272,7 +272,9 @@ fn strftime_now(fmt: &str) -> String {
     strftime(secs, fmt)
 }
 
-fn strftime(unix_secs: i64, fmt: &str) -> String {
+/// Python's `strftime(fmt)` of a UTC Unix time, for the directives listed at [`strftime_now`]
+/// (hand-written: civil-from-days is a dozen lines, smaller than a date crate).
+pub fn strftime(unix_secs: i64, fmt: &str) -> String {
     const MONTHS: [&str; 12] = [
         "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
         "November", "December",

@@ -145,21 +145,10 @@ impl Provenance {
     }
 }
 
-/// UTC time as RFC 3339, from the system clock (civil-from-days, Howard Hinnant's algorithm; small
-/// enough not to pull in a date crate).
+/// UTC time as RFC 3339, from the system clock.
 pub fn rfc3339_now() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    lockstep_engine::chat::strftime(secs, "%Y-%m-%dT%H:%M:%SZ")
 }
 
 #[derive(Debug, Clone, Serialize)]
