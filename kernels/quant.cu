@@ -92,6 +92,17 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
 
 #define MV_MAX_T 8
 
+// The fused RMSNorm's per-row scales of the first NT rows of x (row_rms_scale), into nscale;
+// the whole block takes part, then waits.
+template <int NT>
+__device__ void norm_scales(const float* __restrict__ x, int T, int ncols, float eps, float* nscale, double* shd) {
+    for (int t = 0; t < T && t < NT; t++) {
+        float sc = row_rms_scale(x + (long long)t * ncols, ncols, eps, shd);
+        if (threadIdx.x == 0) nscale[t] = sc;
+    }
+    __syncthreads();
+}
+
 // y[t][r] = W[r] · x[t] (+ bias[r]) (+ res[t][r]) for t < T ≤ MV_MAX_T. `wpr` warps (1, 2, 4 or 8)
 // share an output row, splitting its chunks; blockDim.x = 256, so a block covers 8 / wpr rows.
 // y_raw (optional) receives W[r] · x[t] before bias/residual (for the `.mul_mat` taps).
@@ -106,13 +117,7 @@ __device__ void matvec_impl(const u8* __restrict__ W, long long row_bytes, int n
     __shared__ float red[8][NT];
     __shared__ float nscale[NT];
     __shared__ double shd[32];
-    if (norm_w) {
-        for (int t = 0; t < T && t < NT; t++) {
-            float sc = row_rms_scale(x + (long long)t * ncols, ncols, eps, shd);
-            if (threadIdx.x == 0) nscale[t] = sc;
-        }
-        __syncthreads();
-    }
+    if (norm_w) norm_scales<NT>(x, T, ncols, eps, nscale, shd);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int sub = warp % wpr;
     int r = blockIdx.x * (8 / wpr) + warp / wpr;
@@ -192,13 +197,7 @@ __device__ void matvec_swiglu_impl(const u8* __restrict__ G, const u8* __restric
                                    const float* __restrict__ norm_w, float eps) {
     __shared__ float nscale[NT];
     __shared__ double shd[32];
-    if (norm_w) {
-        for (int t = 0; t < T && t < NT; t++) {
-            float sc = row_rms_scale(x + (long long)t * ncols, ncols, eps, shd);
-            if (threadIdx.x == 0) nscale[t] = sc;
-        }
-        __syncthreads();
-    }
+    if (norm_w) norm_scales<NT>(x, T, ncols, eps, nscale, shd);
     int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (r >= nrows) return;
