@@ -265,17 +265,8 @@ mod engine_cli {
             }
             other => bail!("--backend {other}: expected cuda or cpu"),
         };
-        let size_bytes: u64 = file.tensors.iter().map(|t| t.n_bytes).sum();
-        let n_params: u64 = file.tensors.iter().map(|t| t.n_elements()).sum();
-        let name = file.meta("general.name").and_then(|v| v.as_str()).unwrap_or(cfg.arch.name()).to_string();
-        let bm = BenchModel { model: name, size_bytes, n_params, backend: dev };
-        let mut results = Vec::new();
-        if p > 0 {
-            results.push(bench::prompt(b.as_mut(), p, r, cfg.n_vocab)?);
-        }
-        if n > 0 {
-            results.push(bench::generate(b.as_mut(), n, r, cfg.n_vocab)?);
-        }
+        let bm = BenchModel::of(file, cfg, dev);
+        let results = bench::run(b.as_mut(), p, n, r, cfg.n_vocab)?;
         print!("{}", bench::table(&bm, &results));
         if let Some(f) = json {
             let j = serde_json::to_string_pretty(&bench::json(&bm, &results))?;

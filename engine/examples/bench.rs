@@ -35,21 +35,12 @@ fn main() -> Result<()> {
         )?),
         _ => Box::new(lockstep_engine::cpu::CpuBackend::load(&file, lockstep_engine::cpu::EngineOptions { threads: 0, max_ctx: ctx })?),
     };
-    let size_bytes: u64 = file.tensors.iter().map(|t| t.n_bytes).sum();
-    let n_params: u64 = file.tensors.iter().map(|t| t.n_elements()).sum();
-    let name = file.meta("general.name").and_then(|v| v.as_str()).unwrap_or(cfg.arch.name()).to_string();
     let dev = match backend.as_str() {
         "cuda" => format!("CUDA ({})", lockstep_engine::cuda::available().map(|d| d.name).unwrap_or_default()),
         _ => "CPU".to_string(),
     };
-    let m = BenchModel { model: name, size_bytes, n_params, backend: dev };
-    let mut results = Vec::new();
-    if p > 0 {
-        results.push(bench::prompt(b.as_mut(), p, r, cfg.n_vocab)?);
-    }
-    if n > 0 {
-        results.push(bench::generate(b.as_mut(), n, r, cfg.n_vocab)?);
-    }
+    let m = BenchModel::of(&file, &cfg, dev);
+    let results = bench::run(b.as_mut(), p, n, r, cfg.n_vocab)?;
     print!("{}", bench::table(&m, &results));
     let j = serde_json::to_string_pretty(&bench::json(&m, &results))?;
     match json_out {

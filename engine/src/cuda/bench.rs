@@ -31,6 +31,28 @@ pub struct BenchModel {
     pub backend: String,
 }
 
+impl BenchModel {
+    /// The table's description of `file` (name, size, parameter count) on the backend labelled `backend`.
+    pub fn of(file: &crate::gguf::GgufFile, cfg: &crate::config::ModelConfig, backend: String) -> Self {
+        let model = file.meta("general.name").and_then(|v| v.as_str()).unwrap_or(cfg.arch.name()).to_string();
+        let size_bytes = file.tensors.iter().map(|t| t.n_bytes).sum();
+        let n_params = file.tensors.iter().map(|t| t.n_elements()).sum();
+        Self { model, size_bytes, n_params, backend }
+    }
+}
+
+/// llama-bench's pair of tests: `pp{p}` (skipped when p = 0), then `tg{n}` (skipped when n = 0).
+pub fn run(b: &mut dyn Backend, p: usize, n: usize, reps: usize, n_vocab: usize) -> Result<Vec<BenchResult>> {
+    let mut results = Vec::new();
+    if p > 0 {
+        results.push(prompt(b, p, reps, n_vocab)?);
+    }
+    if n > 0 {
+        results.push(generate(b, n, reps, n_vocab)?);
+    }
+    Ok(results)
+}
+
 fn tokens(n: usize, n_vocab: usize) -> Vec<u32> {
     // deterministic, spread over the vocabulary, never id 0
     (0..n).map(|i| (1 + (i * 7919) % (n_vocab.max(2) - 1)) as u32).collect()
