@@ -78,3 +78,309 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     }
     for (int d = threadIdx.x; d < Dh; d += blockDim.x) out[(long long)t * H * Dh + h * Dh + d] = qs[d];
 }
+
+// ---------------------------------------------------------------------------------------------
+// Decode step (T = 1): rope_store_f32 (kernels/ops.cu) and attention_f32 for one query row fused
+// into one launch of one block per query head h. CPU twins: cpu::ops::rope on q and k, then
+// attn_scores, attn_softmax and attn_values (engine/src/cpu/attention.rs); with `fault`, their
+// crate::faults variants.
+//
+// q: `[H][Dh]` and k, v: `[Hkv][Dh]` as projected (q and k not rotated yet); kc, vc: this layer's
+// `[ctx][Hkv·Dh]`; out: `[H·Dh]`; p_scratch: `[H][ctx]`, used only when kv_len > smem_cap.
+// p = pos[0] (read on the device, so a captured graph replays at the current position), kv_len = p + 1.
+//
+// Each block rotates its own q head and the k head hk it reads (same angles as rope_store_f32),
+// and uses its rotated k and the input v for position p: it never reads cache row p, which one
+// block per kv head writes (the first query head of the group; with fault bit 4, head h < Hkv),
+// so blocks do not race. Rows < p come from the cache.
+//
+// Latency-bound at decode sizes (a few hundred positions, 14 blocks), so: 4 barriers; scores and
+// probabilities in shared memory; K/V rows read by groups of L lanes, each lane ≤ DEC_CHUNKS
+// chunks of float4 (float2 when Dh % 4 != 0); the first pass's K and V rows loaded before the
+// rotation, later ones DEC_BATCH passes at a time; warp shuffles to reduce. Softmax as
+// attention_f32's: max subtracted, the sum in f64, p_j = e_j · (f32)(1 / sum).
+// blockDim.x: a multiple of 32, ≥ Dh, ≤ 256. Dh even, ≤ 256 (≤ 128 chunks: L ≤ 32 lanes a row).
+// Dynamic shared memory (floats): q [Dh], k [Dh], per-warp value sums [blockDim/32][Dh], scores
+// [smem_cap]. fault bits as attention_f32's: 2 = softmax without max subtraction, 4 = kv head
+// h % Hkv (bit 1, no causal mask, changes nothing for a single row that sees every position).
+#define DEC_CHUNKS 4
+#define DEC_BATCH 4
+
+__device__ __forceinline__ float dec_dot(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+__device__ __forceinline__ float dec_dot(float2 a, float2 b) { return a.x * b.x + a.y * b.y; }
+__device__ __forceinline__ void dec_axpy(float4& acc, float p, float4 v) {
+    acc.x += p * v.x;
+    acc.y += p * v.y;
+    acc.z += p * v.z;
+    acc.w += p * v.w;
+}
+__device__ __forceinline__ void dec_axpy(float2& acc, float p, float2 v) {
+    acc.x += p * v.x;
+    acc.y += p * v.y;
+}
+__device__ __forceinline__ float4 dec_shfl_xor(float4 v, int o) {
+    return make_float4(__shfl_xor_sync(0xffffffffu, v.x, o), __shfl_xor_sync(0xffffffffu, v.y, o),
+                       __shfl_xor_sync(0xffffffffu, v.z, o), __shfl_xor_sync(0xffffffffu, v.w, o));
+}
+__device__ __forceinline__ float2 dec_shfl_xor(float2 v, int o) {
+    return make_float2(__shfl_xor_sync(0xffffffffu, v.x, o), __shfl_xor_sync(0xffffffffu, v.y, o));
+}
+__device__ __forceinline__ float4 dec_add(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
+__device__ __forceinline__ float2 dec_add(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
+
+// Which rows and chunks a lane reads: groups of L lanes a key row, L the fewest (a power of two)
+// that leave each lane ≤ DEC_CHUNKS chunks (lane lig takes chunks lig, lig + L, …); one pass
+// covers rows_per_pass rows, row_off being this lane's group's (a warp's rows are contiguous).
+struct DecLayout {
+    int nch, L, lig, rows_per_pass, row_off;
+};
+__device__ __forceinline__ DecLayout dec_layout(int Dh, int floats_per_chunk) {
+    DecLayout l;
+    l.nch = Dh / floats_per_chunk;
+    l.L = 1;
+    while (l.L * DEC_CHUNKS < l.nch) l.L <<= 1;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    l.lig = lane & (l.L - 1);
+    l.rows_per_pass = (blockDim.x >> 5) * (32 / l.L);
+    l.row_off = warp * (32 / l.L) + lane / l.L;
+    return l;
+}
+
+// This lane's chunks of a row (zero past the row's end).
+template <typename VT>
+__device__ __forceinline__ void dec_load(VT r[DEC_CHUNKS], const float* row, const DecLayout& l) {
+#pragma unroll
+    for (int i = 0; i < DEC_CHUNKS; i++) {
+        int c = l.lig + l.L * i;
+        r[i] = c < l.nch ? ((const VT*)row)[c] : VT{};
+    }
+}
+
+// Row j's score from this lane's share s: summed over the group, scaled, stored once, max kept.
+// Every lane of the warp calls it (the shuffles); j > p (past kv_len) changes nothing.
+__device__ __forceinline__ void dec_score(float s, int j, int p, float scale, float* sc, const DecLayout& l, float& m) {
+    for (int o = l.L >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    float w = s * scale;
+    if (j <= p) {
+        if (l.lig == 0) sc[j] = w;
+        m = fmaxf(m, w);
+    }
+}
+
+// Scores, softmax and values once q and k are rotated in shared memory; kpre / vpre hold this
+// lane's first-pass K and V rows. sc: the scores' home, shared memory or the block's p_scratch
+// row (the kernel inlines this twice, so that each call keeps its pointer's address space).
+template <typename VT>
+__device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC_CHUNKS], const VT vpre[DEC_CHUNKS],
+                                           float* smem, float* sc, float* shf, double* shd,
+                                           const float* __restrict__ kbase, const float* __restrict__ vbase,
+                                           const float* __restrict__ vp, float* __restrict__ out, int p, int kvd,
+                                           int Dh, float scale, int fault) {
+    int kv_len = p + 1, rpp = l.rows_per_pass;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const float* ks = smem + Dh;
+    float* red = smem + 2 * Dh;
+    VT qr[DEC_CHUNKS];
+    dec_load(qr, smem, l);
+
+    // scores w_j = (q·k_j)·scale and their maximum; row p's k from shared memory
+    float m = -INFINITY;
+    {
+        int j = l.row_off;
+        VT kr[DEC_CHUNKS];
+        if (j >= p) dec_load(kr, ks, l);
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(j < p ? kpre[i] : kr[i], qr[i]);
+        dec_score(s, j, p, scale, sc, l, m);
+    }
+    // the loop bound is warp-uniform (the shuffles need every lane)
+    for (int j0 = rpp; j0 < kv_len; j0 += DEC_BATCH * rpp) {
+        VT kr[DEC_BATCH][DEC_CHUNKS];
+#pragma unroll
+        for (int b = 0; b < DEC_BATCH; b++) {
+            int j = j0 + b * rpp + l.row_off;
+            if (j < p) dec_load(kr[b], kbase + (long long)j * kvd, l);
+            else if (j == p) dec_load(kr[b], ks, l);
+        }
+#pragma unroll
+        for (int b = 0; b < DEC_BATCH; b++) {
+            int j = j0 + b * rpp + l.row_off;
+            float s = 0.0f;
+            if (j <= p) {
+#pragma unroll
+                for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(kr[b][i], qr[i]);
+            }
+            dec_score(s, j, p, scale, sc, l, m);
+        }
+    }
+    m = warp_max(m);
+    if (lane == 0) shf[warp] = m;
+    __syncthreads();
+    m = shf[0];
+    for (int i = 1; i < nw; i++) m = fmaxf(m, shf[i]);
+    if (fault & 2) m = 0.0f;
+
+    // exponentials, summed in f64 (each warp's sum, then the warps' in a fixed order)
+    double sum = 0.0;
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
+        float e = expf(sc[j] - m);
+        sc[j] = e;
+        sum += (double)e;
+    }
+    sum = warp_sum_d(sum);
+    if (lane == 0) shd[warp] = sum;
+    __syncthreads();
+    sum = shd[0];
+    for (int i = 1; i < nw; i++) sum += shd[i];
+    float inv = (float)(1.0 / sum);
+
+    // values: each group accumulates p_j·v_j over its rows (row p: the input v), then the groups
+    // of a warp are added by shuffles, the warps through shared memory in a fixed order
+    VT acc[DEC_CHUNKS];
+#pragma unroll
+    for (int i = 0; i < DEC_CHUNKS; i++) acc[i] = VT{};
+    if (l.row_off <= p) {
+        float pj = sc[l.row_off] * inv;
+#pragma unroll
+        for (int i = 0; i < DEC_CHUNKS; i++) dec_axpy(acc[i], pj, vpre[i]);
+    }
+    for (int j0 = rpp; j0 < kv_len; j0 += DEC_BATCH * rpp) {
+        VT vr[DEC_BATCH][DEC_CHUNKS];
+#pragma unroll
+        for (int b = 0; b < DEC_BATCH; b++) {
+            int j = j0 + b * rpp + l.row_off;
+            if (j <= p) dec_load(vr[b], j < p ? vbase + (long long)j * kvd : vp, l);
+        }
+#pragma unroll
+        for (int b = 0; b < DEC_BATCH; b++) {
+            int j = j0 + b * rpp + l.row_off;
+            if (j <= p) {
+                float pj = sc[j] * inv;
+#pragma unroll
+                for (int i = 0; i < DEC_CHUNKS; i++) dec_axpy(acc[i], pj, vr[b][i]);
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < DEC_CHUNKS; i++)
+        for (int o = l.L; o < 32; o <<= 1) acc[i] = dec_add(acc[i], dec_shfl_xor(acc[i], o));
+    if (lane < l.L) {
+#pragma unroll
+        for (int i = 0; i < DEC_CHUNKS; i++) {
+            int c = l.lig + l.L * i;
+            if (c < l.nch) ((VT*)(red + warp * Dh))[c] = acc[i];
+        }
+    }
+    __syncthreads();
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+        float o = red[d];
+        for (int i = 1; i < nw; i++) o += red[i * Dh + d];
+        out[d] = o;
+    }
+}
+
+// The whole kernel for one chunk type VT (float4, or float2 when Dh % 4 != 0).
+template <typename VT>
+__device__ __forceinline__ void attention_decode(const float* __restrict__ q, const float* __restrict__ k,
+                                                 const float* __restrict__ v, float* __restrict__ kc,
+                                                 float* __restrict__ vc, const int* __restrict__ pos, int H,
+                                                 int Hkv, int Dh, int n_rot, float theta_scale, int neox,
+                                                 float scale, int fault, float* __restrict__ out,
+                                                 float* __restrict__ p_scratch, int ctx, int smem_cap, float* smem,
+                                                 float* shf, double* shd) {
+    int h = blockIdx.x, tid = threadIdx.x;
+    int group = H / Hkv;
+    int hk = (fault & 4) ? h % Hkv : h / group;
+    // exactly one block per kv head writes its cache row p
+    bool writer = (fault & 4) ? h < Hkv : h % group == 0;
+    int kvd = Hkv * Dh;
+    const float* qh = q + (long long)h * Dh;
+    const float* kh = k + (long long)hk * Dh;
+    const float* vp = v + (long long)hk * Dh;
+
+    // RoPE as rope_store_f32, thread tid taking pair tid: pair i < n_rot/2 rotates by
+    // θ = p·theta_scale^i (f32, repeated multiplication), NeoX pairs (i, i + n_rot/2) else
+    // (2i, 2i + 1); later pairs (n_rot + 2(i − n_rot/2), +1) pass through. q, k and the writer's v
+    // are loaded before pos, so that their latency and pos's overlap.
+    int half = Dh / 2, nr2 = n_rot / 2;
+    bool has_pair = tid < half, rotates = tid < nr2;
+    int a = rotates ? (neox ? tid : 2 * tid) : n_rot + 2 * (tid - nr2);
+    int b = rotates && neox ? tid + nr2 : a + 1;
+    float q0 = 0.0f, q1 = 0.0f, k0 = 0.0f, k1 = 0.0f, vd = 0.0f;
+    if (has_pair) {
+        q0 = qh[a];
+        q1 = qh[b];
+        k0 = kh[a];
+        k1 = kh[b];
+    }
+    bool copies_v = writer && tid < Dh;
+    if (copies_v) vd = vp[tid];
+    int p = pos[0];
+
+    // the first pass's K and V rows, in flight while q and k rotate
+    const float* kbase = kc + (long long)hk * Dh;
+    const float* vbase = vc + (long long)hk * Dh;
+    DecLayout l = dec_layout(Dh, sizeof(VT) / sizeof(float));
+    VT kpre[DEC_CHUNKS], vpre[DEC_CHUNKS];
+    int j = l.row_off;
+    if (j < p) dec_load(kpre, kbase + (long long)j * kvd, l);
+    if (j <= p) dec_load(vpre, j < p ? vbase + (long long)j * kvd : vp, l);
+
+    // rotation with the first product fused, as in the CPU twin (ggml's contraction)
+    float* qs = smem;
+    float* ks = smem + Dh;
+    long long row_p = (long long)p * kvd + hk * Dh;
+    if (has_pair) {
+        if (rotates) {
+            float theta = (float)p;
+            for (int i = 0; i < tid; i++) theta *= theta_scale;
+            float c = cosf(theta), s = sinf(theta);
+            float r0 = __fmaf_rn(q0, c, -(q1 * s)), r1 = __fmaf_rn(q0, s, q1 * c);
+            q0 = r0;
+            q1 = r1;
+            r0 = __fmaf_rn(k0, c, -(k1 * s));
+            r1 = __fmaf_rn(k0, s, k1 * c);
+            k0 = r0;
+            k1 = r1;
+        }
+        qs[a] = q0;
+        qs[b] = q1;
+        ks[a] = k0;
+        ks[b] = k1;
+        if (writer) {
+            kc[row_p + a] = k0;
+            kc[row_p + b] = k1;
+        }
+    }
+    if (copies_v) vc[row_p + tid] = vd;
+    __syncthreads();
+
+    float* o = out + (long long)h * Dh;
+    if (p + 1 <= smem_cap) {
+        float* sc = smem + (2 + (blockDim.x >> 5)) * Dh;
+        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault);
+    } else {
+        float* sc = p_scratch + (long long)h * ctx;
+        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
+    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    float* __restrict__ kc, float* __restrict__ vc, const int* __restrict__ pos, int H, int Hkv, int Dh,
+    int n_rot, float theta_scale, int neox, float scale, int fault, float* __restrict__ out,
+    float* __restrict__ p_scratch, int ctx, int smem_cap) {
+    extern __shared__ float smem[];
+    __shared__ float shf[32];
+    __shared__ double shd[32];
+    // PDL-aware (common.cuh): everything this kernel reads or writes comes from earlier kernels
+    pdl_launch_dependents();
+    pdl_wait();
+    if ((Dh & 3) == 0)
+        attention_decode<float4>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, out,
+                                 p_scratch, ctx, smem_cap, smem, shf, shd);
+    else
+        attention_decode<float2>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, out,
+                                 p_scratch, ctx, smem_cap, smem, shf, shd);
+}

@@ -39,6 +39,13 @@ __device__ __forceinline__ void ld16(const u8* p, u32 out[4]) {
 // Byte j (0..15) of the 16 bytes loaded by ld16.
 #define B16(w, j) (((w)[(j) >> 2] >> (8 * ((j) & 3))) & 0xFFu)
 
+// The f32 value of n − off for a small integer 0 ≤ n < 2^22 and 0 ≤ off < 2^22, exactly what
+// (float)((int)n − off) gives, without the integer → float conversion (I2F issues at 1/8 of the FMA
+// rate on sm_90, and dequantization converts every weight): 0x4B000000 | n is the float 2^23 + n.
+__device__ __forceinline__ float small_int_f(u32 n, int off) {
+    return __int_as_float(0x4B000000u | n) - (8388608.0f + (float)off);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -88,4 +95,21 @@ __device__ float row_rms_scale(const float* xr, int n, float eps, double* sh /* 
     s = block_sum_d(s, sh);
     float mean = (float)(s / (double)n);
     return 1.0f / sqrtf(mean + eps);
+}
+
+// Programmatic dependent launch (sm_90+; Gpu::launch_pdl in engine/src/cuda/device.rs). A PDL-aware
+// kernel calls pdl_launch_dependents first, so the next kernel of the stream may start at once and
+// fetch its weights while this one runs, and calls pdl_wait before it reads anything an earlier
+// kernel writes (activations, the KV cache) and before it writes anything: pdl_wait returns when
+// the previous kernel has completed and its writes are visible. Launched without the attribute
+// (or below sm_90) both are no-ops and the stream orders kernels as usual.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }

@@ -24,7 +24,7 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         u32 qs[4];
         ld16(b + 2, qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = (float)((int)((B16(qs, j) >> sh) & 0xF) - 8) * d;
+        for (int j = 0; j < 16; j++) out[j] = small_int_f((B16(qs, j) >> sh) & 0xF, 8) * d;
     } else if (TY == GT_Q4_1) {  // 20 bytes: f16 d, f16 m, qs[16]; x = q d + m
         const u8* b = row + (c >> 1) * 20;
         int sh = (c & 1) * 4;
@@ -32,7 +32,7 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         u32 qs[4];
         ld16(b + 4, qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = (float)((B16(qs, j) >> sh) & 0xF) * d + m;
+        for (int j = 0; j < 16; j++) out[j] = small_int_f((B16(qs, j) >> sh) & 0xF, 0) * d + m;
     } else if (TY == GT_Q5_0) {  // 22 bytes: f16 d, qh[4], qs[16]; x = (q | bit<<4) - 16) d
         const u8* b = row + (c >> 1) * 22;
         int h = c & 1;
@@ -42,8 +42,8 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         ld16(b + 6, qs);
 #pragma unroll
         for (int j = 0; j < 16; j++) {
-            int q = (int)((B16(qs, j) >> (4 * h)) & 0xF) | (int)(((qh >> (j + 16 * h)) & 1) << 4);
-            out[j] = (float)(q - 16) * d;
+            u32 q = ((B16(qs, j) >> (4 * h)) & 0xF) | (((qh >> (j + 16 * h)) & 1) << 4);
+            out[j] = small_int_f(q, 16) * d;
         }
     } else if (TY == GT_Q8_0) {  // 34 bytes: f16 d, qs[32] (i8); x = q d
         const u8* b = row + (c >> 1) * 34;
@@ -51,7 +51,7 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         u32 qs[4];
         ld16(b + 2 + 16 * (c & 1), qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = (float)(signed char)B16(qs, j) * d;
+        for (int j = 0; j < 16; j++) out[j] = small_int_f(B16(qs, j) ^ 0x80u, 128) * d;  // i8 + 128
     } else if (TY == GT_Q4_K) {  // 144 bytes: f16 d, f16 dmin, scales[12], qs[128]
         const u8* b = row + (c >> 4) * 144;
         int cc = c & 15, g = cc >> 2, sub = cc & 3;
@@ -71,7 +71,7 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         ld16(b + 16 + 32 * g + 16 * (sub & 1), q);
         int sh = 4 * (sub >> 1);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = d1 * (float)((B16(q, j) >> sh) & 0xF) - m1;
+        for (int j = 0; j < 16; j++) out[j] = d1 * small_int_f((B16(q, j) >> sh) & 0xF, 0) - m1;
     } else if (TY == GT_Q6_K) {  // 210 bytes: ql[128], qh[64], scales[16] (i8), f16 d
         const u8* b = row + (c >> 4) * 210;
         int cc = c & 15, n = cc >> 3, r = cc & 7, k = r >> 1, lh = r & 1;
@@ -84,8 +84,8 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         int shl = (k >> 1) * 4, shh = 2 * k;
 #pragma unroll
         for (int j = 0; j < 16; j++) {
-            int q = (int)(((B16(ql, j) >> shl) & 0xF) | (((B16(qh, j) >> shh) & 3) << 4)) - 32;
-            out[j] = ds * (float)q;
+            u32 q = ((B16(ql, j) >> shl) & 0xF) | (((B16(qh, j) >> shh) & 3) << 4);
+            out[j] = ds * small_int_f(q, 32);
         }
     }
 }
@@ -264,6 +264,217 @@ __device__ void matvec_swiglu_impl(const u8* __restrict__ G, const u8* __restric
         }
     }
 }
+
+// ---- Decode (T = 1) products of the block formats, weight rows staged in shared memory ----
+// A decode step is latency-bound: the matvec1 kernels above make each lane wait for its weight bytes
+// chunk after chunk. Here every warp first asks for all the weight bytes it will use at once
+// (cp.async into shared memory, no registers held), stages x (RMS-normalised when fused) in shared
+// memory while they are in flight, then dequantizes from shared memory. Same arithmetic per element
+// as matvec_impl: dq16 then Σ w·x over the chunk's 16 values. PDL-aware (common.cuh): the weight
+// copies start before pdl_wait, so under programmatic dependent launch they overlap the previous
+// kernel.
+
+// Bytes and elements of one block of a block format (0 for F32/F16, which are not staged).
+__host__ __device__ constexpr int block_bytes(int ty) {
+    return ty == GT_Q4_0 ? 18 : ty == GT_Q4_1 ? 20 : ty == GT_Q5_0 ? 22 : ty == GT_Q8_0 ? 34
+         : ty == GT_Q4_K ? 144 : ty == GT_Q6_K ? 210 : 0;
+}
+__host__ __device__ constexpr int block_elems(int ty) { return (ty == GT_Q4_K || ty == GT_Q6_K) ? 256 : 32; }
+
+// One 16-byte global → shared copy, asynchronous on sm_80+ (completed by cp_async_wait_all).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+#else
+    *(uint4*)smem = *(const uint4*)gmem;
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// The warp copies bytes [src, src + n) into `area` (16-byte aligned, ≥ 16·⌈(n + 15)/16⌉ bytes) and
+// returns where src's first byte lands. Whole aligned 16-byte pieces are copied, so up to 15 bytes
+// before src (inside the same matrix, whose start is 256-byte aligned) and after src + n (inside the
+// 16 bytes of padding of QMat::upload) come along. Start of the copy only: see cp_async_wait_all.
+__device__ __forceinline__ const u8* stage_span(u8* area, const u8* src, int n, int lane) {
+    unsigned long long a0 = (unsigned long long)src & ~15ull;
+    int off = (int)((unsigned long long)src - a0);
+    int pieces = (off + n + 15) >> 4;
+    for (int i = lane; i < pieces; i += 32) cp_async16(area + 16 * i, (const void*)(a0 + 16ull * i));
+    return area + off;
+}
+
+// xs = x, or x RMS-normalised and scaled by norm_w with rmsnorm_f32's arithmetic ((x · scale) · w,
+// the scale from row_rms_scale): `n` values (a multiple of 4; x 16-byte aligned). Whole block.
+__device__ __forceinline__ void stage_x(float* xs, const float* __restrict__ x, int n,
+                                        const float* __restrict__ norm_w, float eps, double* shd) {
+    if (norm_w) {
+        float sc = row_rms_scale(x, n, eps, shd);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) xs[i] = x[i] * sc * norm_w[i];
+    } else {
+        for (int i = threadIdx.x; i < n / 4; i += blockDim.x) ((float4*)xs)[i] = ((const float4*)x)[i];
+    }
+}
+
+// Σ_j w[j] · x[j] over one chunk of 16 values, summed as matvec_impl sums a chunk.
+__device__ __forceinline__ float dot16(const float w[16], const float4* xv) {
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float4 v = xv[j];
+        s += w[4 * j] * v.x + w[4 * j + 1] * v.y + w[4 * j + 2] * v.z + w[4 * j + 3] * v.w;
+    }
+    return s;
+}
+
+// Σ over local chunks c = lane, lane + 32, … < nc of dq16(span, c) · xs[16c ..]: one lane's share.
+template <int TY>
+__device__ __forceinline__ float dot_staged(const u8* span, int nc, const float* xs, int lane) {
+    float acc = 0.0f;
+    for (int c = lane; c < nc; c += 32) {
+        float w[16];
+        dq16<TY>(span, c, 0, w);
+        acc += dot16(w, (const float4*)(xs + 16 * c));
+    }
+    return acc;
+}
+
+// matvec_impl for T = 1 and a block format, staged. blockDim.x = 256: 8 warps. Either `wpr` warps
+// (1, 2, 4 or 8) share a row, each taking a run of ⌈blocks per row / wpr⌉ whole blocks, or (wpr = 1)
+// each warp takes `rpw` consecutive rows (1 to MV_RPW), reusing each x chunk it loads for all of
+// them. Dynamic shared memory: xs [ncols] floats (rounded up to 16 bytes), then 8 · rpw staging
+// areas of `span_cap` bytes.
+#define MV_RPW 4
+template <int TY>
+__device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_bytes, int nrows, int ncols,
+                                    const float* __restrict__ x, float* y, const float* __restrict__ bias,
+                                    const float* res, float* __restrict__ y_raw, int wpr, int rpw, int span_cap,
+                                    const float* __restrict__ norm_w, float eps) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ float red[8];
+    __shared__ double shd[32];
+    constexpr int BB = block_bytes(TY), CPB = block_elems(TY) / 16;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int part = warp % wpr;
+    int r0 = (blockIdx.x * (8 / wpr) + warp / wpr) * rpw;  // this warp's first row
+    int nb = ncols / block_elems(TY), bpp = (nb + wpr - 1) / wpr;
+    int b0 = part * bpp, nblk = max(0, min(nb, b0 + bpp) - b0);
+    float* xs = (float*)smem;
+    u8* area = smem + ((ncols * 4 + 15) & ~15) + warp * rpw * span_cap;
+    pdl_launch_dependents();
+    const u8* span[MV_RPW];
+#pragma unroll
+    for (int k = 0; k < MV_RPW; k++) {
+        span[k] = area + k * span_cap;
+        if (k < rpw && r0 + k < nrows && nblk > 0)
+            span[k] = stage_span(area + k * span_cap, W + (long long)(r0 + k) * row_bytes + (long long)b0 * BB, nblk * BB, lane);
+    }
+    pdl_wait();
+    stage_x(xs, x, ncols, norm_w, eps, shd);
+    cp_async_wait_all();
+    __syncthreads();
+    // Σ over this lane's chunks c (lane, lane + 32, …) of dq16(row k, c) · x chunk c, for each row
+    float acc[MV_RPW];
+#pragma unroll
+    for (int k = 0; k < MV_RPW; k++) acc[k] = 0.0f;
+    int nc = nblk * CPB;
+    const float* xp = xs + b0 * block_elems(TY);
+    for (int c = lane; c < nc; c += 32) {
+        const float4* x4 = (const float4*)(xp + 16 * c);
+        float4 xv[4] = {x4[0], x4[1], x4[2], x4[3]};
+#pragma unroll
+        for (int k = 0; k < MV_RPW; k++) {
+            if (k < rpw && r0 + k < nrows) {
+                float w[16];
+                dq16<TY>(span[k], c, 0, w);
+                acc[k] += dot16(w, xv);
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < MV_RPW; k++) acc[k] = warp_sum(acc[k]);
+    if (wpr > 1) {  // rpw = 1: add the parts of the row
+        if (lane == 0) red[warp] = acc[0];
+        __syncthreads();
+        if (part != 0) return;
+        for (int i = 1; i < wpr; i++) acc[0] += red[warp + i];
+    }
+    if (lane != 0) return;
+#pragma unroll
+    for (int k = 0; k < MV_RPW; k++) {
+        int r = r0 + k;
+        if (k < rpw && r < nrows) {
+            float v = acc[k];
+            if (y_raw) y_raw[r] = v;
+            if (bias) v += bias[r];
+            if (res) v += res[r];
+            y[r] = v;
+        }
+    }
+}
+
+// matvec_swiglu_impl for T = 1 and a block format, staged: one warp per row of G and U.
+// Dynamic shared memory: xs [ncols] floats (rounded up to 16 bytes), then 8 × 2 areas of span_cap.
+template <int TY>
+__device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* __restrict__ U, long long row_bytes,
+                                           int nrows, int ncols, const float* __restrict__ x,
+                                           float* __restrict__ s_out, float* __restrict__ g_out,
+                                           float* __restrict__ u_out, int span_cap,
+                                           const float* __restrict__ norm_w, float eps) {
+    extern __shared__ __align__(16) u8 smem[];
+    __shared__ double shd[32];
+    constexpr int BB = block_bytes(TY), CPB = block_elems(TY) / 16;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int r = blockIdx.x * 8 + warp;
+    bool live = r < nrows;
+    int nb = ncols / block_elems(TY);
+    float* xs = (float*)smem;
+    u8* area = smem + ((ncols * 4 + 15) & ~15) + 2 * warp * span_cap;
+    const u8* gs = area;
+    const u8* us = area + span_cap;
+    pdl_launch_dependents();
+    if (live) {
+        gs = stage_span(area, G + (long long)r * row_bytes, nb * BB, lane);
+        us = stage_span(area + span_cap, U + (long long)r * row_bytes, nb * BB, lane);
+    }
+    pdl_wait();
+    stage_x(xs, x, ncols, norm_w, eps, shd);
+    cp_async_wait_all();
+    __syncthreads();
+    if (!live) return;
+    // one row after the other (both in one loop would spill at 48 registers)
+    float g = warp_sum(dot_staged<TY>(gs, nb * CPB, xs, lane));
+    float u = warp_sum(dot_staged<TY>(us, nb * CPB, xs, lane));
+    if (lane == 0) {
+        if (g_out) g_out[r] = g;
+        if (u_out) u_out[r] = u;
+        s_out[r] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+#define STAMP_STAGED(NAME, TY)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256, 4) matvec1s_##NAME(const u8* W, long long rb, int nr, int nc, \
+                                              const float* x, float* y, const float* b, const float* res, \
+                                              float* y_raw, int wpr, int rpw, int span_cap, const float* nw, \
+                                              float eps) {                                                 \
+        matvec1_staged_impl<TY>(W, rb, nr, nc, x, y, b, res, y_raw, wpr, rpw, span_cap, nw, eps);         \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, 5) matvec_swiglu1s_##NAME(const u8* G, const u8* U, long long rb, \
+                                              int nr, int nc, const float* x, float* s, float* g, float* u, \
+                                              int span_cap, const float* nw, float eps) {                 \
+        matvec_swiglu1_staged_impl<TY>(G, U, rb, nr, nc, x, s, g, u, span_cap, nw, eps);                  \
+    }
+
+STAMP_STAGED(q4_0, GT_Q4_0)
+STAMP_STAGED(q4_1, GT_Q4_1)
+STAMP_STAGED(q5_0, GT_Q5_0)
+STAMP_STAGED(q8_0, GT_Q8_0)
+STAMP_STAGED(q4_k, GT_Q4_K)
+STAMP_STAGED(q6_k, GT_Q6_K)
 
 // out[r][16c + j] for every chunk of every row (the f32 scratch that cuBLAS reads at prefill).
 template <int TY>

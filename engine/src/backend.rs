@@ -14,4 +14,7 @@ pub trait Backend {
     /// returns the logits of the last token (`n_vocab` values). Like llama.cpp, the last layer computes
     /// its FFN and the output head for the last token only.
     fn forward(&mut self, tokens: &[u32], taps: Option<&mut dyn TapSink>) -> anyhow::Result<Vec<f32>>;
+    /// [`Self::forward`] without taps, the logits borrowed from the backend's own buffer until the
+    /// next call: nothing is copied or allocated on the way out (decode loops, `lockstep bench`).
+    fn step(&mut self, tokens: &[u32]) -> anyhow::Result<&[f32]>;
 }

@@ -9,10 +9,12 @@ use cuda_common::{check_close, trials};
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep_engine::cpu::attention::{self as cpu_attn, AttnDims, KvCache};
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
+use lockstep_engine::cuda::attn_decode::{DecodeAttnArgs, DECODE_SMEM_SCORES};
 use lockstep_engine::cuda::device::ptr;
 use lockstep_engine::cuda::ops::{AttnArgs, QMat, RopeArgs, SUPPORTED};
 use lockstep_engine::cuda::Gpu;
 use lockstep_engine::dequant;
+use lockstep_engine::faults::{self, Fault};
 use lockstep_engine::gguf::GgmlType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -75,9 +77,32 @@ fn cols_for(ty: GgmlType) -> Vec<usize> {
         GgmlType::F32 | GgmlType::F16 => vec![33, 100, 896],
         _ => {
             let bs = ty.block_size();
-            vec![bs * 3, bs * 7]
+            // 8448 = 264 blocks of 32 = 33 of 256: the staged decode matvec splits such a row over
+            // 8 warps (ops.rs staged_plan), the last warp of a K-quant row getting no block at all
+            vec![bs * 3, bs * 7, 8448]
         }
     }
+}
+
+/// The decode matvec (T = 1) of a tall matrix, an output head's shape: the staged kernel gives each
+/// warp several rows (ops.rs staged_plan), 8450 not being a multiple of the rows of a block; with
+/// the fused RMSNorm as the head runs it.
+fn tall_matvec_case(ty: GgmlType) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(ty.to_u32() as u64 + 77);
+    let (rows, cols) = (8450, cols_for(ty)[1]);
+    let bytes = random_weights(&mut rng, ty, rows, cols, 1.0);
+    let m = cpu_matrix(ty, &bytes, rows, cols);
+    let w = QMat::upload(&g, ty, rows, cols, &bytes, "tall weight")?;
+    let x = randv(&mut rng, cols, 3.0);
+    let nw = randv(&mut rng, cols, 2.0);
+    let eps = 1e-6;
+    let want = cpu::matmul(&m, &cpu::mul_rows(&cpu::rmsnorm(&x, cols, eps), &nw));
+    let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+    let (xd, nd, y) = (g.upload(&x, "x")?, g.upload(&nw, "norm")?, g.alloc::<f32>(rows, "y")?);
+    g.matvec(&w, p(&xd), 1, p(&y), None, None, None, Some((p(&nd), eps)))?;
+    check_close(&format!("tall matvec+norm {ty} {rows}x{cols}"), &g.download(&y, 0, rows)?, &want, 1e-5)?;
+    Ok(())
 }
 
 /// matvec / linear (T = 1, 3, 8 through the matvec kernel; T = 37 through dequant + SGEMM) with bias
@@ -313,6 +338,103 @@ fn attention_case(dh: usize, qscale: f32) -> R {
     Ok(())
 }
 
+/// One trial of the fused decode attention: shapes, RoPE, the position p (kv_len = p + 1), cache
+/// rows, the magnitude of q and the kernel's fault bits.
+#[derive(Debug, Clone, Copy)]
+struct DecodeCase {
+    dh: usize,
+    n_rot: usize,
+    style: RopeStyle,
+    h: usize,
+    hkv: usize,
+    p: usize,
+    ctx: usize,
+    qscale: f32,
+    fault: i32,
+}
+
+/// [`check_close`] for outputs that may overflow (softmax without max subtraction): non-finite at
+/// the same places, the finite rest close.
+fn check_close_nonfinite(what: &str, got: &[f32], want: &[f32], tol: f64) -> R {
+    let bad: Vec<bool> = want.iter().map(|v| !v.is_finite()).collect();
+    if got.iter().map(|v| !v.is_finite()).ne(bad.iter().copied()) {
+        return Err(format!("{what}: non-finite values at other places than the CPU twin's").into());
+    }
+    let finite = |x: &[f32]| -> Vec<f32> { x.iter().zip(&bad).filter(|(_, b)| !**b).map(|(v, _)| *v).collect() };
+    Ok(check_close(what, &finite(got), &finite(want), tol)?)
+}
+
+/// attention_decode_f32 against its CPU twins composed: rope on q and k at position p, then
+/// scores, softmax and values over the cache rows < p and the new row p (with the fault's
+/// variants); the cache must hold the rotated k and v at row p and be unchanged elsewhere.
+fn attention_decode_case(c: DecodeCase) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(41 + (c.dh * 100_000 + c.p) as u64);
+    let (h, hkv, dh, p, ctx) = (c.h, c.hkv, c.dh, c.p, c.ctx);
+    let row = hkv * dh;
+    let base = 1e6f32;
+    let fault = match c.fault {
+        0 => None,
+        2 => Some(Fault::SoftmaxNoMax),
+        4 => Some(Fault::GqaMapping),
+        f => return Err(format!("no CPU twin for fault bits {f}").into()),
+    };
+    let q = randv(&mut rng, h * dh, c.qscale);
+    let k = randv(&mut rng, row, 1.0);
+    let v = randv(&mut rng, row, 1.0);
+    let kcache = randv(&mut rng, ctx * row, 1.0);
+    let vcache = randv(&mut rng, ctx * row, 1.0);
+    let (mut wq, mut wk) = (q.clone(), k.clone());
+    cpu::rope(&mut wq, &[p], h, dh, c.n_rot, base, c.style);
+    cpu::rope(&mut wk, &[p], hkv, dh, c.n_rot, base, c.style);
+    // the CPU's cache `[kv_len][Hkv·Dh]`: rows < p as on the GPU, row p the new rotated k and v
+    let kc_cpu = [&kcache[..p * row], &wk[..]].concat();
+    let vc_cpu = [&vcache[..p * row], &v[..]].concat();
+    let dims = AttnDims { n_tokens: 1, n_past: p, n_head: h, n_head_kv: hkv, head_dim: dh };
+    let scale = 1.0 / (dh as f32).sqrt();
+    let kq = faults::attn_scores(fault, &wq, &kc_cpu, &dims);
+    let probs = faults::attn_softmax(fault, &kq, scale, &dims);
+    let want_out = faults::attn_values(fault, &probs, &vc_cpu, &dims);
+
+    let pp = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+    let (qd, kd, vd) = (g.upload(&q, "q")?, g.upload(&k, "k")?, g.upload(&v, "v")?);
+    let (kcd, vcd) = (g.upload(&kcache, "kc")?, g.upload(&vcache, "vc")?);
+    let (out, scratch) = (g.alloc::<f32>(h * dh, "out")?, g.alloc::<f32>(h * ctx, "p_scratch")?);
+    let pos = g.upload(&[p as i32], "pos")?;
+    g.attention_decode(
+        &DecodeAttnArgs {
+            q: pp(&qd),
+            k: pp(&kd),
+            v: pp(&vd),
+            kc: pp(&kcd),
+            vc: pp(&vcd),
+            pos: ptr(&pos, &g.stream),
+            out: pp(&out),
+            p_scratch: (ctx > DECODE_SMEM_SCORES).then(|| pp(&scratch)),
+            ctx,
+            n_head: h,
+            n_head_kv: hkv,
+            head_dim: dh,
+            n_rot: c.n_rot,
+            theta_scale: base.powf(-2.0 / c.n_rot as f32),
+            neox: c.style == RopeStyle::Neox,
+            scale,
+        },
+        c.fault,
+    )?;
+    let what = format!("attention_decode {c:?}");
+    check_close_nonfinite(&format!("{what} kqv_out"), &g.download(&out, 0, h * dh)?, &want_out, 1e-5)?;
+    let got_kc = g.download(&kcd, 0, ctx * row)?;
+    let new_k = &got_kc[p * row..(p + 1) * row];
+    check_close(&format!("{what} K cache row p"), new_k, &wk, 1e-6)?;
+    // every other K row untouched (row p, checked just above, taken from the GPU)
+    let want_kc = [&kcache[..p * row], new_k, &kcache[(p + 1) * row..]].concat();
+    check_close(&format!("{what} K cache"), &got_kc, &want_kc, 0.0)?;
+    let want_vc = [&vcache[..p * row], &v[..], &vcache[(p + 1) * row..]].concat();
+    check_close(&format!("{what} V cache"), &g.download(&vcd, 0, ctx * row)?, &want_vc, 0.0)?;
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let mut list = Vec::new();
@@ -323,6 +445,7 @@ fn main() {
         list.push(Trial::test(format!("get_rows_{ty}"), move || get_rows_case(ty)));
         list.push(Trial::test(format!("matvec_swiglu_{ty}"), move || swiglu_case(ty)));
         list.push(Trial::test(format!("matvec_fused_norm_{ty}"), move || fused_norm_case(ty)));
+        list.push(Trial::test(format!("matvec_tall_{ty}"), move || tall_matvec_case(ty)));
     }
     list.push(Trial::test("rmsnorm_and_add", rmsnorm_add_case));
     for (style, n_rot) in [(RopeStyle::Neox, 16), (RopeStyle::Normal, 16), (RopeStyle::Neox, 8), (RopeStyle::Normal, 8)] {
@@ -330,6 +453,57 @@ fn main() {
     }
     for (dh, qs) in [(64usize, 1.0f32), (40, 1.0), (64, 300.0), (128, 1.0)] {
         list.push(Trial::test(format!("attention_dh{dh}_qscale{qs}"), move || attention_case(dh, qs)));
+    }
+    let qwen = |p: usize, ctx: usize, qscale: f32, fault: i32| DecodeCase {
+        dh: 64,
+        n_rot: 64,
+        style: RopeStyle::Neox,
+        h: 14,
+        hkv: 2,
+        p,
+        ctx,
+        qscale,
+        fault,
+    };
+    let other = |dh: usize, n_rot: usize, style: RopeStyle, h: usize, hkv: usize, p: usize| DecodeCase {
+        dh,
+        n_rot,
+        style,
+        h,
+        hkv,
+        p,
+        ctx: p + 9,
+        qscale: 1.0,
+        fault: 0,
+    };
+    let cap = DECODE_SMEM_SCORES;
+    for c in [
+        // qwen2.5 0.5B's shape at the first position, a few and a typical number
+        qwen(0, 600, 1.0, 0),
+        qwen(5, 600, 1.0, 0),
+        qwen(300, 600, 1.0, 0),
+        qwen(300, 600, 300.0, 0),
+        // the last kv_len whose scores fit in shared memory, and the global scratch past it
+        qwen(cap - 1, cap + 900, 1.0, 0),
+        qwen(cap, cap + 900, 1.0, 0),
+        qwen(9000, 9100, 1.0, 0),
+        // injected faults: softmax without max subtraction (finite, then overflowing), modulo GQA
+        qwen(300, 600, 1.0, 2),
+        qwen(300, 600, 300.0, 2),
+        qwen(300, 600, 1.0, 4),
+        // other head sizes (float2 chunks for Dh % 4 = 2), partial rotation, no grouping
+        other(40, 40, RopeStyle::Normal, 6, 2, 37),
+        other(42, 42, RopeStyle::Normal, 6, 2, 37),
+        other(18, 10, RopeStyle::Neox, 4, 2, 7),
+        other(128, 64, RopeStyle::Neox, 8, 2, 77),
+        other(256, 128, RopeStyle::Normal, 4, 1, 50),
+        other(16, 16, RopeStyle::Normal, 4, 4, 9),
+    ] {
+        let name = format!(
+            "attention_decode_dh{}_{:?}_nrot{}_h{}x{}_p{}_qscale{}_fault{}",
+            c.dh, c.style, c.n_rot, c.h, c.hkv, c.p, c.qscale, c.fault
+        );
+        list.push(Trial::test(name, move || attention_decode_case(c)));
     }
     libtest_mimic::run(&args, trials(list)).exit();
 }

@@ -48,6 +48,8 @@ pub struct CpuBackend {
     pool: Option<rayon::ThreadPool>,
     /// An injected bug class (crate::faults); `None` unless a caller asked for one explicitly.
     pub fault: Option<Fault>,
+    /// `[V]`: the logits of the last [`Backend::step`]
+    last_logits: Vec<f32>,
 }
 
 impl CpuBackend {
@@ -72,7 +74,7 @@ impl CpuBackend {
             faults::corrupt_weights(f, file, &mut config, &mut weights)?;
         }
         let cache = KvCache::new(config.n_layer, config.kv_dim());
-        Ok(Self { config, weights, options, cache, pool, fault })
+        Ok(Self { config, weights, options, cache, pool, fault, last_logits: Vec::new() })
     }
 
     /// The number of positions the KV cache may hold.
@@ -127,6 +129,10 @@ impl Backend for CpuBackend {
     }
     fn forward(&mut self, tokens: &[u32], taps: Option<&mut dyn TapSink>) -> Result<Vec<f32>> {
         self.forward_impl(tokens, taps)
+    }
+    fn step(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.last_logits = self.forward_impl(tokens, None)?;
+        Ok(&self.last_logits)
     }
 }
 

@@ -12,6 +12,7 @@ use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 
 use super::device::{ptr, Gpu};
+use super::attn_decode::DecodeAttnArgs;
 use super::ops::{AttnArgs, RopeArgs, MV_MAX_T};
 use super::weights::GpuWeights;
 use crate::backend::Backend;
@@ -240,7 +241,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn forward_impl(&mut self, tokens: &[u32], sink: Option<&mut dyn TapSink>) -> Result<Vec<f32>> {
+    /// One forward pass; the last token's logits are left in the pinned host buffer.
+    fn forward_impl(&mut self, tokens: &[u32], sink: Option<&mut dyn TapSink>) -> Result<()> {
         let t = tokens.len();
         ensure!(t > 0, "forward: no tokens");
         let n_past = self.n_past;
@@ -298,9 +300,14 @@ impl CudaBackend {
         self.gpu.stream.memcpy_dtoh(&self.acts.logits.buf, pinned).context("copying the logits from the GPU")?;
         // cudarc records no event on the pinned buffer with event tracking off: wait on the stream.
         self.gpu.sync()?;
-        let logits = pinned.as_slice().context("reading the pinned logits")?.to_vec();
         self.n_past = n_past + t;
-        Ok(logits)
+        Ok(())
+    }
+
+    /// The logits of the last forward pass, in the pinned host buffer.
+    fn pinned_logits(&self) -> Result<&[f32]> {
+        let pinned = self.acts.logits_host.as_ref().context("CUDA backend used while being dropped")?;
+        pinned.as_slice().context("reading the pinned logits")
     }
 }
 
@@ -326,7 +333,12 @@ impl Backend for CudaBackend {
         self.n_past = 0;
     }
     fn forward(&mut self, tokens: &[u32], taps: Option<&mut dyn TapSink>) -> Result<Vec<f32>> {
-        self.forward_impl(tokens, taps)
+        self.forward_impl(tokens, taps)?;
+        Ok(self.pinned_logits()?.to_vec())
+    }
+    fn step(&mut self, tokens: &[u32]) -> Result<&[f32]> {
+        self.forward_impl(tokens, None)?;
+        self.pinned_logits()
     }
 }
 
@@ -473,23 +485,51 @@ fn run(
         }
         let (_, v_raw) = vp?;
         let (_, k_raw) = kp?;
-        let want_krot = taps.wants("Kcur", li, Some("rope"));
-        gpu.rope_store(&RopeArgs {
-            q: a.q.ptr,
-            k: a.k.ptr,
-            k_out: want_krot.then_some(a.krot.ptr),
-            v: a.v.ptr,
-            kc: layer_kc,
-            vc: layer_vc,
-            pos,
-            t,
-            n_head: cfg.n_head,
-            n_head_kv: cfg.n_head_kv,
-            head_dim: cfg.head_dim,
-            n_rot: cfg.n_rot,
-            theta_scale,
-            neox,
-        })?;
+        // a decode step whose rotated q/k and scores nobody asked for: RoPE, the cache write and
+        // attention in one kernel (the graph path, and launches with other taps, run the same)
+        let fused_attn = t == 1
+            && !taps.wants("Qcur", li, Some("rope"))
+            && !taps.wants("Kcur", li, Some("rope"))
+            && !taps.wants("kq", li, None)
+            && !taps.wants("kq_soft_max", li, None);
+        if fused_attn {
+            gpu.attention_decode(&DecodeAttnArgs {
+                q: a.q.ptr,
+                k: a.k.ptr,
+                v: a.v.ptr,
+                kc: layer_kc,
+                vc: layer_vc,
+                pos,
+                out: a.attn.ptr,
+                p_scratch: Some(a.p.ptr),
+                ctx: max_ctx,
+                n_head: cfg.n_head,
+                n_head_kv: cfg.n_head_kv,
+                head_dim: cfg.head_dim,
+                n_rot: cfg.n_rot,
+                theta_scale,
+                neox,
+                scale,
+            }, attn_fault)?;
+        } else {
+            let want_krot = taps.wants("Kcur", li, Some("rope"));
+            gpu.rope_store(&RopeArgs {
+                q: a.q.ptr,
+                k: a.k.ptr,
+                k_out: want_krot.then_some(a.krot.ptr),
+                v: a.v.ptr,
+                kc: layer_kc,
+                vc: layer_vc,
+                pos,
+                t,
+                n_head: cfg.n_head,
+                n_head_kv: cfg.n_head_kv,
+                head_dim: cfg.head_dim,
+                n_rot: cfg.n_rot,
+                theta_scale,
+                neox,
+            })?;
+        }
         taps.emit(gpu, "Qcur", li, Some("rope"), [1, t, cfg.n_head, cfg.head_dim], &a.q, 0)?;
         match lw.bv {
             Some(_) => {
@@ -504,22 +544,24 @@ fn run(
         }
         taps.emit(gpu, "Kcur", li, Some("rope"), [1, t, cfg.n_head_kv, cfg.head_dim], &a.krot, 0)?;
 
-        let full_scores = taps.wants("kq", li, None);
-        gpu.attention_faulty(&AttnArgs {
-            q: a.q.ptr,
-            kc: layer_kc,
-            vc: layer_vc,
-            kq: a.kq.ptr,
-            p: a.p.ptr,
-            out: a.attn.ptr,
-            pos,
-            t,
-            n_head: cfg.n_head,
-            n_head_kv: cfg.n_head_kv,
-            head_dim: cfg.head_dim,
-            scale,
-            full_scores,
-        }, attn_fault)?;
+        if !fused_attn {
+            let full_scores = taps.wants("kq", li, None);
+            gpu.attention_faulty(&AttnArgs {
+                q: a.q.ptr,
+                kc: layer_kc,
+                vc: layer_vc,
+                kq: a.kq.ptr,
+                p: a.p.ptr,
+                out: a.attn.ptr,
+                pos,
+                t,
+                n_head: cfg.n_head,
+                n_head_kv: cfg.n_head_kv,
+                head_dim: cfg.head_dim,
+                scale,
+                full_scores,
+            }, attn_fault)?;
+        }
         let kq_shape = [1, cfg.n_head, t, kv_len];
         taps.emit(gpu, "kq", li, None, kq_shape, &a.kq, 0)?;
         taps.emit(gpu, "kq_soft_max", li, None, kq_shape, &a.p, 0)?;
@@ -582,10 +624,15 @@ fn run(
     // output head on the last row
     let xl = a.x.at((rows - 1) * d);
     let want_norm = taps.wants("norm", None, None);
-    rmsnorm(xl, w.output_norm.ptr, want_norm.then_some(a.fin_n.ptr), a.fin_r.ptr, 1)?;
-    taps.emit(gpu, "norm", None, None, act(1, d), &a.fin_n, 0)?;
-    taps.emit(gpu, "result_norm", None, None, act(1, d), &a.fin_r, 0)?;
-    gpu.matvec(w.lm_head(), a.fin_r.ptr, 1, a.logits.ptr, None, None, None, None)?;
+    if f16_sum || want_norm || taps.wants("result_norm", None, None) {
+        rmsnorm(xl, w.output_norm.ptr, want_norm.then_some(a.fin_n.ptr), a.fin_r.ptr, 1)?;
+        taps.emit(gpu, "norm", None, None, act(1, d), &a.fin_n, 0)?;
+        taps.emit(gpu, "result_norm", None, None, act(1, d), &a.fin_r, 0)?;
+        gpu.matvec(w.lm_head(), a.fin_r.ptr, 1, a.logits.ptr, None, None, None, None)?;
+    } else {
+        // the head normalises the last row itself
+        gpu.matvec(w.lm_head(), xl, 1, a.logits.ptr, None, None, None, Some((w.output_norm.ptr, eps)))?;
+    }
     taps.emit(gpu, "result_output", None, None, act(1, cfg.n_vocab), &a.logits, 0)?;
     Ok(())
 }

@@ -90,7 +90,7 @@ pub fn generate(b: &mut dyn Backend, n: usize, reps: usize, n_vocab: usize) -> R
         b.reset();
         let t0 = Instant::now();
         for &tok in &toks {
-            b.forward(&[tok], None)?;
+            b.step(&[tok])?;
         }
         let dt = t0.elapsed().as_secs_f64();
         if r > 0 {

@@ -21,6 +21,8 @@ pub struct DeviceInfo {
     pub name: String,
     /// (major, minor)
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors (the launch shapes of the decode kernels aim to fill them).
+    pub multiprocessors: usize,
     pub total_mem: usize,
     pub driver_version: i32,
 }
@@ -84,6 +86,9 @@ fn init_shared() -> Result<Shared, String> {
         let info = DeviceInfo {
             name: ctx.name().map_err(|e| e.to_string())?,
             compute_capability: ctx.compute_capability().map_err(|e| e.to_string())?,
+            multiprocessors: ctx
+                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map_err(|e| e.to_string())? as usize,
             total_mem: ctx.total_mem().map_err(|e| e.to_string())?,
             driver_version: driver_version(),
         };
@@ -176,32 +181,45 @@ fn kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<Kernels>, Strin
 }
 
 /// The `extern "C" __global__ void NAME(` kernels of a source, including those stamped out by
-/// quant.cu's STAMP macro (`matvec_##NAME` for each `STAMP(name, …)`).
+/// quant.cu's stamping macros: `#define STAMP(NAME, TY)` defining `matvec_##NAME`, … and the lines
+/// `STAMP(q4_0, …)` give `matvec_q4_0`, … (each macro with its own invocations).
 fn kernel_names(src: &str) -> Vec<String> {
     let mut out = Vec::new();
-    let mut stamps = Vec::new();
-    let mut stamped = Vec::new();
+    // per macro: its name, the name prefixes it stamps, the names it is invoked with
+    let mut macros: Vec<(String, Vec<String>, Vec<String>)> = Vec::new();
+    let mut defining: Option<usize> = None;
     for line in src.lines() {
         let l = line.trim_start();
-        if let Some(rest) = l.strip_prefix("STAMP(") {
-            if let Some(n) = rest.split(',').next() {
-                stamps.push(n.trim().to_string());
+        let continued = line.trim_end().ends_with('\\');
+        if let Some(rest) = l.strip_prefix("#define ") {
+            if let Some((m, _)) = rest.split_once('(') {
+                macros.push((m.trim().to_string(), Vec::new(), Vec::new()));
+                defining = Some(macros.len() - 1);
             }
-        } else if let Some(i) = l.find("__global__ void ") {
+        } else if defining.is_none() {
+            let invoked = l.split_once('(').and_then(|(m, rest)| Some((macros.iter_mut().find(|e| e.0 == m.trim())?, rest)));
+            if let Some((entry, rest)) = invoked {
+                entry.2.extend(rest.split(',').next().map(|n| n.trim().to_string()));
+            }
+        }
+        if let Some(i) = l.find("__global__ void ") {
             let mut rest = &l[i + "__global__ void ".len()..];
             if let Some(r) = rest.strip_prefix("__launch_bounds__(") {
                 rest = r.split_once(')').map(|(_, after)| after.trim_start()).unwrap_or(r);
             }
             let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '#').collect();
-            match name.strip_suffix("##NAME") {
-                Some(prefix) => stamped.push(prefix.to_string()),
-                None => out.push(name),
+            match (name.strip_suffix("##NAME"), defining) {
+                (Some(prefix), Some(m)) => macros[m].1.push(prefix.to_string()),
+                _ => out.push(name),
             }
         }
+        if !continued {
+            defining = None;
+        }
     }
-    for p in &stamped {
-        for s in &stamps {
-            out.push(format!("{p}{s}"));
+    for (_, prefixes, names) in &macros {
+        for p in prefixes {
+            out.extend(names.iter().map(|n| format!("{p}{n}")));
         }
     }
     out
@@ -232,6 +250,9 @@ pub struct Gpu {
     pub sync_each: bool,
     /// While a CUDA graph is being captured no synchronisation may happen.
     pub capturing: bool,
+    /// Launch the PDL-aware kernels with programmatic dependent launch ([`Gpu::launch_pdl`]):
+    /// compute capability 9.0 and up, unless LOCKSTEP_CUDA_PDL=0 (for comparing timings).
+    pub pdl: bool,
 }
 
 impl Gpu {
@@ -259,6 +280,7 @@ impl Gpu {
             info: sh.info.clone(),
             sync_each: std::env::var("LOCKSTEP_CUDA_SYNC").is_ok_and(|v| v == "1"),
             capturing: false,
+            pdl: sh.info.compute_capability.0 >= 9 && !std::env::var("LOCKSTEP_CUDA_PDL").is_ok_and(|v| v == "0"),
         })
     }
 
@@ -331,13 +353,18 @@ impl Gpu {
         self.stream.synchronize().context("CUDA stream synchronisation (an earlier kernel may have faulted)")
     }
 
+    /// The stream launches go to now (see [`Gpu::on`]).
+    fn active_stream(&self) -> &Arc<CudaStream> {
+        match self.active.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => &self.stream,
+            i => &self.side[i - 1],
+        }
+    }
+
     /// Launches kernel `name` on this stream.
     pub fn launch(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
         let f = self.kernels.get(name)?;
-        let stream = match self.active.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => &self.stream,
-            i => &self.side[i - 1],
-        };
+        let stream = self.active_stream();
         let mut b = stream.launch_builder(f);
         for a in args {
             match a {
@@ -352,6 +379,61 @@ impl Gpu {
         // pointers into live buffers sized for the launch shape (checked there).
         unsafe { b.launch(cfg) }
             .map_err(|e| anyhow!("CUDA kernel {name} failed to launch (grid {grid:?}, block {block}, shared {smem} B): {e}"))?;
+        self.after_launch(stream, name, grid, block)
+    }
+
+    /// [`Gpu::launch`] with programmatic dependent launch (when [`Gpu::pdl`]): the kernel may start
+    /// while the previous kernel of the stream still runs, once all of that kernel's blocks have
+    /// called `pdl_launch_dependents` (kernels/common.cuh). Only for PDL-aware kernels: they read
+    /// nothing another kernel writes before `pdl_wait`, which returns when the previous kernel has
+    /// completed and its writes are visible (so every earlier kernel has too).
+    pub fn launch_pdl(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
+        use cudarc::driver::sys;
+        if !self.pdl {
+            return self.launch(name, grid, block, smem, args);
+        }
+        let f = self.kernels.get(name)?;
+        let stream = self.active_stream();
+        // cuLaunchKernelEx takes the address of each argument value: one 8-byte slot each, the value
+        // in its low bytes (little-endian, as the kernel reads an i32 / f32 / pointer from it)
+        let mut slots: Vec<u64> = args
+            .iter()
+            .map(|a| match *a {
+                Arg::P(p) => p,
+                Arg::I(i) => i as u32 as u64,
+                Arg::L(l) => l as u64,
+                Arg::F(x) => x.to_bits() as u64,
+            })
+            .collect();
+        let mut params: Vec<*mut std::ffi::c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut std::ffi::c_void).collect();
+        // SAFETY: an all-zero CUlaunchAttribute is a valid (plain C) value; id and value are set next.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e}"))?;
+        // SAFETY: as in `launch`: the caller passes the argument list of the kernel's C signature
+        // with pointers into live buffers sized for the launch shape; `slots`, `params`, `attr` and
+        // `cfg` outlive the call (the driver copies the argument values at launch).
+        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| anyhow!("CUDA kernel {name} failed to launch (grid {grid:?}, block {block}, shared {smem} B, PDL): {e}"))?;
+        self.after_launch(stream, name, grid, block)
+    }
+
+    /// With LOCKSTEP_CUDA_SYNC=1 (and no capture running), waits for the kernel just launched.
+    fn after_launch(&self, stream: &CudaStream, name: &str, grid: (u32, u32, u32), block: u32) -> Result<()> {
         if self.sync_each && !self.capturing {
             stream
                 .synchronize()
@@ -375,6 +457,9 @@ mod tests {
         assert!(names.contains(&"matvec_q4_k".to_string()), "{names:?}");
         assert!(names.contains(&"matvec1_q4_k".to_string()) && names.contains(&"matvec_swiglu1_q6_k".to_string()), "{names:?}");
         assert!(names.contains(&"get_rows_f32".to_string()), "{names:?}");
+        // the staged kernels exist for the block formats only
+        assert!(names.contains(&"matvec1s_q5_0".to_string()) && names.contains(&"matvec_swiglu1s_q6_k".to_string()), "{names:?}");
+        assert!(!names.contains(&"matvec1s_f32".to_string()), "{names:?}");
         let ops = super::kernel_names(super::SOURCES[1].1);
         assert!(ops.contains(&"rmsnorm_f32".to_string()) && ops.contains(&"rope_store_f32".to_string()), "{ops:?}");
     }

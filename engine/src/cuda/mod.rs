@@ -12,6 +12,7 @@
 //!   cache, taps under the CPU backend's names, decode steps replayed as one CUDA graph.
 //! - [`bench`]: llama-bench style prompt-processing / generation timing for any backend.
 
+pub mod attn_decode;
 pub mod backend;
 pub mod bench;
 pub mod device;

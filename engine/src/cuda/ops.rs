@@ -15,6 +15,8 @@ use crate::gguf::GgmlType;
 pub const MV_MAX_T: usize = 8;
 /// Threads per block of the row-parallel kernels (8 warps: 8 output rows per block).
 const BLOCK: u32 = 256;
+/// Most rows one warp of the staged decode matvec takes (quant.cu's MV_RPW).
+const MV_RPW: usize = 4;
 
 /// The formats the kernels dequantize.
 pub const SUPPORTED: [GgmlType; 8] = [
@@ -108,15 +110,38 @@ impl Gpu {
         norm: Option<(u64, f32)>,
     ) -> Result<()> {
         ensure!((1..=MV_MAX_T).contains(&t), "matvec: {t} rows (1..={MV_MAX_T})");
-        // T = 1 (decode) has its own instantiation: one accumulator, fewer registers, more warps.
-        let name = format!("matvec{}_{}", if t == 1 { "1" } else { "" }, type_suffix(w.ty)?);
         let vec_x = !matches!(w.ty, GgmlType::F32 | GgmlType::F16);
         ensure!(!vec_x || x.is_multiple_of(16), "matvec: x at {x:#x} is not 16-byte aligned (float4 loads)");
-        // warps per output row: split rows until the grid fills the GPU (2 blocks per SM of an H100)
-        // while the row still has more chunks than the lanes of the warps sharing it
         let nchunks = w.cols.div_ceil(16);
+        if t == 1 {
+            if let Some(plan) = self.staged_plan(w, 1) {
+                let args = [
+                    Arg::P(w.ptr),
+                    Arg::L(w.row_bytes as i64),
+                    i(w.rows)?,
+                    i(w.cols)?,
+                    Arg::P(x),
+                    Arg::P(y),
+                    p(bias),
+                    p(res),
+                    p(raw),
+                    i(plan.wpr)?,
+                    i(plan.rpw)?,
+                    i(plan.span_cap)?,
+                    p(norm.map(|n| n.0)),
+                    Arg::F(norm.map_or(0.0, |n| n.1)),
+                ];
+                let name = format!("matvec1s_{}", type_suffix(w.ty)?);
+                let rows_per_block = 8 / plan.wpr * plan.rpw;
+                return self.launch_pdl(&name, (w.rows.div_ceil(rows_per_block) as u32, 1, 1), BLOCK, plan.smem, &args);
+            }
+        }
+        // T = 1 (decode) has its own instantiation: one accumulator, fewer registers, more warps.
+        let name = format!("matvec{}_{}", if t == 1 { "1" } else { "" }, type_suffix(w.ty)?);
+        // warps per output row: split rows until the grid fills the GPU (2 blocks per SM)
+        // while the row still has more chunks than the lanes of the warps sharing it
         let mut wpr = 1usize;
-        while wpr < 8 && w.rows * wpr / 8 < 2 * 132 && 32 * wpr < nchunks {
+        while wpr < 8 && w.rows * wpr / 8 < 2 * self.info.multiprocessors && 32 * wpr < nchunks {
             wpr *= 2;
         }
         let rows_per_block = (BLOCK / 32) as usize / wpr;
@@ -138,6 +163,32 @@ impl Gpu {
         self.launch(&name, (w.rows.div_ceil(rows_per_block) as u32, 1, 1), BLOCK, 0, &args)
     }
 
+    /// The launch plan of a staged decode kernel (quant.cu `matvec1s_*`, `matvec_swiglu1s_*`) for
+    /// `w`, with `areas` staging areas per row (1 for a matvec, 2 for gate and up); `None` for
+    /// F32/F16 or when the shared memory would pass the 48 KiB every device grants without opt-in
+    /// (then the unstaged kernel serves). The grid should keep at least 2 blocks per SM: warps
+    /// per row (`wpr`; swiglu: 1) grow while it has fewer and each warp keeps at least 32 chunks of
+    /// 16 values; rows per warp (`rpw`; a matvec with wpr = 1) grow while it keeps as many.
+    fn staged_plan(&self, w: &QMat, areas: usize) -> Option<StagedPlan> {
+        if matches!(w.ty, GgmlType::F32 | GgmlType::F16) {
+            return None;
+        }
+        let (blocks, block_bytes) = (w.cols / w.ty.block_size(), w.ty.type_size());
+        let nchunks = w.cols / 16;
+        let min_grid = 2 * self.info.multiprocessors;
+        let (mut wpr, mut rpw) = (1usize, 1usize);
+        while areas == 1 && wpr < 8 && w.rows * wpr / 8 < min_grid && nchunks / (2 * wpr) >= 32 && blocks >= 2 * wpr {
+            wpr *= 2;
+        }
+        // a run of ⌈blocks / wpr⌉ blocks, plus up to 15 bytes either side (quant.cu stage_span)
+        let span_cap = (blocks.div_ceil(wpr) * block_bytes + 15).div_ceil(16) * 16;
+        let smem = |rpw: usize| (w.cols * 4).div_ceil(16) * 16 + 8 * areas * rpw * span_cap;
+        while areas == 1 && wpr == 1 && rpw < MV_RPW && w.rows.div_ceil(16 * rpw) >= min_grid && smem(2 * rpw) <= 48 * 1024 {
+            rpw *= 2;
+        }
+        (smem(rpw) <= 48 * 1024).then_some(StagedPlan { wpr, rpw, span_cap, smem: smem(rpw) as u32 })
+    }
+
     /// `s[t] = silu(G x[t]) · (U x[t])`, with the two products in g_out/u_out when given.
     /// G and U share format and shape; x: `[T][cols]`, outputs `[T][rows]`.
     /// `norm` as in [`Gpu::matvec`].
@@ -155,6 +206,27 @@ impl Gpu {
     ) -> Result<()> {
         ensure!((1..=MV_MAX_T).contains(&t), "matvec_swiglu: {t} rows (1..={MV_MAX_T})");
         ensure!(g.ty == u.ty && g.rows == u.rows && g.cols == u.cols, "matvec_swiglu: gate and up differ in format or shape");
+        if t == 1 {
+            if let Some(plan) = self.staged_plan(g, 2) {
+                ensure!(x.is_multiple_of(16), "matvec_swiglu: x at {x:#x} is not 16-byte aligned (float4 loads)");
+                let args = [
+                    Arg::P(g.ptr),
+                    Arg::P(u.ptr),
+                    Arg::L(g.row_bytes as i64),
+                    i(g.rows)?,
+                    i(g.cols)?,
+                    Arg::P(x),
+                    Arg::P(s),
+                    p(g_out),
+                    p(u_out),
+                    i(plan.span_cap)?,
+                    p(norm.map(|n| n.0)),
+                    Arg::F(norm.map_or(0.0, |n| n.1)),
+                ];
+                let name = format!("matvec_swiglu1s_{}", type_suffix(g.ty)?);
+                return self.launch_pdl(&name, (g.rows.div_ceil(8) as u32, 1, 1), BLOCK, plan.smem, &args);
+            }
+        }
         let name = format!("matvec_swiglu{}_{}", if t == 1 { "1" } else { "" }, type_suffix(g.ty)?);
         let warps = (BLOCK / 32) as usize;
         let args = [
@@ -342,6 +414,18 @@ impl Gpu {
         ];
         self.launch("attention_f32", (a.n_head as u32, a.t as u32, 1), BLOCK, (a.head_dim * 4) as u32, &args)
     }
+}
+
+/// How a staged decode kernel is launched ([`Gpu::staged_plan`]).
+struct StagedPlan {
+    /// warps sharing an output row
+    wpr: usize,
+    /// rows of each warp (when wpr = 1)
+    rpw: usize,
+    /// bytes of one warp's staging area
+    span_cap: usize,
+    /// dynamic shared memory per block: x, then 8 warps' areas
+    smem: u32,
 }
 
 /// Arguments of [`Gpu::rope_store`].

@@ -1,0 +1,100 @@
+//! The decode step's attention (T = 1): RoPE on q and k, the KV-cache write and causal GQA
+//! attention in one launch (kernels/attention.cu, `attention_decode_f32`), in place of
+//! [`Gpu::rope_store`] followed by [`Gpu::attention_faulty`]. It writes no `kq` / `kq_soft_max`
+//! taps: the backend uses it only for untapped decode steps.
+
+use anyhow::{ensure, Result};
+
+use super::device::{Arg, Gpu};
+
+/// Threads per block: 8 warps, each reading 32 / L key rows at a time (L lanes a row). The kernel
+/// needs at least Dh threads (one per element of a head) and at most 256 (its launch bounds).
+const BLOCK: u32 = 256;
+/// Most scores kept in shared memory (32 KiB, which leaves room under the 48 KiB a launch may take
+/// without opting in); past that kv_len they go to the caller's `p_scratch`.
+pub const DECODE_SMEM_SCORES: usize = 8192;
+
+/// Arguments of [`Gpu::attention_decode`].
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeAttnArgs {
+    /// `[H][Dh]`, after the bias, not rotated (read only)
+    pub q: u64,
+    /// `[Hkv][Dh]`, after the bias, not rotated (read only)
+    pub k: u64,
+    /// `[Hkv][Dh]`
+    pub v: u64,
+    /// this layer's `[ctx][Hkv·Dh]`; row `*pos` is written (rotated k, v)
+    pub kc: u64,
+    pub vc: u64,
+    /// device i32: positions already in the cache (the new token's position)
+    pub pos: u64,
+    /// `[H·Dh]` (kqv_out)
+    pub out: u64,
+    /// `[H][ctx]` f32 for the scores when kv_len > [`DECODE_SMEM_SCORES`]; may be None when
+    /// ctx ≤ [`DECODE_SMEM_SCORES`]
+    pub p_scratch: Option<u64>,
+    /// positions the cache holds
+    pub ctx: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    /// base^(−2/n_rot), computed on the host like the CPU twin
+    pub theta_scale: f32,
+    pub neox: bool,
+    /// softmax scale (1/√Dh)
+    pub scale: f32,
+}
+
+fn int(v: usize) -> Result<Arg> {
+    Ok(Arg::I(i32::try_from(v).map_err(|_| anyhow::anyhow!("dimension {v} does not fit the kernels' int"))?))
+}
+
+impl Gpu {
+    /// RoPE, KV-cache write and attention of one token at position `*pos` (kv_len = *pos + 1):
+    /// out = softmax(q·Kᵀ·scale) V per query head. `fault` bits as [`Gpu::attention_faulty`]'s
+    /// (2 = softmax without max subtraction, 4 = kv head `h % Hkv`; 1, no causal mask, changes
+    /// nothing for one row); 0 is the clean kernel.
+    pub fn attention_decode(&self, a: &DecodeAttnArgs, fault: i32) -> Result<()> {
+        let (h, hkv, dh) = (a.n_head, a.n_head_kv, a.head_dim);
+        ensure!(dh.is_multiple_of(2) && (2..=256).contains(&dh), "attention_decode: head dim {dh} (even, ≤ 256)");
+        ensure!(a.n_rot <= dh && a.n_rot.is_multiple_of(2), "attention_decode: n_rot {} head_dim {dh}", a.n_rot);
+        ensure!(hkv > 0 && h.is_multiple_of(hkv), "attention_decode: {h} heads over {hkv} kv heads");
+        ensure!(a.ctx > 0, "attention_decode: an empty cache");
+        // K/V rows (and the new v row) are read in chunks of 4 floats, or 2 when Dh % 4 != 0
+        let align = if dh.is_multiple_of(4) { 16 } else { 8 };
+        for (what, at) in [("kc", a.kc), ("vc", a.vc), ("v", a.v)] {
+            ensure!(at.is_multiple_of(align), "attention_decode: {what} at {at:#x} is not {align}-byte aligned");
+        }
+        let smem_cap = a.ctx.min(DECODE_SMEM_SCORES);
+        ensure!(
+            a.ctx <= smem_cap || a.p_scratch.is_some(),
+            "attention_decode: a cache of {} positions needs p_scratch (scores past {DECODE_SMEM_SCORES})",
+            a.ctx
+        );
+        // floats: rotated q and k, one row of value sums per warp, the scores
+        let warps = (BLOCK / 32) as usize;
+        let smem = ((2 + warps) * dh + smem_cap) * 4;
+        let args = [
+            Arg::P(a.q),
+            Arg::P(a.k),
+            Arg::P(a.v),
+            Arg::P(a.kc),
+            Arg::P(a.vc),
+            Arg::P(a.pos),
+            int(h)?,
+            int(hkv)?,
+            int(dh)?,
+            int(a.n_rot)?,
+            Arg::F(a.theta_scale),
+            Arg::I(a.neox as i32),
+            Arg::F(a.scale),
+            Arg::I(fault),
+            Arg::P(a.out),
+            Arg::P(a.p_scratch.unwrap_or(0)),
+            int(a.ctx)?,
+            int(smem_cap)?,
+        ];
+        self.launch_pdl("attention_decode_f32", (h as u32, 1, 1), BLOCK, smem as u32, &args)
+    }
+}
