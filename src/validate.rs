@@ -47,15 +47,15 @@ pub fn model_path(manifest: &Manifest, entry: &ManifestFile, case: &Case) -> Res
     lockstep_engine::fetch::resolve_model(&case.model, true).map_err(|e| anyhow!("model {:?} not available: {e}", case.model))
 }
 
-/// Loads a backend for a model, with the model's injected fault (`model.fault`, normally none).
-pub fn load_backend(name: &str, model: &Model) -> Result<Box<dyn Backend>> {
+/// Loads a backend for a model with `fault` injected (`--inject`; normally none).
+pub fn load_backend(name: &str, model: &Model, fault: Option<Fault>) -> Result<Box<dyn Backend>> {
     let opts = lockstep_engine::cpu::EngineOptions::default();
     match name {
-        "cpu" => Ok(Box::new(lockstep_engine::cpu::CpuBackend::load_with_fault(&model.file, opts, model.fault)?)),
+        "cpu" => Ok(Box::new(lockstep_engine::cpu::CpuBackend::load_with_fault(&model.file, opts, fault)?)),
         "cuda" => Ok(Box::new(lockstep_engine::cuda::backend::CudaBackend::load_with_fault(
             &model.file,
             lockstep_engine::cuda::backend::CudaOptions::from_engine(&opts),
-            model.fault,
+            fault,
         )?)),
         other => Err(anyhow!("unknown backend {other:?}")),
     }
@@ -99,8 +99,10 @@ fn teacher_forced(backend: &mut dyn Backend, golden: &TapsFile, prompt: &[u32], 
     Ok((taps, all))
 }
 
-/// Runs one case on a loaded backend.
-pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &Model, manifest: &Manifest) -> Result<CaseReport> {
+/// Runs one case on a loaded backend. `reference`: the clean CPU backend of the same model when
+/// `backend` is another backend, so check 9 can compare their generations token by token; `None`
+/// judges `backend`'s anti-cheat generation alone.
+pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference: Option<&mut dyn Backend>, model: &Model, manifest: &Manifest) -> Result<CaseReport> {
     let t0 = std::time::Instant::now();
     let entry = manifest.find(&case.golden)?;
     let golden = manifest.open_taps(entry)?;
@@ -176,14 +178,18 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &M
         rep.checks.extend(checks::sampler::check(|l| s.sample(l), Some(dist), tol));
     }
     if case.wants("anticheat") {
+        // One prompt (one minute) for both backends: their generations are compared token by token.
         let (word, prompt) = checks::anticheat::prompt_now();
         let ids = model.prompt_tokens(&Prompt::Chat(vec![ChatMessage::new("user", prompt)]))?;
-        let tk = &model.tokenizer;
-        let g = lockstep_engine::generate::generate(backend, &ids, GEN_TOKENS, None, &|t| tk.is_eog(t), true)?;
-        let ent: Vec<f64> = g.logits.unwrap_or_default().iter().map(|l| logits::coarse_entropy(l, 64)).collect();
-        let out = checks::anticheat::Output { backend: backend.name().into(), text: tk.decode(&g.tokens), tokens: g.tokens, step_entropies: ent };
+        // The CPU reference first: check 9 judges the first output and compares the others with it.
+        let mut outputs = Vec::new();
+        if let Some(r) = reference {
+            outputs.push(anticheat_generation(r, model, &ids)?);
+            r.reset();
+        }
+        outputs.push(anticheat_generation(backend, model, &ids)?);
         if let Some(limits) = &div_limits {
-            rep.checks.extend(checks::anticheat::check(&word, &[out], limits));
+            rep.checks.extend(checks::anticheat::check(&word, &outputs, limits));
         }
     }
     backend.reset();
@@ -198,13 +204,25 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, model: &M
     Ok(rep)
 }
 
+/// Check 9's greedy generation from the anti-cheat prompt `ids`, stopping at end of generation.
+fn anticheat_generation(backend: &mut dyn Backend, model: &Model, ids: &[u32]) -> Result<checks::anticheat::Output> {
+    let tk = &model.tokenizer;
+    let g = lockstep_engine::generate::generate(backend, ids, GEN_TOKENS, None, &|t| tk.is_eog(t), true)?;
+    let ent: Vec<f64> = g.logits.unwrap_or_default().iter().map(|l| logits::coarse_entropy(l, 64)).collect();
+    Ok(checks::anticheat::Output { backend: backend.name().into(), text: tk.decode(&g.tokens), tokens: g.tokens, step_entropies: ent })
+}
+
+/// A loaded backend's cache key: the model file, the backend's name and whether the runner's fault
+/// is injected into it (check 9's CPU reference never is).
+type BackendKey = (PathBuf, String, bool);
+
 /// Loads models and backends once and runs cases on them. Not `Send`: backends stay on one thread.
 #[derive(Default)]
 pub struct Runner {
     /// A fault injected into every model and backend this runner loads (`--inject`); normally none.
     pub fault: Option<Fault>,
     models: std::collections::HashMap<PathBuf, std::rc::Rc<Model>>,
-    backends: std::collections::HashMap<(PathBuf, String), Box<dyn Backend>>,
+    backends: std::collections::HashMap<BackendKey, Box<dyn Backend>>,
 }
 
 impl Runner {
@@ -231,20 +249,41 @@ impl Runner {
                 Err(e) => return failed(&name, suite, case, backend, format!("{}: {e:#}", path.display())),
             },
         };
-        let key = (path.clone(), backend.to_string());
-        if !self.backends.contains_key(&key) {
-            match load_backend(backend, &model) {
-                Ok(b) => {
-                    self.backends.insert(key.clone(), b);
-                }
-                Err(e) => return failed(&name, suite, case, backend, format!("loading {} on {backend}: {e:#}", path.display())),
+        let key = match self.load(&path, backend, &model, self.fault) {
+            Ok(k) => k,
+            Err(e) => return failed(&name, suite, case, backend, format!("{e:#}")),
+        };
+        // Check 9 wants the backend's generation equal to the CPU backend's: a clean CPU backend of the
+        // same model (the cpu trials' own one when no fault is injected) generates too.
+        let reference = if case.wants("anticheat") && backend != "cpu" {
+            match self.load(&path, "cpu", &model, None) {
+                Ok(k) => Some(k),
+                Err(e) => return failed(&name, suite, case, backend, format!("{e:#}")),
             }
+        } else {
+            None
+        };
+        let result = match &reference {
+            Some(rk) => {
+                // Distinct keys: the backend is not "cpu".
+                let [b, r] = self.backends.get_disjoint_mut([&key, rk]);
+                let (b, r) = (b.expect("loaded above"), r.expect("loaded above"));
+                run_case(suite, case, b.as_mut(), Some(r.as_mut()), &model, manifest)
+            }
+            None => run_case(suite, case, self.backends.get_mut(&key).expect("loaded above").as_mut(), None, &model, manifest),
+        };
+        result.unwrap_or_else(|e| failed(&name, suite, case, backend, format!("{e:#}")))
+    }
+
+    /// The cache key of backend `name` for the model at `path` with `fault` injected, loading it on
+    /// first use.
+    fn load(&mut self, path: &std::path::Path, name: &str, model: &Model, fault: Option<Fault>) -> Result<BackendKey> {
+        let key = (path.to_path_buf(), name.to_string(), fault.is_some());
+        if !self.backends.contains_key(&key) {
+            let b = load_backend(name, model, fault).with_context(|| format!("loading {} on {name}", path.display()))?;
+            self.backends.insert(key.clone(), b);
         }
-        let b = self.backends.get_mut(&key).expect("inserted above");
-        match run_case(suite, case, b.as_mut(), &model, manifest) {
-            Ok(r) => r,
-            Err(e) => failed(&name, suite, case, backend, format!("{e:#}")),
-        }
+        Ok(key)
     }
 }
 

@@ -208,7 +208,7 @@ fn clean_trial(manifest: &Manifest, suite_name: &str, case: &str, backend: &str,
 /// The report of the exact-tier case with the probe `fault` on an already loaded clean backend.
 fn probe(manifest: &Manifest, s: &Suite, c: &Case, backend: &mut lockstep_engine::cpu::CpuBackend, model: &lockstep_engine::model::Model, fault: Fault) -> Result<CaseReport, String> {
     backend.fault = Some(fault);
-    let rep = run_case(s, c, backend, model, manifest).map_err(|e| format!("{e:#}"));
+    let rep = run_case(s, c, backend, None, model, manifest).map_err(|e| format!("{e:#}"));
     backend.fault = None;
     rep
 }
@@ -240,7 +240,7 @@ fn sensitivity(manifest: &Manifest, suite_name: &str, case: &str) -> Result<Stri
     let path = lockstep::validate::model_path(manifest, entry, &c).map_err(|e| format!("{e:#}"))?;
     let model = lockstep_engine::model::Model::open_path(path).map_err(|e| format!("{e:#}"))?;
     let mut b = lockstep_engine::cpu::CpuBackend::load(&model.file, Default::default()).map_err(|e| format!("{e:#}"))?;
-    let clean = run_case(&s, &c, &mut b, &model, manifest).map_err(|e| format!("{e:#}"))?;
+    let clean = run_case(&s, &c, &mut b, None, &model, manifest).map_err(|e| format!("{e:#}"))?;
     if !clean.passed {
         return Err(format!("{suite_name}::{case}: the clean engine fails, no sensitivity to measure").into());
     }

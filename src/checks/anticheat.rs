@@ -15,7 +15,7 @@ pub fn spell(n: u32) -> String {
     const TENS: [&str; 6] = ["", "", "twenty", "thirty", "forty", "fifty"];
     match n {
         0..=19 => ONES[n as usize].to_string(),
-        20..=59 if n % 10 == 0 => TENS[(n / 10) as usize].to_string(),
+        20..=59 if n.is_multiple_of(10) => TENS[(n / 10) as usize].to_string(),
         20..=59 => format!("{}-{}", TENS[(n / 10) as usize], ONES[(n % 10) as usize]),
         _ => n.to_string(),
     }
@@ -68,5 +68,23 @@ mod tests {
         assert_eq!(spell(46), "forty-six");
         assert_eq!(spell(59), "fifty-nine");
         assert!(prompt_now().1.starts_with("Write a haiku about GPU computing that includes the word "));
+    }
+
+    fn output(backend: &str, tokens: &[u32]) -> Output {
+        Output { backend: backend.into(), tokens: tokens.to_vec(), text: "forty-six cores".into(), step_entropies: vec![1.0; tokens.len()] }
+    }
+
+    #[test]
+    fn backends_agree_token_by_token() {
+        let limits = Limits { min_distinct1: 0.0, min_distinct2: 0.0, max_longest_run: 8, max_repeated_4gram: 1.0, min_mean_entropy: 0.0 };
+        let agree = |other: &[u32]| check("forty-six", &[output("cpu", &[1, 2, 3, 4]), output("cuda", other)], &limits).into_iter().find(|c| c.name == "anticheat:agree:cpu-cuda").expect("two outputs are compared");
+        assert!(agree(&[1, 2, 3, 4]).passed);
+        let differs = agree(&[1, 2, 9, 4]);
+        assert!(!differs.passed);
+        assert_eq!((differs.value, differs.limit), (2.0, 4.0));
+        // A generation that stops early (end of generation) differs too.
+        assert!(!agree(&[1, 2, 3]).passed);
+        let alone = check("forty-six", &[output("cuda", &[1, 2, 3, 4])], &limits);
+        assert!(alone.iter().all(|c| !c.name.starts_with("anticheat:agree")));
     }
 }
