@@ -178,6 +178,9 @@ pub struct CudaBackend {
     /// An injected bug class (crate::faults); `None` unless a caller asked for one explicitly.
     fault: Option<Fault>,
     gpu: Gpu,
+    /// Declared last, dropped last: the shared device lock, taken by `drop` so that every field
+    /// above is freed under it (see [`Drop for CudaBackend`](#impl-Drop-for-CudaBackend)).
+    drop_lock: Option<std::sync::RwLockReadGuard<'static, ()>>,
 }
 
 impl CudaBackend {
@@ -207,7 +210,7 @@ impl CudaBackend {
         let kq_cap = (config.n_head * max_ctx).max(config.n_head * t_cap * t_cap);
         let acts = Acts::new(&gpu, &config, &weights, t_cap, kq_cap)?;
         gpu.sync()?;
-        Ok(Self { graph: None, config, options, max_ctx, n_past: 0, acts, kc, vc, weights, fault, gpu })
+        Ok(Self { graph: None, config, options, max_ctx, n_past: 0, acts, kc, vc, weights, fault, gpu, drop_lock: None })
     }
 
     /// The number of positions the KV cache may hold.
@@ -313,8 +316,11 @@ impl CudaBackend {
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
-        // Freeing pinned memory synchronises the device: not while another thread captures a graph.
-        let _lock = super::device::shared_lock();
+        // Freeing device or pinned memory and destroying the streams and the cuBLAS handle may
+        // synchronise the device, which must not happen while another thread captures a decode
+        // graph (it takes the lock exclusively): the fields, dropped after this function returns,
+        // go while `drop_lock`, the last of them, still holds the shared lock.
+        self.drop_lock = Some(super::device::shared_lock());
         self.graph = None;
         self.acts.params_host = None;
         self.acts.logits_host = None;
