@@ -25,18 +25,12 @@ use ops::Matrix;
 use weights::Weights;
 
 /// Settings of the CPU backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EngineOptions {
     /// Worker threads for matmuls and attention; 0 uses rayon's global pool.
     pub threads: usize,
     /// Most positions the KV cache may hold; 0 means the model's training context length.
     pub max_ctx: usize,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        Self { threads: 0, max_ctx: 0 }
-    }
 }
 
 /// A model loaded for the CPU, with its KV cache.

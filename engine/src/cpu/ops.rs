@@ -93,7 +93,7 @@ fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// accumulator fed by fused multiply-add over k in steps of 8, then `hsum` (high + low half,
 /// `movehl`, `movehdup`). Requires `a.len() % 8 == 0`.
 pub fn dot_gemm(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert!(a.len() == b.len() && a.len() % 8 == 0);
+    debug_assert!(a.len() == b.len() && a.len().is_multiple_of(8));
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
@@ -125,7 +125,7 @@ fn dot_gemm_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// Which summation order ggml would use for a `[m out][k in] × [n tokens]` f32 matmul on AVX2:
 /// the tinyBLAS GEMM for n ≥ 2 when k % 8 == 0 and m % 4 == 0, else `ggml_vec_dot_f32`.
 pub fn gemm_order(m: usize, k: usize, n: usize) -> fn(&[f32], &[f32]) -> f32 {
-    if n >= 2 && k % 8 == 0 && m % 4 == 0 {
+    if n >= 2 && k.is_multiple_of(8) && m.is_multiple_of(4) {
         dot_gemm
     } else {
         dot
@@ -205,7 +205,7 @@ pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
 /// ggml_rope_ext with `n_dims = n_rot`. Angles as ggml builds them: θ₀ = p,
 /// θ_{i+1} = θ_i · base^(-2/n_rot) in f32, cos/sin in f32, rotation with one fused multiply-add.
 pub fn rope(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, n_rot: usize, base: f32, style: RopeStyle) {
-    assert!(n_rot <= head_dim && n_rot % 2 == 0, "rope: n_rot {n_rot} vs head_dim {head_dim}");
+    assert!(n_rot <= head_dim && n_rot.is_multiple_of(2), "rope: n_rot {n_rot} vs head_dim {head_dim}");
     let theta_scale = base.powf(-2.0 / n_rot as f32);
     let mut cache = vec![0.0f32; n_rot]; // [n_rot/2] of (cos, sin)
     for (t, &p) in positions.iter().enumerate() {
