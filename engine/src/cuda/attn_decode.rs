@@ -1,11 +1,13 @@
 //! The decode step's attention (T = 1): RoPE on q and k, the KV-cache write and causal GQA
 //! attention in one launch (kernels/attention.cu, `attention_decode_f32`), in place of
-//! [`Gpu::rope_store`] followed by [`Gpu::attention_faulty`]. It writes no `kq` / `kq_soft_max`
-//! taps: the backend uses it only for untapped decode steps.
+//! [`Gpu::rope_store`] followed by [`Gpu::attention_faulty`]. It keeps the rotated q/k and the scores
+//! to itself: the backend uses it for the decode steps where no `Qcur`/`Kcur` rope, `kq` or
+//! `kq_soft_max` tap is wanted (always in the CUDA-graph path).
 
 use anyhow::{ensure, Result};
 
 use super::device::{Arg, Gpu};
+use super::ops::i as int;
 
 /// Threads per block: 8 warps, each reading 32 / L key rows at a time (L lanes a row). The kernel
 /// needs at least Dh threads (one per element of a head) and at most 256 (its launch bounds).
@@ -44,10 +46,6 @@ pub struct DecodeAttnArgs {
     pub neox: bool,
     /// softmax scale (1/√Dh)
     pub scale: f32,
-}
-
-fn int(v: usize) -> Result<Arg> {
-    Ok(Arg::I(i32::try_from(v).map_err(|_| anyhow::anyhow!("dimension {v} does not fit the kernels' int"))?))
 }
 
 impl Gpu {

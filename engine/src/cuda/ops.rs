@@ -85,7 +85,8 @@ fn p(x: Option<u64>) -> Arg {
     Arg::P(x.unwrap_or(0))
 }
 
-fn i(v: usize) -> Result<Arg> {
+/// A dimension as the kernels' `int` argument.
+pub(super) fn i(v: usize) -> Result<Arg> {
     Ok(Arg::I(i32::try_from(v).map_err(|_| anyhow::anyhow!("dimension {v} does not fit the kernels' int"))?))
 }
 
