@@ -345,30 +345,30 @@ __device__ __forceinline__ float dot_staged(const u8* span, int nc, const float*
 
 // matvec_impl for T = 1 and a block format, staged. blockDim.x = 256: 8 warps. Either `wpr` warps
 // (1, 2, 4 or 8) share a row, each taking a run of ⌈blocks per row / wpr⌉ whole blocks, or (wpr = 1)
-// each warp takes `rpw` consecutive rows (1 to MV_RPW), reusing each x chunk it loads for all of
-// them. Dynamic shared memory: xs [ncols] floats (rounded up to 16 bytes), then 8 · rpw staging
-// areas of `span_cap` bytes.
+// each warp takes `rpw` consecutive rows (1 to RPW_MAX; MV_RPW for matvec1s), reusing each x chunk
+// it loads for all of them. Dynamic shared memory: xs [ncols] floats (rounded up to 16 bytes), then
+// 8 · rpw staging areas of `span_cap` bytes. `block`: this block's index in the matrix.
 #define MV_RPW 4
-template <int TY>
+template <int TY, int RPW_MAX>
 __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_bytes, int nrows, int ncols,
                                     const float* __restrict__ x, float* y, const float* __restrict__ bias,
                                     const float* res, float* __restrict__ y_raw, int wpr, int rpw, int span_cap,
-                                    const float* __restrict__ norm_w, float eps) {
+                                    const float* __restrict__ norm_w, float eps, int block) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ float red[8];
     __shared__ double shd[32];
     constexpr int BB = block_bytes(TY), CPB = block_elems(TY) / 16;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int part = warp % wpr;
-    int r0 = (blockIdx.x * (8 / wpr) + warp / wpr) * rpw;  // this warp's first row
+    int r0 = (block * (8 / wpr) + warp / wpr) * rpw;  // this warp's first row
     int nb = ncols / block_elems(TY), bpp = (nb + wpr - 1) / wpr;
     int b0 = part * bpp, nblk = max(0, min(nb, b0 + bpp) - b0);
     float* xs = (float*)smem;
     u8* area = smem + ((ncols * 4 + 15) & ~15) + warp * rpw * span_cap;
     pdl_launch_dependents();
-    const u8* span[MV_RPW];
+    const u8* span[RPW_MAX];
 #pragma unroll
-    for (int k = 0; k < MV_RPW; k++) {
+    for (int k = 0; k < RPW_MAX; k++) {
         span[k] = area + k * span_cap;
         if (k < rpw && r0 + k < nrows && nblk > 0)
             span[k] = stage_span(area + k * span_cap, W + (long long)(r0 + k) * row_bytes + (long long)b0 * BB, nblk * BB, lane);
@@ -378,16 +378,16 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
     cp_async_wait_all();
     __syncthreads();
     // Σ over this lane's chunks c (lane, lane + 32, …) of dq16(row k, c) · x chunk c, for each row
-    float acc[MV_RPW];
+    float acc[RPW_MAX];
 #pragma unroll
-    for (int k = 0; k < MV_RPW; k++) acc[k] = 0.0f;
+    for (int k = 0; k < RPW_MAX; k++) acc[k] = 0.0f;
     int nc = nblk * CPB;
     const float* xp = xs + b0 * block_elems(TY);
     for (int c = lane; c < nc; c += 32) {
         const float4* x4 = (const float4*)(xp + 16 * c);
         float4 xv[4] = {x4[0], x4[1], x4[2], x4[3]};
 #pragma unroll
-        for (int k = 0; k < MV_RPW; k++) {
+        for (int k = 0; k < RPW_MAX; k++) {
             if (k < rpw && r0 + k < nrows) {
                 float w[16];
                 dq16<TY>(span[k], c, 0, w);
@@ -396,7 +396,7 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
         }
     }
 #pragma unroll
-    for (int k = 0; k < MV_RPW; k++) acc[k] = warp_sum(acc[k]);
+    for (int k = 0; k < RPW_MAX; k++) acc[k] = warp_sum(acc[k]);
     if (wpr > 1) {  // rpw = 1: add the parts of the row
         if (lane == 0) red[warp] = acc[0];
         __syncthreads();
@@ -405,7 +405,7 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
     }
     if (lane != 0) return;
 #pragma unroll
-    for (int k = 0; k < MV_RPW; k++) {
+    for (int k = 0; k < RPW_MAX; k++) {
         int r = r0 + k;
         if (k < rpw && r < nrows) {
             float v = acc[k];
@@ -461,7 +461,7 @@ __device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* _
                                               const float* x, float* y, const float* b, const float* res, \
                                               float* y_raw, int wpr, int rpw, int span_cap, const float* nw, \
                                               float eps) {                                                 \
-        matvec1_staged_impl<TY>(W, rb, nr, nc, x, y, b, res, y_raw, wpr, rpw, span_cap, nw, eps);         \
+        matvec1_staged_impl<TY, MV_RPW>(W, rb, nr, nc, x, y, b, res, y_raw, wpr, rpw, span_cap, nw, eps, blockIdx.x); \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(256, 5) matvec_swiglu1s_##NAME(const u8* G, const u8* U, long long rb, \
                                               int nr, int nc, const float* x, float* s, float* g, float* u, \
@@ -475,6 +475,39 @@ STAMP_STAGED(q5_0, GT_Q5_0)
 STAMP_STAGED(q8_0, GT_Q8_0)
 STAMP_STAGED(q4_k, GT_Q4_K)
 STAMP_STAGED(q6_k, GT_Q6_K)
+
+// Up to three staged matvecs sharing x, in one launch (a decode step's Q, K and V projections, whose
+// formats may differ): blocks [0, ⌈rows0 / 8⌉) take matrix 0, the next ⌈rows1 / 8⌉ matrix 1, the
+// rest matrix 2; one warp per row (wpr = rpw = 1), no residual. Each matrix: weights W_k (format
+// ty_k, a block format), rb_k bytes per row, rows_k rows; y_k = W_k x (+ bias_k), raw_k = W_k x
+// when given. Dynamic shared memory as matvec1s with span_cap ≥ each matrix's row span.
+template <int TY>
+__device__ __forceinline__ void matvec1_staged_seg(const u8* W, long long rb, int nr, int nc, const float* x,
+                                                   float* y, const float* b, float* raw, int span_cap,
+                                                   const float* nw, float eps, int block) {
+    matvec1_staged_impl<TY, 1>(W, rb, nr, nc, x, y, b, nullptr, raw, 1, 1, span_cap, nw, eps, block);
+}
+extern "C" __global__ void __launch_bounds__(256, 4) matvec1s_multi(
+    const u8* W0, long long rb0, int rows0, int ty0, float* y0, const float* b0, float* raw0,
+    const u8* W1, long long rb1, int rows1, int ty1, float* y1, const float* b1, float* raw1,
+    const u8* W2, long long rb2, int rows2, int ty2, float* y2, const float* b2, float* raw2,
+    int ncols, const float* x, int span_cap, const float* nw, float eps) {
+    int blk = blockIdx.x, n0 = (rows0 + 7) / 8, n1 = (rows1 + 7) / 8;
+    const u8* W = W0; long long rb = rb0; int nr = rows0, ty = ty0; float* y = y0; const float* b = b0; float* raw = raw0;
+    if (blk >= n0 + n1) {
+        blk -= n0 + n1; W = W2; rb = rb2; nr = rows2; ty = ty2; y = y2; b = b2; raw = raw2;
+    } else if (blk >= n0) {
+        blk -= n0; W = W1; rb = rb1; nr = rows1; ty = ty1; y = y1; b = b1; raw = raw1;
+    }
+    switch (ty) {  // uniform over the block
+        case GT_Q4_0: matvec1_staged_seg<GT_Q4_0>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q4_1: matvec1_staged_seg<GT_Q4_1>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q5_0: matvec1_staged_seg<GT_Q5_0>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q8_0: matvec1_staged_seg<GT_Q8_0>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q4_K: matvec1_staged_seg<GT_Q4_K>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q6_K: matvec1_staged_seg<GT_Q6_K>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+    }
+}
 
 // out[r][16c + j] for every chunk of every row (the f32 scratch that cuBLAS reads at prefill).
 template <int TY>

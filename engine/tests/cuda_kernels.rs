@@ -11,7 +11,7 @@ use lockstep_engine::cpu::attention::{self as cpu_attn, AttnDims, KvCache};
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
 use lockstep_engine::cuda::attn_decode::{DecodeAttnArgs, DECODE_SMEM_SCORES};
 use lockstep_engine::cuda::device::ptr;
-use lockstep_engine::cuda::ops::{AttnArgs, QMat, RopeArgs, SUPPORTED};
+use lockstep_engine::cuda::ops::{AttnArgs, Proj, QMat, RopeArgs, SUPPORTED};
 use lockstep_engine::cuda::Gpu;
 use lockstep_engine::dequant;
 use lockstep_engine::faults::{self, Fault};
@@ -102,6 +102,53 @@ fn tall_matvec_case(ty: GgmlType) -> R {
     let (xd, nd, y) = (g.upload(&x, "x")?, g.upload(&nw, "norm")?, g.alloc::<f32>(rows, "y")?);
     g.matvec(&w, p(&xd), 1, p(&y), None, None, None, Some((p(&nd), eps)))?;
     check_close(&format!("tall matvec+norm {ty} {rows}x{cols}"), &g.download(&y, 0, rows)?, &want, 1e-5)?;
+    Ok(())
+}
+
+/// Three decode matvecs of one normalised x in one launch (Q, K and V of a decode step), in
+/// different formats and row counts, with and without bias and raw output; F32 is declined.
+fn matvec_multi_case() -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(5150);
+    let cols = 768;
+    let specs = [(GgmlType::Q5_0, 37, true, true), (GgmlType::Q8_0, 8, true, false), (GgmlType::Q4_K, 13, false, false)];
+    let x = randv(&mut rng, cols, 3.0);
+    let nw = randv(&mut rng, cols, 2.0);
+    let eps = 1e-6;
+    let xn = cpu::mul_rows(&cpu::rmsnorm(&x, cols, eps), &nw);
+    let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+    let (xd, nd) = (g.upload(&x, "x")?, g.upload(&nw, "norm")?);
+    let mut mats = Vec::new();
+    for &(ty, rows, with_bias, with_raw) in &specs {
+        let bytes = random_weights(&mut rng, ty, rows, cols, 1.0);
+        let want_raw = cpu::matmul(&cpu_matrix(ty, &bytes, rows, cols), &xn);
+        let b = randv(&mut rng, rows, 1.0);
+        let mut want = want_raw.clone();
+        if with_bias {
+            cpu::add_bias(&mut want, &b);
+        }
+        let w = QMat::upload(&g, ty, rows, cols, &bytes, "w")?;
+        let (bd, y, raw) = (g.upload(&b, "b")?, g.alloc::<f32>(rows, "y")?, g.alloc::<f32>(rows, "raw")?);
+        mats.push((ty, rows, with_bias, with_raw, w, bd, y, raw, want, want_raw));
+    }
+    let projs: Vec<Proj> = mats
+        .iter()
+        .map(|(_, _, wb, wr, w, bd, y, raw, _, _)| Proj { w, y: p(y), bias: wb.then(|| p(bd)), raw: wr.then(|| p(raw)) })
+        .collect();
+    if !g.matvec_multi(&projs, p(&xd), Some((p(&nd), eps)))? {
+        return Err("matvec_multi declined three block-format matrices".into());
+    }
+    for (ty, rows, _, with_raw, _, _, y, raw, want, want_raw) in &mats {
+        check_close(&format!("multi {ty} {rows} rows"), &g.download(y, 0, *rows)?, want, 1e-5)?;
+        if *with_raw {
+            check_close(&format!("multi {ty} {rows} rows raw"), &g.download(raw, 0, *rows)?, want_raw, 1e-5)?;
+        }
+    }
+    let f32w = QMat::upload(&g, GgmlType::F32, 4, cols, &vec![0u8; 4 * cols * 4], "f32")?;
+    let y = g.alloc::<f32>(4, "y")?;
+    if g.matvec_multi(&[Proj { w: &f32w, y: p(&y), bias: None, raw: None }], p(&xd), None)? {
+        return Err("matvec_multi took an F32 matrix (not staged)".into());
+    }
     Ok(())
 }
 
@@ -448,6 +495,7 @@ fn main() {
         list.push(Trial::test(format!("matvec_tall_{ty}"), move || tall_matvec_case(ty)));
     }
     list.push(Trial::test("rmsnorm_and_add", rmsnorm_add_case));
+    list.push(Trial::test("matvec_multi_qkv", matvec_multi_case));
     for (style, n_rot) in [(RopeStyle::Neox, 16), (RopeStyle::Normal, 16), (RopeStyle::Neox, 8), (RopeStyle::Normal, 8)] {
         list.push(Trial::test(format!("rope_store_{style:?}_nrot{n_rot}"), move || rope_case(style, n_rot)));
     }

@@ -13,8 +13,8 @@ use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 
 use super::device::{ptr, Gpu};
 use super::attn_decode::DecodeAttnArgs;
-use super::ops::{AttnArgs, RopeArgs, MV_MAX_T};
-use super::weights::GpuWeights;
+use super::ops::{AttnArgs, Proj, RopeArgs, MV_MAX_T};
+use super::weights::{GpuWeights, Vec32};
 use crate::backend::Backend;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::faults::Fault;
@@ -467,30 +467,50 @@ fn run(
         taps.emit(gpu, "norm", li, Some("rms_norm.0"), act(t, d), &a.n0, 0)?;
         taps.emit(gpu, "attn_norm", li, None, act(t, d), &a.a, 0)?;
 
-        // Q, then V and K (the CPU twin's order of taps: Q, Q rope, V, K, K rope). On the matvec
-        // path V and K run beside Q on the side streams (cuBLAS is bound to the main stream).
-        let branch = !batched;
-        if branch {
-            gpu.fork()?;
+        // Q, then V and K (the CPU twin's order of taps: Q, Q rope, V, K, K rope). A decode step
+        // with the norm fused runs the three in one launch; else, on the matvec path, V and K run
+        // beside Q on the side streams (cuBLAS is bound to the main stream).
+        let bias = |b: &Option<Vec32>| b.as_ref().map(|b| b.ptr);
+        let want_raw = |name: &str, rotated: bool, b: &Option<Vec32>| raw_wanted(taps, name, l, rotated, b.is_some(), batched);
+        let (q_raw, v_raw, k_raw) = (
+            want_raw("Qcur", true, &lw.bq).then_some(&a.qraw),
+            want_raw("Vcur", false, &lw.bv).then_some(&a.vraw),
+            want_raw("Kcur", true, &lw.bk).then_some(&a.kraw),
+        );
+        let proj = |w, y: &Buf, b: &Option<Vec32>, raw: Option<&Buf>| Proj { w, y: y.ptr, bias: bias(b), raw: raw.map(|r| r.ptr) };
+        let together = t == 1
+            && a_norm.is_some()
+            && gpu.matvec_multi(&[proj(&lw.wq, &a.q, &lw.bq, q_raw), proj(&lw.wv, &a.v, &lw.bv, v_raw), proj(&lw.wk, &a.k, &lw.bk, k_raw)], a_in, a_norm)?;
+        let emit_q = |taps: &mut Taps<'_>| -> Result<()> {
+            taps.emit(gpu, "Qcur", li, Some("mul_mat"), act(t, qd), q_raw.unwrap_or(&a.q), 0)?;
+            if lw.bq.is_some() {
+                taps.emit(gpu, "Qcur", li, Some("add"), act(t, qd), &a.q, 0)?;
+            }
+            Ok(())
+        };
+        if together {
+            emit_q(taps)?;
+        } else {
+            let branch = !batched;
+            if branch {
+                gpu.fork()?;
+            }
+            project(gpu, &lw.wq, bias(&lw.bq), a_in, a_norm, t, &a.q, q_raw, scratch)?;
+            emit_q(taps)?;
+            if branch {
+                gpu.on(1);
+            }
+            let vp = project(gpu, &lw.wv, bias(&lw.bv), a_in, a_norm, t, &a.v, v_raw, scratch);
+            if branch {
+                gpu.on(2);
+            }
+            let kp = project(gpu, &lw.wk, bias(&lw.bk), a_in, a_norm, t, &a.k, k_raw, scratch);
+            if branch {
+                gpu.join()?;
+            }
+            vp?;
+            kp?;
         }
-        let (q_src, q_raw) = project(gpu, taps, "Qcur", l, &lw.wq, lw.bq.as_ref().map(|b| b.ptr), a_in, a_norm, t, &a.q, &a.qraw, true, batched, scratch)?;
-        taps.emit(gpu, "Qcur", li, Some("mul_mat"), act(t, qd), q_raw.unwrap_or(q_src), 0)?;
-        if lw.bq.is_some() {
-            taps.emit(gpu, "Qcur", li, Some("add"), act(t, qd), &a.q, 0)?;
-        }
-        if branch {
-            gpu.on(1);
-        }
-        let vp = project(gpu, taps, "Vcur", l, &lw.wv, lw.bv.as_ref().map(|b| b.ptr), a_in, a_norm, t, &a.v, &a.vraw, false, batched, scratch);
-        if branch {
-            gpu.on(2);
-        }
-        let kp = project(gpu, taps, "Kcur", l, &lw.wk, lw.bk.as_ref().map(|b| b.ptr), a_in, a_norm, t, &a.k, &a.kraw, true, batched, scratch);
-        if branch {
-            gpu.join()?;
-        }
-        let (_, v_raw) = vp?;
-        let (_, k_raw) = kp?;
         // a decode step whose rotated q/k and scores nobody asked for: RoPE, the cache write and
         // attention in one kernel (the graph path, and launches with other taps, run the same)
         let fused_attn = t == 1
@@ -643,33 +663,22 @@ fn run(
     Ok(())
 }
 
-/// `name-L.mul_mat` (+ bias): y = W a (+ b). Returns (the tensor after the bias, the raw product
-/// buffer when it was written separately).
+/// Whether the projection `name` of layer `l` writes its product before the bias separately: for
+/// its `.mul_mat` tap, or as the GEMM target of a batched projection with a bias.
+fn raw_wanted(taps: &Taps<'_>, name: &str, l: usize, rotated: bool, has_bias: bool, batched: bool) -> bool {
+    let stage = (rotated || has_bias).then_some("mul_mat");
+    has_bias && (batched || taps.wants(name, Some(l), stage))
+}
+
+/// `name-L.mul_mat` (+ bias): y = W x (+ b), the product alone into `raw` when given (see
+/// [`raw_wanted`]); with `norm`, x is RMS-normalised by the matvec itself.
 #[allow(clippy::too_many_arguments)]
-fn project<'b>(
-    gpu: &Gpu,
-    taps: &Taps<'_>,
-    name: &str,
-    l: usize,
-    w: &super::ops::QMat,
-    bias: Option<u64>,
-    x: u64,
-    norm: Option<(u64, f32)>,
-    t: usize,
-    y: &'b Buf,
-    raw: &'b Buf,
-    rotated: bool,
-    batched: bool,
-    scratch: Option<&CudaSlice<f32>>,
-) -> Result<(&'b Buf, Option<&'b Buf>)> {
-    let stage = (rotated || bias.is_some()).then_some("mul_mat");
-    let want_raw = bias.is_some() && (batched || taps.wants(name, Some(l), stage));
-    let raw_ptr = want_raw.then_some(raw.ptr);
+fn project(gpu: &Gpu, w: &super::ops::QMat, bias: Option<u64>, x: u64, norm: Option<(u64, f32)>, t: usize, y: &Buf, raw: Option<&Buf>, scratch: Option<&CudaSlice<f32>>) -> Result<()> {
+    let raw_ptr = raw.map(|r| r.ptr);
     match norm {
-        Some(_) => gpu.matvec(w, x, t, y.ptr, bias, None, raw_ptr, norm)?,
-        None => gpu.linear(w, x, t, y.ptr, bias, None, raw_ptr, scratch)?,
+        Some(_) => gpu.matvec(w, x, t, y.ptr, bias, None, raw_ptr, norm),
+        None => gpu.linear(w, x, t, y.ptr, bias, None, raw_ptr, scratch),
     }
-    Ok((y, want_raw.then_some(raw)))
 }
 
 /// Host → device copy of `data` to address `dst` (a layer-isolated replacement of l_out).

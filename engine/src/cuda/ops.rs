@@ -45,6 +45,11 @@ pub fn type_suffix(ty: GgmlType) -> Result<&'static str> {
     })
 }
 
+/// ggml's type id of a format (the kernels' GT_* constants, kernels/common.cuh).
+fn type_id(ty: GgmlType) -> usize {
+    ty.to_u32() as usize
+}
+
 /// A weight matrix on the GPU in its GGUF format: `[rows][cols]`, each row `row_bytes` of blocks.
 pub struct QMat {
     pub buf: CudaSlice<u8>,
@@ -162,6 +167,41 @@ impl Gpu {
             Arg::F(norm.map_or(0.0, |n| n.1)),
         ];
         self.launch(&name, (w.rows.div_ceil(rows_per_block) as u32, 1, 1), BLOCK, 0, &args)
+    }
+
+    /// Up to three decode (T = 1) matvecs of one x in one launch (quant.cu `matvec1s_multi`: a
+    /// decode step's Q, K and V projections), x RMS-normalised first with `norm`. `Ok(false)`, with
+    /// nothing launched, when one of them is not a block format or the staging would pass 48 KiB of
+    /// shared memory: the caller then launches them one by one.
+    pub fn matvec_multi(&self, projs: &[Proj<'_>], x: u64, norm: Option<(u64, f32)>) -> Result<bool> {
+        ensure!((1..=3).contains(&projs.len()), "matvec_multi: {} matrices (1 to 3)", projs.len());
+        let cols = projs[0].w.cols;
+        ensure!(projs.iter().all(|p| p.w.cols == cols), "matvec_multi: matrices of different widths");
+        if projs.iter().any(|p| matches!(p.w.ty, GgmlType::F32 | GgmlType::F16)) {
+            return Ok(false);
+        }
+        ensure!(x.is_multiple_of(16), "matvec_multi: x at {x:#x} is not 16-byte aligned (float4 loads)");
+        // one warp per row: a whole row, plus up to 15 bytes either side (quant.cu stage_span)
+        let span_cap = projs.iter().map(|p| (p.w.row_bytes + 15).div_ceil(16) * 16).max().unwrap_or(0);
+        let smem = (cols * 4).div_ceil(16) * 16 + 8 * span_cap;
+        if smem > 48 * 1024 {
+            return Ok(false);
+        }
+        let mut args = Vec::with_capacity(26);
+        let mut blocks = 0;
+        for k in 0..3 {
+            match projs.get(k) {
+                Some(pr) => {
+                    let ty = i(type_id(pr.w.ty))?;
+                    args.extend([Arg::P(pr.w.ptr), Arg::L(pr.w.row_bytes as i64), i(pr.w.rows)?, ty, Arg::P(pr.y), p(pr.bias), p(pr.raw)]);
+                    blocks += pr.w.rows.div_ceil(8);
+                }
+                None => args.extend([Arg::P(0), Arg::L(0), Arg::I(0), Arg::I(0), Arg::P(0), Arg::P(0), Arg::P(0)]),
+            }
+        }
+        args.extend([i(cols)?, Arg::P(x), i(span_cap)?, p(norm.map(|n| n.0)), Arg::F(norm.map_or(0.0, |n| n.1))]);
+        self.launch_pdl("matvec1s_multi", (blocks as u32, 1, 1), BLOCK, smem as u32, &args)?;
+        Ok(true)
     }
 
     /// The launch plan of a staged decode kernel (quant.cu `matvec1s_*`, `matvec_swiglu1s_*`) for
@@ -415,6 +455,15 @@ impl Gpu {
         ];
         self.launch("attention_f32", (a.n_head as u32, a.t as u32, 1), BLOCK, (a.head_dim * 4) as u32, &args)
     }
+}
+
+/// One projection of [`Gpu::matvec_multi`]: `y = W x (+ bias)`, and `raw = W x` when given.
+pub struct Proj<'a> {
+    pub w: &'a QMat,
+    /// `[rows]`
+    pub y: u64,
+    pub bias: Option<u64>,
+    pub raw: Option<u64>,
 }
 
 /// How a staged decode kernel is launched ([`Gpu::staged_plan`]).
