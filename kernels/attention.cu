@@ -375,7 +375,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
     __shared__ float shf[32];
     __shared__ double shd[32];
     // PDL-aware (common.cuh): everything this kernel reads or writes comes from earlier kernels
-    pdl_launch_dependents();
     pdl_wait();
     if ((Dh & 3) == 0)
         attention_decode<float4>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, out,

@@ -365,7 +365,6 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
     int b0 = part * bpp, nblk = max(0, min(nb, b0 + bpp) - b0);
     float* xs = (float*)smem;
     u8* area = smem + ((ncols * 4 + 15) & ~15) + warp * rpw * span_cap;
-    pdl_launch_dependents();
     const u8* span[RPW_MAX];
 #pragma unroll
     for (int k = 0; k < RPW_MAX; k++) {
@@ -436,7 +435,6 @@ __device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* _
     u8* area = smem + ((ncols * 4 + 15) & ~15) + 2 * warp * span_cap;
     const u8* gs = area;
     const u8* us = area + span_cap;
-    pdl_launch_dependents();
     if (live) {
         gs = stage_span(area, G + (long long)r * row_bytes, nb * BB, lane);
         us = stage_span(area + span_cap, U + (long long)r * row_bytes, nb * BB, lane);

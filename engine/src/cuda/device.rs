@@ -384,9 +384,10 @@ impl Gpu {
 
     /// [`Gpu::launch`] with programmatic dependent launch (when [`Gpu::pdl`]): the kernel may start
     /// while the previous kernel of the stream still runs, once all of that kernel's blocks have
-    /// called `pdl_launch_dependents` (kernels/common.cuh). Only for PDL-aware kernels: they read
-    /// nothing another kernel writes before `pdl_wait`, which returns when the previous kernel has
-    /// completed and its writes are visible (so every earlier kernel has too).
+    /// passed their `pdl_wait` (kernels/common.cuh), if that one is PDL-aware too. Only for
+    /// PDL-aware kernels: they read nothing another kernel writes before `pdl_wait`, which returns
+    /// when the previous kernel has completed and its writes are visible (so every earlier kernel
+    /// has too).
     pub fn launch_pdl(&self, name: &str, grid: (u32, u32, u32), block: u32, smem: u32, args: &[Arg]) -> Result<()> {
         use cudarc::driver::sys;
         if !self.pdl {
