@@ -181,10 +181,10 @@ impl Gpu {
             return Ok(false);
         }
         ensure!(x.is_multiple_of(16), "matvec_multi: x at {x:#x} is not 16-byte aligned (float4 loads)");
-        // one warp per row: a whole row, plus up to 15 bytes either side (quant.cu stage_span)
-        let span_cap = projs.iter().map(|p| (p.w.row_bytes + 15).div_ceil(16) * 16).max().unwrap_or(0);
-        let smem = (cols * 4).div_ceil(16) * 16 + 8 * span_cap;
-        if smem > 48 * 1024 {
+        // one warp per row: its staging area holds a whole row
+        let span_cap = projs.iter().map(|p| staging_area(p.w.row_bytes)).max().unwrap_or(0);
+        let smem = staged_smem(cols, 8, span_cap);
+        if smem > SMEM_NO_OPT_IN {
             return Ok(false);
         }
         let mut args = Vec::with_capacity(26);
@@ -221,13 +221,13 @@ impl Gpu {
         while areas == 1 && wpr < 8 && w.rows * wpr / 8 < min_grid && nchunks / (2 * wpr) >= 32 && blocks >= 2 * wpr {
             wpr *= 2;
         }
-        // a run of ⌈blocks / wpr⌉ blocks, plus up to 15 bytes either side (quant.cu stage_span)
-        let span_cap = (blocks.div_ceil(wpr) * block_bytes + 15).div_ceil(16) * 16;
-        let smem = |rpw: usize| (w.cols * 4).div_ceil(16) * 16 + 8 * areas * rpw * span_cap;
-        while areas == 1 && wpr == 1 && rpw < MV_RPW && w.rows.div_ceil(16 * rpw) >= min_grid && smem(2 * rpw) <= 48 * 1024 {
+        // each area holds a run of ⌈blocks / wpr⌉ blocks
+        let span_cap = staging_area(blocks.div_ceil(wpr) * block_bytes);
+        let smem = |rpw: usize| staged_smem(w.cols, 8 * areas * rpw, span_cap);
+        while areas == 1 && wpr == 1 && rpw < MV_RPW && w.rows.div_ceil(16 * rpw) >= min_grid && smem(2 * rpw) <= SMEM_NO_OPT_IN {
             rpw *= 2;
         }
-        (smem(rpw) <= 48 * 1024).then_some(StagedPlan { wpr, rpw, span_cap, smem: smem(rpw) as u32 })
+        (smem(rpw) <= SMEM_NO_OPT_IN).then_some(StagedPlan { wpr, rpw, span_cap, smem: smem(rpw) as u32 })
     }
 
     /// `s[t] = silu(G x[t]) · (U x[t])`, with the two products in g_out/u_out when given.
@@ -464,6 +464,21 @@ pub struct Proj<'a> {
     pub y: u64,
     pub bias: Option<u64>,
     pub raw: Option<u64>,
+}
+
+/// Dynamic shared memory every device grants a launch without opting in.
+const SMEM_NO_OPT_IN: usize = 48 * 1024;
+
+/// Bytes of a staging area for a run of `bytes` weight bytes: whole 16-byte pieces, which may
+/// bring up to 15 bytes either side of the run (quant.cu stage_span).
+fn staging_area(bytes: usize) -> usize {
+    (bytes + 15).div_ceil(16) * 16
+}
+
+/// Dynamic shared memory of a staged decode kernel: x as `cols` f32 (rounded up to 16 bytes),
+/// then `areas` staging areas of `span_cap` bytes.
+fn staged_smem(cols: usize, areas: usize, span_cap: usize) -> usize {
+    (cols * 4).div_ceil(16) * 16 + areas * span_cap
 }
 
 /// How a staged decode kernel is launched ([`Gpu::staged_plan`]).
