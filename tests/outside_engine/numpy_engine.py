@@ -1,0 +1,567 @@
+"""An independent "outside engine" for qwen2 and llama GGUF models, in plain NumPy.
+
+It shares no code with engine/ and was written from golden/README.md, the GGUF metadata and llama.cpp's
+graph for qwen2/llama, so that `lockstep compare` can be tried the way an outside engine author uses it:
+run the golden's prompt (step 0 = prefill of `tokens`), then teacher-forced single-token decode steps
+(step k is fed `continuation[k-1]`) with this engine's own KV cache, and dump every tap the golden holds.
+
+Precision modes:
+  f32  plain NumPy/BLAS order: activations and weights float32, `x @ W.T` through BLAS sgemm;
+  f64  every weight widened to float64 and every operation done in float64 (the "independent f64
+       evaluation of the same graph" used to estimate llama.cpp's own rounding noise).
+
+Planted bugs (`bug=NAME`, see BUGS) turn this correct engine into a realistically wrong one, each a class
+of ../shared/BUGS.md, with the step/layer/tap/class lockstep is expected to name.
+
+CLI:  python numpy_engine.py --gguf M.gguf --golden G.safetensors --out dump.safetensors [--dtype f64]
+                             [--bug NAME] [--list-bugs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import gguf
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+SUPPORTED_ARCHS = ("qwen2", "llama")
+# llama.cpp's rope type per architecture: qwen2 rotates (i, i + d/2) (NeoX), llama adjacent (2i, 2i+1)
+# ("normal"; the GGUF converter permutes llama's Q/K rows so that this matches HF's rotate_half).
+NEOX_ROPE = {"qwen2": True, "llama": False}
+
+
+class EngineError(Exception):
+    """Bad input (model file, golden file, unknown bug): the message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Planted bugs
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Bug:
+    name: str
+    what: str
+    step: int  # the step where lockstep should see the first divergence
+    layer: int | None
+    tap: str  # tap name without the `s{step}/` prefix
+    class_id: str  # CONTEXT.md's stable class id
+    archs: tuple[str, ...] = SUPPORTED_ARCHS
+
+
+BUGS: dict[str, Bug] = {
+    b.name: b
+    for b in [
+        Bug("rope_adjacent", "RoPE pairs swapped: adjacent (2i, 2i+1) on a NeoX model (qwen2), NeoX (i, i+d/2) on llama",
+            0, 0, "Qcur-0.rope", "rope"),
+        Bug("rope_base", "RoPE base 1e4 instead of the file's rope.freq_base", 0, 0, "Qcur-0.rope", "rope"),
+        Bug("qkv_bias_dropped", "Q/K/V biases zeroed in the loader (qwen2)", 0, 0, "Qcur-0.add", "qkv_bias",
+            archs=("qwen2",)),
+        Bug("gqa_modulo", "GQA: kv head = q_head % n_kv instead of q_head // (n_head / n_kv)", 0, 0, "kq-0",
+            "gqa_mapping"),
+        Bug("kv_slot_off_by_one", "decode writes the new K/V one slot late (slot pos+1) and reads slots 0..pos",
+            1, 0, "kq-0", "kv_cache"),
+        Bug("attn_scale_1_over_d", "attention scale 1/d instead of 1/sqrt(d)", 0, 0, "kq_soft_max-0",
+            "softmax_scale"),
+        Bug("causal_mask_plus_one", "causal mask one too wide: prefill row i sees position i+1", 0, 0,
+            "kq_soft_max-0", "causal_mask"),
+        Bug("rms_eps", "RMSNorm epsilon 1e-5 where the file says 1e-6 (and 1e-6 where it says 1e-5)", 0, 0,
+            "norm-0.rms_norm.0", "rms_norm"),
+        Bug("weight_transposed", "attn_q.weight (square) used transposed: x @ Wq instead of x @ Wq.T", 0, 0,
+            "Qcur-0.mul_mat", "projection_weight"),
+        Bug("attn_output_transposed", "attn_output.weight (square) used transposed", 0, 0, "ffn_inp-0",
+            "attn_output_projection"),
+        Bug("residual_dropped", "attention output not added back: ffn_inp = attention output only", 0, 0,
+            "ffn_inp-0", "residual_attn"),
+        Bug("gelu_instead_of_silu", "SwiGLU with GELU (tanh form) instead of SiLU", 0, 0, "ffn_swiglu-0",
+            "activation"),
+        Bug("positions_off_by_one", "RoPE positions start at 1 instead of 0", 0, 0, "Qcur-0.rope", "rope"),
+    ]
+}
+
+
+def expected_localization(bug: str, arch: str) -> Bug:
+    """The planted bug's expected first divergence, with the llama-only tap where qwen2's differs."""
+    b = BUGS[bug]
+    if bug == "attn_output_transposed" and arch == "llama":
+        # llama names the output projection's result `attn_out-L`; qwen2 leaves it unnamed.
+        return dataclasses.replace(b, tap="attn_out-0")
+    return b
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model loading
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Config:
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    eps: float
+    rope_base: float
+    rope_dims: int
+
+
+def _field(reader: gguf.GGUFReader, key: str, path: Path, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is not None:
+            return default
+        raise EngineError(f"{path}: GGUF metadata key {key!r} missing")
+    return f.contents()
+
+
+def _cache_root() -> Path:
+    base = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
+    return base / "outside-engine"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, arr)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Model:
+    """A GGUF model's config and weights as float32 arrays in PyTorch layout (W: [out, in])."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EngineError(f"{self.path}: model file does not exist")
+        try:
+            reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # gguf raises ValueError/struct.error on a non-GGUF file
+            raise EngineError(f"{self.path}: not a readable GGUF file ({e})") from e
+        arch = _field(reader, "general.architecture", self.path)
+        if arch not in SUPPORTED_ARCHS:
+            raise EngineError(f"{self.path}: architecture {arch!r} not supported (only {SUPPORTED_ARCHS})")
+        n_embd = int(_field(reader, f"{arch}.embedding_length", self.path))
+        n_head = int(_field(reader, f"{arch}.attention.head_count", self.path))
+        head_dim = int(_field(reader, f"{arch}.attention.key_length", self.path, n_embd // n_head))
+        self.cfg = Config(
+            arch=arch,
+            n_layer=int(_field(reader, f"{arch}.block_count", self.path)),
+            n_embd=n_embd,
+            n_head=n_head,
+            n_head_kv=int(_field(reader, f"{arch}.attention.head_count_kv", self.path, n_head)),
+            head_dim=head_dim,
+            n_ff=int(_field(reader, f"{arch}.feed_forward_length", self.path)),
+            eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", self.path)),
+            rope_base=float(_field(reader, f"{arch}.rope.freq_base", self.path, 10000.0)),
+            rope_dims=int(_field(reader, f"{arch}.rope.dimension_count", self.path, head_dim)),
+        )
+        if self.cfg.rope_dims != head_dim:
+            raise EngineError(f"{self.path}: partial RoPE (rope.dimension_count {self.cfg.rope_dims} != head dim "
+                              f"{head_dim}) not supported")
+        self.weights = self._load_weights(reader)
+        if "output.weight" not in self.weights:  # tied embeddings
+            self.weights["output.weight"] = self.weights["token_embd.weight"]
+
+    def _load_weights(self, reader: gguf.GGUFReader) -> dict[str, np.ndarray]:
+        # gguf-py's dequantize runs in NumPy and takes tens of seconds on a real model: dequantized tensors
+        # are cached as .npy, keyed by the file's sha256 (F32 tensors are memory-mapped views, no copy).
+        cache_dir = None
+        out: dict[str, np.ndarray] = {}
+        for t in reader.tensors:
+            shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne reversed: [out, in]
+            if t.tensor_type == gguf.GGMLQuantizationType.F32:
+                out[t.name] = np.asarray(t.data, dtype=np.float32).reshape(shape)
+                continue
+            if cache_dir is None:
+                cache_dir = _cache_root() / _file_sha256(self.path)
+            npy = cache_dir / f"{t.name}.npy"
+            if npy.is_file():
+                arr = np.load(npy, mmap_mode="r")
+            else:
+                arr = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
+                _save_npy_atomic(npy, arr)
+            if tuple(arr.shape) != shape:
+                arr = arr.reshape(shape)
+            out[t.name] = arr
+        return out
+
+    def w(self, name: str) -> np.ndarray:
+        try:
+            return self.weights[name]
+        except KeyError:
+            raise EngineError(f"{self.path}: tensor {name!r} missing") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Golden reading
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GoldenSpec:
+    tokens: np.ndarray  # i32 [n]
+    continuation: np.ndarray  # i32 [32]
+    shapes: dict[str, tuple[int, ...]]  # every `s{k}/{tap}` key -> 4-D shape
+    n_steps: int  # steps 0..n_steps-1
+
+
+def read_golden(path: str | os.PathLike) -> GoldenSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise EngineError(f"{path}: golden file does not exist")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            for k in ("tokens", "continuation"):
+                if k not in keys:
+                    raise EngineError(f"{path}: golden has no {k!r} key")
+            tokens = f.get_tensor("tokens").astype(np.int64)
+            continuation = f.get_tensor("continuation").astype(np.int64)
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith("s") and "/" in k}
+    except EngineError:
+        raise
+    except Exception as e:
+        raise EngineError(f"{path}: not a readable safetensors file ({e})") from e
+    steps = {int(k.split("/", 1)[0][1:]) for k in shapes}
+    n_steps = max(steps) + 1 if steps else 1
+    if n_steps - 1 > len(continuation):
+        raise EngineError(f"{path}: {n_steps} steps but only {len(continuation)} continuation tokens")
+    return GoldenSpec(tokens=tokens, continuation=continuation, shapes=shapes, n_steps=n_steps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The forward pass
+# ----------------------------------------------------------------------------------------------------
+
+
+class TapLog:
+    """Collects one step's named graph results and names them the way golden/README.md says:
+    a name used once stays bare, a repeated name gets `.{op}`, a repeated (name, op) gets `.{op}.{k}`."""
+
+    def __init__(self):
+        self.items: list[tuple[str, str, np.ndarray]] = []
+
+    def add(self, name: str, op: str, value: np.ndarray) -> None:
+        self.items.append((name, op, np.array(value, copy=True)))
+
+    def named(self) -> dict[str, np.ndarray]:
+        from collections import Counter
+
+        by_name = Counter(n for n, _, _ in self.items)
+        by_pair = Counter((n, op) for n, op, _ in self.items)
+        seen: Counter = Counter()
+        out: dict[str, np.ndarray] = {}
+        for name, op, value in self.items:
+            if by_name[name] == 1:
+                key = name
+            elif by_pair[(name, op)] == 1:
+                key = f"{name}.{op}"
+            else:
+                key = f"{name}.{op}.{seen[(name, op)]}"
+                seen[(name, op)] += 1
+            out[key] = value
+        return out
+
+
+def _act(x: np.ndarray) -> np.ndarray:
+    """[T, n] activation -> golden layout [1, 1, T, n]."""
+    return x.reshape(1, 1, *x.shape)
+
+
+class Engine:
+    def __init__(self, model: Model, dtype: str = "f32", bug: str | None = None):
+        if dtype not in ("f32", "f64"):
+            raise EngineError(f"dtype {dtype!r}: expected 'f32' or 'f64'")
+        if bug is not None:
+            if bug not in BUGS:
+                raise EngineError(f"unknown bug {bug!r}; known: {', '.join(BUGS)}")
+            if model.cfg.arch not in BUGS[bug].archs:
+                raise EngineError(f"bug {bug!r} does not apply to architecture {model.cfg.arch!r}")
+        self.m = model
+        self.cfg = model.cfg
+        self.dt = np.float32 if dtype == "f32" else np.float64
+        self.bug = bug
+        self._wcache: dict[str, np.ndarray] = {}
+        c = self.cfg
+        self.eps = c.eps
+        if bug == "rms_eps":
+            self.eps = 1e-5 if c.eps < 5e-6 else 1e-6
+        self.rope_base = 1e4 if bug == "rope_base" else c.rope_base
+        self.neox = NEOX_ROPE[c.arch] != (bug == "rope_adjacent")
+        self.group = c.n_head // c.n_head_kv
+        self.k_cache: list[np.ndarray] = []  # per layer [n_ctx, n_kv, d]
+        self.v_cache: list[np.ndarray] = []
+        self.n_past = 0
+
+    def W(self, name: str) -> np.ndarray:
+        """A weight in the compute dtype (widened once for f64)."""
+        w = self._wcache.get(name)
+        if w is None:
+            w = np.ascontiguousarray(self.m.w(name), dtype=self.dt)
+            if self.bug == "qkv_bias_dropped" and name.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")):
+                w = np.zeros_like(w)
+            self._wcache[name] = w
+        return w
+
+    def has(self, name: str) -> bool:
+        return name in self.m.weights
+
+    def alloc_cache(self, n_ctx: int) -> None:
+        c = self.cfg
+        self.k_cache = [np.zeros((n_ctx, c.n_head_kv, c.head_dim), self.dt) for _ in range(c.n_layer)]
+        self.v_cache = [np.zeros((n_ctx, c.n_head_kv, c.head_dim), self.dt) for _ in range(c.n_layer)]
+        self.n_past = 0
+
+    # --- ops -------------------------------------------------------------------------------------
+
+    def rms(self, x: np.ndarray) -> np.ndarray:
+        """[T, n] -> [T, n], no weight."""
+        ms = np.mean(x * x, axis=-1, keepdims=True)
+        return x / np.sqrt(ms + self.dt(self.eps))
+
+    def matmul(self, x: np.ndarray, wname: str) -> np.ndarray:
+        """x [T, in] @ W.T, W [out, in] -> [T, out]."""
+        w = self.W(wname)
+        if (self.bug == "weight_transposed" and wname.endswith("attn_q.weight")) or (
+            self.bug == "attn_output_transposed" and wname.endswith("attn_output.weight")
+        ):
+            if w.shape[0] != w.shape[1]:
+                raise EngineError(f"bug {self.bug}: {wname} is not square {w.shape}")
+            return x @ w
+        return x @ w.T
+
+    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x [T, heads, d] rotated at `positions` [T]."""
+        d = self.cfg.head_dim
+        pos = positions.astype(np.float64)
+        if self.bug == "positions_off_by_one":
+            pos = pos + 1.0
+        inv_freq = self.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
+        theta = pos[:, None] * inv_freq[None, :]  # [T, d/2]
+        cos = np.cos(theta).astype(self.dt)[:, None, :]  # [T, 1, d/2]
+        sin = np.sin(theta).astype(self.dt)[:, None, :]
+        if self.neox:
+            x0, x1 = x[..., : d // 2], x[..., d // 2 :]
+        else:
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+        r0 = x0 * cos - x1 * sin
+        r1 = x0 * sin + x1 * cos
+        out = np.empty_like(x)
+        if self.neox:
+            out[..., : d // 2], out[..., d // 2 :] = r0, r1
+        else:
+            out[..., 0::2], out[..., 1::2] = r0, r1
+        return out
+
+    def silu(self, g: np.ndarray) -> np.ndarray:
+        if self.bug == "gelu_instead_of_silu":
+            c = self.dt(np.sqrt(2.0 / np.pi))
+            return self.dt(0.5) * g * (self.dt(1.0) + np.tanh(c * (g + self.dt(0.044715) * g * g * g)))
+        return g / (self.dt(1.0) + np.exp(-g))
+
+    # --- one step ---------------------------------------------------------------------------------
+
+    def step(self, token_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Runs `token_ids` [T] at positions n_past.., appends to the KV cache; returns named taps."""
+        c = self.cfg
+        T = len(token_ids)
+        p0 = self.n_past
+        positions = np.arange(p0, p0 + T)
+        kv_len = p0 + T
+        log = TapLog()
+        H, Hkv, d = c.n_head, c.n_head_kv, c.head_dim
+
+        x = np.ascontiguousarray(self.W("token_embd.weight")[token_ids])  # [T, E]
+        log.add("embd", "get_rows", _act(x))
+
+        for L in range(c.n_layer):
+            last = L == c.n_layer - 1
+            p = f"blk.{L}."
+            n = self.rms(x)
+            log.add(f"norm-{L}", "rms_norm", _act(n))
+            h = n * self.W(p + "attn_norm.weight")
+            log.add(f"attn_norm-{L}", "mul", _act(h))
+
+            qkv = {}
+            for name, wn, heads in (("Qcur", "attn_q", H), ("Kcur", "attn_k", Hkv), ("Vcur", "attn_v", Hkv)):
+                y = self.matmul(h, p + wn + ".weight")  # [T, heads*d]
+                log.add(f"{name}-{L}", "mul_mat", _act(y))
+                if self.has(p + wn + ".bias"):
+                    y = y + self.W(p + wn + ".bias")
+                    log.add(f"{name}-{L}", "add", _act(y))
+                qkv[name] = y.reshape(T, heads, d)
+            q = self.rope(qkv["Qcur"], positions)  # [T, H, d]
+            log.add(f"Qcur-{L}", "rope", q.reshape(1, T, H, d))
+            k = self.rope(qkv["Kcur"], positions)  # [T, Hkv, d]
+            log.add(f"Kcur-{L}", "rope", k.reshape(1, T, Hkv, d))
+            v = qkv["Vcur"]
+
+            # KV cache write. Bug: a decode step writes one slot late (the prefill is right).
+            slot = p0 + 1 if (self.bug == "kv_slot_off_by_one" and T == 1 and p0 > 0) else p0
+            self.k_cache[L][slot : slot + T] = k
+            self.v_cache[L][slot : slot + T] = v
+            K = self.k_cache[L][:kv_len]  # [kv, Hkv, d]
+            V = self.v_cache[L][:kv_len]
+
+            if self.bug == "gqa_modulo":
+                kv_of_head = np.arange(H) % Hkv
+            else:
+                kv_of_head = np.arange(H) // self.group
+            Kh = K.transpose(1, 0, 2)[kv_of_head]  # [H, kv, d]
+            Vh = V.transpose(1, 0, 2)[kv_of_head]  # [H, kv, d]
+            Qh = q.transpose(1, 0, 2)  # [H, T, d]
+            kq = Qh @ Kh.transpose(0, 2, 1)  # [H, T, kv], unscaled, unmasked
+            log.add(f"kq-{L}", "mul_mat", kq[None])
+
+            scale = 1.0 / d if self.bug == "attn_scale_1_over_d" else 1.0 / np.sqrt(d)
+            # visible[t, j]: query t (position p0+t) sees key j <= p0+t
+            reach = 1 if self.bug == "causal_mask_plus_one" else 0
+            visible = np.arange(kv_len)[None, :] <= (positions[:, None] + reach)  # [T, kv]
+            s = kq * self.dt(scale)
+            s = np.where(visible[None], s, -np.inf)
+            s = s - np.max(s, axis=-1, keepdims=True)
+            e = np.exp(s)
+            prob = e / np.sum(e, axis=-1, keepdims=True)  # [H, T, kv], masked entries exactly 0
+            log.add(f"kq_soft_max-{L}", "soft_max", prob[None])
+            kqv = prob @ Vh  # [H, T, d]
+            log.add(f"kqv-{L}", "mul_mat", kqv[None])
+            merged = kqv.transpose(1, 0, 2).reshape(T, H * d)  # [T, H*d]
+            log.add(f"kqv_out-{L}", "cont", _act(merged))
+            a = self.matmul(merged, p + "attn_output.weight")  # [T, E]
+            if self.has(p + "attn_output.bias"):
+                a = a + self.W(p + "attn_output.bias")
+            if c.arch == "llama":
+                log.add(f"attn_out-{L}", "mul_mat", _act(a))  # qwen2 leaves this node unnamed
+
+            resid = x
+            if last:  # llama.cpp keeps only the last token from here on in the last layer
+                a, resid = a[-1:], resid[-1:]
+            f_in = a if self.bug == "residual_dropped" else a + resid
+            log.add(f"ffn_inp-{L}", "add", _act(f_in))
+
+            n = self.rms(f_in)
+            log.add(f"norm-{L}", "rms_norm", _act(n))
+            h = n * self.W(p + "ffn_norm.weight")
+            log.add(f"ffn_norm-{L}", "mul", _act(h))
+            g = self.matmul(h, p + "ffn_gate.weight")  # [T, F]
+            log.add(f"ffn_gate-{L}", "mul_mat", _act(g))
+            u = self.matmul(h, p + "ffn_up.weight")
+            log.add(f"ffn_up-{L}", "mul_mat", _act(u))
+            sw = self.silu(g) * u
+            log.add(f"ffn_swiglu-{L}", "glu", _act(sw))
+            f_out = self.matmul(sw, p + "ffn_down.weight")  # [T, E]
+            log.add(f"ffn_out-{L}", "mul_mat", _act(f_out))
+            x = f_out + f_in
+            log.add(f"l_out-{L}", "add", _act(x))
+
+        x = x[-1:]
+        n = self.rms(x)
+        log.add("norm", "rms_norm", _act(n))
+        h = n * self.W("output_norm.weight")
+        log.add("result_norm", "mul", _act(h))
+        logits = self.matmul(h, "output.weight")  # [1, vocab]
+        log.add("result_output", "mul_mat", _act(logits))
+
+        self.n_past += T
+        return log.named()
+
+
+def run(gguf_path, golden_path, dtype: str = "f32", bug: str | None = None, model: Model | None = None
+        ) -> dict[str, np.ndarray]:
+    """Runs the golden's prompt and teacher-forced decode steps; returns every tap the golden holds
+    (`s{k}/{tap}`, golden shapes, float32), `s{k}/result_output` for every step, and `tokens` (int32).
+    `model` lets a caller reuse an already loaded Model of `gguf_path`."""
+    spec = read_golden(golden_path)
+    m = model if model is not None else Model(gguf_path)
+    eng = Engine(m, dtype=dtype, bug=bug)
+    n_ctx = len(spec.tokens) + spec.n_steps + 2
+    eng.alloc_cache(n_ctx)
+    vocab = m.w("output.weight").shape[0]
+    if spec.tokens.size and (spec.tokens.max() >= vocab or spec.tokens.min() < 0):
+        raise EngineError(f"{golden_path}: token id out of the model's vocabulary ({vocab})")
+    out: dict[str, np.ndarray] = {"tokens": spec.tokens.astype(np.int32)}
+    for k in range(spec.n_steps):
+        ids = spec.tokens if k == 0 else spec.continuation[k - 1 : k]
+        taps = eng.step(ids)
+        for name, value in taps.items():
+            key = f"s{k}/{name}"
+            if key in spec.shapes or name == "result_output":
+                out[key] = np.ascontiguousarray(value, dtype=np.float32)
+    missing = [k for k in spec.shapes if k not in out]
+    if missing:
+        raise EngineError(f"{golden_path}: this engine produced no {missing[:5]} ({len(missing)} keys)")
+    bad = [(k, out[k].shape, spec.shapes[k]) for k in spec.shapes if out[k].shape != spec.shapes[k]]
+    if bad:
+        raise EngineError(f"{golden_path}: shape mismatch (key, ours, golden): {bad[:5]}")
+    return out
+
+
+def save_dump(taps: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """f32 safetensors (tokens i32), written to a temp file then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in taps.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gguf", help="model file (qwen2 or llama)")
+    ap.add_argument("--golden", help="golden taps file (golden/taps/{model}/{tier}/{prompt}.safetensors)")
+    ap.add_argument("--out", help="dump to write (f32 safetensors)")
+    ap.add_argument("--dtype", choices=("f32", "f64"), default="f32")
+    ap.add_argument("--bug", choices=sorted(BUGS), default=None, help="plant a bug")
+    ap.add_argument("--list-bugs", action="store_true", help="print the planted bugs and where they should show")
+    a = ap.parse_args(argv)
+    if a.list_bugs:
+        for b in BUGS.values():
+            print(f"{b.name:24} s{b.step} layer {b.layer} {b.tap:20} {b.class_id:24} {b.what}")
+        return 0
+    if not (a.gguf and a.golden and a.out):
+        ap.error("--gguf, --golden and --out are required")
+    try:
+        taps = run(a.gguf, a.golden, dtype=a.dtype, bug=a.bug)
+        save_dump(taps, a.out)
+    except EngineError as e:
+        print(f"numpy_engine: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {a.out}: {len(taps)} tensors")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
