@@ -63,8 +63,10 @@ pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>) ->
                         row_err = (s - 1.0).abs();
                         row_at = format!("{} head {hh} row {r}", id.key());
                     }
-                    let pos = kv - tk + r; // row r's position: the kv length is trimmed to the used cache
-                    for &v in &row[pos + 1..] {
+                    // Row r's position: the kv length is trimmed to the used cache. A tensor whose rows
+                    // outnumber its kv length (scores dumped tokens-first) must not underflow here.
+                    let pos = (kv + r).saturating_sub(tk);
+                    for &v in row.get(pos + 1..).unwrap_or(&[]) {
                         if worse(v.abs() as f64, masked) {
                             masked = v.abs() as f64;
                             masked_at = format!("{} head {hh} row {r}", id.key());
