@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("LOCKSTEP_CACHE", Path.home() / ".cache" / "lockstep"))
 
 MODELS = {
-    "tiny-qwen2": REPO / "golden/models/tiny-qwen2.f32.gguf",
-    "tiny-llama": REPO / "golden/models/tiny-llama.f32.gguf",
+    "tiny-qwen2": REPO / "golden/models/tiny-qwen2.q.gguf",
+    "tiny-llama": REPO / "golden/models/tiny-llama.q.gguf",
     "qwen2.5-coder-0.5b": CACHE / "models/qwen2.5-coder-0.5b.gguf",
     "smollm2-135m": CACHE / "models/smollm2-135m.gguf",
 }

@@ -321,7 +321,7 @@ class Engine:
         self.n_past = 0
 
     def W(self, name: str) -> np.ndarray:
-        """A weight in the compute dtype (widened once for f64)."""
+        """A norm weight or bias in the compute dtype (widened once for f64). Matrices go through matmul."""
         w = self._wcache.get(name)
         if w is None:
             w = np.ascontiguousarray(self.m.w(name), dtype=self.dt)
@@ -348,14 +348,25 @@ class Engine:
 
     def matmul(self, x: np.ndarray, wname: str) -> np.ndarray:
         """x [T, in] @ W.T, W [out, in] -> [T, out]."""
-        w = self.W(wname)
+        w = self.m.w(wname)  # float32 [out, in], possibly memory-mapped
         if (self.bug == "weight_transposed" and wname.endswith("attn_q.weight")) or (
             self.bug == "attn_output_transposed" and wname.endswith("attn_output.weight")
         ):
             if w.shape[0] != w.shape[1]:
                 raise EngineError(f"bug {self.bug}: {wname} is not square {w.shape}")
-            return x @ w
-        return x @ w.T
+            w = w.T
+        if self.dt == np.float32:
+            return x @ w.T
+        # f64: W widened block by block into one reused buffer (widening a real model's 2 GB of weights at
+        # once costs seconds of page faults on fresh memory); each output element is still one f64 dot product.
+        out = np.empty((x.shape[0], w.shape[0]), np.float64)
+        rows = max(1, (1 << 22) // max(1, w.shape[1]))  # 4M doubles per block
+        buf = np.empty((min(rows, w.shape[0]), w.shape[1]), np.float64)
+        for i in range(0, w.shape[0], rows):
+            n = min(rows, w.shape[0] - i)
+            np.copyto(buf[:n], w[i : i + n])
+            out[:, i : i + n] = x @ buf[:n].T
+        return out
 
     def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """x [T, heads, d] rotated at `positions` [T]."""
@@ -398,7 +409,7 @@ class Engine:
         log = TapLog()
         H, Hkv, d = c.n_head, c.n_head_kv, c.head_dim
 
-        x = np.ascontiguousarray(self.W("token_embd.weight")[token_ids])  # [T, E]
+        x = np.asarray(self.m.w("token_embd.weight")[token_ids], dtype=self.dt)  # [T, E]
         log.add("embd", "get_rows", _act(x))
 
         for L in range(c.n_layer):
