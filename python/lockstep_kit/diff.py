@@ -48,6 +48,40 @@ def compare(dump: dict, golden: dict) -> list:
     return out
 
 
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64).ravel()
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+def logits_report(dump: dict, golden: dict) -> list:
+    """Per step: (step, kl, top64_max_abs, lse_diff, argmax_dump, golden_next).
+
+    kl = KL(golden || dump) over the full vocabulary where the golden has the step's full logits
+    (None where it keeps only the top 64); top64_max_abs = max |dump - golden| over the golden's 64
+    largest logits; lse_diff = dump's log-sum-exp minus the golden's ``lse``.
+    """
+    out = []
+    steps = sorted({split_key(k)[0] for k in dump if k.endswith("/result_output")} - {None})
+    for s in steps:
+        d = dump[f"s{s}/result_output"].astype(np.float64).ravel()
+        kl = None
+        g_full = golden.get(f"s{s}/result_output")
+        if g_full is not None and g_full.size == d.size:
+            lp, lq = _log_softmax(g_full), _log_softmax(d)
+            kl = float(np.sum(np.exp(lp) * (lp - lq)))
+        top = lse = None
+        if "topk_ids" in golden and s < golden["topk_ids"].shape[0]:
+            ids, vals = golden["topk_ids"][s], golden["topk_values"][s].astype(np.float64)
+            top = float(np.max(np.abs(d[ids] - vals)))
+        if "lse" in golden and s < golden["lse"].shape[0]:
+            m = d.max()
+            lse = float(m + np.log(np.exp(d - m).sum()) - golden["lse"][s])
+        nxt = int(golden["continuation"][s]) if "continuation" in golden else None
+        out.append((s, kl, top, lse, int(d.argmax()), nxt))
+    return out
+
+
 def main(argv=None):
     from safetensors.numpy import load_file
 
@@ -65,6 +99,10 @@ def main(argv=None):
     print(f"{'key':36} {'rel_l2':>10} {'worst row':>10}")
     for key, r, rr in sorted(rows, key=lambda x: -x[1])[: args.top]:
         print(f"{key:36} {r:10.3g} {rr:10.3g}")
+    fmt = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+    for s, kl, top, lse, am, nxt in logits_report(d, g):
+        print(f"s{s} logits: KL(golden||dump) {fmt(kl)}, top-64 max |diff| {fmt(top)}, "
+              f"lse diff {fmt(lse)}, argmax {am} (golden next token {nxt})")
     return 0
 
 

@@ -221,6 +221,26 @@ def run(model, rec: Recorder, steps=None, log=print):
     return cap, greedy
 
 
+def generate(model, tokens, n: int):
+    """The model's own greedy continuation of ``tokens`` (n tokens, free-running, no taps recorded)."""
+    import torch
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=model.config)
+    except TypeError:
+        cache = DynamicCache()
+    cache_kw = "past_key_values" if "past_key_values" in inspect.signature(model.forward).parameters else "cache"
+    out, ids = [], torch.from_numpy(np.asarray(tokens, dtype=np.int64))[None]
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=ids, use_cache=True, **{cache_kw: cache}).logits
+            nxt = int(logits[0, -1].argmax())  # first maximum, as llama.cpp's greedy sampler
+            out.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return out
+
+
 def _template(tap):
     import re
 
@@ -235,6 +255,9 @@ def main(argv=None):
     ap.add_argument("--golden", required=True, help="golden taps file: its tokens, continuation, keys and shapes")
     ap.add_argument("--out", required=True, help="the dump to write (safetensors)")
     ap.add_argument("--steps", type=int, default=None, help="steps to run (default: every step the golden holds)")
+    ap.add_argument("--generate", type=int, default=None,
+                    help="tokens of free-running greedy generation stored as `continuation` for the diversity "
+                         "gate (default: as many as the golden's continuation; 0: none)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
     _need_hf()
@@ -250,6 +273,14 @@ def main(argv=None):
         print(f"loaded {model.config.model_type} ({model.config.num_hidden_layers} layers) with transformers "
               f"{transformers.__version__}, torch {torch.__version__} in {time.perf_counter() - t0:.1f} s")
         cap, greedy = run(model, rec, args.steps)
+        n_gen = len(rec.golden_continuation()) if args.generate is None else args.generate
+        if n_gen > 0:
+            t1 = time.perf_counter()
+            gen = generate(model, rec.golden_tokens(), n_gen)
+            rec.set_continuation(gen)
+            same = next((i for i, (a, b) in enumerate(zip(gen, rec.golden_continuation())) if a != b), len(gen))
+            print(f"greedy generation: {n_gen} tokens in {time.perf_counter() - t1:.1f} s, equal to the golden's "
+                  f"continuation for the first {same}")
         rec.save(args.out)
     except KitError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ class Recorder:
         self.strict = strict
         self.tensors = {}  # "s{step}/{tap}" -> np.ndarray float32, golden's shape
         self.tokens = None  # np.ndarray int32 [n]
+        self.continuation = None  # np.ndarray int32 [n], the engine's own greedy tokens (optional)
         self.warnings = []  # what strict=False let through (also sent to warnings.warn)
         self._layers = _layer_count(self.golden) if self.golden else None
 
@@ -79,6 +80,16 @@ class Recorder:
                 )
         self.tokens = arr.astype(np.int32)
 
+    def set_continuation(self, ids) -> None:
+        """The engine's own greedy generation after the prompt (free-running, not teacher-forced),
+        stored as ``continuation`` (int32 [n]); lockstep compare's diversity gate judges it."""
+        arr = _to_numpy(ids, "continuation").reshape(-1)
+        if arr.size == 0 or not (np.issubdtype(arr.dtype, np.integer) or _all_integral(arr)):
+            raise KitError(f"continuation: expected a non-empty list of integer token ids, found {arr.dtype} {list(arr.shape)}")
+        if arr.min() < 0 or arr.max() > np.iinfo(np.int32).max:
+            raise KitError(f"continuation: ids must be in 0..2^31-1, found {arr.min()}..{arr.max()}")
+        self.continuation = arr.astype(np.int32)
+
     def record(self, step: int, tap: str, array) -> None:
         """Store ``s{step}/{tap}``; with a golden, check the name and shape (KitError when they do not fit)."""
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
@@ -117,6 +128,8 @@ class Recorder:
         tensors = dict(self.tensors)
         if self.tokens is not None:
             tensors["tokens"] = self.tokens
+        if self.continuation is not None:
+            tensors["continuation"] = self.continuation
         metadata = {"producer": "lockstep_kit"}
         if self.golden is not None:
             metadata["golden"] = os.path.basename(self.golden.path)
@@ -164,18 +177,24 @@ class Recorder:
         mapped = hf_names.suggest(tap)
         if mapped:
             return f"{key}: {tap!r} is a Hugging Face module name, not a llama.cpp tap: {mapped}"
-        near = difflib.get_close_matches(tap, g.taps(), n=3, cutoff=0.5)
-        if not near:
-            stem = re.sub(r"-\d+.*$", "", tap)
-            near = [t for t in g.taps() if t.startswith(stem)][:3]
+        known = g.taps()
+        # "Qcur-0" -> "Qcur-0.add", "Qcur-0.mul_mat", ... first; then spelling neighbours.
+        near = [t for t in known if t.startswith(tap + ".")]
+        near += [t for t in difflib.get_close_matches(tap, known, n=3, cutoff=0.5) if t not in near]
         s = f"{key}: unknown tap {tap!r} (not in the golden {os.path.basename(g.path)})"
-        if near:
-            s += "; nearest known: " + ", ".join(near)
         lay = layout.layer_of(tap)
         if lay is not None and self._layers is not None and lay >= self._layers:
             s += f" (the model has layers 0..{self._layers - 1})"
-        elif lay is not None and not any(layout.layer_of(t) == lay for t in g.taps()):
-            s += f" (the golden keeps no taps of layer {lay}: see its README, 'What is kept'; check wants())"
+        elif lay is not None:
+            stem = re.sub(r"-\d+", "-{L}", tap)
+            kept = sorted({layout.layer_of(t) for t in known if re.sub(r"-\d+", "-{L}", t) == stem})
+            if kept:
+                return (
+                    f"{key}: the golden keeps {stem} only for layers {', '.join(map(str, kept))} (see "
+                    f"golden/README.md, 'What is kept'); skip the others: check rec.wants(step, tap) first"
+                )
+        if near:
+            s += "; nearest known: " + ", ".join(near[:5])
         return s
 
     def _problem(self, msg: str) -> None:
