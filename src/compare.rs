@@ -3,6 +3,7 @@
 //! every suite case.
 
 use crate::checks::{self, diversity, invariants::Pairing, logits, taps::TapComparison, TapSource, Tolerances};
+use crate::dump_check::{self, NormalizedDump};
 use crate::error::Result;
 use crate::golden::{Manifest, ManifestFile, TapsFile};
 use crate::localize;
@@ -102,24 +103,19 @@ fn choose_heatmap(golden: &TapsFile, engine: &dyn TapSource, cmps: &[TapComparis
     Some(Heatmap { tap: pick.key.clone(), head, rows, cols, engine: slice(&e.data), golden: slice(&g.data) })
 }
 
-/// Reads a dump's engine run: taps, `s{k}/result_output` as logits of step k, `tokens`, `continuation`.
-pub fn run_from_dump(dump: &TapsFile) -> Result<EngineRun<'_>> {
-    let mut logits = Vec::new();
-    for s in dump.steps() {
-        let key = format!("s{s}/result_output");
-        if s != logits.len() || !dump.contains(&key) {
-            break;
-        }
-        logits.push(dump.f32(&key)?.data);
-    }
-    Ok(EngineRun { taps: dump, logits, tokens: dump.token_ids("tokens")?, continuation: dump.token_ids("continuation")? })
+/// A normalized dump's engine run (src/dump_check.rs): its taps, `s{k}/result_output` as the logits of
+/// step k (contiguous from step 0), `tokens`, `continuation`.
+pub fn run_from_dump(dump: &NormalizedDump) -> Result<EngineRun<'_>> {
+    Ok(EngineRun { taps: dump, logits: dump.logits(), tokens: dump.tokens.clone(), continuation: dump.continuation.clone() })
 }
 
 /// `lockstep compare`: a dump against a golden entry of the manifest.
 pub fn compare_dump(manifest: &Manifest, dump_path: &std::path::Path, entry: &str, tol: Option<Tolerances>) -> Result<CaseReport> {
     let f = manifest.find(entry)?;
     let golden = manifest.open_taps(f)?;
-    let dump = TapsFile::open(dump_path)?;
+    // Read and check the dump against the golden before judging: a malformed dump is an error naming
+    // the tap and the layout, never a panic or a misleading verdict.
+    let (dump, coverage) = dump_check::load(dump_path, &golden)?;
     let tier = f.tier.clone().unwrap_or_else(|| "exact".into());
     let model = f.model.clone().unwrap_or_default();
     let tol = tol.unwrap_or_else(|| Tolerances::new(&tier));
@@ -137,6 +133,7 @@ pub fn compare_dump(manifest: &Manifest, dump_path: &std::path::Path, entry: &st
         tier,
         backend: "dump".into(),
         golden_entry: Some(entry_for_report(f)),
+        coverage: Some(coverage),
         ..Default::default()
     };
     let t0 = std::time::Instant::now();

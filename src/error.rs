@@ -25,6 +25,13 @@ pub enum Error {
     Suite { path: PathBuf, line: usize, column: usize, message: String },
     #[error("unknown tap {0:?}: tap keys look like `s{{step}}/{{name}}[-{{layer}}][.{{stage}}]`, e.g. s0/Qcur-0.rope")]
     BadTapKey(String),
+    /// A tensor of an engine's dump that cannot be compared with its golden tap (src/dump_check.rs).
+    #[error("{path}: {key}: {problem}: expected {expected}, found {found}; hint: {hint}{others}")]
+    DumpTensor { path: PathBuf, key: String, problem: String, expected: String, found: String, hint: String, others: String },
+    /// An engine's dump that cannot be judged as a whole: not safetensors, truncated, no key recognised,
+    /// a step without logits (src/dump_check.rs).
+    #[error("{path}: {problem}; hint: {hint}")]
+    DumpFile { path: PathBuf, problem: String, hint: String },
     #[error("{0}")]
     Other(String),
 }

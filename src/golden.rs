@@ -144,14 +144,20 @@ impl Manifest {
         Ok(Manifest { dir: dir.to_path_buf(), path, files, provenance })
     }
 
-    /// Finds a file by path relative to the golden dir (`taps/m/t/p.safetensors`), by `m/t/p`, or by
-    /// `taps/m/t/p`.
+    /// Finds a file by path relative to the golden dir (`taps/m/t/p.safetensors`), by `m/t/p`, by
+    /// `taps/m/t/p`, or by the path of a golden file anywhere (absolute or relative to the current
+    /// directory), matched by canonical path against the manifest's files.
     pub fn find(&self, entry: &str) -> Result<&ManifestFile> {
         let e = entry.trim_start_matches("./").trim_start_matches("golden/");
+        let canonical = Path::new(entry).is_file().then(|| std::fs::canonicalize(entry).ok()).flatten();
         let hit = self.files.iter().find(|f| {
             f.path == e
                 || f.entry_name() == e
                 || f.path.strip_suffix(".safetensors").is_some_and(|p| p == e || p.strip_prefix("taps/") == Some(e))
+        });
+        let hit = hit.or_else(|| {
+            let c = canonical.as_ref()?;
+            self.files.iter().find(|f| std::fs::canonicalize(self.dir.join(&f.path)).is_ok_and(|p| &p == c))
         });
         hit.ok_or_else(|| Error::UnknownEntry {
             entry: entry.to_string(),
@@ -246,6 +252,11 @@ impl TapsFile {
         self.meta.info(key).map(|i| i.shape.clone())
     }
 
+    /// The dtype `key` is stored in.
+    pub fn dtype(&self, key: &str) -> Option<Dtype> {
+        self.meta.info(key).map(|i| i.dtype)
+    }
+
     fn raw(&self, key: &str) -> Result<(Dtype, &[usize], &[u8])> {
         let info = self.meta.info(key).ok_or_else(|| Error::MissingTensor { path: self.path.clone(), key: key.into() })?;
         let start = 8 + self.header_len;
@@ -330,6 +341,10 @@ mod tests {
         assert_eq!(t.taps().len(), 2);
         assert!(matches!(t.f32("s0/nope"), Err(Error::MissingTensor { .. })));
         assert!(matches!(m.find("m/exact/nope"), Err(Error::UnknownEntry { .. })));
+        // A golden file's path from anywhere (absolute, or with `..` in it) finds its entry.
+        assert_eq!(m.find(p.to_str().unwrap()).unwrap().entry_name(), "m/exact/hi");
+        let roundabout = dir.path().join("taps/m/../m/exact/hi.safetensors");
+        assert_eq!(m.find(roundabout.to_str().unwrap()).unwrap().entry_name(), "m/exact/hi");
 
         // A stale golden: same manifest, changed bytes → checksum error naming the file.
         let mut wrong = m.clone();

@@ -13,6 +13,7 @@ pub mod tapname;
 pub mod localize;
 pub mod report;
 pub mod compare;
+pub mod dump_check;
 #[doc(hidden)]
 pub mod synth;
 pub mod suite;

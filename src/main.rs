@@ -39,7 +39,8 @@ enum Cmd {
     Compare {
         #[arg(long)]
         dump: PathBuf,
-        /// model/tier/prompt (e.g. qwen2.5-coder-0.5b/exact/haiku) or the golden file's path.
+        /// model/tier/prompt (e.g. qwen2.5-coder-0.5b/exact/haiku) or the golden file's path (relative to
+        /// golden/, or any path to a file the manifest lists).
         #[arg(long)]
         golden: String,
         #[arg(long, default_value = "reports/compare")]
@@ -125,10 +126,14 @@ fn run(cli: Cli) -> Result<bool> {
             print!("{}", table::render(&rep));
             for c in &rep.cases {
                 for k in c.failed_checks() {
-                    println!("  {}: {} = {:.3e} (limit {:.3e}) {}", k.name, k.metric, k.value, k.limit, k.detail.clone().unwrap_or_default());
+                    let v = if k.value.is_finite() { format!("{:.3e}", k.value) } else { "non-finite".into() };
+                    println!("  {}: {} = {v} (limit {:.3e}) {}", k.name, k.metric, k.limit, k.detail.clone().unwrap_or_default());
                 }
                 if let Some(l) = &c.likely_class {
                     println!("  likely class: {l}{}", c.evidence.as_ref().map_or(String::new(), |e| format!(" — {e}")));
+                }
+                for line in c.coverage.iter().flat_map(|k| k.lines(8)) {
+                    println!("  {line}");
                 }
             }
             rep.write(&report)?;

@@ -148,6 +148,11 @@ pub fn default_limit(tier: &str, key: &str) -> Limit {
 pub trait TapSource {
     fn keys(&self) -> Vec<String>;
     fn tensor(&self, key: &str) -> Option<crate::error::Result<Tensor>>;
+    /// The dtype the engine stored `key` in, when it was not f32 (f16/bf16 storage rounding is added to
+    /// that tap's limit). `None`: f32 or unknown.
+    fn stored_dtype(&self, _key: &str) -> Option<safetensors::Dtype> {
+        None
+    }
 }
 
 impl TapSource for crate::golden::TapsFile {

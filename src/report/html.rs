@@ -17,6 +17,8 @@ pub fn render(r: &Report) -> Result<String> {
         .iter()
         .map(|c| {
             context! {
+                coverage_summary => c.coverage.as_ref().map(|k| k.summary()),
+                not_dumped_by_family => c.coverage.as_ref().map(|k| k.not_dumped_by_family()),
                 growth => Value::from_safe_string(growth_svg(c)),
                 attention => Value::from_safe_string(c.attention.as_ref().map(heatmap_svg).unwrap_or_default()),
                 diversity => Value::from_safe_string(diversity_svg(c)),
@@ -24,8 +26,12 @@ pub fn render(r: &Report) -> Result<String> {
         })
         .collect();
     let provenance = serde_json::to_string_pretty(&r.provenance).unwrap_or_default();
+    // Checks a dump gave no data for (`tokens`, …): said next to the verdict, never counted as passed.
+    let mut not_checked: Vec<&str> = r.cases.iter().filter_map(|c| c.coverage.as_ref()).flat_map(|k| k.not_checked.iter().map(String::as_str)).collect();
+    not_checked.sort_unstable();
+    not_checked.dedup();
     let tmpl = env.get_template("report.html").map_err(|e| Error::Other(e.to_string()))?;
-    tmpl.render(context! { report => Value::from_serialize(r), plots => plots, provenance => provenance })
+    tmpl.render(context! { report => Value::from_serialize(r), plots => plots, provenance => provenance, not_checked => not_checked })
         .map_err(|e| Error::Other(format!("rendering report.html: {e}")))
 }
 

@@ -32,6 +32,9 @@
 //!                          "engine": [float], "golden": [float]},
 //!     "diversity": null | {"distinct1": float, "distinct2": float, "longest_run": int,
 //!                          "repeated_4gram": float, "mean_entropy": float | null},
+//!     "coverage": null | {"golden_taps": int, "compared": int, "not_dumped": [str],  // dumps only
+//!                         "unknown": [{"key": str, "nearest": str | null}], "ignored_steps": [int],
+//!                         "logit_steps": int, "notes": [str], "not_checked": [str]},
 //!     "seconds": float
 //!   }]
 //! }
@@ -82,6 +85,8 @@ pub struct CaseReport {
     pub isolated_layers: Vec<LayerError>,
     pub attention: Option<Heatmap>,
     pub diversity: Option<Stats>,
+    /// What an outside engine's dump held against its golden (`lockstep compare` only).
+    pub coverage: Option<crate::dump_check::Coverage>,
     pub seconds: f64,
 }
 
