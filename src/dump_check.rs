@@ -18,7 +18,7 @@
 //! NaN and Inf values are not malformed: they go through to the comparison, where check 4 flags them.
 
 use crate::checks::TapSource;
-use crate::error::{Error, Result};
+use crate::error::{BadTensor, Error, Result};
 use crate::golden::{Tensor, TapsFile};
 use crate::tapname::TapId;
 use safetensors::Dtype;
@@ -380,7 +380,7 @@ fn first_problem(path: &Path, mut problems: Vec<Problem>, view: &GoldenView) -> 
         let names: Vec<String> = problems.iter().take(5).map(|p| format!("{} ({})", p.key, p.problem)).collect();
         format!(" [and {} more tensor{} with problems: {}{}]", problems.len(), if problems.len() == 1 { "" } else { "s" }, names.join(", "), if problems.len() > 5 { ", …" } else { "" })
     };
-    Error::DumpTensor { path: path.to_path_buf(), key: first.key, problem: first.problem, expected: first.expected, found: first.found, hint: first.hint, others }
+    Error::DumpTensor(Box::new(BadTensor { path: path.to_path_buf(), key: first.key, problem: first.problem, expected: first.expected, found: first.found, hint: first.hint, others }))
 }
 
 fn nothing_recognised(path: &Path, n: usize, unrecognised: &[String], elsewhere: usize, view: &GoldenView) -> Error {
@@ -739,7 +739,7 @@ fn check_container(path: &Path, golden: &TapsFile) -> Result<()> {
         let elements = shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(d));
         let bytes = elements.and_then(|e| e.checked_mul(bytes_per));
         if bytes.is_none_or(|b| b > len as u128) {
-            return Err(Error::DumpTensor {
+            return Err(Error::DumpTensor(Box::new(BadTensor {
                 path: path.to_path_buf(),
                 key: name.clone(),
                 problem: "the header claims a huge shape".into(),
@@ -751,7 +751,7 @@ fn check_container(path: &Path, golden: &TapsFile) -> Result<()> {
                 ),
                 hint: "the header is corrupt, or the writer took a shape from uninitialised memory".into(),
                 others: String::new(),
-            });
+            })));
         }
         let end = info.get("data_offsets").and_then(|o| o.as_array()).and_then(|o| o.get(1)).and_then(|v| v.as_u64()).unwrap_or(0) as u128;
         if end > data_len && past_end.as_ref().is_none_or(|(_, e)| end > *e) {

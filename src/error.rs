@@ -26,14 +26,29 @@ pub enum Error {
     #[error("unknown tap {0:?}: tap keys look like `s{{step}}/{{name}}[-{{layer}}][.{{stage}}]`, e.g. s0/Qcur-0.rope")]
     BadTapKey(String),
     /// A tensor of an engine's dump that cannot be compared with its golden tap (src/dump_check.rs).
-    #[error("{path}: {key}: {problem}: expected {expected}, found {found}; hint: {hint}{others}")]
-    DumpTensor { path: PathBuf, key: String, problem: String, expected: String, found: String, hint: String, others: String },
+    #[error("{0}")]
+    DumpTensor(Box<BadTensor>),
     /// An engine's dump that cannot be judged as a whole: not safetensors, truncated, no key recognised,
     /// a step without logits (src/dump_check.rs).
     #[error("{path}: {problem}; hint: {hint}")]
     DumpFile { path: PathBuf, problem: String, hint: String },
     #[error("{0}")]
     Other(String),
+}
+
+/// One tensor of a dump that cannot be compared (boxed in [`Error::DumpTensor`], which keeps `Error`
+/// small): the file, the tap, the problem, the expected and the found shape or dtype, a layout hint, and
+/// a short list of the other tensors with problems.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {key}: {problem}: expected {expected}, found {found}; hint: {hint}{others}")]
+pub struct BadTensor {
+    pub path: PathBuf,
+    pub key: String,
+    pub problem: String,
+    pub expected: String,
+    pub found: String,
+    pub hint: String,
+    pub others: String,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
