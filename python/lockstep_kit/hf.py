@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
 import sys
 import time
 
@@ -76,7 +77,9 @@ def load_model(gguf=None, model_dir=None):
         d, name = os.path.split(os.path.abspath(gguf))
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, **kw)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise KitError(f"{model_dir}: not a transformers checkpoint directory (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **kw)
     model.eval()
     arch = model.config.model_type
     if arch not in hf_names.ARCHS:
@@ -95,7 +98,6 @@ class Capture:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.step = 0
         self.handles = []
-        self.produced = set()  # tap templates this adapter produced at least once
 
     # -- wiring ---------------------------------------------------------------------------------
     def attach(self):
@@ -182,7 +184,6 @@ class Capture:
             x = x.unsqueeze(1)
         if x.shape[-2] > 1 and layout.keeps_last_row_only(tap, self.n_layers):
             x = x[..., -1:, :]
-        self.produced.add(_template(tap))
         self.rec.record(self.step, tap, x)
 
 
@@ -242,8 +243,6 @@ def generate(model, tokens, n: int):
 
 
 def _template(tap):
-    import re
-
     return re.sub(r"-\d+", "-{L}", tap)
 
 

@@ -101,3 +101,32 @@ def test_planted_dropped_bias_is_localized(hf, tmp_path):
     fd = case["first_divergence"]
     assert (fd["step"], fd["layer"]) == (0, 0) and fd["tap"].startswith("Qcur-0"), fd
     assert case["likely_class_id"] == "qkv_bias", (case["likely_class_id"], case["evidence"])
+
+
+def test_model_dir_checkpoint(hf, tmp_path):
+    """--model-dir: a transformers checkpoint (here: tiny-llama's GGUF weights saved by transformers)."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(GOLDEN / "models"), gguf_file="tiny-llama.q.gguf", dtype=torch.float32)
+    cfg = m.config
+    if hasattr(cfg, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained: copy it
+        del cfg.quantization_config
+    plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    plain.load_state_dict(m.state_dict())
+    plain.save_pretrained(str(tmp_path / "ckpt"))
+
+    entry = "tiny-llama/exact/fox"
+    dump = tmp_path / "hf.safetensors"
+    cmd = [sys.executable, "-m", "lockstep_kit.hf", "--model-dir", str(tmp_path / "ckpt"),
+           "--golden", str(golden_taps(entry)), "--out", str(dump), "--generate", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO / "python")
+    assert p.returncode == 0 and "golden keys not dumped: 0" in p.stdout, p.stdout + p.stderr
+    rows = compare(load_file(str(dump)), load_file(str(golden_taps(entry))))
+    assert max(r[1] for r in rows) < MAX_REL_L2
+    assert "continuation" not in load_file(str(dump))  # --generate 0
+
+    bad = subprocess.run(cmd[:4] + [str(tmp_path / "absent")] + cmd[5:], capture_output=True, text=True,
+                         cwd=REPO / "python")
+    assert bad.returncode == 2 and "not a transformers checkpoint directory" in bad.stderr
