@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from conftest import GOLDEN, REPO, golden_taps, require_or_skip
