@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load_file
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads: see numpy_engine.py
+
+import numpy as np  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy_engine  # noqa: E402

@@ -22,16 +22,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
+# One BLAS thread unless the caller says otherwise (set before NumPy loads OpenBLAS): on the shared 2-core
+# machine, 2-thread OpenBLAS ran a [24,576]x[576,1536] f64 matmul at 1.3 GFLOP/s against 21 GFLOP/s with one
+# thread (busy-waiting threads under load). GEMM threads split the output, not the sums: results are the same.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import gguf
-from safetensors import safe_open
-from safetensors.numpy import save_file
+import numpy as np  # noqa: E402
+
+import gguf  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import save_file  # noqa: E402
 
 SUPPORTED_ARCHS = ("qwen2", "llama")
 # llama.cpp's rope type per architecture: qwen2 rotates (i, i + d/2) (NeoX), llama adjacent (2i, 2i+1)
@@ -133,11 +139,28 @@ def _cache_root() -> Path:
 
 
 def _file_sha256(path: Path) -> str:
+    """The file's sha256, remembered per (name, size, mtime) so that a 0.5 GB model is hashed once."""
+    st = path.stat()
+    memo = _cache_root() / "sha256" / f"{path.name}-{st.st_size}-{st.st_mtime_ns}"
+    if memo.is_file():
+        sha = memo.read_text().strip()
+        if len(sha) == 64:
+            return sha
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    return h.hexdigest()
+    sha = h.hexdigest()
+    _write_text_atomic(memo, sha + "\n")
+    return sha
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
@@ -160,6 +183,21 @@ class Model:
         self.path = Path(path)
         if not self.path.is_file():
             raise EngineError(f"{self.path}: model file does not exist")
+        # gguf-py is slow on real models (dequantize in NumPy; the reader parses a 150k-token vocabulary):
+        # the config and every tensor as float32 .npy are cached under outside-engine/{file sha256}/, and a
+        # cached model is loaded without opening the GGUF again (tensors memory-mapped).
+        self.cache_dir = _cache_root() / _file_sha256(self.path)
+        meta = self.cache_dir / "model.json"
+        if meta.is_file():
+            info = json.loads(meta.read_text())
+            self.cfg = Config(**info["config"])
+            self.weights = {n: np.load(self.cache_dir / f"{n}.npy", mmap_mode="r") for n in info["tensors"]}
+        else:
+            self._load_gguf()
+        if "output.weight" not in self.weights:  # tied embeddings
+            self.weights["output.weight"] = self.weights["token_embd.weight"]
+
+    def _load_gguf(self) -> None:
         try:
             reader = gguf.GGUFReader(self.path)
         except Exception as e:  # gguf raises ValueError/struct.error on a non-GGUF file
@@ -185,32 +223,18 @@ class Model:
         if self.cfg.rope_dims != head_dim:
             raise EngineError(f"{self.path}: partial RoPE (rope.dimension_count {self.cfg.rope_dims} != head dim "
                               f"{head_dim}) not supported")
-        self.weights = self._load_weights(reader)
-        if "output.weight" not in self.weights:  # tied embeddings
-            self.weights["output.weight"] = self.weights["token_embd.weight"]
-
-    def _load_weights(self, reader: gguf.GGUFReader) -> dict[str, np.ndarray]:
-        # gguf-py's dequantize runs in NumPy and takes tens of seconds on a real model: dequantized tensors
-        # are cached as .npy, keyed by the file's sha256 (F32 tensors are memory-mapped views, no copy).
-        cache_dir = None
-        out: dict[str, np.ndarray] = {}
+        self.weights = {}
         for t in reader.tensors:
             shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne reversed: [out, in]
             if t.tensor_type == gguf.GGMLQuantizationType.F32:
-                out[t.name] = np.asarray(t.data, dtype=np.float32).reshape(shape)
-                continue
-            if cache_dir is None:
-                cache_dir = _cache_root() / _file_sha256(self.path)
-            npy = cache_dir / f"{t.name}.npy"
-            if npy.is_file():
-                arr = np.load(npy, mmap_mode="r")
+                arr = np.asarray(t.data, dtype=np.float32)
             else:
-                arr = np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
-                _save_npy_atomic(npy, arr)
-            if tuple(arr.shape) != shape:
-                arr = arr.reshape(shape)
-            out[t.name] = arr
-        return out
+                arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+            _save_npy_atomic(self.cache_dir / f"{t.name}.npy", arr)
+            self.weights[t.name] = arr
+        info = {"source": str(self.path), "config": dataclasses.asdict(self.cfg), "tensors": list(self.weights)}
+        _write_text_atomic(self.cache_dir / "model.json", json.dumps(info, indent=1))
 
     def w(self, name: str) -> np.ndarray:
         try:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads: see numpy_engine.py
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import numpy_engine  # noqa: E402
