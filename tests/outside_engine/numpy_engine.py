@@ -584,7 +584,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.list_bugs:
         for b in BUGS.values():
-            print(f"{b.name:24} s{b.step} layer {b.layer} {b.tap:20} {b.class_id:24} {b.what}")
+            taps = {expected_localization(b.name, a).tap for a in b.archs}
+            tap = b.tap if len(taps) == 1 else f"{b.tap} (llama: {expected_localization(b.name, 'llama').tap})"
+            print(f"{b.name:24} s{b.step} layer {b.layer} {tap:20} {b.class_id:24} {b.what}")
         return 0
     if not (a.gguf and a.golden and a.out):
         ap.error("--gguf, --golden and --out are required")
