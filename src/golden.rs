@@ -47,6 +47,19 @@ pub struct ManifestTensor {
     pub dtype: Option<String>,
     #[serde(default)]
     pub sha256: Option<String>,
+    /// llama.cpp's own rounding noise at this tap: its distance from an f64 evaluation of the same graph
+    /// on the same weights and tokens (`ci/golden/noise.py`). Tolerances scale with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise: Option<TapNoise>,
+}
+
+/// How far llama.cpp's f32 result for one tap lies from an f64 evaluation of the same graph.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TapNoise {
+    /// rel L2 over the whole tensor.
+    pub rel_l2: f64,
+    /// The largest rel L2 of one token row (position) of the tensor.
+    pub row_max: f64,
 }
 
 /// One file of the manifest.
@@ -98,6 +111,11 @@ impl ManifestFile {
             (Some(m), Some(t), Some(p)) => format!("{m}/{t}/{p}"),
             _ => self.path.clone(),
         }
+    }
+
+    /// Each tap's measured noise, by full key (`s0/kq-0`), for the tensors that have one.
+    pub fn noise(&self) -> std::collections::HashMap<String, TapNoise> {
+        self.tensors.iter().filter_map(|t| Some((t.key.clone()?, t.noise?))).collect()
     }
 
     /// Graph order from the listed tensors.
@@ -185,6 +203,7 @@ impl Manifest {
             set.insert(path);
         }
         t.order = file.graph_order();
+        t.noise = crate::noise::effective(&file.noise());
         Ok(t)
     }
 }
@@ -204,6 +223,9 @@ pub struct TapsFile {
     meta: Metadata,
     /// The order taps are compared in; a manifest's order when opened through [`Manifest::open_taps`].
     pub order: GraphOrder,
+    /// The noise each tap is judged against (its own and its direct inputs', `crate::noise`), by key,
+    /// when opened through a calibrated manifest entry.
+    pub noise: std::collections::HashMap<String, TapNoise>,
 }
 
 impl TapsFile {
@@ -215,7 +237,7 @@ impl TapsFile {
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-        Ok(TapsFile { path: path.to_path_buf(), mmap, header_len, meta, order: GraphOrder::default() })
+        Ok(TapsFile { path: path.to_path_buf(), mmap, header_len, meta, order: GraphOrder::default(), noise: Default::default() })
     }
 
     pub fn bytes(&self) -> &[u8] {

@@ -9,6 +9,7 @@ pub mod checks;
 pub mod error;
 pub mod golden;
 pub mod metrics;
+pub mod noise;
 pub mod tapname;
 pub mod localize;
 pub mod report;
@@ -16,5 +17,6 @@ pub mod compare;
 pub mod dump_check;
 #[doc(hidden)]
 pub mod synth;
+pub mod shards;
 pub mod suite;
 pub mod validate;

@@ -6,6 +6,71 @@ use crate::checks::CheckResult;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
+/// The bug classes the localizer can name: a stable id (in report.json as `likely_class_id`) and the
+/// description shown to users. They are the classes an engine author meets in practice: see
+/// suites/faults/README.md for the catalog, each with the fault that plants it in our own engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BugClass {
+    Tokenizer,
+    Embedding,
+    Rope,
+    QkvBias,
+    ProjectionWeight,
+    AttentionScores,
+    GqaMapping,
+    KvCache,
+    CausalMask,
+    SoftmaxScale,
+    AttnOutputProjection,
+    ResidualAttn,
+    RmsNorm,
+    NormWeight,
+    FfnSize,
+    FfnWeight,
+    Activation,
+    FfnDown,
+    ResidualFfn,
+    LmHead,
+    Overflow,
+    LayerData,
+    WrongShape,
+    Sampling,
+}
+
+impl BugClass {
+    /// The id written to reports (`rope`, `qkv_bias`, …).
+    pub fn id(self) -> &'static str {
+        use BugClass::*;
+        match self {
+            Tokenizer => "tokenizer",
+            Embedding => "embedding",
+            Rope => "rope",
+            QkvBias => "qkv_bias",
+            ProjectionWeight => "projection_weight",
+            AttentionScores => "attention_scores",
+            GqaMapping => "gqa_mapping",
+            KvCache => "kv_cache",
+            CausalMask => "causal_mask",
+            SoftmaxScale => "softmax_scale",
+            AttnOutputProjection => "attn_output_projection",
+            ResidualAttn => "residual_attn",
+            RmsNorm => "rms_norm",
+            NormWeight => "norm_weight",
+            FfnSize => "ffn_size",
+            FfnWeight => "ffn_weight",
+            Activation => "activation",
+            FfnDown => "ffn_down",
+            ResidualFfn => "residual_ffn",
+            LmHead => "lm_head",
+            Overflow => "overflow",
+            LayerData => "layer_data",
+            WrongShape => "wrong_shape",
+            Sampling => "sampling",
+        }
+    }
+}
+
 /// Where the engine first stops agreeing.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Divergence {
@@ -31,6 +96,8 @@ pub struct Localization {
     pub first_divergence: Option<Divergence>,
     pub upstream_passing: Vec<Upstream>,
     pub likely_class: Option<String>,
+    /// The class's stable id (`BugClass::id`).
+    pub likely_class_id: Option<String>,
     /// Why that class: the pattern seen.
     pub evidence: Option<String>,
     /// family (with stage) → [(layer, max rel L2 over steps)], layers ascending.
@@ -38,20 +105,27 @@ pub struct Localization {
 }
 
 /// Localizes over comparisons already in graph order. `tokens_ok`: check 1's verdict, if run.
+///
+/// The first divergence is the first tap that was compared and failed; a tap the engine did not dump
+/// is never one. When taps between the last agreeing tap and the first differing one were not dumped,
+/// the divergence may have started among them: the evidence says which, and no class is named.
 pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>) -> Localization {
     let mut loc = Localization { growth: growth(cmps), ..Default::default() };
     if tokens_ok == Some(false) {
-        loc.likely_class = Some("tokenizer or chat template".into());
-        loc.evidence = Some("the prompt token ids differ from llama.cpp's before any tensor is computed (special tokens split into text, or the chat template wrong or skipped)".into());
+        loc.set_class(BugClass::Tokenizer, "tokenizer or chat template", "the prompt token ids differ from llama.cpp's before any tensor is computed (special tokens split into text, or the chat template wrong or skipped)".into());
     }
-    let Some(i) = cmps.iter().position(|c| !c.passed) else { return loc };
+    let Some(i) = cmps.iter().position(|c| c.failed()) else { return loc };
     let c = &cmps[i];
-    let (metric, value) = match (&c.errors, &c.problem) {
-        (Some(e), _) => ("rel_l2".to_string(), e.rel_l2),
-        (None, Some(p)) if p.starts_with("missing") => ("missing".to_string(), f64::NAN),
-        _ => ("shape".to_string(), f64::NAN),
+    let (metric, value) = match &c.errors {
+        Some(e) if e.rel_l2 > c.limit || e.rel_l2.is_nan() => ("rel_l2".to_string(), e.rel_l2),
+        Some(_) => {
+            let (row, v) = c.worst_row().unwrap_or((0, f64::NAN));
+            (format!("row_rel_l2 (position {row})"), v)
+        }
+        None => ("shape".to_string(), f64::NAN),
     };
-    loc.first_divergence = Some(Divergence { step: c.id.step, layer: c.id.layer, tap: c.id.tap.clone(), metric, value, limit: c.limit });
+    let limit = if metric.starts_with("row") { c.row_limit } else { c.limit };
+    loc.first_divergence = Some(Divergence { step: c.id.step, layer: c.id.layer, tap: c.id.tap.clone(), metric, value, limit });
     loc.upstream_passing = cmps[..i]
         .iter()
         .rev()
@@ -59,13 +133,38 @@ pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>) -> Localization
         .take(3)
         .map(|u| Upstream { key: u.key.clone(), rel_l2: u.rel_l2() })
         .collect();
+    // Taps of this step between the last compared-and-agreeing one and the first failure that the
+    // engine did not dump: the fault may lie among them.
+    let gap: Vec<&TapComparison> = cmps[..i].iter().rev().filter(|u| u.id.step == c.id.step).take_while(|u| !u.passed).filter(|u| u.not_dumped).collect();
     if loc.likely_class.is_none() {
-        if let Some((class, why)) = classify(cmps, i) {
-            loc.likely_class = Some(class.into());
-            loc.evidence = Some(why);
+        if !gap.is_empty() {
+            let last_ok = cmps[..i].iter().rev().find(|u| u.id.step == c.id.step && u.passed).map_or("the step's start".to_string(), |u| u.key.clone());
+            let names: Vec<&str> = gap.iter().rev().map(|u| u.key.as_str()).collect();
+            loc.evidence = Some(format!(
+                "between {last_ok} (agrees) and s{}/{} (differs) the engine did not dump {} tap(s): {}; the divergence may start there. Dump them to pin it; no class is named without them",
+                c.id.step, c.id.tap, names.len(), fmt_list(&names)
+            ));
+        } else if let Some((class, what, why)) = classify(cmps, i) {
+            loc.set_class(class, what, why);
         }
     }
     loc
+}
+
+impl Localization {
+    fn set_class(&mut self, class: BugClass, what: &str, why: String) {
+        self.likely_class = Some(what.into());
+        self.likely_class_id = Some(class.id().into());
+        self.evidence = Some(why);
+    }
+}
+
+fn fmt_list(v: &[&str]) -> String {
+    if v.len() <= 6 {
+        v.join(", ")
+    } else {
+        format!("{}, … ({} more), {}", v[..4].join(", "), v.len() - 5, v[v.len() - 1])
+    }
 }
 
 /// Max rel L2 per (family.stage, layer) over steps.
@@ -81,80 +180,144 @@ pub fn growth(cmps: &[TapComparison]) -> BTreeMap<String, Vec<(usize, f64)>> {
     m.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
 }
 
-/// Matches the pattern around the first failing comparison `i` against the classes of BUGS.md.
-fn classify(cmps: &[TapComparison], i: usize) -> Option<(&'static str, String)> {
+/// Heads of an attention-shaped comparison that agree and that differ (by the row limit).
+fn head_split(c: &TapComparison) -> (usize, usize) {
+    let bad = c.per_head.iter().filter(|&&e| !(e <= c.row_limit)).count();
+    (c.per_head.len() - bad, bad)
+}
+
+/// Matches the pattern around the first failing comparison `i` against the known bug classes.
+fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str, String)> {
+    use BugClass::*;
     let c = &cmps[i];
     let (step, layer, fam, stage) = (c.id.step, c.id.layer, c.id.family.as_str(), c.id.stage.as_deref());
+    // Some(passed) for a compared tap of this step and layer; None when absent or not dumped.
     let passes = |f: &str, s: Option<&str>| -> Option<bool> {
-        cmps.iter().find(|o| o.id.step == step && o.id.layer == layer && o.id.family == f && o.id.stage.as_deref() == s).map(|o| o.passed)
+        cmps.iter()
+            .find(|o| o.id.step == step && o.id.layer == layer && o.id.family == f && o.id.stage.as_deref() == s && !o.not_dumped)
+            .map(|o| o.passed)
     };
-    let step0_all_pass = cmps.iter().filter(|o| o.id.step == 0).all(|o| o.passed);
+    let step0_all_pass = cmps.iter().filter(|o| o.id.step == 0).all(|o| !o.failed());
     let nonfinite = c.errors.is_some_and(|e| e.non_finite > 0);
     let at = format!("s{step}/{}", c.id.tap);
-    if c.problem.as_deref().is_some_and(|p| p.starts_with("missing")) {
-        return Some(("tap not produced", format!("{at} is in the golden but not in the engine's taps")));
-    }
     if c.errors.is_none() {
         if matches!(fam, "ffn_gate" | "ffn_up") {
-            return Some(("FFN size from the wrong dimension", format!("{at} has the wrong width: {}", c.problem.clone().unwrap_or_default())));
+            return Some((FfnSize, "FFN size from the wrong dimension", format!("{at} has the wrong width: {}", c.problem.clone().unwrap_or_default())));
         }
-        return Some(("wrong tensor shape", format!("{at}: {}", c.problem.clone().unwrap_or_default())));
+        return Some((WrongShape, "wrong tensor shape", format!("{at}: {}", c.problem.clone().unwrap_or_default())));
     }
     if nonfinite {
-        return Some(("overflow: f16 accumulation or softmax without max subtraction", format!("{at} holds NaN or Inf")));
+        return Some((Overflow, "overflow: f16 accumulation or softmax without max subtraction", format!("{at} holds NaN or Inf")));
     }
     if step == 0 && layer.is_some_and(|l| l > 0) && matches!(fam, "norm" | "attn_norm" | "ffn_norm" | "kq" | "kq_soft_max" | "kqv" | "kqv_out" | "attn_out" | "ffn_inp" | "l_out") {
         // A wrong formula shows at layer 0; a first failure deeper down depends on that layer's data.
         let l = layer.unwrap_or(0);
         return Some((
+            LayerData,
             "f16 overflow in accumulation (activation outlier) or this layer's weights",
-            format!("every tap of layers 0–{} passes and {at} is the first to fail, at positions {}: a data-dependent fault (an activation outlier overflowing a narrow accumulator), not a wrong formula", l - 1, fmt_positions(&c.bad_positions())),
+            format!("every compared tap of layers 0–{} passes and {at} is the first to fail, at positions {}: a data-dependent fault (an activation outlier overflowing a narrow accumulator, or this layer's weights), not a wrong formula", l - 1, fmt_positions(&c.bad_positions())),
         ));
     }
     if step >= 1 && step0_all_pass && matches!(fam, "kq" | "kq_soft_max" | "kqv" | "kqv_out" | "attn_out") {
-        return Some(("KV cache (never written, wrong layout or stride)", format!("every prefill tap passes; {at} at decode step {step} is the first to fail")));
+        return Some((KvCache, "KV cache (never written, wrong layout or stride)", format!("every prefill tap passes; {at} at decode step {step} is the first to fail")));
     }
     match (fam, stage) {
-        ("embd" | "inp_embd", _) => Some(("embedding lookup (index transposed or wrong row)", format!("{at} is the first tensor and it differs"))),
+        ("embd" | "inp_embd", _) => Some((Embedding, "embedding lookup (index transposed or wrong row)", format!("{at} is the first tensor and it differs"))),
         ("Qcur" | "Kcur", Some("rope")) => {
-            let pre = passes(fam, Some("add")).or(passes(fam, Some("mul_mat")));
+            let pre = passes(fam, Some("add")).or(passes(fam, Some("mul_mat"))).or(passes(fam, None));
             let bad = c.bad_positions();
             let pos0_ok = step == 0 && !bad.contains(&0);
             if pre == Some(true) && pos0_ok {
-                Some(("RoPE pairing or base", format!("{fam} passes before RoPE and fails after it, only at positions {}; position 0 (unrotated) agrees", fmt_positions(&bad))))
+                Some((Rope, "RoPE pairing or base", format!("{fam} passes before RoPE and fails after it, only at positions {}; position 0 (unrotated) agrees", fmt_positions(&bad))))
             } else if pre == Some(true) {
-                Some(("RoPE", format!("{fam} passes before RoPE and fails after it")))
+                Some((Rope, "RoPE", format!("{fam} passes before RoPE and fails after it, at positions {} (position 0 too: positions shifted?)", fmt_positions(&bad))))
             } else {
                 None
             }
         }
         ("Qcur" | "Kcur" | "Vcur", Some("add")) if passes(fam, Some("mul_mat")) == Some(true) => {
-            Some(("Q/K/V bias (zeroed or not loaded)", format!("{fam}.mul_mat passes and {fam}.add (the bias) fails")))
+            Some((QkvBias, "Q/K/V bias (zeroed or not loaded)", format!("{fam}.mul_mat passes and {fam}.add (the bias) fails")))
         }
-        ("Qcur" | "Kcur" | "Vcur", Some("mul_mat") | None) => Some(("projection weight transposed, wrong leading dimension or dequantization", format!("{at}: the input (attn_norm) passes, the projection differs"))),
-        ("kq", _) => Some(("attention scores: K layout, GQA head mapping or KV cache", format!("{at} fails while Q and K pass"))),
+        ("Qcur" | "Kcur" | "Vcur", Some("mul_mat") | None) => Some((ProjectionWeight, "projection weight transposed, wrong leading dimension or dequantization", format!("{at}: the input (attn_norm) passes, the projection differs"))),
+        ("kq", _) => {
+            let (ok, bad) = head_split(c);
+            if ok > 0 && bad > 0 {
+                Some((GqaMapping, "GQA head mapping", format!("{at}: {ok} heads agree and {bad} differ while Q and K pass: query heads read the wrong K head")))
+            } else {
+                Some((AttentionScores, "attention scores: K layout, GQA head mapping or KV cache", format!("{at} fails while Q and K pass")))
+            }
+        }
         ("kq_soft_max", _) => {
             let bad = c.bad_positions();
             let rows = c.per_position.len();
             if step == 0 && rows > 1 && !bad.contains(&(rows - 1)) {
-                Some(("causal mask missing", format!("{at}: kq passes, every row but the last differs")))
+                Some((CausalMask, "causal mask missing", format!("{at}: kq passes, rows {} differ and the last row agrees", fmt_positions(&bad))))
             } else {
-                Some(("softmax scale, mask or softmax", format!("{at} fails while kq passes")))
+                Some((SoftmaxScale, "softmax scale, mask or softmax", format!("{at} fails while kq passes")))
             }
         }
-        ("kqv", _) => Some(("GQA head mapping or V layout", format!("{at} fails while the attention probabilities pass"))),
-        ("kqv_out", _) => Some(("attention output projection dropped or transposed", format!("{at} fails while kqv passes"))),
-        ("attn_out" | "ffn_inp", _) => Some(("residual dropped (attention output not added back)", format!("{at} fails while kqv_out passes"))),
-        ("norm", _) => Some(("RMSNorm (epsilon or formula)", format!("{at}: the normalized activations differ while its input passes"))),
-        ("attn_norm" | "ffn_norm" | "result_norm", _) => Some(("norm weight ignored or rescaled", format!("{at} fails while the unweighted norm passes"))),
-        ("ffn_gate" | "ffn_up", _) if layer == Some(0) => Some(("FFN size from the wrong dimension, or FFN weight transposed", format!("{at} fails at layer 0 while ffn_norm passes"))),
-        ("ffn_gate" | "ffn_up", _) => Some(("dequantization of this layer's FFN weight", format!("{at} fails; the same tap passes in earlier layers"))),
-        ("ffn_swiglu", _) => Some(("activation wrong (e.g. GELU instead of SiLU)", format!("{at} fails while ffn_gate and ffn_up pass"))),
-        ("ffn_out", _) if layer == Some(0) => Some(("ffn_down projection dropped or transposed, or its dequantization", format!("{at} fails while ffn_swiglu passes"))),
-        ("ffn_out", _) => Some(("dequantization of this layer's ffn_down (e.g. Q4_K scales/mins)", format!("{at} fails while ffn_swiglu passes; earlier layers' ffn_out pass"))),
-        ("l_out", _) => Some(("residual dropped (FFN output not added back)", format!("{at} fails while ffn_out passes"))),
-        ("result_output", _) => Some(("lm_head dims swapped or padded vocabulary", format!("{at} is the only tensor that differs"))),
+        ("kqv", _) => {
+            let (ok, bad) = head_split(c);
+            if ok > 0 && bad > 0 {
+                Some((GqaMapping, "GQA head mapping", format!("{at}: {ok} heads agree and {bad} differ while the attention probabilities pass: query heads read the wrong V head")))
+            } else {
+                Some((GqaMapping, "GQA head mapping or V layout", format!("{at} fails while the attention probabilities pass")))
+            }
+        }
+        ("kqv_out", _) => Some((AttnOutputProjection, "attention output projection dropped or transposed", format!("{at} fails while kqv passes"))),
+        // llama's attn_out is the output projection's own result, before the residual add.
+        ("attn_out", _) => Some((AttnOutputProjection, "attention output projection dropped or transposed", format!("{at} fails while kqv_out passes"))),
+        ("ffn_inp", _) if passes("attn_out", None) == Some(true) => {
+            Some((ResidualAttn, "residual dropped (attention output not added back)", format!("{at} fails while attn_out passes")))
+        }
+        // qwen2 has no tap for the output projection: `refine` tells a dropped residual from a wrong
+        // projection with the tensors themselves.
+        ("ffn_inp", _) => Some((AttnOutputProjection, "attention output projection or residual add", format!("{at} fails while kqv_out passes"))),
+        ("norm", _) => Some((RmsNorm, "RMSNorm (epsilon or formula)", format!("{at}: the normalized activations differ while its input passes"))),
+        ("attn_norm" | "ffn_norm" | "result_norm", _) => Some((NormWeight, "norm weight ignored or rescaled", format!("{at} fails while the unweighted norm passes"))),
+        ("ffn_gate" | "ffn_up", _) if layer == Some(0) => Some((FfnWeight, "FFN size from the wrong dimension, or FFN weight transposed", format!("{at} fails at layer 0 while ffn_norm passes"))),
+        ("ffn_gate" | "ffn_up", _) => Some((FfnWeight, "dequantization of this layer's FFN weight", format!("{at} fails; the same tap passes in earlier layers"))),
+        ("ffn_swiglu", _) => Some((Activation, "activation wrong (e.g. GELU instead of SiLU)", format!("{at} fails while ffn_gate and ffn_up pass"))),
+        ("ffn_out", _) if layer == Some(0) => Some((FfnDown, "ffn_down projection dropped or transposed, or its dequantization", format!("{at} fails while ffn_swiglu passes"))),
+        ("ffn_out", _) => Some((FfnDown, "dequantization of this layer's ffn_down (e.g. Q4_K scales/mins)", format!("{at} fails while ffn_swiglu passes; earlier layers' ffn_out pass"))),
+        ("l_out", _) => Some((ResidualFfn, "residual dropped (FFN output not added back)", format!("{at} fails while ffn_out passes"))),
+        ("result_output", _) => Some((LmHead, "lm_head dims swapped or padded vocabulary", format!("{at} is the only tensor that differs"))),
         _ => None,
+    }
+}
+
+/// Tells the classes apart that the pass/fail pattern alone cannot, by testing the suspected bug on the
+/// golden's own tensors: at `ffn_inp-L` with no output-projection tap, a dropped residual leaves the
+/// engine's `ffn_inp` equal to llama.cpp's minus the residual input (`embd` or `l_out-(L-1)`).
+pub fn refine(loc: &mut Localization, golden: &crate::golden::TapsFile, engine: &dyn crate::checks::TapSource) {
+    let Some(d) = &loc.first_divergence else { return };
+    if loc.likely_class_id.as_deref() != Some(BugClass::AttnOutputProjection.id()) || !d.tap.starts_with("ffn_inp-") {
+        return;
+    }
+    let Some(layer) = d.layer else { return };
+    let residual_key = if layer == 0 { format!("s{}/embd", d.step) } else { format!("s{}/l_out-{}", d.step, layer - 1) };
+    let key = format!("s{}/{}", d.step, d.tap);
+    let (Ok(g), Ok(r), Some(Ok(e))) = (golden.f32(&key), golden.f32(&residual_key), engine.tensor(&key)) else { return };
+    if e.data.len() != g.data.len() || r.data.len() < g.data.len() {
+        return;
+    }
+    // The last layer keeps only the last row after attention: the residual's last rows line up.
+    let r = &r.data[r.data.len() - g.data.len()..];
+    let without: Vec<f32> = g.data.iter().zip(r).map(|(a, b)| a - b).collect();
+    let dist = crate::metrics::tensor_errors(&e.data, &without).rel_l2;
+    let why = loc.evidence.clone().unwrap_or_default();
+    if dist < 1e-2 {
+        loc.set_class(
+            BugClass::ResidualAttn,
+            "residual dropped (attention output not added back)",
+            format!("{why}; the engine's {key} equals llama.cpp's minus the residual input {residual_key} (rel L2 {dist:.1e}): the residual add is missing"),
+        );
+    } else {
+        loc.set_class(
+            BugClass::AttnOutputProjection,
+            "attention output projection dropped or transposed",
+            format!("{why}; it is not llama.cpp's {key} minus the residual input (rel L2 {dist:.1e}), so the output projection (weight, layout or dequantization) differs"),
+        );
     }
 }
 
@@ -169,13 +332,13 @@ fn fmt_positions(p: &[usize]) -> String {
 
 /// When no tap names a class: the class of the first failing check that is not about taps (the
 /// sampler test, the KV-cache check), as BUGS.md's "where it shows" column names them.
-pub fn class_from_checks(checks: &[CheckResult]) -> Option<(&'static str, String)> {
+pub fn class_from_checks(checks: &[CheckResult]) -> Option<(BugClass, &'static str, String)> {
     let c = checks.iter().find(|c| !c.passed)?;
     let n = c.name.as_str();
     if n.starts_with("sampler:") {
-        Some(("sampling order (top-k, top-p, temperature)", format!("{n} fails: the engine's sampler does not draw from llama.cpp's distribution")))
+        Some((BugClass::Sampling, "sampling order (top-k, top-p, temperature)", format!("{n} fails: the engine's sampler does not draw from llama.cpp's distribution")))
     } else if n.starts_with("kv_cache") {
-        Some(("KV cache (never written, wrong layout or stride)", format!("{n} fails while every tap agrees")))
+        Some((BugClass::KvCache, "KV cache (never written, wrong layout or stride)", format!("{n} fails while every tap agrees")))
     } else {
         None
     }

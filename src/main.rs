@@ -103,6 +103,19 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Merge the per-rank dumps of an engine split across GPUs into one dump (docs/shards.md).
+    MergeShards {
+        /// The shard spec (TOML): for each tap family the axis its ranks' slices are concatenated on,
+        /// "replicated" or "sum".
+        #[arg(long)]
+        spec: PathBuf,
+        /// The merged dump (written through a temporary file, renamed into place).
+        #[arg(long)]
+        out: PathBuf,
+        /// The ranks' dump files, rank 0 first.
+        #[arg(required = true)]
+        ranks: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -145,6 +158,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Inspect { file } => engine_cli::inspect(&file),
         Cmd::Fetch { model } => engine_cli::fetch(model.as_deref()),
         Cmd::Bench { model, backend, prompt, gen, reps, json } => engine_cli::bench(&model, &backend, prompt, gen, reps, json.as_deref()),
+        Cmd::MergeShards { spec, out, ranks } => merge_shards(&spec, &out, &ranks),
         Cmd::Faults => {
             for f in lockstep_engine::faults::Fault::ALL {
                 let i = f.info();
@@ -153,6 +167,19 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
     }
+}
+
+fn merge_shards(spec: &std::path::Path, out: &std::path::Path, ranks: &[PathBuf]) -> Result<bool> {
+    let spec = lockstep::shards::ShardSpec::load(spec)?;
+    let s = lockstep::shards::merge_files(&spec, ranks, out)?;
+    println!(
+        "{}: {} ranks merged: {} taps split, {} replicated (max difference between ranks {:.3e}), {} summed, {} other tensors",
+        out.display(), s.ranks, s.split, s.replicated, s.max_replicated_diff, s.summed, s.other
+    );
+    if !s.unused_patterns.is_empty() {
+        println!("note: spec patterns that matched no tap: {}", s.unused_patterns.join(", "));
+    }
+    Ok(true)
 }
 
 fn validate(suites: Vec<PathBuf>, backend: &str, report: &PathBuf, inject: Option<String>, filter: Option<String>) -> Result<bool> {

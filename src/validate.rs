@@ -140,7 +140,7 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
     // The pairing llama.cpp uses for the architecture named in the file, not the engine's own choice.
     let pairing = Pairing::for_arch(&format!("{:?}", model.config.arch).to_lowercase());
     let div_limits = if case.wants("diversity") || case.wants("diversity_sampled") || case.wants("anticheat") { compare::diversity_limits(manifest, &case.model, &case.tier)? } else { None };
-    let opt = Options { tol, pairing, diversity: None, max_step: Some(max_step) };
+    let opt = Options { tol, pairing, diversity: None, max_step: Some(max_step), require_all_taps: true };
     let run = EngineRun { taps: &taps, logits: if case.wants("logits") { all_logits.clone() } else { Vec::new() }, tokens: engine_tokens, continuation: None };
     let cmps = compare::judge(&golden, &run, &opt, &mut rep)?;
     if !case.wants("taps") {
@@ -194,8 +194,9 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
     }
     backend.reset();
     if rep.likely_class.is_none() {
-        if let Some((class, why)) = crate::localize::class_from_checks(&rep.checks) {
-            rep.likely_class = Some(class.into());
+        if let Some((class, what, why)) = crate::localize::class_from_checks(&rep.checks) {
+            rep.likely_class = Some(what.into());
+            rep.likely_class_id = Some(class.id().into());
             rep.evidence = Some(why);
         }
     }

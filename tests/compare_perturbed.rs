@@ -48,27 +48,42 @@ fn compare_names_the_perturbed_tap() {
     }
 }
 
+/// A tap the engine did not dump is never the first divergence: a partial dump passes on what it holds,
+/// and a failure after an undumped tap names the gap instead of a class.
 #[test]
-fn a_missing_tap_is_reported_missing_and_fails() {
+fn a_tap_not_dumped_is_never_the_first_divergence() {
     let dir = tempfile::tempdir().unwrap();
     let golden = synth::write_golden(dir.path()).unwrap();
     let manifest = Manifest::load(dir.path()).unwrap();
     let src = lockstep::golden::TapsFile::open(&golden).unwrap();
-    let mut f32s = Vec::new();
-    for k in src.keys().into_iter().filter(|k| k.starts_with("s0/") && k != "s0/kq-1") {
-        let t = src.f32(&k).unwrap();
-        f32s.push((k, t.shape, t.data));
-    }
-    let dump = dir.path().join("partial.safetensors");
-    lockstep::golden::write_safetensors(&dump, &f32s, &[]).unwrap();
-    let case = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap();
-    assert!(!case.passed);
-    let d = case.first_divergence.unwrap();
-    assert_eq!((d.step, d.layer, d.tap.as_str(), d.metric.as_str()), (0, Some(1), "kq-1", "missing"));
-    let missing = case.checks.iter().find(|c| c.name == "taps:missing_or_misshapen").unwrap();
-    assert!(!missing.passed);
+    let write = |perturb: Option<&str>| {
+        let mut f32s = Vec::new();
+        for k in src.keys().into_iter().filter(|k| k.starts_with('s') && k != "s0/kq-1") {
+            let mut t = src.f32(&k).unwrap();
+            if Some(k.as_str()) == perturb {
+                t.data.iter_mut().for_each(|v| *v *= 1.5);
+            }
+            f32s.push((k, t.shape, t.data));
+        }
+        let dump = dir.path().join("partial.safetensors");
+        lockstep::golden::write_safetensors(&dump, &f32s, &[]).unwrap();
+        compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap()
+    };
+    let clean = write(None);
+    assert!(clean.passed, "{:?}", clean.failed_checks().collect::<Vec<_>>());
+    assert!(clean.first_divergence.is_none());
+
+    let bad = write(Some("s0/kq_soft_max-1"));
+    assert!(!bad.passed);
+    let d = bad.first_divergence.clone().unwrap();
+    assert_eq!((d.step, d.layer, d.tap.as_str()), (0, Some(1), "kq_soft_max-1"));
+    assert_eq!(bad.likely_class_id, None, "no class without the taps in between: {:?}", bad.evidence);
+    let ev = bad.evidence.unwrap();
+    assert!(ev.contains("s0/kq-1") && ev.contains("did not dump"), "{ev}");
 }
 
+/// A dump whose tap has the golden's elements in another shape is refused before judging, naming the
+/// tap and both shapes.
 #[test]
 fn a_dump_of_the_wrong_shape_gets_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
@@ -84,11 +99,8 @@ fn a_dump_of_the_wrong_shape_gets_a_clear_message() {
     }
     let dump = dir.path().join("transposed.safetensors");
     lockstep::golden::write_safetensors(&dump, &f32s, &[]).unwrap();
-    let case = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap();
-    let d = case.first_divergence.unwrap();
-    assert_eq!((d.tap.as_str(), d.metric.as_str()), ("embd", "shape"));
-    let c = case.checks.iter().find(|c| c.name == "taps:missing_or_misshapen").unwrap();
-    assert!(c.detail.as_ref().unwrap().contains("shape mismatch"), "{c:?}");
+    let e = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap_err().to_string();
+    assert!(e.contains("s0/embd") && e.contains("transposed.safetensors"), "{e}");
 }
 
 #[test]

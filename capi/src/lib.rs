@@ -98,7 +98,10 @@ unsafe fn c_str<'a>(p: *const c_char, what: &str) -> Result<&'a CStr, Failure> {
 /// # Safety
 /// `p` is NULL or points to at least `count * size` readable bytes that stay valid during the call.
 unsafe fn c_bytes<'a>(p: *const c_void, count: usize, size: usize, what: &str) -> Result<&'a [u8], Failure> {
-    let len = count.checked_mul(size).filter(|&n| n <= isize::MAX as usize).ok_or_else(|| invalid(format!("{what}: {count} elements of {size} bytes overflow the address space")))?;
+    let len = count
+        .checked_mul(size)
+        .filter(|&n| n <= isize::MAX as usize)
+        .ok_or_else(|| invalid(format!("{what}: {count} elements of {size} bytes overflow the address space")))?;
     if len == 0 {
         return Ok(&[]);
     }
@@ -181,7 +184,15 @@ pub unsafe extern "C" fn lockstep_dump_set_tokens(d: *mut LockstepDump, ids: *co
 /// `shape` is NULL or points to `rank` readable `size_t`; `data` is NULL or points to the product of
 /// the shape's elements of `dtype`, readable during the call.
 #[no_mangle]
-pub unsafe extern "C" fn lockstep_dump_record(d: *mut LockstepDump, tap: *const c_char, step: u32, dtype: c_int, shape: *const usize, rank: usize, data: *const c_void) -> c_int {
+pub unsafe extern "C" fn lockstep_dump_record(
+    d: *mut LockstepDump,
+    tap: *const c_char,
+    step: u32,
+    dtype: c_int,
+    shape: *const usize,
+    rank: usize,
+    data: *const c_void,
+) -> c_int {
     status(|| {
         // SAFETY: forwarded contract of this function.
         let dump = unsafe { handle(d, "lockstep_dump_record") }?;
@@ -361,7 +372,12 @@ mod tests {
         let tap2 = CString::new("kq-0").unwrap();
         // SAFETY: d open; buf has 24 bytes from offset 1; bf has 2 u16.
         unsafe {
-            assert_eq!(lockstep_dump_record(d, tap.as_ptr(), 2, LOCKSTEP_F64, [3usize].as_ptr(), 1, buf.as_ptr().add(1).cast()), LOCKSTEP_OK, "{}", last_error());
+            assert_eq!(
+                lockstep_dump_record(d, tap.as_ptr(), 2, LOCKSTEP_F64, [3usize].as_ptr(), 1, buf.as_ptr().add(1).cast()),
+                LOCKSTEP_OK,
+                "{}",
+                last_error()
+            );
             assert_eq!(lockstep_dump_record(d, tap2.as_ptr(), 0, LOCKSTEP_BF16, [2usize].as_ptr(), 1, bf.as_ptr().cast()), LOCKSTEP_OK, "{}", last_error());
             assert_eq!(lockstep_dump_close(d), LOCKSTEP_OK, "{}", last_error());
         }

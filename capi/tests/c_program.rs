@@ -53,7 +53,10 @@ fn compile_record(lib_dir: &Path, out_dir: &Path) -> PathBuf {
         .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
         .output()
         .unwrap_or_else(|e| {
-            panic!("cannot run the C compiler `{cc}` ({e}): the C ABI test compiles {} and needs a C compiler (Debian: apt-get install gcc; or set CC)", src.display())
+            panic!(
+                "cannot run the C compiler `{cc}` ({e}): the C ABI test compiles {} and needs a C compiler (Debian: apt-get install gcc; or set CC)",
+                src.display()
+            )
         });
     assert!(out.status.success(), "`{cc}` failed to compile {}:\n{}", src.display(), String::from_utf8_lossy(&out.stderr));
     exe

@@ -242,6 +242,9 @@ def generate(out: Path, only: set[str] | None) -> None:
                 "tiers": {"exact": "F32 copy of the dequantized weights, f32 KV cache, flash attention off, CPU",
                           "shipped": "file as shipped, default (f16) KV cache, flash attention off, CPU"},
                 "files": files}
+    import noise
+    log("noise: llama.cpp's distance from an f64 evaluation, per tap (ci/golden/noise.py)")
+    noise.annotate(manifest, out, log=log)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     total = sum(f["bytes"] for f in files)
     log(f"done: {len(files)} files, {total / 1e6:.1f} MB")

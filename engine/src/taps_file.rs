@@ -82,11 +82,11 @@ impl SafetensorsTapWriter {
         }
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "dump".into());
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(|source| TapFileError::Create { path: path.clone(), dir, source })?;
+        let tmp = tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(&dir).map_err(|source| TapFileError::Create {
+            path: path.clone(),
+            dir,
+            source,
+        })?;
         Ok(Self { path, tmp, step: 0, filter: None, tensors: BTreeMap::new(), deferred: None })
     }
 
@@ -177,14 +177,12 @@ impl SafetensorsTapWriter {
     }
 
     fn ids_to_i32(&self, ids: &[u32]) -> Result<Vec<i32>, TapFileError> {
-        ids.iter()
-            .enumerate()
-            .map(|(index, &id)| i32::try_from(id).map_err(|_| TapFileError::TokenRange { path: self.path.clone(), index, id }))
-            .collect()
+        ids.iter().enumerate().map(|(index, &id)| i32::try_from(id).map_err(|_| TapFileError::TokenRange { path: self.path.clone(), index, id })).collect()
     }
 
     fn check_other_name(&self, name: &str) -> Result<(), TapFileError> {
-        let looks_like_tap = name.strip_prefix('s').and_then(|r| r.split_once('/')).is_some_and(|(s, _)| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
+        let looks_like_tap =
+            name.strip_prefix('s').and_then(|r| r.split_once('/')).is_some_and(|(s, _)| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()));
         if name.is_empty() || looks_like_tap {
             let reason = "a non-tap tensor's name must be non-empty and must not look like a tap key `s{step}/…` (record taps with `record`)";
             return Err(TapFileError::BadKey { path: self.path.clone(), key: name.to_string(), reason: reason.into() });

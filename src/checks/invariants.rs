@@ -36,15 +36,22 @@ impl Pairing {
 
 /// Runs all invariants over the engine's taps. `pairing`: the model's RoPE pairing (None: accept either
 /// and say which held).
-pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>) -> Result<Vec<CheckResult>> {
+/// `n_prompt`: the prompt's token count (the golden's), which places decode steps' positions.
+pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>, n_prompt: Option<usize>) -> Result<Vec<CheckResult>> {
     let mut ids: Vec<TapId> = src.keys().iter().filter_map(|k| TapId::parse_key(k)).collect();
     crate::tapname::GraphOrder::default().sort(&mut ids);
     let lim = |k: &str| tol.get(&format!("invariants.{k}"));
+    // An engine that stored its taps in f16 or bf16 rounded every value by up to that format's unit
+    // roundoff u: a softmax row's sum moves by at most u.
+    let u_sm = ids.iter().filter(|t| t.family == "kq_soft_max").map(|t| storage_roundoff(src, &t.key())).fold(0.0, f64::max);
 
     let (mut nonfinite, mut nonfinite_at) = (0usize, None);
     let (mut row_err, mut row_at, mut masked, mut masked_at, mut n_sm) = (0f64, String::new(), 0f64, String::new(), 0);
     let (mut rms_err, mut rms_at, mut n_rms) = (0f64, String::new(), 0);
-    let n_prompt = ids.iter().find(|t| t.step == 0 && t.family == "embd").and_then(|t| src.tensor(&t.key())).transpose()?.map(|t| rows(&t.shape));
+    let n_prompt = match n_prompt {
+        Some(n) => Some(n),
+        None => ids.iter().find(|t| t.step == 0 && t.family == "embd").and_then(|t| src.tensor(&t.key())).transpose()?.map(|t| rows(&t.shape)),
+    };
     for id in &ids {
         let t = src.tensor(&id.key()).expect("listed key")?;
         let nf = t.data.iter().filter(|v| !v.is_finite()).count();
@@ -90,7 +97,7 @@ pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>) ->
     let mut res = vec![CheckResult::new("invariants:non_finite", "NaN/Inf elements in all taps", nonfinite as f64, Op::Le, lim("non_finite").value)
         .with_detail(nonfinite_at.map_or("none".into(), |k| format!("first in {k}")))];
     if n_sm > 0 {
-        let l = lim("softmax_row_sum");
+        let l = with_storage(lim("softmax_row_sum"), u_sm, 1.0);
         res.push(CheckResult::new("invariants:softmax_row_sum", "max |Σ row − 1| of kq_soft_max", row_err, Op::Le, l.value).with_detail(row_at).with_reason(Some(l.reason)));
         res.push(CheckResult::new("invariants:masked", "max |p| at future positions", masked, Op::Le, lim("masked").value).with_detail(if masked_at.is_empty() { "none".into() } else { masked_at }));
     }
@@ -100,6 +107,24 @@ pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>) ->
     }
     res.extend(rope_checks(src, &ids, tol, pairing, n_prompt)?);
     Ok(res)
+}
+
+/// The unit roundoff of the format the engine stored `key` in (0 for f32 and wider).
+pub fn storage_roundoff(src: &dyn TapSource, key: &str) -> f64 {
+    match src.stored_dtype(key) {
+        Some(safetensors::Dtype::F16) => 2f64.powi(-11),
+        Some(safetensors::Dtype::BF16) => 2f64.powi(-8),
+        _ => 0.0,
+    }
+}
+
+/// `limit + factor × u`, saying so in the reason, when the taps were stored with unit roundoff u.
+fn with_storage(l: super::Limit, u: f64, factor: f64) -> super::Limit {
+    if u == 0.0 {
+        return l;
+    }
+    let extra = factor * u;
+    super::Limit { value: l.value + extra, reason: format!("{} + {extra:.1e} for the dump's storage rounding (unit roundoff {u:.1e})", l.reason) }
 }
 
 fn rows(shape: &[usize]) -> usize {
@@ -112,14 +137,26 @@ fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Op
     // For each candidate pairing: (worst pair-norm error, where), (worst angle deviation, where).
     let mut best: Option<(Pairing, f64, String, f64, String)> = None;
     let mut any = false;
+    let has_bias = ids.iter().any(|t| matches!(t.family.as_str(), "Qcur" | "Kcur") && t.stage.as_deref() == Some("add"));
+    let (mut u_rope, mut max_pos) = (0f64, 0usize);
     for &pairing in &candidates {
         let (mut norm_err, mut norm_at, mut ang_err, mut ang_at) = (0f64, String::new(), 0f64, String::new());
         // Angles per (family, layer, head, pair) at position 1, filled as we meet them.
         let mut theta1: std::collections::HashMap<(String, Option<usize>, usize, usize), f64> = Default::default();
         let mut angles: Vec<((String, Option<usize>, usize, usize), usize, f64, String)> = Vec::new();
         for id in ids.iter().filter(|t| t.stage.as_deref() == Some("rope")) {
-            let pre_key = ["add", "mul_mat"].iter().map(|s| format!("s{}/{}-{}.{s}", id.step, id.family, id.layer.unwrap_or(0))).find(|k| src.tensor(k).is_some());
-            let Some(pre_key) = pre_key else { continue };
+            // The tap just before RoPE: the bias add where the model has one (then the matmul alone is
+            // not RoPE's input), else the matmul.
+            let key_of = |stage: &str| format!("s{}/{}-{}.{stage}", id.step, id.family, id.layer.unwrap_or(0));
+            let pre_key = if has_bias { key_of("add") } else { key_of("mul_mat") };
+            if src.tensor(&pre_key).is_none() {
+                continue;
+            }
+            // A decode step's position needs the prompt's length.
+            if id.step > 0 && n_prompt.is_none() {
+                continue;
+            }
+            u_rope = u_rope.max(storage_roundoff(src, &id.key())).max(storage_roundoff(src, &pre_key));
             let post = src.tensor(&id.key()).expect("listed")?;
             let pre = src.tensor(&pre_key).expect("checked")?;
             if post.shape.len() != 4 || pre.data.len() != post.data.len() {
@@ -146,6 +183,7 @@ fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Op
                             let ang = (x0 * y1 - y0 * x1).atan2(x0 * x1 + y0 * y1);
                             let k = (id.family.clone(), id.layer, hh, pi);
                             let p = pos0 + t;
+                            max_pos = max_pos.max(p);
                             if p == 1 {
                                 theta1.insert(k.clone(), ang);
                             }
@@ -171,7 +209,10 @@ fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Op
         }
     }
     let Some((pairing_seen, norm_err, norm_at, ang_err, ang_at)) = best.filter(|_| any) else { return Ok(Vec::new()) };
-    let (ln, la) = (tol.get("invariants.rope_pair_norm"), tol.get("invariants.rope_relative"));
+    // Storage rounding: a pair's norm moves by at most u on each side (2u); an angle by about √2·u on
+    // each side, and angle(1) is multiplied by the position: 3u(1 + p).
+    let ln = with_storage(tol.get("invariants.rope_pair_norm"), u_rope, 2.0);
+    let la = with_storage(tol.get("invariants.rope_relative"), u_rope, 3.0 * (1 + max_pos) as f64);
     let mut out = vec![CheckResult::new("invariants:rope_pair_norm", "max |‖pair after‖ − ‖pair before‖| / ‖head‖", norm_err, Op::Le, ln.value)
         .with_detail(format!("{pairing_seen:?} pairing; worst at {norm_at}"))
         .with_reason(Some(ln.reason))];
@@ -235,13 +276,13 @@ mod tests {
     #[test]
     fn rope_invariants_hold_for_rope_and_catch_a_wrong_pairing() {
         let tol = Tolerances::new("exact");
-        let ok = check(&rope_taps(Pairing::Neox, 1e6), &tol, Some(Pairing::Neox)).unwrap();
+        let ok = check(&rope_taps(Pairing::Neox, 1e6), &tol, Some(Pairing::Neox), None).unwrap();
         assert!(ok.iter().all(|c| c.passed), "{ok:?}");
         assert!(ok.iter().any(|c| c.name == "invariants:rope_relative"));
-        let bad = check(&rope_taps(Pairing::Adjacent, 1e6), &tol, Some(Pairing::Neox)).unwrap();
+        let bad = check(&rope_taps(Pairing::Adjacent, 1e6), &tol, Some(Pairing::Neox), None).unwrap();
         assert!(bad.iter().any(|c| c.name == "invariants:rope_pair_norm" && !c.passed), "{bad:?}");
         // Unknown pairing: the one that holds is reported.
-        let either = check(&rope_taps(Pairing::Adjacent, 1e4), &tol, None).unwrap();
+        let either = check(&rope_taps(Pairing::Adjacent, 1e4), &tol, None, None).unwrap();
         assert!(either.iter().all(|c| c.passed), "{either:?}");
     }
 
@@ -257,7 +298,7 @@ mod tests {
         let mut m = MemTaps::default();
         m.0.insert("s0/Kcur-0.mul_mat".into(), Tensor { shape: vec![1, 1, tk, d], data: pre });
         m.0.insert("s0/Kcur-0.rope".into(), Tensor { shape: vec![1, tk, h, d], data: post });
-        let r = check(&m, &Tolerances::new("exact"), Some(Pairing::Neox)).unwrap();
+        let r = check(&m, &Tolerances::new("exact"), Some(Pairing::Neox), None).unwrap();
         assert!(r.iter().any(|c| c.name == "invariants:rope_relative" && !c.passed), "{r:?}");
     }
 
@@ -268,11 +309,11 @@ mod tests {
         m.0.insert("s0/kq_soft_max-0".into(), Tensor { shape: vec![1, 1, 2, 2], data: vec![1.0, 0.0, 0.4, 0.6] });
         m.0.insert("s0/norm-0.rms_norm.0".into(), Tensor { shape: vec![1, 1, 1, 2], data: vec![1.0, -1.0] });
         let tol = Tolerances::new("exact");
-        assert!(check(&m, &tol, None).unwrap().iter().all(|c| c.passed));
+        assert!(check(&m, &tol, None, None).unwrap().iter().all(|c| c.passed));
         // A missing causal mask: row 0 attends to position 1.
         m.0.insert("s0/kq_soft_max-0".into(), Tensor { shape: vec![1, 1, 2, 2], data: vec![0.5, 0.5, 0.4, 0.6] });
         m.0.insert("s0/norm-0.rms_norm.0".into(), Tensor { shape: vec![1, 1, 1, 2], data: vec![2.0, f32::NAN] });
-        let r = check(&m, &tol, None).unwrap();
+        let r = check(&m, &tol, None, None).unwrap();
         let failed: Vec<_> = r.iter().filter(|c| !c.passed).map(|c| c.name.as_str()).collect();
         assert_eq!(failed, ["invariants:non_finite", "invariants:masked", "invariants:rms_unit"]);
     }

@@ -23,11 +23,11 @@
 //!     "first_divergence": null | {"step": int, "layer": int | null, "tap": str,
 //!                                 "metric": str, "value": float | null, "limit": float},
 //!     "upstream_passing": [{"key": str, "rel_l2": float}],
-//!     "likely_class": str | null, "evidence": str | null,
+//!     "likely_class": str | null, "likely_class_id": str | null, "evidence": str | null,
 //!     "checks": [{"name": str, "metric": str, "value": float | null, "limit": float | null,
 //!                 "op": "<=" | ">=" | "==", "passed": bool, "reason": str?, "detail": str?}],
 //!     "growth": {"<family.stage>": [[layer, max rel_l2], ...]},
-//!     "isolated_layers": [{"layer": int, "rel_l2": float, "worst_tap": str}],
+//!     "isolated_layers": [{"layer": int, "rel_l2": float, "ratio": float, "worst_tap": str}],
 //!     "attention": null | {"tap": str, "head": int, "rows": int, "cols": int,
 //!                          "engine": [float], "golden": [float]},
 //!     "diversity": null | {"distinct1": float, "distinct2": float, "longest_run": int,
@@ -79,6 +79,8 @@ pub struct CaseReport {
     pub first_divergence: Option<Divergence>,
     pub upstream_passing: Vec<Upstream>,
     pub likely_class: Option<String>,
+    /// The class's stable id (`localize::BugClass::id`: `rope`, `qkv_bias`, …).
+    pub likely_class_id: Option<String>,
     pub evidence: Option<String>,
     pub checks: Vec<CheckResult>,
     pub growth: BTreeMap<String, Vec<(usize, f64)>>,
@@ -105,6 +107,7 @@ impl CaseReport {
         self.first_divergence = loc.first_divergence;
         self.upstream_passing = loc.upstream_passing;
         self.likely_class = loc.likely_class;
+        self.likely_class_id = loc.likely_class_id;
         self.evidence = loc.evidence;
         self.growth = loc.growth;
     }
