@@ -224,7 +224,7 @@ pub fn load(dump_path: &Path, golden: &TapsFile) -> Result<(NormalizedDump, Cove
             None
         };
         let Some(expected) = expected else { continue };
-        match normalize(&dump, &id, expected.as_deref(), &view, &mut notes) {
+        match normalize(&dump, &id, expected.as_deref(), &view, &mut notes).and_then(|r| view.check_unshaped_logits(&id, r, expected.is_none())) {
             Ok((t, dtype)) => {
                 out.stored.insert(key.clone(), dtype);
                 out.tensors.insert(key.clone(), t);
@@ -324,6 +324,8 @@ struct GoldenView {
     /// Prompt length: rows of the prefill.
     prompt_rows: usize,
     vocab: Option<usize>,
+    /// The largest id of the golden's top-64 lists + 1: a lower bound of the vocabulary.
+    min_vocab: usize,
     /// (family, stage) pairs the golden uses anywhere, and its layer count.
     templates: HashSet<(String, Option<String>)>,
     n_layer: usize,
@@ -345,15 +347,32 @@ impl GoldenView {
             None => golden.shape("s0/embd").and_then(|s| s.get(s.len().wrapping_sub(2)).copied()).unwrap_or(1),
         };
         let vocab = golden.shape("s0/result_output").and_then(|s| s.last().copied());
+        let min_vocab = if golden.contains("topk_ids") { golden.ints("topk_ids")?.into_iter().max().map_or(0, |m| m.max(0) as usize + 1) } else { 0 };
         let templates = taps.iter().map(|t| (t.family.clone(), t.stage.clone())).collect();
         let n_layer = taps.iter().filter_map(|t| t.layer).max().map_or(0, |l| l + 1);
-        Ok(GoldenView { taps, keys, order, tap_steps, max_tap_step, logit_steps, prompt_rows, vocab, templates, n_layer })
+        Ok(GoldenView { taps, keys, order, tap_steps, max_tap_step, logit_steps, prompt_rows, vocab, min_vocab, templates, n_layer })
     }
 
     /// A tap name llama.cpp's graph has (a family and stage the golden uses, a layer the model has)
     /// though this golden does not keep it at that step and layer.
     fn is_llama_name(&self, id: &TapId) -> bool {
         self.templates.contains(&(id.family.clone(), id.stage.clone())) && id.layer.is_none_or(|l| l < self.n_layer)
+    }
+
+    /// Logits the golden gives no shape for (no `s0/result_output` to take the vocabulary from): one
+    /// row holding every id of the golden's top-64 lists.
+    fn check_unshaped_logits(&self, id: &TapId, (t, dtype): (Tensor, Dtype), unshaped: bool) -> Result<(Tensor, Dtype), Problem> {
+        let rows = squeeze_all(&t.shape).len();
+        if !unshaped || (rows <= 1 && t.data.len() >= self.min_vocab) {
+            return Ok((t, dtype));
+        }
+        Err(Problem {
+            key: id.key(),
+            problem: "logits of the wrong shape".into(),
+            expected: format!("one row [1, 1, 1, n_vocab] with n_vocab ≥ {} (the golden's top-64 ids)", self.min_vocab),
+            found: shape_str(&t.shape),
+            hint: "store the last token's logits over the whole vocabulary".into(),
+        })
     }
 
     fn rank(&self, key: &str) -> usize {
@@ -707,14 +726,14 @@ fn check_container(path: &Path, golden: &TapsFile) -> Result<()> {
     let n = u64::from_le_bytes(head);
     let other_format = sniff(&head);
     if let Some(kind) = other_format {
-        if n > 100_000_000 || n + 8 > len {
+        if n > 100_000_000 || n.saturating_add(8) > len {
             return Err(bad(format!("not a safetensors file: it looks like {kind}"), WRITE));
         }
     }
     if n > 100_000_000 {
         return Err(bad(format!("not a safetensors file: its first 8 bytes give a header length of {n} bytes (safetensors allows 100 MB)"), WRITE));
     }
-    if n + 8 > len {
+    if n.saturating_add(8) > len {
         return Err(bad(format!("truncated file: the header is {n} bytes long but only {} bytes follow the length field", len - 8), ATOMIC));
     }
     let mut header = vec![0u8; n as usize];
@@ -805,6 +824,28 @@ mod tests {
         assert!(p == "transposed" && h.contains("[9, 256]"), "{p} {h}");
         let (p, _) = shape_problem(&embd, &[1, 1, 1, 9, 256, 1], &[1, 1, 9, 256], 9);
         assert!(p.contains("rank"), "{p}");
+    }
+
+    #[test]
+    fn logits_without_a_golden_shape_must_cover_the_top_ids() {
+        use crate::golden::write_safetensors;
+        let dir = tempfile::tempdir().unwrap();
+        let g = dir.path().join("golden.safetensors");
+        let act = |k: &str, rows: usize| (k.to_string(), vec![1, 1, rows, 3], vec![0.5f32; rows * 3]);
+        write_safetensors(&g, &[act("s0/embd", 2), act("s0/l_out-0", 2), act("s1/embd", 1), act("s1/l_out-0", 1)],
+            &[("topk_ids".into(), vec![2, 2], vec![5, 7, 1, 2]), ("tokens".into(), vec![2], vec![3, 4])]).unwrap();
+        let golden = TapsFile::open(&g).unwrap();
+        let d = dir.path().join("dump.safetensors");
+        write_safetensors(&d, &[act("s0/embd", 2), ("s0/result_output".into(), vec![1, 1, 1, 4], vec![0.0; 4])], &[]).unwrap();
+        let e = load(&d, &golden).unwrap_err().to_string();
+        assert!(e.contains("s0/result_output") && e.contains("n_vocab ≥ 8") && e.contains("[1, 1, 1, 4]"), "{e}");
+        write_safetensors(&d, &[act("s0/embd", 2), ("s0/result_output".into(), vec![1, 1, 1, 8], vec![0.0; 8]), act("s1/embd", 1),
+            ("s1/result_output".into(), vec![8], vec![0.0; 8])], &[("tokens".into(), vec![2], vec![3, 4])]).unwrap();
+        let (dump, cov) = load(&d, &golden).unwrap();
+        assert_eq!((cov.compared, cov.logit_steps), (2, 2));
+        assert_eq!(cov.not_dumped, vec!["s0/l_out-0".to_string(), "s1/l_out-0".to_string()]);
+        assert_eq!(cov.not_checked, vec!["diversity".to_string()]);
+        assert_eq!(dump.logits().len(), 2);
     }
 
     #[test]
