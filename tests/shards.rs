@@ -261,7 +261,11 @@ fn tensor_parallel_ranks_merge_back_to_the_unsplit_dump() {
 
 /// The ```toml block of docs/shards.md's "Example spec" section.
 fn documented_spec() -> String {
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/shards.md")).unwrap();
+    // beside Cargo.toml, or under the working directory (a test binary run from a copied checkout)
+    let doc = [Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/shards.md"), PathBuf::from("docs/shards.md")]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .expect("docs/shards.md beside Cargo.toml or in the working directory");
     let section = doc.split_once("## Example spec").expect("docs/shards.md has an `## Example spec` section").1;
     let block = section.split_once("```toml\n").expect("a ```toml block in it").1;
     block.split_once("```").expect("the block is closed").0.to_string()
@@ -274,7 +278,7 @@ fn the_documented_spec_merges_real_engine_dumps_of_both_architectures() {
     let dir = tempfile::tempdir().unwrap();
     let mut unused_everywhere: Option<Vec<String>> = None;
     for model in ["tiny-qwen2", "tiny-llama"] {
-        let m = lockstep_engine::model::Model::open_path(Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("golden/models/{model}.f32.gguf"))).unwrap();
+        let m = lockstep_engine::model::Model::open_path(lockstep::golden::default_dir().join(format!("models/{model}.f32.gguf"))).unwrap();
         let ids = m.prompt_tokens(&lockstep_engine::model::Prompt::Text("The quick brown fox".into())).unwrap();
         let mut backend = lockstep_engine::cpu::CpuBackend::load(&m.file, Default::default()).unwrap();
         let engine_dump = dir.path().join(format!("{model}.safetensors"));

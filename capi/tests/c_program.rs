@@ -9,10 +9,21 @@ use std::process::Command;
 
 use safetensors::{Dtype, SafeTensors};
 
-const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+/// capi/: beside this crate's Cargo.toml, or `capi/` under the working directory (a test binary run
+/// from the root of a copied checkout, as ci/gpu-tests' run script does).
+fn capi_dir() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if built.join("include/lockstep.h").is_file() {
+        return built;
+    }
+    let here = PathBuf::from("capi");
+    assert!(here.join("include/lockstep.h").is_file(), "capi/include/lockstep.h is neither in {} nor under the working directory", built.display());
+    here
+}
 
 /// The directory holding the cdylib of this build: cargo builds the library with every crate type
-/// before the tests, into target/{profile}/deps (and copies it up to target/{profile}).
+/// before the tests, into target/{profile}/deps, beside this test binary (a carried copy of the test
+/// binary finds it when the .so is copied beside it too).
 fn cdylib_dir() -> PathBuf {
     let name = format!("{}lockstep_capi{}", std::env::consts::DLL_PREFIX, std::env::consts::DLL_SUFFIX);
     let exe = std::env::current_exe().expect("the test binary's path");
@@ -23,14 +34,25 @@ fn cdylib_dir() -> PathBuf {
             return dir.clone();
         }
     }
-    // Not there (a runner that copied only the test binaries, say): build it into the same target dir.
+    // Not there. Outside a cargo target directory (a carried copy of the test binary) nothing can be
+    // built: say what to copy. Inside one, build it into the same target dir.
+    assert!(
+        deps.file_name().is_some_and(|n| n == "deps"),
+        "{name} is not beside the test binary in {}: copy target/release/{name} there (capi/README.md)",
+        deps.display()
+    );
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(&cargo);
     cmd.args(["build", "-p", "lockstep-capi", "--lib"]).env("CARGO_TARGET_DIR", profile_dir.parent().expect("target/"));
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
-    let st = cmd.status().unwrap_or_else(|e| panic!("{name} is not in {} and `{cargo} build -p lockstep-capi` could not start: {e}", deps.display()));
+    let st = cmd.status().unwrap_or_else(|e| {
+        panic!(
+            "{name} is not beside the test binary in {} and `{cargo} build -p lockstep-capi` could not start ({e}): build it, or copy it there",
+            deps.display()
+        )
+    });
     assert!(st.success(), "`{cargo} build -p lockstep-capi` failed ({st})");
     assert!(profile_dir.join(&name).is_file(), "{name} still missing from {} after cargo build", profile_dir.display());
     profile_dir
@@ -39,8 +61,8 @@ fn cdylib_dir() -> PathBuf {
 /// Compiles record.c into `out_dir`, linked to the cdylib in `lib_dir`.
 fn compile_record(lib_dir: &Path, out_dir: &Path) -> PathBuf {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let src = Path::new(MANIFEST_DIR).join("tests/c/record.c");
-    let include = Path::new(MANIFEST_DIR).join("include");
+    let src = capi_dir().join("tests/c/record.c");
+    let include = capi_dir().join("include");
     let exe = out_dir.join("record");
     let out = Command::new(&cc)
         .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-o"])
