@@ -13,12 +13,10 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// The repository's golden directory: `$LOCKSTEP_GOLDEN` if set, else `golden/` beside Cargo.toml.
+/// The golden directory: `$LOCKSTEP_GOLDEN` (the CLI's `--golden DIR`), else `golden/` of the nearest
+/// directory from the current one upward that holds `golden/manifest.json`, else the build's checkout.
 pub fn default_dir() -> PathBuf {
-    match std::env::var_os("LOCKSTEP_GOLDEN") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("golden"),
-    }
+    lockstep_engine::fetch::golden_dir()
 }
 
 /// One tensor as the manifest lists it (graph order within the file).

@@ -11,6 +11,13 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "lockstep", version, about = "Tells an LLM inference engine's authors where it stops agreeing with llama.cpp")]
 struct Cli {
+    /// The golden directory (holding manifest.json). Default: `$LOCKSTEP_GOLDEN`, else `golden/` of the
+    /// nearest directory upward from here that has `golden/manifest.json`, else the build's checkout.
+    #[arg(long = "golden-dir", global = true, value_name = "DIR")]
+    golden_dir: Option<PathBuf>,
+    /// The suites directory. Default: `$LOCKSTEP_SUITES`, else `suites/` beside that golden directory.
+    #[arg(long = "suites", global = true, value_name = "DIR")]
+    suites_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -130,6 +137,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<bool> {
+    // The directories are process-wide settings (the engine finds the tiny models through them too):
+    // set once here, before any thread starts.
+    for (dir, var) in [(&cli.golden_dir, "LOCKSTEP_GOLDEN"), (&cli.suites_dir, "LOCKSTEP_SUITES")] {
+        if let Some(d) = dir {
+            anyhow::ensure!(d.is_dir(), "{}: not a directory", d.display());
+            std::env::set_var(var, std::path::absolute(d).unwrap_or_else(|_| d.clone()));
+        }
+    }
     match cli.cmd {
         Cmd::Validate { suites, backend, report, inject, filter } => validate(suites, &backend, &report, inject, filter),
         Cmd::Compare { dump, golden: entry, report } => {

@@ -226,11 +226,12 @@ impl Suite {
     }
 }
 
-/// The default suites directory: `$LOCKSTEP_SUITES` or `suites/` beside Cargo.toml.
+/// The default suites directory: `$LOCKSTEP_SUITES` (the CLI's `--suites DIR`), else `suites/` of the
+/// checkout found from the current directory upward (`lockstep_engine::fetch::project_root`).
 pub fn default_dir() -> PathBuf {
     match std::env::var_os("LOCKSTEP_SUITES") {
         Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("suites"),
+        None => lockstep_engine::fetch::project_root().join("suites"),
     }
 }
 

@@ -178,16 +178,32 @@ pub fn resolve_model(spec: &str, progress: bool) -> Result<PathBuf, FetchError> 
 /// The tiny synthetic models, committed as golden/models/{id}.q.gguf (made by ci/golden/tiny.py).
 pub const TINY_MODELS: [&str; 2] = ["tiny-qwen2", "tiny-llama"];
 
-/// Where a tiny model's file is: under `$LOCKSTEP_GOLDEN` (the runner's golden directory override) or
-/// the repository's golden/. `None` for other ids.
+/// Where a tiny model's file is: under the golden directory ([`golden_dir`]). `None` for other ids.
 pub fn tiny_model_path(id: &str) -> Option<PathBuf> {
     if !TINY_MODELS.contains(&id) {
         return None;
     }
-    let golden = std::env::var_os("LOCKSTEP_GOLDEN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("golden"));
-    Some(golden.join("models").join(format!("{id}.q.gguf")))
+    Some(golden_dir().join("models").join(format!("{id}.q.gguf")))
+}
+
+/// The repository checkout lockstep runs in: the nearest directory, from the current one upward, that
+/// holds `golden/manifest.json`; else the checkout this binary was built in. So a binary copied to
+/// another machine (a GPU runner) finds the copy of the repository it is started in.
+pub fn project_root() -> PathBuf {
+    if let Ok(cwd) = std::env::current_dir() {
+        if let Some(root) = cwd.ancestors().find(|d| d.join("golden").join("manifest.json").is_file()) {
+            return root.to_path_buf();
+        }
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The golden directory: `$LOCKSTEP_GOLDEN` (set by `--golden DIR`), else `golden/` of [`project_root`].
+pub fn golden_dir() -> PathBuf {
+    match std::env::var_os("LOCKSTEP_GOLDEN") {
+        Some(d) => PathBuf::from(d),
+        None => project_root().join("golden"),
+    }
 }
 
 fn unknown(spec: &str) -> FetchError {
