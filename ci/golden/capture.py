@@ -11,6 +11,7 @@ import ctypes
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import llama_cpp as L
@@ -206,8 +207,13 @@ class LlamaCpp:
         self._nodes = []
         return assign_keys(nodes), logits
 
-    def run(self, tokens: list[int], tapped_steps: int, n_continue: int) -> Run:
-        """Prefill `tokens` (step 0), then greedy decode; taps for steps 0..tapped_steps."""
+    def run(self, tokens: list[int], tapped_steps: int, n_continue: int,
+            progress: Callable[[int, int], None] | None = None) -> Run:
+        """Prefill `tokens` (step 0), then greedy decode; taps for steps 0..tapped_steps.
+        `progress(done, n_continue)` is called after each step."""
+        if len(tokens) + n_continue > self.n_ctx:
+            raise ValueError(f"{len(tokens)} prompt tokens + {n_continue} steps exceed the context of "
+                             f"{self.n_ctx}; open the model with a larger n_ctx")
         ctx = self.new_context()
         try:
             steps, cont, ids, vals, lses = [], [], [], [], []
@@ -227,6 +233,8 @@ class LlamaCpp:
                 nxt = int(np.argmax(logits))   # first maximum, as greedy sampling takes it
                 cont.append(nxt)
                 feed = [nxt]
+                if progress is not None:
+                    progress(k + 1, n_continue)
             first_eog = next((i for i, t in enumerate(cont) if self.is_eog(t)), None)
             return Run(tokens, steps, cont, np.stack(ids), np.stack(vals), np.array(lses, dtype=np.float32),
                        first_eog)
@@ -235,3 +243,24 @@ class LlamaCpp:
 
     def close(self):
         L.llama_model_free(self.model)
+
+
+def tokenize_file(model_path: str, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    """`text`'s token ids by llama.cpp's tokenizer, loading only the vocabulary (no weights): what
+    `LlamaCpp(model_path, …).tokenize` gives, without the cost of loading the model."""
+    L.llama_backend_init()
+    mp = L.llama_model_default_params()
+    mp.vocab_only = True
+    model = L.llama_model_load_from_file(model_path.encode(), mp)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load the vocabulary of {model_path}")
+    try:
+        vocab = L.llama_model_get_vocab(model)
+        data = text.encode("utf-8")
+        buf = (L.llama_token * (len(data) + 16))()
+        n = L.llama_tokenize(vocab, data, len(data), buf, len(buf), add_special, parse_special)
+        if n < 0:
+            raise RuntimeError(f"tokenize failed ({n})")
+        return list(buf[:n])
+    finally:
+        L.llama_model_free(model)

@@ -1,6 +1,7 @@
 """GGUF helpers for the golden script: copy metadata between files, write an F32 copy of a model."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,9 +53,10 @@ def dequantized(t) -> np.ndarray:
 
 def write_f32_copy(src: Path, dst: Path) -> None:
     """The exact tier's model: every tensor of `src` dequantized to F32, all metadata kept
-    (general.file_type set to ALL_F32). Written to a temporary name, then renamed."""
+    (general.file_type set to ALL_F32). Written to a temporary name (unique to this process, so two
+    writers of the same copy never share one), then renamed."""
     reader = GGUFReader(src)
-    tmp = dst.with_suffix(".partial")
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.partial")
     writer = GGUFWriter(tmp, arch_of(reader))
     copy_metadata(reader, writer, overrides={"general.file_type": (0, GGUFValueType.UINT32, None)})
     for t in reader.tensors:
@@ -63,4 +65,4 @@ def write_f32_copy(src: Path, dst: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.rename(dst)
+    os.replace(tmp, dst)

@@ -7,9 +7,7 @@ Deterministic: fixed thread count, no sampling (greedy), sorted JSON, safetensor
 from __future__ import annotations
 
 import argparse
-import ctypes
 import filecmp
-import hashlib
 import json
 import shutil
 import sys
@@ -18,37 +16,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import gguf
-import llama_cpp as L
-import safetensors
 
 import capture
+import export
 import models
 import prompts
 import tiny
-from dequant import save_sorted
-from ggufutil import write_f32_copy
+from export import CONTINUATION, THREADS, TIERS, log
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "golden"
 GENERATED = ["manifest.json", "models", "taps", "tokenize", "dequant"]   # README.md is hand-written
-TIERS = ["exact", "shipped"]
 TAPPED_DECODE_STEPS = 4
-CONTINUATION = 32
-THREADS = 2
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def sha256_bytes(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
-
-
-def spread(n_layer: int) -> list[int]:
-    """0, 1, the middle layer and the last."""
-    return sorted({0, 1, n_layer // 2, n_layer - 1})
 
 
 # What a taps file keeps. golden/ travels with the repository to the GPU machine, where the whole tree
@@ -101,68 +80,8 @@ def keep_policy(model_id: str, n_layer: int, tier: str, prompt_id: str):
     return keep, dtype, full, desc
 
 
-def n_layer_of(path: Path) -> int:
-    r = gguf.GGUFReader(path)
-    arch = r.fields["general.architecture"].contents()
-    return int(r.fields[f"{arch}.block_count"].contents())
-
-
-def library_provenance() -> dict:
-    lib = ctypes.CDLL(L.__path__[0] + "/lib/libggml-base.so")
-    lib.ggml_commit.restype = ctypes.c_char_p
-    lib.ggml_version.restype = ctypes.c_char_p
-    return {"llama_cpp_python": L.__version__, "ggml_commit": lib.ggml_commit().decode(),
-            "ggml_version": lib.ggml_version().decode(), "gguf": gguf.__version__ if hasattr(gguf, "__version__")
-            else _dist_version("gguf"), "safetensors": safetensors.__version__, "numpy": np.__version__,
-            "threads": THREADS, "backend": "CPU"}
-
-
-def _dist_version(name: str) -> str:
-    from importlib.metadata import version
-    return version(name)
-
-
-def exact_copy(model_id: str, src: Path, sha: str) -> Path:
-    """The exact tier's F32 copy of the dequantized weights, cached outside the repository."""
-    dst = models.cache_dir() / "golden-work" / f"{model_id}.{sha[:16]}.f32.gguf"
-    if not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        log(f"{model_id}: writing the exact tier's F32 copy ({dst})")
-        write_f32_copy(src, dst)
-    return dst
-
-
-def write_taps(out: Path, rel: str, run: capture.Run, keep, dtype, meta: dict) -> list[dict]:
-    """One safetensors file: s{step}/{tap} (graph order recorded in the returned list), tokens,
-    continuation, topk_ids, topk_values, lse."""
-    tensors: dict[str, np.ndarray] = {}
-    listed = []
-    for step, taps in enumerate(run.steps):
-        for tap in taps:
-            if not keep(step, tap):
-                continue
-            key = f"s{step}/{tap.key}"
-            arr = np.ascontiguousarray(tap.array, dtype=dtype)
-            tensors[key] = arr
-            listed.append({"key": key, "tap": tap.key, "name": tap.name, "op": tap.op,
-                           "stage": "prefill" if step == 0 else "decode", "step": step, "layer": tap.layer,
-                           "shape": list(arr.shape), "dtype": "F32" if dtype == np.float32 else "F16",
-                           "sha256": sha256_bytes(arr.tobytes())})
-    extra = {"tokens": np.array(run.tokens, dtype=np.int32),
-             "continuation": np.array(run.continuation, dtype=np.int32),
-             "topk_ids": run.topk_ids, "topk_values": run.topk_values, "lse": run.lse}
-    for key, arr in extra.items():
-        tensors[key] = arr
-        listed.append({"key": key, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                       "sha256": sha256_bytes(arr.tobytes())})
-    path = out / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_sorted(tensors, path, {k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})
-    return listed
-
-
 def generate(out: Path, only: set[str] | None) -> None:
-    prov = library_provenance()
+    prov = export.library_provenance()
     real = {m: models.ensure(m, log) for m in models.REAL if only is None or m in only or
             any(t["source"] == m for k, t in tiny.TINY.items() if only is None or k in only)}
     files: list[dict] = []
@@ -185,9 +104,9 @@ def generate(out: Path, only: set[str] | None) -> None:
     done = 0
     for m, path in model_files.items():
         sha = models.sha256_file(path)
-        n_layer = n_layer_of(path)
+        n_layer = export.n_layer_of(path)
         for tier in TIERS:
-            run_path = exact_copy(m, path, sha) if tier == "exact" else path
+            run_path = export.exact_copy(path, sha, log) if tier == "exact" else path
             llm = capture.LlamaCpp(str(run_path), tier, THREADS)
             try:
                 for prompt in prompts.PROMPTS[m]:
@@ -196,26 +115,16 @@ def generate(out: Path, only: set[str] | None) -> None:
                     t0 = time.time()
                     text = prompts.render(path, prompt)
                     tokens = llm.tokenize(text, add_special=True, parse_special=True)
-                    run = llm.run(tokens, TAPPED_DECODE_STEPS, CONTINUATION)
                     rel = f"taps/{m}/{tier}/{prompt['id']}.safetensors"
-                    meta = {"model": m, "model_sha256": sha, "tier": tier, "prompt_id": prompt["id"],
-                            "chat": prompt["chat"]}
-                    tensors = write_taps(out, rel, run, keep, dtype, meta)
+                    model_file = str(path.relative_to(out)) if path.is_relative_to(out) else f"{m}.gguf (cache)"
+                    rec = export.export_taps(
+                        llm, out, rel, model_id=m, model_sha256=sha, model_file=model_file, tier=tier,
+                        prompt=prompt, rendered=text, tokens=tokens, n_layer=n_layer, keep=keep, dtype=dtype,
+                        full_layers=full, kept=kept, tapped_steps=TAPPED_DECODE_STEPS, n_continue=CONTINUATION)
+                    files.append(rec)
                     size = (out / rel).stat().st_size
-                    files.append({
-                        "path": rel, "kind": "taps", "model": m, "model_sha256": sha,
-                        "model_file": str(path.relative_to(out)) if path.is_relative_to(out) else f"{m}.gguf (cache)",
-                        "tier": tier, "prompt_id": prompt["id"], "chat": prompt["chat"],
-                        "prompt": prompt.get("messages") or prompt.get("text"), "rendered": text,
-                        "tokens": tokens, "continuation": run.continuation, "first_eog": run.first_eog,
-                        "steps": len(run.steps), "decode_steps": len(run.steps) - 1,
-                        "continuation_steps": CONTINUATION, "n_layer": n_layer,
-                        "full_layers": full,
-                        "kept": kept, "kv_cache": "f32" if tier == "exact" else "f16", "flash_attn": False,
-                        "weights": "F32 copy of the dequantized weights" if tier == "exact" else "as shipped",
-                        "tensors": tensors})
                     log(f"[{done}/{len(jobs)}] {m} {tier} {prompt['id']}: {len(tokens)} tokens, "
-                        f"{len(tensors)} tensors, {size / 1e6:.1f} MB, {time.time() - t0:.1f} s")
+                        f"{len(rec['tensors'])} tensors, {size / 1e6:.1f} MB, {time.time() - t0:.1f} s")
             finally:
                 llm.close()
 
@@ -230,22 +139,17 @@ def generate(out: Path, only: set[str] | None) -> None:
     log("dequantization goldens")
     files += dequant.export(model_files, out)
 
-    for f in files:
-        p = out / f["path"]
-        f["sha256"] = models.sha256_file(p)
-        f["bytes"] = p.stat().st_size
-        f.setdefault("command", "ci/regenerate-golden")
+    export.finish_records(files, out, "ci/regenerate-golden")
     files.sort(key=lambda f: f["path"])
     manifest = {"schema": 1, "generator": "ci/regenerate-golden", "command": "ci/regenerate-golden",
                 "provenance": prov, "models": {m: {"sha256": models.REAL[m]["sha256"],
                                                   "packages": models.REAL[m]["packages"]} for m in real},
-                "tiers": {"exact": "F32 copy of the dequantized weights, f32 KV cache, flash attention off, CPU",
-                          "shipped": "file as shipped, default (f16) KV cache, flash attention off, CPU"},
+                "tiers": export.TIER_DESCRIPTIONS,
                 "files": files}
     import noise
     log("noise: llama.cpp's distance from an f64 evaluation, per tap (ci/golden/noise.py)")
     noise.annotate(manifest, out, log=log)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    export.write_manifest(manifest, out)
     total = sum(f["bytes"] for f in files)
     log(f"done: {len(files)} files, {total / 1e6:.1f} MB")
 
@@ -261,6 +165,23 @@ def differences(a: Path, b: Path) -> list[str]:
         for rel in sorted(la & lb):
             if not filecmp.cmp(a / rel, b / rel, shallow=False):
                 diffs.append(f"{rel}: differs")
+    return diffs
+
+
+def manifest_differences(a: Path, b: Path, only: set[str]) -> list[str]:
+    """manifest.json of `a` against `b`, restricted to the files of the models in `only` (their
+    records, with every tensor's sha256 and noise) and the top-level fields other than the file list."""
+    ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
+    diffs = [f"manifest.json: top-level {k!r} differs" for k in sorted(set(ma) | set(mb))
+             if k != "files" and ma.get(k) != mb.get(k)]
+    ra = {f["path"]: f for f in ma["files"] if f.get("model") in only}
+    rb = {f["path"]: f for f in mb["files"] if f.get("model") in only}
+    for path in sorted(set(ra) | set(rb)):
+        if path not in ra or path not in rb:
+            diffs.append(f"manifest.json: record {path} only in {'regenerated' if path in ra else 'golden/'}")
+        elif ra[path] != rb[path]:
+            fields = sorted(k for k in set(ra[path]) | set(rb[path]) if ra[path].get(k) != rb[path].get(k))
+            diffs.append(f"manifest.json: record {path} differs in {', '.join(fields)}")
     return diffs
 
 
@@ -284,7 +205,9 @@ def main() -> int:
         if args.check:
             diffs = differences(out, GOLDEN)
             if only is not None:
-                diffs = [d for d in diffs if any(m in d for m in only) or d.startswith("manifest.json")]
+                # The regenerated manifest lists only those models' files: compare their records (noise
+                # included) and the top-level fields, not the whole file.
+                diffs = [d for d in diffs if any(m in d for m in only)] + manifest_differences(out, GOLDEN, only)
             for d in diffs:
                 print(d)
             print("check: clean" if not diffs else f"check: {len(diffs)} difference(s)")

