@@ -78,8 +78,9 @@ struct Outcome {
     problems: Vec<String>,
 }
 
+/// The checkout the tests run in (found from the current directory, so a copied test binary works).
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    lockstep_engine::fetch::project_root()
 }
 
 fn load_faults() -> Result<Vec<(PathBuf, FaultFile)>, String> {

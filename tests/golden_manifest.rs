@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 fn golden_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("golden")
+    lockstep::golden::default_dir()
 }
 
 fn files_under(dir: &Path, root: &Path, out: &mut BTreeSet<String>) {

@@ -59,7 +59,7 @@ fn run(s: &Suite, c: &Case, b: &str, manifest: Result<Arc<Manifest>, String>) ->
         return Err(Failed::from(explain(&rep)));
     }
     let mut settings = insta::Settings::clone_current();
-    settings.set_snapshot_path(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/snapshots"));
+    settings.set_snapshot_path(lockstep_engine::fetch::project_root().join("tests/snapshots"));
     settings.set_prepend_module_to_snapshot(false);
     settings.set_sort_maps(true);
     settings.set_omit_expression(true);

@@ -27,7 +27,7 @@ use safetensors::{Dtype, SafeTensors};
 const MAX_REL_L2: f64 = 1e-5;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    lockstep_engine::fetch::project_root()
 }
 
 fn cache_models() -> PathBuf {
