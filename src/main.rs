@@ -47,11 +47,39 @@ enum Cmd {
         #[arg(long)]
         dump: PathBuf,
         /// model/tier/prompt (e.g. qwen2.5-coder-0.5b/exact/haiku) or the golden file's path (relative to
-        /// golden/, or any path to a file the manifest lists).
+        /// golden/, or any path to a file the manifest lists); or an on-demand golden made by `lockstep
+        /// golden`: `cache:KEY`, its entry directory, or the taps file in it.
         #[arg(long)]
         golden: String,
         #[arg(long, default_value = "reports/compare")]
         report: PathBuf,
+    },
+    /// Export an on-demand golden with llama.cpp: every tap of every layer at every step of any GGUF
+    /// model and prompt, into the cache ($LOCKSTEP_CACHE/goldens/KEY); prints the entry for
+    /// `lockstep compare --golden`. A repeated request is answered from the cache.
+    Golden {
+        /// A model id (`lockstep fetch` lists them; also gemma3-270m) or a GGUF path.
+        #[arg(long)]
+        model: String,
+        /// The prompt text, tokenized as is (special tokens parsed, BOS added as the model says).
+        #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+        prompt: Option<String>,
+        /// A JSON list of {"role", "content"} messages, rendered with the model's own chat template.
+        #[arg(long, value_name = "FILE.json")]
+        chat: Option<PathBuf>,
+        /// exact (F32 copy of the dequantized weights), shipped (the file as it is) or both.
+        #[arg(long, default_value = "exact", value_parser = ["exact", "shipped", "both"])]
+        tier: String,
+        /// Steps with taps, the prefill included (5: the prefill and 4 decode steps).
+        #[arg(long, default_value_t = lockstep::ondemand::DEFAULT_STEPS)]
+        steps: usize,
+        /// all, or a comma-separated list of tap families (l_out,kq_soft_max,result_output).
+        #[arg(long, default_value = "all")]
+        taps: String,
+        /// Also copy the entry (manifest.json + taps.safetensors) into this directory (DIR/exact and
+        /// DIR/shipped with --tier both); `lockstep compare --golden DIR` accepts it.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Generate text with the CPU engine.
     Generate {
@@ -148,7 +176,11 @@ fn run(cli: Cli) -> Result<bool> {
     match cli.cmd {
         Cmd::Validate { suites, backend, report, inject, filter } => validate(suites, &backend, &report, inject, filter),
         Cmd::Compare { dump, golden: entry, report } => {
-            let manifest = Manifest::load(&golden::default_dir())?;
+            // An on-demand golden (cache:KEY, an entry's directory or file) has its own manifest.
+            let (manifest, entry) = match lockstep::ondemand::resolve_entry(&entry)? {
+                Some(found) => found,
+                None => (Manifest::load(&golden::default_dir())?, entry),
+            };
             let case = lockstep::compare::compare_dump(&manifest, &dump, &entry, None)?;
             let rep = Report::new(Provenance::here(serde_json::Value::Object(manifest.provenance.clone()), None), vec![case]);
             print!("{}", table::render(&rep));
@@ -174,6 +206,7 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Fetch { model } => engine_cli::fetch(model.as_deref()),
         Cmd::Bench { model, backend, prompt, gen, reps, json } => engine_cli::bench(&model, &backend, prompt, gen, reps, json.as_deref()),
         Cmd::MergeShards { spec, out, ranks } => merge_shards(&spec, &out, &ranks),
+        Cmd::Golden { model, prompt, chat, tier, steps, taps, out } => golden_cmd(model, prompt, chat, &tier, steps, &taps, out.as_deref()),
         Cmd::Faults => {
             for f in lockstep_engine::faults::Fault::ALL {
                 let i = f.info();
@@ -182,6 +215,33 @@ fn run(cli: Cli) -> Result<bool> {
             Ok(true)
         }
     }
+}
+
+/// `lockstep golden`: the on-demand goldens of one request (src/ondemand.rs), one line per tier.
+fn golden_cmd(model: String, prompt: Option<String>, chat: Option<PathBuf>, tier: &str, steps: usize, taps: &str, out: Option<&std::path::Path>) -> Result<bool> {
+    use lockstep::ondemand::{self, PromptSpec, Request, Taps};
+    let prompt = match (prompt, chat) {
+        (Some(p), None) => PromptSpec::Text(p),
+        (None, Some(f)) => PromptSpec::Chat(ondemand::read_chat(&f)?),
+        _ => bail!("give --prompt TEXT or --chat FILE.json"),
+    };
+    let tiers = if tier == "both" { vec!["exact".to_string(), "shipped".to_string()] } else { vec![tier.to_string()] };
+    let req = Request { model, prompt, tiers, steps, taps: Taps::parse(taps).context("--taps")? };
+    let entries = ondemand::ensure(&req)?;
+    for e in &entries {
+        let how = if e.hit { "cached, llama.cpp not run".to_string() } else { format!("exported in {:.1} s", e.seconds) };
+        println!("{} {}: {} ({how}; {} prompt tokens, {} tensors, {:.1} MB)", e.model, e.tier, e.name(), e.tokens, e.tensors, e.bytes as f64 / 1e6);
+        println!("  {}", e.dir.display());
+        if let Some(dir) = out {
+            let dst = if entries.len() > 1 { dir.join(&e.tier) } else { dir.to_path_buf() };
+            ondemand::copy_entry(e, &dst)?;
+            println!("  copied to {}", dst.display());
+        }
+    }
+    if let Some(e) = entries.first() {
+        println!("judge a dump: lockstep compare --dump YOUR_DUMP.safetensors --golden {}", e.name());
+    }
+    Ok(true)
 }
 
 fn merge_shards(spec: &std::path::Path, out: &std::path::Path, ranks: &[PathBuf]) -> Result<bool> {

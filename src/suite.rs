@@ -19,6 +19,13 @@
 //! golden = "tiny-qwen2/exact/haiku"   # a manifest entry: model/tier/prompt_id or its path
 //! steps = 2                           # decode steps compared (default: all the golden holds)
 //! # backends, checks, [[case.tolerance]] may override the file's defaults
+//!
+//! [[case]]                            # an on-demand golden instead of a committed file: exported by
+//! name = "exact-ondemand"             # llama.cpp into the cache when missing (src/ondemand.rs)
+//! tier = "exact"
+//! golden = { prompt = "Once upon a time", steps = 5, taps = "all" }
+//! # also: model (default: the case's), chat = [{ role = "user", content = "…" }] instead of prompt,
+//! # tier (must be the case's); steps counts the prefill (default 5), taps is "all" or "FAM,FAM…"
 //! ```
 
 use crate::checks::Tolerances;
@@ -50,7 +57,8 @@ struct TolToml {
 struct CaseToml {
     name: String,
     tier: String,
-    golden: String,
+    /// A manifest entry's name (a string) or an on-demand golden (a table, [`OnDemandToml`]).
+    golden: toml::Value,
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
@@ -61,6 +69,24 @@ struct CaseToml {
     checks: Option<Vec<String>>,
     #[serde(default)]
     tolerance: Vec<Spanned<TolToml>>,
+}
+
+/// `golden = { … }`: an on-demand golden (src/ondemand.rs).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnDemandToml {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    chat: Option<Vec<crate::ondemand::Message>>,
+    #[serde(default)]
+    tier: Option<String>,
+    #[serde(default)]
+    steps: Option<usize>,
+    #[serde(default)]
+    taps: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,7 +111,11 @@ pub struct Case {
     pub name: String,
     pub model: String,
     pub tier: String,
+    /// The golden entry (`model/tier/prompt_id` or a path); for an on-demand case, a description of
+    /// the request until the runner has the entry (`on_demand`).
     pub golden: String,
+    /// The on-demand golden this case is judged against, created by the runner when missing.
+    pub on_demand: Option<crate::ondemand::Request>,
     pub steps: Option<usize>,
     pub backends: Vec<String>,
     pub checks: Vec<String>,
@@ -207,11 +237,21 @@ impl Suite {
                 tolerances.insert(b.clone(), tol);
             }
             let (line, _) = line_col(text, at);
+            let model = c.model.clone().unwrap_or_else(|| raw.model.clone());
+            let (golden, on_demand) = match &c.golden {
+                toml::Value::String(g) => (g.clone(), None),
+                toml::Value::Table(_) => {
+                    let req = on_demand_request(&c.golden, &model, &c.tier).map_err(|m| err(at, format!("case {:?}: golden: {m}", c.name)))?;
+                    (format!("on demand: {}", req.describe()), Some(req))
+                }
+                other => return Err(err(at, format!("case {:?}: golden must be an entry name (a string) or an on-demand golden (a table), not {}", c.name, other.type_str()))),
+            };
             cases.push(Case {
                 name: c.name.clone(),
-                model: c.model.clone().unwrap_or_else(|| raw.model.clone()),
+                model,
                 tier: c.tier.clone(),
-                golden: c.golden.clone(),
+                golden,
+                on_demand,
                 steps: c.steps,
                 backends,
                 checks,
@@ -224,6 +264,27 @@ impl Suite {
         }
         Ok(Suite { name, path: path.to_path_buf(), cases })
     }
+}
+
+/// A case's `golden = { … }` table as a request for one tier, the case's.
+fn on_demand_request(value: &toml::Value, case_model: &str, case_tier: &str) -> std::result::Result<crate::ondemand::Request, String> {
+    use crate::ondemand::{PromptSpec, Request, Taps, DEFAULT_STEPS};
+    let t: OnDemandToml = value.clone().try_into().map_err(|e: toml::de::Error| e.message().trim().to_string())?;
+    let prompt = match (t.prompt, t.chat) {
+        (Some(p), None) => PromptSpec::Text(p),
+        (None, Some(m)) if !m.is_empty() => PromptSpec::Chat(m),
+        (None, Some(_)) => return Err("chat has no messages".into()),
+        _ => return Err("give exactly one of `prompt` (a text) and `chat` (a list of { role, content })".into()),
+    };
+    if let Some(tier) = t.tier.filter(|x| x != case_tier) {
+        return Err(format!("tier {tier:?} differs from the case's tier {case_tier:?}"));
+    }
+    let steps = t.steps.unwrap_or(DEFAULT_STEPS);
+    if steps == 0 {
+        return Err("steps must be at least 1 (the prefill)".into());
+    }
+    let taps = Taps::parse(t.taps.as_deref().unwrap_or("all")).map_err(|e| e.to_string())?;
+    Ok(Request { model: t.model.unwrap_or_else(|| case_model.to_string()), prompt, tiers: vec![case_tier.to_string()], steps, taps })
 }
 
 /// The default suites directory: `$LOCKSTEP_SUITES` (the CLI's `--suites DIR`), else `suites/` of the
@@ -297,6 +358,34 @@ reason = "softmax rounding, measured 1.1e-5"
         assert!(c.tolerances_for("cuda").is_none(), "cuda is not among the case's backends");
         assert!(c.wants("taps") && !c.wants("anticheat"));
         assert_eq!(c.location, "suites/x.toml:11");
+    }
+
+    #[test]
+    fn an_on_demand_golden_is_a_table() {
+        let text = GOOD.replace("golden = \"tiny-qwen2/exact/fox\"", "golden = { prompt = \"Once upon a time\", taps = \"l_out, kq_soft_max\" }");
+        let s = Suite::parse(Path::new("suites/x.toml"), &text).unwrap();
+        let r = s.cases[0].on_demand.as_ref().unwrap();
+        assert_eq!((r.model.as_str(), r.tiers.as_slice(), r.steps), ("tiny-qwen2", &["exact".to_string()][..], crate::ondemand::DEFAULT_STEPS));
+        assert_eq!(r.prompt, crate::ondemand::PromptSpec::Text("Once upon a time".into()));
+        assert_eq!(r.taps.arg(), "kq_soft_max,l_out");
+        let chat = GOOD.replace("golden = \"tiny-qwen2/exact/fox\"", "golden = { model = \"tiny-llama\", chat = [{ role = \"user\", content = \"hi\" }], tier = \"exact\", steps = 2 }");
+        let r = Suite::parse(Path::new("suites/x.toml"), &chat).unwrap().cases[0].on_demand.clone().unwrap();
+        assert_eq!((r.model.as_str(), r.steps), ("tiny-llama", 2));
+        assert!(s.cases[0].golden.starts_with("on demand: tiny-qwen2 exact"), "{}", s.cases[0].golden);
+        for (bad, needle) in [
+            ("golden = { prompt = \"a\", chat = [] }", "exactly one of"),
+            ("golden = { }", "exactly one of"),
+            ("golden = { prompt = \"a\", tier = \"shipped\" }", "differs from the case's tier"),
+            ("golden = { prompt = \"a\", steps = 0 }", "at least 1"),
+            ("golden = { prompt = \"a\", colour = 3 }", "unknown field"),
+            ("golden = { prompt = \"a\", taps = \"l_out-3\" }", "not a tap family"),
+            ("golden = 3", "entry name (a string) or an on-demand golden"),
+        ] {
+            let e = Suite::parse(Path::new("suites/x.toml"), &GOOD.replace("golden = \"tiny-qwen2/exact/fox\"", bad)).unwrap_err();
+            let Error::Suite { line, message, .. } = &e else { panic!("{e}") };
+            assert_eq!(*line, 11, "{e}");
+            assert!(message.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -228,8 +228,21 @@ pub struct Runner {
 
 impl Runner {
     /// Runs one case on one backend; a backend or model that cannot be had here gives an ignored case
-    /// with the reason, an error while running gives a failed case carrying the error.
+    /// with the reason, an error while running gives a failed case carrying the error. A case naming an
+    /// on-demand golden is judged against that golden's cache entry, exported first when missing.
     pub fn run(&mut self, manifest: &Manifest, suite: &Suite, case: &Case, backend: &str) -> CaseReport {
+        let Some(req) = &case.on_demand else { return self.run_with(manifest, suite, case, backend) };
+        let name = format!("{}::{}::{}", suite.name, case.name, backend);
+        if let Err(reason) = backend_available(backend) {
+            return CaseReport::ignored(&name, &suite.name, &case.name, &case.model, &case.tier, backend, &reason);
+        }
+        match resolve_on_demand(req, case) {
+            Ok((m, c)) => self.run_with(&m, suite, &c, backend),
+            Err(e) => failed(&name, suite, case, backend, format!("on-demand golden ({}): {e:#}", req.describe())),
+        }
+    }
+
+    fn run_with(&mut self, manifest: &Manifest, suite: &Suite, case: &Case, backend: &str) -> CaseReport {
         let name = format!("{}::{}::{}", suite.name, case.name, backend);
         let ignored = |reason: String| CaseReport::ignored(&name, &suite.name, &case.name, &case.model, &case.tier, backend, &reason);
         if let Err(reason) = backend_available(backend) {
@@ -286,6 +299,17 @@ impl Runner {
         }
         Ok(key)
     }
+}
+
+/// The on-demand golden of a case (exported into the cache when missing, progress on stderr): its
+/// entry's manifest, and the case naming that entry.
+pub fn resolve_on_demand(req: &crate::ondemand::Request, case: &Case) -> Result<(Manifest, Case)> {
+    let entries = crate::ondemand::ensure(req)?;
+    let entry = entries.iter().find(|e| e.tier == case.tier).ok_or_else(|| anyhow!("no {} entry among the exported ones", case.tier))?;
+    let manifest = Manifest::load(&entry.dir)?;
+    let file = manifest.taps_files().next().ok_or_else(|| anyhow!("{}: lists no taps file", manifest.path.display()))?;
+    let case = Case { golden: file.path.clone(), ..case.clone() };
+    Ok((manifest, case))
 }
 
 fn failed(name: &str, suite: &Suite, case: &Case, backend: &str, error: String) -> CaseReport {

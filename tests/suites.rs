@@ -35,7 +35,8 @@ fn build() -> Result<Vec<Trial>, String> {
         for c in &s.cases {
             for b in &c.backends {
                 let name = format!("{}::{}::{b}", s.name, c.name);
-                let unavailable = backend_available(b).err();
+                // An on-demand golden needs the golden venv (or its entry already in the cache).
+                let unavailable = backend_available(b).err().or_else(|| c.on_demand.as_ref().and_then(|r| lockstep::ondemand::availability(r).err()));
                 let (s, c, b, m) = (s.clone(), c.clone(), b.clone(), manifest.clone());
                 let t = Trial::test(name, move || run(&s, &c, &b, m));
                 trials.push(match unavailable {
