@@ -10,6 +10,7 @@ pub mod error;
 pub mod golden;
 pub mod metrics;
 pub mod noise;
+pub mod probe;
 pub mod ondemand;
 pub mod tapname;
 pub mod localize;

@@ -192,6 +192,9 @@ fn run(cli: Cli) -> Result<bool> {
                 if let Some(l) = &c.likely_class {
                     println!("  likely class: {l}{}", c.evidence.as_ref().map_or(String::new(), |e| format!(" — {e}")));
                 }
+                if let (Some(p), Some(d)) = (&c.class_proof, &c.first_divergence) {
+                    println!("  {}", p.summary(&format!("s{}/{}", d.step, d.tap)));
+                }
                 for line in c.coverage.iter().flat_map(|k| k.lines(8)) {
                     println!("  {line}");
                 }

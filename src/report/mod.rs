@@ -24,6 +24,8 @@
 //!                                 "metric": str, "value": float | null, "limit": float},
 //!     "upstream_passing": [{"key": str, "rel_l2": float}],
 //!     "likely_class": str | null, "likely_class_id": str | null, "evidence": str | null,
+//!     "class_proof": null | {"verdict": "confirmed" | "suspected", "hypothesis": str, "rel_l2": float,
+//!                            "baseline": float, "tried": [[str, float]]},
 //!     "checks": [{"name": str, "metric": str, "value": float | null, "limit": float | null,
 //!                 "op": "<=" | ">=" | "==", "passed": bool, "reason": str?, "detail": str?}],
 //!     "growth": {"<family.stage>": [[layer, max rel_l2], ...]},
@@ -82,6 +84,8 @@ pub struct CaseReport {
     /// The class's stable id (`localize::BugClass::id`: `rope`, `qkv_bias`, …).
     pub likely_class_id: Option<String>,
     pub evidence: Option<String>,
+    /// The suspected bug re-applied to llama.cpp's own inputs: does it reproduce the engine's tensor?
+    pub class_proof: Option<crate::probe::ClassProof>,
     pub checks: Vec<CheckResult>,
     pub growth: BTreeMap<String, Vec<(usize, f64)>>,
     pub isolated_layers: Vec<LayerError>,
