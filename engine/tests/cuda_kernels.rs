@@ -289,6 +289,55 @@ fn rmsnorm_add_case() -> R {
     Ok(())
 }
 
+/// rmsnorm_f16sat (the f16-accumulation fault) against its CPU twin faults::rmsnorm: rows whose Σx²
+/// stays below 65504 (bit for bit the plain RMSNorm) and rows where it saturates, which must differ
+/// from the plain RMSNorm (else the test would not see a kernel that forgot the saturation).
+fn rmsnorm_f16sat_case() -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let f16 = Some(Fault::F16Accumulation);
+    // (width, scale): Σx² ≈ n·scale²/3 → 0.3 (below), 2.7e7 and 8e5 (saturated), 1.5e5 (just past)
+    for (n, scale) in [(897usize, 0.03f32), (897, 300.0), (4864, 22.0), (64, 85.0)] {
+        let rows = 3;
+        let x = randv(&mut rng, rows * n, scale);
+        let w = randv(&mut rng, n, 2.0);
+        let eps = 1e-6;
+        let want_n = faults::rmsnorm(f16, &x, n, eps);
+        let want = cpu::mul_rows(&want_n, &w);
+        let saturated = x.chunks(n).any(|r| r.iter().map(|&v| (v * v) as f64).sum::<f64>() > faults::F16_MAX as f64);
+        if saturated == (want_n == cpu::rmsnorm(&x, n, eps)) {
+            return Err(format!("n={n} scale {scale}: the CPU twin {} the plain RMSNorm", if saturated { "equals" } else { "differs from" }).into());
+        }
+        let (xd, wd) = (g.upload(&x, "x")?, g.upload(&w, "w")?);
+        let (yn, y) = (g.alloc::<f32>(rows * n, "yn")?, g.alloc::<f32>(rows * n, "y")?);
+        let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+        g.rmsnorm_f16sat(p(&xd), p(&wd), Some(p(&yn)), p(&y), rows, n, eps)?;
+        let what = format!("rmsnorm_f16sat n={n} scale {scale} (saturated: {saturated})");
+        check_close(&what, &g.download(&yn, 0, rows * n)?, &want_n, 1e-6)?;
+        check_close(&format!("{what} ·w"), &g.download(&y, 0, rows * n)?, &want, 1e-6)?;
+    }
+    Ok(())
+}
+
+/// gelu_mul (the gelu-activation fault) against its CPU twin faults::swiglu: GELU's tanh
+/// approximation of the gate times up, on both sides of 0, far into both tails and near 0.
+fn gelu_mul_case() -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    for (n, scale) in [(4864usize, 3.0f32), (1001, 30.0), (37, 1e-3)] {
+        let (gate, up) = (randv(&mut rng, n, scale), randv(&mut rng, n, 2.0));
+        let want = faults::swiglu(Some(Fault::GeluActivation), &gate, &up);
+        if scale >= 1.0 && cpu::swiglu(&gate, &up) == want {
+            return Err(format!("n={n}: the CPU twin equals SwiGLU").into());
+        }
+        let (gd, ud, sd) = (g.upload(&gate, "gate")?, g.upload(&up, "up")?, g.alloc::<f32>(n, "s")?);
+        let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+        g.gelu_mul(p(&gd), p(&ud), p(&sd), n)?;
+        check_close(&format!("gelu_mul n={n} scale {scale}"), &g.download(&sd, 0, n)?, &want, 1e-6)?;
+    }
+    Ok(())
+}
+
 fn rope_case(style: RopeStyle, n_rot: usize) -> R {
     let g = gpu()?;
     let mut rng = ChaCha8Rng::seed_from_u64(21 + n_rot as u64);
@@ -495,6 +544,8 @@ fn main() {
         list.push(Trial::test(format!("matvec_tall_{ty}"), move || tall_matvec_case(ty)));
     }
     list.push(Trial::test("rmsnorm_and_add", rmsnorm_add_case));
+    list.push(Trial::test("rmsnorm_f16sat", rmsnorm_f16sat_case));
+    list.push(Trial::test("gelu_mul", gelu_mul_case));
     list.push(Trial::test("matvec_multi_qkv", matvec_multi_case));
     for (style, n_rot) in [(RopeStyle::Neox, 16), (RopeStyle::Normal, 16), (RopeStyle::Neox, 8), (RopeStyle::Normal, 8)] {
         list.push(Trial::test(format!("rope_store_{style:?}_nrot{n_rot}"), move || rope_case(style, n_rot)));
