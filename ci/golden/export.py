@@ -36,10 +36,6 @@ def sha256_bytes(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def arch_of(path: Path) -> str:
-    return gguf.GGUFReader(path).fields["general.architecture"].contents()
-
-
 def n_layer_of(path: Path) -> int:
     r = gguf.GGUFReader(path)
     arch = r.fields["general.architecture"].contents()

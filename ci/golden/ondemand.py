@@ -64,6 +64,20 @@ def read_chat(path: Path) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
+def render_chat(vocab: capture.Vocab, messages: list[dict]) -> str:
+    """The messages through the model's own chat template (add_generation_prompt), as prompts.render
+    does for the committed goldens (bos/eos texts from tokenizer.ggml.bos/eos_token_id)."""
+    template = vocab.meta("tokenizer.chat_template")
+    if template is None:
+        raise UsageError(f"--chat: {vocab.path} has no tokenizer.chat_template; give the text with --prompt instead")
+
+    def text_of(key: str) -> str:
+        tid = vocab.meta(key)
+        return vocab.token_text(int(tid)) if tid is not None else ""
+    return prompts.render_messages(template, messages, True, text_of("tokenizer.ggml.bos_token_id"),
+                                   text_of("tokenizer.ggml.eos_token_id"))
+
+
 def slug(text: str) -> str:
     """A short readable id for a prompt: its first words, lower case, joined by '-'."""
     words = re.findall(r"[a-z0-9]+", text.lower())
@@ -247,22 +261,23 @@ def main() -> int:
             model_id = args.model_id or model_path.name.removesuffix(".gguf")
         sha = args.model_sha or models.sha256_file(model_path)
         try:
-            arch = export.arch_of(model_path)
-            n_layer = export.n_layer_of(model_path)
-        except Exception as e:  # the gguf reader's errors name no file
-            raise UsageError(f"{model_path}: not a readable GGUF model ({e})")
-        if args.chat:
-            messages = read_chat(args.chat)
-            prompt = {"id": slug(next((m["content"] for m in reversed(messages) if m["role"] == "user"),
-                                      messages[-1]["content"])), "chat": True, "messages": messages}
-            try:
-                rendered = prompts.render(model_path, prompt)
-            except prompts.ChatTemplateMissing as e:
-                raise UsageError(f"--chat: {e}; give the text with --prompt instead")
-        else:
-            prompt = {"id": slug(args.prompt), "chat": False, "text": args.prompt}
-            rendered = args.prompt
-        tokens = capture.tokenize_file(str(model_path), rendered)
+            vocab = capture.Vocab(str(model_path))
+        except RuntimeError as e:
+            raise UsageError(f"{model_path}: not a GGUF model llama.cpp can load ({e})")
+        try:
+            arch = vocab.meta("general.architecture") or "?"
+            n_layer = int(vocab.meta(f"{arch}.block_count") or 0)
+            if args.chat:
+                messages = read_chat(args.chat)
+                prompt = {"id": slug(next((m["content"] for m in reversed(messages) if m["role"] == "user"),
+                                          messages[-1]["content"])), "chat": True, "messages": messages}
+                rendered = render_chat(vocab, messages)
+            else:
+                prompt = {"id": slug(args.prompt), "chat": False, "text": args.prompt}
+                rendered = args.prompt
+            tokens = vocab.tokenize(rendered, add_special=True, parse_special=True)
+        finally:
+            vocab.close()
         if not tokens:
             raise UsageError("the prompt tokenizes to no tokens")
         cache = args.cache
