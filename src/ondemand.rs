@@ -549,6 +549,9 @@ pub fn copy_entry(entry: &Entry, out: &Path) -> Result<()> {
         let mut tmp = tempfile::NamedTempFile::new_in(out).with_context(|| format!("{}: cannot create a temporary file", out.display()))?;
         let mut f = std::fs::File::open(&src).with_context(|| format!("{}: cannot read", src.display()))?;
         std::io::copy(&mut f, &mut tmp).with_context(|| format!("copying {} to {}", src.display(), out.display()))?;
+        // The temporary file is private (0600); the copy gets the entry's permissions.
+        let perms = f.metadata().with_context(|| format!("{}: cannot stat", src.display()))?.permissions();
+        tmp.as_file().set_permissions(perms).with_context(|| format!("{}: cannot set permissions", tmp.path().display()))?;
         tmp.persist(&dst).with_context(|| format!("{}: cannot rename into place", dst.display()))?;
     }
     Ok(())

@@ -2,13 +2,13 @@
 # The golden environment: prints the path of its Python on stdout, building it first when missing or
 # made from another ci/golden/requirements.txt (progress on stderr). Used by ci/regenerate-golden and by
 # `lockstep golden` (src/ondemand.rs), so both run the same pinned llama.cpp.
-# $LOCKSTEP_CACHE/venv (default ~/.cache/lockstep/venv), ci/golden/requirements.txt with llama-cpp-python
+# $LOCKSTEP_GOLDEN_VENV, else $LOCKSTEP_CACHE/venv (default ~/.cache/lockstep/venv), ci/golden/requirements.txt with llama-cpp-python
 # built from source: about 5 minutes on 2 cores, once. A stamp file (.lockstep-requirements, a copy of
 # the requirements it was made from) marks a finished environment; a lock keeps two builders apart.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${LOCKSTEP_CACHE:-$HOME/.cache/lockstep}
-venv=$cache/venv
+venv=${LOCKSTEP_GOLDEN_VENV:-$cache/venv}
 req=$here/requirements.txt
 stamp=$venv/.lockstep-requirements
 ready() { [ -x "$venv/bin/python" ] && cmp -s "$req" "$stamp" 2>/dev/null; }
