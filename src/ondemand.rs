@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_STEPS: usize = 5;
 /// The exporter's files whose content is part of every key: a change in any of them makes new entries.
 const EXPORTER_SOURCES: [&str; 7] = ["requirements.txt", "capture.py", "export.py", "ondemand.py", "prompts.py", "ggufutil.py", "dequant.py"];
-/// Set to 1: tests may build the golden venv when it is missing (they are reported ignored otherwise).
+/// Set to 1: suite cases and tests may build the golden venv when it is missing (they are reported
+/// ignored with the reason otherwise; `lockstep golden` always builds it).
 pub const BUILD_ENV: &str = "LOCKSTEP_ONDEMAND_BUILD";
 /// Overrides the golden venv's directory (default `{cache}/venv`, the regenerate script's).
 pub const VENV_ENV: &str = "LOCKSTEP_GOLDEN_VENV";
@@ -402,7 +403,7 @@ pub fn availability(req: &Request) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "on-demand golden ({}) is not in the cache and the golden venv {} is not built; build it once with ci/golden/venv.sh (~5 min), or set {BUILD_ENV}=1 to let the tests build it",
+        "on-demand golden ({}) is not in the cache and the golden venv {} is not built; build it once with ci/golden/venv.sh (~5 min), or set {BUILD_ENV}=1 to let lockstep build it when needed",
         req.describe(),
         venv_dir().display()
     ))

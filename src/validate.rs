@@ -170,6 +170,7 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
         let (r, layers) = checks::isolated::check(backend, &golden, &g_tokens, &cont, steps, tol)?;
         rep.checks.extend(r);
         rep.isolated_layers = layers;
+        crate::localize::use_isolated(&mut rep);
     }
     if case.wants("sampler") {
         let params = SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: checks::sampler::SEED };
@@ -233,7 +234,9 @@ impl Runner {
     pub fn run(&mut self, manifest: &Manifest, suite: &Suite, case: &Case, backend: &str) -> CaseReport {
         let Some(req) = &case.on_demand else { return self.run_with(manifest, suite, case, backend) };
         let name = format!("{}::{}::{}", suite.name, case.name, backend);
-        if let Err(reason) = backend_available(backend) {
+        // Without the golden venv (and the entry not cached), the case is ignored with the reason rather
+        // than building the venv (~5 minutes) unasked: $LOCKSTEP_ONDEMAND_BUILD=1 allows that.
+        if let Err(reason) = backend_available(backend).and_then(|_| crate::ondemand::availability(req)) {
             return CaseReport::ignored(&name, &suite.name, &case.name, &case.model, &case.tier, backend, &reason);
         }
         match resolve_on_demand(req, case) {
