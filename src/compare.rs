@@ -69,7 +69,7 @@ pub fn judge(golden: &TapsFile, run: &EngineRun, opt: &Options, case: &mut CaseR
         case.checks.extend(diversity::check("greedy", &s, limits));
         case.diversity = Some(s);
     }
-    let mut loc = localize::localize(&cmps, tokens_ok);
+    let mut loc = localize::localize(&cmps, tokens_ok, golden.n_layer);
     localize::refine(&mut loc, golden, run.taps);
     let n_prompt = golden.token_ids("tokens")?.map(|t| t.len());
     case.class_proof = crate::probe::prove(&mut loc, golden, run.taps, opt.pairing, n_prompt);

@@ -201,7 +201,8 @@ impl Manifest {
             set.insert(path);
         }
         t.order = file.graph_order();
-        t.noise = crate::noise::effective(&file.noise());
+        t.n_layer = file.n_layer;
+        t.noise = crate::noise::effective(&file.noise(), t.n_layer);
         Ok(t)
     }
 }
@@ -224,6 +225,8 @@ pub struct TapsFile {
     /// The noise each tap is judged against (its own and its direct inputs', `crate::noise`), by key,
     /// when opened through a calibrated manifest entry.
     pub noise: std::collections::HashMap<String, TapNoise>,
+    /// The model's layer count, when the manifest says it (a golden may keep only some layers' taps).
+    pub n_layer: Option<usize>,
 }
 
 impl TapsFile {
@@ -235,7 +238,7 @@ impl TapsFile {
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
-        Ok(TapsFile { path: path.to_path_buf(), mmap, header_len, meta, order: GraphOrder::default(), noise: Default::default() })
+        Ok(TapsFile { path: path.to_path_buf(), mmap, header_len, meta, order: GraphOrder::default(), noise: Default::default(), n_layer: None })
     }
 
     pub fn bytes(&self) -> &[u8] {

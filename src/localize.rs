@@ -109,7 +109,8 @@ pub struct Localization {
 /// The first divergence is the first tap that was compared and failed; a tap the engine did not dump
 /// is never one. When taps between the last agreeing tap and the first differing one were not dumped,
 /// the divergence may have started among them: the evidence says which, and no class is named.
-pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>) -> Localization {
+/// `n_layer`: the model's layer count (the golden may hold only some layers).
+pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>, n_layer: Option<usize>) -> Localization {
     let mut loc = Localization { growth: growth(cmps), ..Default::default() };
     if tokens_ok == Some(false) {
         loc.set_class(BugClass::Tokenizer, "tokenizer or chat template", "the prompt token ids differ from llama.cpp's before any tensor is computed (special tokens split into text, or the chat template wrong or skipped)".into());
@@ -144,6 +145,16 @@ pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>) -> Localization
                 "between {last_ok} (agrees) and s{}/{} (differs) the engine did not dump {} tap(s): {}; the divergence may start there. Dump them to pin it; no class is named without them",
                 c.id.step, c.id.tap, names.len(), fmt_list(&names)
             ));
+        } else if let Some(why) = capture_gap(cmps, i, n_layer) {
+            // The golden holds none of the op's inputs: name the layer at most, never a formula.
+            match layer_input_agrees(cmps, i) {
+                Some(input) => loc.set_class(
+                    BugClass::LayerData,
+                    "this layer's weights (dequantization) or an activation overflow in it",
+                    format!("{why}; the layer's input {input} agrees, so the divergence starts inside layer {}", c.id.layer.unwrap_or(0)),
+                ),
+                None => loc.evidence = Some(why),
+            }
         } else if let Some((class, what, why)) = classify(cmps, i) {
             loc.set_class(class, what, why);
         }
@@ -178,6 +189,60 @@ pub fn growth(cmps: &[TapComparison]) -> BTreeMap<String, Vec<(usize, f64)>> {
         }
     }
     m.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
+}
+
+/// Uses the layer-isolated check (each layer fed llama.cpp's own input): when it finds a first layer
+/// whose taps exceed their limits and the chained comparison first diverges later (a deeper layer, or
+/// outside the stack) or names no class, that layer is where the fault is, and its class is the layer's
+/// own (weights, dequantization, or an overflow in it).
+pub fn use_isolated(rep: &mut crate::report::CaseReport) {
+    let Some(bad) = rep.isolated_layers.iter().find(|l| !(l.ratio <= 1.0)) else { return };
+    let later = rep.first_divergence.as_ref().is_some_and(|d| d.layer.is_none_or(|l| l > bad.layer));
+    if !(later || (rep.first_divergence.is_some() && rep.likely_class.is_none())) {
+        return;
+    }
+    let chained = rep.first_divergence.as_ref().map_or(String::new(), |d| format!("the chained run first diverges at s{}/{}; ", d.step, d.tap));
+    rep.likely_class = Some("this layer's weights (dequantization) or an activation overflow in it".into());
+    rep.likely_class_id = Some(BugClass::LayerData.id().into());
+    rep.evidence = Some(format!(
+        "{chained}fed llama.cpp's own input, layer {} is the first whose taps exceed their limits ({} at {:.1e}, {:.0}× its limit) while the layers before it agree",
+        bad.layer, bad.worst_tap, bad.rel_l2, bad.ratio
+    ));
+}
+
+/// When none of the first failing tap's direct inputs (llama.cpp's graph, `noise::direct_inputs`) was
+/// compared, the evidence that says so and how to pin it: the golden did not capture them (real-model
+/// goldens keep some layers only) or the engine did not dump them.
+fn capture_gap(cmps: &[TapComparison], i: usize, n_layer: Option<usize>) -> Option<String> {
+    let c = &cmps[i];
+    let n_layer = n_layer.or_else(|| cmps.iter().filter_map(|o| o.id.layer).max().map(|l| l + 1));
+    let inputs = crate::noise::direct_inputs(&c.id, n_layer);
+    let compared = |tap: &String| cmps.iter().any(|o| o.id.step == c.id.step && &o.id.tap == tap && !o.not_dumped);
+    if inputs.is_empty() || inputs.iter().any(compared) {
+        return None;
+    }
+    let last_ok = cmps[..i].iter().rev().find(|u| u.id.step == c.id.step && u.passed).map_or("the step's start".to_string(), |u| u.key.clone());
+    let (from, to) = (cmps[..i].iter().rev().find(|u| u.id.step == c.id.step && u.passed).and_then(|u| u.id.layer), c.id.layer);
+    let layers = match (from, to) {
+        (Some(a), Some(b)) if b > a + 1 => format!("layers {}..{} were not captured", a + 1, b),
+        (_, Some(b)) => format!("layer {b}'s taps before it were not captured"),
+        _ => "the taps in between were not captured".into(),
+    };
+    Some(format!(
+        "between {last_ok} (agrees) and s{}/{} (differs) the golden holds none of its inputs ({}); {layers}. Pin it with a full-tap golden: `lockstep golden --model M --prompt P --taps all`, then `lockstep compare --golden cache:KEY` (or `lockstep validate --pin`)",
+        c.id.step,
+        c.id.tap,
+        inputs.join(", ")
+    ))
+}
+
+/// The layer input of the first failing tap's layer (`embd` or `l_out-(L−1)`), when it was compared and
+/// agrees.
+fn layer_input_agrees(cmps: &[TapComparison], i: usize) -> Option<String> {
+    let c = &cmps[i];
+    let l = c.id.layer?;
+    let tap = if l == 0 { "embd".to_string() } else { format!("l_out-{}", l - 1) };
+    cmps.iter().find(|o| o.id.step == c.id.step && o.id.tap == tap && o.passed).map(|o| o.key.clone())
 }
 
 /// Heads of an attention-shaped comparison that agree and that differ (by the row limit).

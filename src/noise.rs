@@ -48,9 +48,10 @@ pub fn direct_inputs(id: &TapId, n_layer_hint: Option<usize>) -> Vec<String> {
     }
 }
 
-/// Each tap's effective noise: the largest raw noise of the tap and its direct inputs.
-pub fn effective(raw: &HashMap<String, TapNoise>) -> HashMap<String, TapNoise> {
-    let n_layer = raw.keys().filter_map(|k| TapId::parse_key(k)?.layer).max().map(|l| l + 1);
+/// Each tap's effective noise: the largest raw noise of the tap and its direct inputs. `n_layer`: the
+/// model's layer count (else the deepest layer the noise records name).
+pub fn effective(raw: &HashMap<String, TapNoise>, n_layer: Option<usize>) -> HashMap<String, TapNoise> {
+    let n_layer = n_layer.or_else(|| raw.keys().filter_map(|k| TapId::parse_key(k)?.layer).max().map(|l| l + 1));
     raw.iter()
         .map(|(key, own)| {
             let Some(id) = TapId::parse_key(key) else { return (key.clone(), *own) };
@@ -84,7 +85,7 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), n(v)))
         .collect();
-        let eff = effective(&raw);
+        let eff = effective(&raw, None);
         assert_eq!(eff["s2/kq-1"], n(5e-7), "kq takes the larger of Q's and K's");
         assert_eq!(eff["s2/kq_soft_max-1"], n(3e-7), "one hop: the softmax takes kq's own, not attn_norm's");
         assert_eq!(eff["s0/kq-1"], n(1e-9), "another step's inputs do not count");

@@ -63,6 +63,8 @@ class Bug:
     tap: str  # tap name without the `s{step}/` prefix
     class_id: str  # CONTEXT.md's stable class id
     archs: tuple[str, ...] = SUPPORTED_ARCHS
+    # The model ids the bug applies to (None: every model of `archs`).
+    models: tuple[str, ...] | None = None
 
 
 BUGS: dict[str, Bug] = {
@@ -92,6 +94,11 @@ BUGS: dict[str, Bug] = {
         Bug("gelu_instead_of_silu", "SwiGLU with GELU (tanh form) instead of SiLU", 0, 0, "ffn_swiglu-0",
             "activation"),
         Bug("positions_off_by_one", "RoPE positions start at 1 instead of 0", 0, 0, "Qcur-0.rope", "rope"),
+        # A dequantization slip in one deep layer (qwen2.5-coder-0.5b: blk.2.ffn_down is the first Q4_K
+        # ffn_down past layer 0). The real goldens keep layer 2's l_out only: the divergence must be
+        # blamed on layer 2 as a whole, never on a formula the golden cannot show.
+        Bug("q4k_min_sign_layer2", "blk.2.ffn_down.weight (Q4_K) dequantized with the wrong sign of min",
+            0, 2, "l_out-2", "layer_data", archs=("qwen2",), models=("qwen2.5-coder-0.5b",)),
     ]
 }
 
@@ -236,6 +243,18 @@ class Model:
         info = {"source": str(self.path), "config": dataclasses.asdict(self.cfg), "tensors": list(self.weights)}
         _write_text_atomic(self.cache_dir / "model.json", json.dumps(info, indent=1))
 
+    def q4k_min_sign_flipped(self, name: str) -> np.ndarray:
+        """The Q4_K tensor `name` dequantized with the sign of its block mins flipped: each element is
+        d·sc·q − dmin·m; with every 4-bit q zeroed the block dequantizes to −dmin·m alone, so the wrong
+        sign (d·sc·q + dmin·m) is the right value minus twice that."""
+        t = next((t for t in gguf.GGUFReader(self.path).tensors if t.name == name), None)
+        if t is None or t.tensor_type != gguf.GGMLQuantizationType.Q4_K:
+            raise EngineError(f"{self.path}: {name} is not a Q4_K tensor")
+        blocks = np.array(t.data, dtype=np.uint8).reshape(-1, 144)  # d, dmin (f16), 12 scale bytes, 128 qs
+        blocks[:, 16:] = 0
+        mins = gguf.quants.dequantize(blocks.reshape(t.data.shape), t.tensor_type)
+        return (self.w(name) - 2.0 * np.asarray(mins, np.float32).reshape(self.w(name).shape)).astype(np.float32)
+
     def w(self, name: str) -> np.ndarray:
         try:
             return self.weights[name]
@@ -373,6 +392,8 @@ class Engine:
     def matmul(self, x: np.ndarray, wname: str) -> np.ndarray:
         """x [T, in] @ W.T, W [out, in] -> [T, out]."""
         w = self.m.w(wname)  # float32 [out, in], possibly memory-mapped
+        if self.bug == "q4k_min_sign_layer2" and wname == "blk.2.ffn_down.weight":
+            w = self.m.q4k_min_sign_flipped(wname)
         if (self.bug == "weight_transposed" and wname.endswith("attn_q.weight")) or (
             self.bug == "attn_output_transposed" and wname.endswith("attn_output.weight")
         ):

@@ -56,7 +56,12 @@ BUG_ENTRIES = {
     "smollm2-135m": "smollm2-135m/exact/code",
 }
 ARCH = {"tiny-qwen2": "qwen2", "tiny-llama": "llama", "qwen2.5-coder-0.5b": "qwen2", "smollm2-135m": "llama"}
-BUG_CASES = [(BUG_ENTRIES[m], b) for m in MODELS for b in numpy_engine.BUGS if ARCH[m] in numpy_engine.BUGS[b].archs]
+BUG_CASES = [
+    (BUG_ENTRIES[m], b)
+    for m in MODELS
+    for b, spec in numpy_engine.BUGS.items()
+    if ARCH[m] in spec.archs and (spec.models is None or m in spec.models)
+]
 
 _loaded: dict[str, numpy_engine.Model] = {}
 
@@ -138,7 +143,7 @@ def test_planted_bug_is_localized(entry, bug, tmp_path):
 
 
 # Bugs whose reproduction needs the model's weights, which lockstep's proofs do not read.
-UNPROVABLE = {"weight_transposed", "attn_output_transposed"}
+UNPROVABLE = {"weight_transposed", "attn_output_transposed", "q4k_min_sign_layer2"}
 
 
 def test_every_bug_has_a_realistic_class():
@@ -165,3 +170,20 @@ def test_unknown_bug_and_bad_files_are_clear_errors(tmp_path):
         numpy_engine.Model(bad)
     with pytest.raises(numpy_engine.EngineError, match="does not exist"):
         numpy_engine.read_golden(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("entry", exact_entries("qwen2.5-coder-0.5b"))
+def test_a_deep_dequantization_slip_is_blamed_on_its_layer(entry, tmp_path):
+    """Layer 2's Q4_K ffn_down dequantized with the wrong sign of min. Where the golden keeps layer 2's
+    l_out, lockstep must name layer 2 (the layer, not a formula: the golden holds none of its FFN taps);
+    where it keeps no tap of layer 2 (multiturn), it must name no class and say which taps are missing."""
+    case = judge(entry, "f32", "q4k_min_sign_layer2", tmp_path)
+    fd = case["first_divergence"]
+    assert fd is not None and case["passed"] is False, summary(case)
+    golden = REPO / "golden/taps" / f"{entry}.safetensors"
+    if "s0/l_out-2" in numpy_engine.read_golden(golden).shapes:
+        assert (fd["step"], fd["layer"], fd["tap"]) == (0, 2, "l_out-2"), summary(case)
+        assert case.get("likely_class_id") == "layer_data", summary(case)
+    else:
+        assert case.get("likely_class_id") is None, summary(case)
+        assert "holds none of its inputs" in (case.get("evidence") or ""), summary(case)
