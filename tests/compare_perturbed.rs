@@ -1,5 +1,5 @@
 //! `lockstep compare` on perturbed copies of a golden names exactly the step, layer and tap that was
-//! perturbed (issue #4, "Done when"): one element, one row, one head, one decode step.
+//! perturbed, down to the smallest perturbations: one element, one row, one head, one decode step.
 
 use lockstep::compare::compare_dump;
 use lockstep::golden::Manifest;

@@ -76,13 +76,13 @@ fn explain(rep: &CaseReport) -> String {
         s += &format!("error: {e}\n");
     }
     if let Some(d) = &rep.first_divergence {
-        s += &format!("first divergence: step {} layer {:?} tap {}: {} = {:.3e} > {:.3e}\n", d.step, d.layer, d.tap, d.metric, d.value, d.limit);
+        s += &format!("first divergence: s{}/{}: {} = {:.3e} > {:.3e}\n", d.step, d.tap, d.metric, d.value, d.limit);
     }
     if let Some(l) = &rep.likely_class {
         s += &format!("likely class: {l} — {}\n", rep.evidence.clone().unwrap_or_default());
     }
     for k in rep.failed_checks() {
-        s += &format!("  {}: {} = {:.3e} (limit {:?} {:.3e}) {}\n", k.name, k.metric, k.value, k.op, k.limit, k.detail.clone().unwrap_or_default());
+        s += &format!("  {}: {} = {:.3e} (limit {} {:.3e}) {}\n", k.name, k.metric, k.value, k.op, k.limit, k.detail.clone().unwrap_or_default());
     }
     s
 }

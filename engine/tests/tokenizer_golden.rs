@@ -72,6 +72,11 @@ fn load(id: &str) -> (Golden, GgufFile) {
     (golden, gguf)
 }
 
+/// A token id, or "none" (no BOS, say).
+fn id_or_none(id: Option<u32>) -> String {
+    id.map_or("none".into(), |i| i.to_string())
+}
+
 fn show(s: &str) -> String {
     let mut t: String = format!("{s:?}");
     if t.len() > 160 {
@@ -93,7 +98,7 @@ fn check_tokenize(id: &str) {
         failures.push(format!("n_vocab: expected {}, got {}", v.n_vocab, tok.n_vocab()));
     }
     if tok.bos() != v.bos || tok.eos() != v.eos {
-        failures.push(format!("bos/eos: expected {:?}/{:?}, got {:?}/{:?}", v.bos, v.eos, tok.bos(), tok.eos()));
+        failures.push(format!("bos/eos: expected {}/{}, got {}/{}", id_or_none(v.bos), id_or_none(v.eos), id_or_none(tok.bos()), id_or_none(tok.eos())));
     }
     let eog: Vec<u32> = (0..tok.n_vocab() as u32).filter(|&t| tok.is_eog(t)).collect();
     if eog != v.eog {

@@ -18,6 +18,14 @@ pub enum Pairing {
 }
 
 impl Pairing {
+    /// In words, for reports: `NeoX (i, i + d/2)` or `adjacent (2i, 2i+1)`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pairing::Neox => "NeoX (i, i + d/2)",
+            Pairing::Adjacent => "adjacent (2i, 2i+1)",
+        }
+    }
+
     pub fn pairs(self, d: usize) -> Vec<(usize, usize)> {
         match self {
             Pairing::Neox => (0..d / 2).map(|i| (i, i + d / 2)).collect(),
@@ -214,7 +222,7 @@ fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Op
     let ln = with_storage(tol.get("invariants.rope_pair_norm"), u_rope, 2.0);
     let la = with_storage(tol.get("invariants.rope_relative"), u_rope, 3.0 * (1 + max_pos) as f64);
     let mut out = vec![CheckResult::new("invariants:rope_pair_norm", "max |‖pair after‖ − ‖pair before‖| / ‖head‖", norm_err, Op::Le, ln.value)
-        .with_detail(format!("{pairing_seen:?} pairing; worst at {norm_at}"))
+        .with_detail(format!("{} pairing; worst at {norm_at}", pairing_seen.name()))
         .with_reason(Some(ln.reason))];
     if !ang_err.is_nan() {
         out.push(CheckResult::new("invariants:rope_relative", "max |angle(p) − p·angle(1)| rad", ang_err, Op::Le, la.value)

@@ -6,7 +6,7 @@ use super::{CheckResult, Op, Tolerances};
 use rand::{Rng, SeedableRng};
 use statrs::distribution::{ChiSquared, ContinuousCDF};
 
-/// Sampling parameters of the check (issue #4).
+/// Sampling parameters of the check.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Params {
     pub temperature: f64,

@@ -43,12 +43,12 @@ pub fn render(r: &Report) -> String {
                     msg.push_str(e);
                 }
                 if let Some(d) = &c.first_divergence {
-                    let _ = write!(msg, "first divergence: step {} layer {:?} tap {} {} {:.3e} > {:.3e}. ", d.step, d.layer, d.tap, d.metric, d.value, d.limit);
+                    let _ = write!(msg, "first divergence: s{}/{} {} {:.3e} > {:.3e}. ", d.step, d.tap, d.metric, d.value, d.limit);
                 }
                 if let Some(cl) = &c.likely_class {
                     let _ = write!(msg, "likely: {cl}. ");
                 }
-                let body: Vec<String> = c.failed_checks().map(|k| format!("{}: {} = {:.3e} (limit {:?} {:.3e}) {}", k.name, k.metric, k.value, k.op, k.limit, k.detail.clone().unwrap_or_default())).collect();
+                let body: Vec<String> = c.failed_checks().map(|k| format!("{}: {} = {:.3e} (limit {} {:.3e}) {}", k.name, k.metric, k.value, k.op, k.limit, k.detail.clone().unwrap_or_default())).collect();
                 let _ = writeln!(x, ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>", esc(msg.trim()), esc(&body.join("\n")));
             } else {
                 x.push_str("/>\n");
@@ -58,4 +58,25 @@ pub fn render(r: &Report) -> String {
     }
     x.push_str("</testsuites>\n");
     x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{CaseReport, Provenance, Report};
+    use crate::checks::{CheckResult, Op};
+    use crate::localize::Divergence;
+
+    /// A failure's message speaks the report's words (tap key, `<=`), never Rust's Debug text.
+    #[test]
+    fn failure_message_has_no_debug_text() {
+        let d = Divergence { step: 0, layer: Some(0), tap: "kq_soft_max-0".into(), metric: "rel_l2".into(), value: 0.5, limit: 1e-5 };
+        let mut c = CaseReport { name: "s::c::cpu".into(), suite: "s".into(), first_divergence: Some(d), likely_class: Some("causal mask missing".into()), ..Default::default() };
+        c.checks.push(CheckResult::new("taps:kq_soft_max", "max rel_l2", 0.5, Op::Le, 1e-5));
+        c.finish();
+        let x = super::render(&Report::new(Provenance::here(serde_json::Value::Null, None), vec![c]));
+        assert!(x.contains("first divergence: s0/kq_soft_max-0 rel_l2 5.000e-1 &gt; 1.000e-5") && x.contains("(limit &lt;= 1.000e-5)"), "{x}");
+        for debug in ["Some(", "None", "Le ", "layer "] {
+            assert!(!x.contains(debug), "{debug:?} in:\n{x}");
+        }
+    }
 }
