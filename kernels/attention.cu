@@ -158,11 +158,16 @@ __device__ __forceinline__ void dec_load(VT r[DEC_CHUNKS], const float* row, con
 
 // Row j's score from this lane's share s: summed over the group, scaled, stored once, max kept.
 // Every lane of the warp calls it (the shuffles); j > p (past kv_len) changes nothing.
-__device__ __forceinline__ void dec_score(float s, int j, int p, float scale, float* sc, const DecLayout& l, float& m) {
+// kq_row (may be null): the tap of the unscaled score q·k_j (llama.cpp's `kq`).
+__device__ __forceinline__ void dec_score(float s, int j, int p, float scale, float* sc, const DecLayout& l, float& m,
+                                          float* __restrict__ kq_row) {
     for (int o = l.L >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     float w = s * scale;
     if (j <= p) {
-        if (l.lig == 0) sc[j] = w;
+        if (l.lig == 0) {
+            sc[j] = w;
+            if (kq_row) kq_row[j] = s;
+        }
         m = fmaxf(m, w);
     }
 }
@@ -175,7 +180,8 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
                                            float* smem, float* sc, float* shf, double* shd,
                                            const float* __restrict__ kbase, const float* __restrict__ vbase,
                                            const float* __restrict__ vp, float* __restrict__ out, int p, int kvd,
-                                           int Dh, float scale, int fault) {
+                                           int Dh, float scale, int fault, float* __restrict__ kq_row,
+                                           float* __restrict__ p_row) {
     int kv_len = p + 1, rpp = l.rows_per_pass;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float* ks = smem + Dh;
@@ -192,7 +198,7 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(j < p ? kpre[i] : kr[i], qr[i]);
-        dec_score(s, j, p, scale, sc, l, m);
+        dec_score(s, j, p, scale, sc, l, m, kq_row);
     }
     // the loop bound is warp-uniform (the shuffles need every lane)
     for (int j0 = rpp; j0 < kv_len; j0 += DEC_BATCH * rpp) {
@@ -211,7 +217,7 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
 #pragma unroll
                 for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(kr[b][i], qr[i]);
             }
-            dec_score(s, j, p, scale, sc, l, m);
+            dec_score(s, j, p, scale, sc, l, m, kq_row);
         }
     }
     m = warp_max(m);
@@ -234,6 +240,9 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
     sum = shd[0];
     for (int i = 1; i < nw; i++) sum += shd[i];
     float inv = (float)(1.0 / sum);
+    // the probabilities' tap (llama.cpp's `kq_soft_max`): the very values the V sum below uses
+    if (p_row)
+        for (int j = threadIdx.x; j < kv_len; j += blockDim.x) p_row[j] = sc[j] * inv;
 
     // values: each group accumulates p_j·v_j over its rows (row p: the input v), then the groups
     // of a warp are added by shuffles, the warps through shared memory in a fixed order
@@ -288,7 +297,9 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
                                                  int Hkv, int Dh, int n_rot, float theta_scale, int neox,
                                                  float scale, int fault, float* __restrict__ out,
                                                  float* __restrict__ p_scratch, int ctx, int smem_cap, float* smem,
-                                                 float* shf, double* shd) {
+                                                 float* shf, double* shd, float* __restrict__ q_tap,
+                                                 float* __restrict__ k_tap, float* __restrict__ kq_tap,
+                                                 float* __restrict__ p_tap) {
     int h = blockIdx.x, tid = threadIdx.x;
     int group = H / Hkv;
     int hk = (fault & 4) ? h % Hkv : h / group;
@@ -348,6 +359,15 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
         qs[b] = q1;
         ks[a] = k0;
         ks[b] = k1;
+        // the rotated q and k taps (`Qcur-L.rope` [H][Dh], `Kcur-L.rope` [Hkv][Dh]), when asked for
+        if (q_tap) {
+            q_tap[h * Dh + a] = q0;
+            q_tap[h * Dh + b] = q1;
+        }
+        if (k_tap && writer) {
+            k_tap[hk * Dh + a] = k0;
+            k_tap[hk * Dh + b] = k1;
+        }
         if (writer) {
             kc[row_p + a] = k0;
             kc[row_p + b] = k1;
@@ -357,12 +377,15 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
     __syncthreads();
 
     float* o = out + (long long)h * Dh;
+    // the score taps are [H][kv_len], kv_len = p + 1
+    float* kq_row = kq_tap ? kq_tap + (long long)h * (p + 1) : nullptr;
+    float* p_row = p_tap ? p_tap + (long long)h * (p + 1) : nullptr;
     if (p + 1 <= smem_cap) {
         float* sc = smem + (2 + (blockDim.x >> 5)) * Dh;
-        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault);
+        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault, kq_row, p_row);
     } else {
         float* sc = p_scratch + (long long)h * ctx;
-        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault);
+        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault, kq_row, p_row);
     }
 }
 
@@ -370,7 +393,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     float* __restrict__ kc, float* __restrict__ vc, const int* __restrict__ pos, int H, int Hkv, int Dh,
     int n_rot, float theta_scale, int neox, float scale, int fault, float* __restrict__ out,
-    float* __restrict__ p_scratch, int ctx, int smem_cap) {
+    float* __restrict__ p_scratch, int ctx, int smem_cap, float* __restrict__ q_tap, float* __restrict__ k_tap,
+    float* __restrict__ kq_tap, float* __restrict__ p_tap) {
     extern __shared__ float smem[];
     __shared__ float shf[32];
     __shared__ double shd[32];
@@ -378,8 +402,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
     pdl_wait();
     if ((Dh & 3) == 0)
         attention_decode<float4>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, out,
-                                 p_scratch, ctx, smem_cap, smem, shf, shd);
+                                 p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap);
     else
         attention_decode<float2>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, out,
-                                 p_scratch, ctx, smem_cap, smem, shf, shd);
+                                 p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap);
 }

@@ -36,6 +36,7 @@ pub enum BugClass {
     LayerData,
     WrongShape,
     Sampling,
+    DecodeKernel,
 }
 
 impl BugClass {
@@ -67,6 +68,7 @@ impl BugClass {
             LayerData => "layer_data",
             WrongShape => "wrong_shape",
             Sampling => "sampling",
+            DecodeKernel => "decode_kernel",
         }
     }
 }
@@ -150,7 +152,7 @@ pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>, n_layer: Option
             match layer_input_agrees(cmps, i) {
                 Some(input) => loc.set_class(
                     BugClass::LayerData,
-                    "this layer's weights (dequantization) or an activation overflow in it",
+                    LAYER_DATA_TEXT,
                     format!("{why}; the layer's input {input} agrees, so the divergence starts inside layer {}", c.id.layer.unwrap_or(0)),
                 ),
                 None => loc.evidence = Some(why),
@@ -191,18 +193,26 @@ pub fn growth(cmps: &[TapComparison]) -> BTreeMap<String, Vec<(usize, f64)>> {
     m.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect()
 }
 
+/// The class of a fault that starts inside one layer without a formula to blame: its data (an activation
+/// outlier overflowing a narrow accumulator) or its weights (dequantization, a wrong tensor).
+const LAYER_DATA_TEXT: &str = "f16 overflow in accumulation (activation outlier) or this layer's weights";
+
 /// Uses the layer-isolated check (each layer fed llama.cpp's own input): when it finds a first layer
 /// whose taps exceed their limits and the chained comparison first diverges later (a deeper layer, or
 /// outside the stack) or names no class, that layer is where the fault is, and its class is the layer's
 /// own (weights, dequantization, or an overflow in it).
 pub fn use_isolated(rep: &mut crate::report::CaseReport) {
     let Some(bad) = rep.isolated_layers.iter().find(|l| !(l.ratio <= 1.0)) else { return };
-    let later = rep.first_divergence.as_ref().is_some_and(|d| d.layer.is_none_or(|l| l > bad.layer));
+    // "Later": a deeper layer, or the tensors after the stack (not the embedding before it).
+    let later = rep.first_divergence.as_ref().is_some_and(|d| match d.layer {
+        Some(l) => l > bad.layer,
+        None => !matches!(d.tap.as_str(), "embd" | "inp_embd"),
+    });
     if !(later || (rep.first_divergence.is_some() && rep.likely_class.is_none())) {
         return;
     }
     let chained = rep.first_divergence.as_ref().map_or(String::new(), |d| format!("the chained run first diverges at s{}/{}; ", d.step, d.tap));
-    rep.likely_class = Some("this layer's weights (dequantization) or an activation overflow in it".into());
+    rep.likely_class = Some(LAYER_DATA_TEXT.into());
     rep.likely_class_id = Some(BugClass::LayerData.id().into());
     rep.evidence = Some(format!(
         "{chained}fed llama.cpp's own input, layer {} is the first whose taps exceed their limits ({} at {:.1e}, {:.0}× its limit) while the layers before it agree",
@@ -279,11 +289,18 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
         let l = layer.unwrap_or(0);
         return Some((
             LayerData,
-            "f16 overflow in accumulation (activation outlier) or this layer's weights",
+            LAYER_DATA_TEXT,
             format!("every compared tap of layers 0–{} passes and {at} is the first to fail, at positions {}: a data-dependent fault (an activation outlier overflowing a narrow accumulator, or this layer's weights), not a wrong formula", l - 1, fmt_positions(&c.bad_positions())),
         ));
     }
-    if step >= 1 && step0_all_pass && matches!(fam, "kq" | "kq_soft_max" | "kqv" | "kqv_out" | "attn_out") {
+    // A decode step whose scores (or, with the probabilities agreeing, values) differ while the prefill
+    // agrees: the cache. A decode step's softmax differing while its scores agree is the softmax's own.
+    let v_only = fam == "kqv" && passes("kq_soft_max", None) == Some(true);
+    let (heads_ok, heads_bad) = head_split(c);
+    if step >= 1 && fam == "kq" && heads_ok > 0 && heads_bad > 0 && passes("Qcur", Some("rope")) != Some(false) {
+        return Some((GqaMapping, "GQA head mapping", format!("{at}: {heads_ok} heads agree and {heads_bad} differ at decode step {step}: query heads read the wrong K head")));
+    }
+    if step >= 1 && step0_all_pass && (fam == "kq" || v_only) {
         return Some((KvCache, "KV cache (never written, wrong layout or stride)", format!("every prefill tap passes; {at} at decode step {step} is the first to fail")));
     }
     match (fam, stage) {
@@ -391,17 +408,21 @@ fn fmt_positions(p: &[usize]) -> String {
         [] => "none".into(),
         [a] => format!("{a}"),
         _ if p.windows(2).all(|w| w[1] == w[0] + 1) => format!("{}–{}", p[0], p[p.len() - 1]),
-        _ => format!("{p:?}"),
+        _ => p.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", "),
     }
 }
 
 /// When no tap names a class: the class of the first failing check that is not about taps (the
 /// sampler test, the KV-cache check), as BUGS.md's "where it shows" column names them.
 pub fn class_from_checks(checks: &[CheckResult]) -> Option<(BugClass, &'static str, String)> {
-    let c = checks.iter().find(|c| !c.passed)?;
+    // The graph-path check first: when it fails, the logits after the tapped steps (which the graph
+    // computes) fail with it, and they say nothing about where.
+    let c = checks.iter().find(|c| !c.passed && c.name == "graph_decode").or_else(|| checks.iter().find(|c| !c.passed))?;
     let n = c.name.as_str();
     if n.starts_with("sampler:") {
         Some((BugClass::Sampling, "sampling order (top-k, top-p, temperature)", format!("{n} fails: the engine's sampler does not draw from llama.cpp's distribution")))
+    } else if n == "graph_decode" {
+        Some((BugClass::DecodeKernel, "decode-only kernel (the graph path differs from the tapped path)", format!("{n} fails while every tap agrees: {}", c.detail.clone().unwrap_or_default())))
     } else if n.starts_with("kv_cache") {
         Some((BugClass::KvCache, "KV cache (never written, wrong layout or stride)", format!("{n} fails while every tap agrees")))
     } else {

@@ -166,7 +166,19 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
     let baseline = tensor_errors(&eng.data, &gold.data).rel_l2;
     let tried: Vec<(String, f64)> = hyps.iter().map(|h| (h.what.clone(), tensor_errors(&eng.data, &h.predicted).rel_l2)).collect();
     let (best, &(ref what, dist)) = tried.iter().enumerate().min_by(|a, b| a.1 .1.total_cmp(&b.1 .1))?;
-    let confirmed = dist * CONFIRM_RATIO <= baseline;
+    let mut confirmed = dist * CONFIRM_RATIO <= baseline;
+    let (mut what, mut dist) = (what.clone(), dist);
+    // A decode step's scores that differ in the newest position only: no value to predict (the kernel
+    // left it unwritten or computed it from another row), but the pattern itself is the proof.
+    if !confirmed && id.family == "kq" && d.step >= 1 {
+        if let Some(rest) = newest_column_only(&eng, &gold) {
+            confirmed = true;
+            what = "only the newest position's score differs (the causal window excludes it, or it is never computed)".into();
+            dist = rest;
+            hyps.push(Hypothesis { what: what.clone(), class: BugClass::CausalMask, class_text: "causal window (the newest position)", predicted: Vec::new() });
+        }
+    }
+    let best = hyps.iter().position(|h| h.what == what).unwrap_or(best);
     if confirmed {
         let h = &hyps[best];
         let why = format!("{}; {what} reproduces it to {dist:.1e}", loc.evidence.clone().unwrap_or_default());
@@ -174,7 +186,28 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
         loc.likely_class_id = Some(h.class.id().into());
         loc.evidence = Some(why);
     }
-    Some(ClassProof { verdict: if confirmed { "confirmed" } else { "suspected" }.into(), hypothesis: what.clone(), rel_l2: dist, baseline, tried })
+    Some(ClassProof { verdict: if confirmed { "confirmed" } else { "suspected" }.into(), hypothesis: what, rel_l2: dist, baseline, tried })
+}
+
+/// For scores `[1,H,T,kv]`: when every column but the last agrees with the golden (rel L2 ≤ 1e-4 over
+/// them) and the last differs, that rel L2 of the rest.
+fn newest_column_only(eng: &Tensor, gold: &Tensor) -> Option<f64> {
+    let kv = *gold.shape.last()?;
+    if kv < 2 || gold.shape.len() != 4 {
+        return None;
+    }
+    let split = |x: &[f32]| -> (Vec<f32>, Vec<f32>) {
+        let (mut rest, mut last) = (Vec::new(), Vec::new());
+        for row in x.chunks_exact(kv) {
+            rest.extend_from_slice(&row[..kv - 1]);
+            last.push(row[kv - 1]);
+        }
+        (rest, last)
+    };
+    let ((er, el), (gr, gl)) = (split(&eng.data), split(&gold.data));
+    let rest = tensor_errors(&er, &gr).rel_l2;
+    let last = tensor_errors(&el, &gl).rel_l2;
+    (rest <= 1e-4 && last > 1e-2).then_some(rest)
 }
 
 /// Per-pair rotation angles of llama.cpp's RoPE, read off its own input and output (`pre` `[1,1,T,H·D]`

@@ -32,7 +32,9 @@ pub fn backend_available(name: &str) -> Result<(), String> {
 
 /// The GPU's name, when CUDA is usable.
 pub fn gpu_name() -> Option<String> {
-    lockstep_engine::cuda::device::available().ok().map(|d| format!("{d:?}"))
+    lockstep_engine::cuda::device::available()
+        .ok()
+        .map(|d| format!("{} (sm_{}{}, {} SMs, {:.0} GiB, driver {})", d.name, d.compute_capability.0, d.compute_capability.1, d.multiprocessors, d.total_mem as f64 / (1u64 << 30) as f64, d.driver_version))
 }
 
 /// The model file a case runs: the golden entry's `model_file` when it lies in golden/ (the tiny
@@ -99,6 +101,35 @@ fn teacher_forced(backend: &mut dyn Backend, golden: &TapsFile, prompt: &[u32], 
     Ok((taps, all))
 }
 
+/// The decode steps as production runs them (`Backend::step`: the CUDA graph, no taps) against the
+/// tapped run's logits of the same steps, teacher-forced alike: a kernel that runs only in the graph
+/// path, or only when no tap is wanted, shows here ("graph decode differs from tapped decode at step s").
+fn graph_agreement(backend: &mut dyn Backend, prompt: &[u32], cont: &[u32], tapped: &[Vec<f32>], steps: usize, tol: &Tolerances) -> Result<checks::CheckResult> {
+    backend.reset();
+    backend.forward(prompt, None)?;
+    let (mut worst, mut first_bad) = (0f64, None);
+    let lim = tol.get("graph_decode.rel_l2");
+    let steps = steps.min(cont.len()).min(tapped.len().saturating_sub(1));
+    for k in 1..=steps {
+        let graph = backend.step(&[cont[k - 1]])?.to_vec();
+        let e = crate::metrics::tensor_errors(&graph, &tapped[k]).rel_l2;
+        if first_bad.is_none() && !(e <= lim.value) {
+            first_bad = Some((k, e));
+        }
+        if checks::invariants::worse(e, worst) {
+            worst = e;
+        }
+    }
+    backend.reset();
+    let detail = match first_bad {
+        Some((k, e)) => format!("graph decode differs from tapped decode at step {k} (logits rel L2 {e:.1e})"),
+        None => format!("{steps} decode steps agree"),
+    };
+    Ok(checks::CheckResult::new("graph_decode", "max rel_l2 of the graph path's logits vs the tapped path's", worst, checks::Op::Le, lim.value)
+        .with_detail(detail)
+        .with_reason(Some(lim.reason)))
+}
+
 /// Runs one case on a loaded backend. `reference`: the clean CPU backend of the same model when
 /// `backend` is another backend, so check 9 can compare their generations token by token; `None`
 /// judges `backend`'s anti-cheat generation alone.
@@ -125,6 +156,12 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
     let max_step = case.steps.unwrap_or(usize::MAX);
     let want_taps = case.wants("taps") || case.wants("invariants");
     let (taps, all_logits) = teacher_forced(backend, &golden, &g_tokens, &cont, if want_taps { max_step } else { 0 })?;
+    let tapped_steps = golden.steps().into_iter().filter(|&k| k >= 1 && k <= max_step && want_taps).max().unwrap_or(0);
+    let graph_check = if backend.name() == "cuda" && tapped_steps > 0 {
+        Some(graph_agreement(backend, &g_tokens, &cont, &all_logits, tapped_steps, tol)?)
+    } else {
+        None
+    };
 
     // The engine's own greedy continuation: the teacher-forced argmaxes up to the first difference
     // (deterministic engine), then a free run from there.
@@ -162,6 +199,7 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
         let ent: Vec<f64> = g.logits.unwrap_or_default().iter().map(|l| logits::coarse_entropy(l, 64)).collect();
         rep.checks.extend(diversity::check("sampled", &diversity::stats(&g.tokens, &ent), limits));
     }
+    rep.checks.extend(graph_check);
     if case.wants("kv_cache") {
         rep.checks.extend(checks::kv_cache::check(backend, &g_tokens, tol)?);
     }

@@ -11,7 +11,7 @@
 //! `LOCKSTEP_CPU_EXTRA=model.gguf=ref.safetensors[,…]`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
 use libtest_mimic::{Arguments, Failed, Trial};

@@ -9,7 +9,7 @@ use cuda_common::{check_close, trials};
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep_engine::cpu::attention::{self as cpu_attn, AttnDims, KvCache};
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
-use lockstep_engine::cuda::attn_decode::{DecodeAttnArgs, DECODE_SMEM_SCORES};
+use lockstep_engine::cuda::attn_decode::{DecodeAttnArgs, DecodeTaps, DECODE_SMEM_SCORES};
 use lockstep_engine::cuda::device::ptr;
 use lockstep_engine::cuda::ops::{AttnArgs, Proj, QMat, RopeArgs, SUPPORTED};
 use lockstep_engine::cuda::Gpu;
@@ -497,6 +497,13 @@ fn attention_decode_case(c: DecodeCase) -> R {
     let (kcd, vcd) = (g.upload(&kcache, "kc")?, g.upload(&vcache, "vc")?);
     let (out, scratch) = (g.alloc::<f32>(h * dh, "out")?, g.alloc::<f32>(h * ctx, "p_scratch")?);
     let pos = g.upload(&[p as i32], "pos")?;
+    // the taps the kernel writes when asked (kv_len past the shared-memory scores: the backend takes
+    // the prefill path for tapped steps, so the kernel is not asked)
+    let kv_len = p + 1;
+    let tapped = kv_len <= DECODE_SMEM_SCORES;
+    let (tq, tk) = (g.alloc::<f32>(h * dh, "q_rot tap")?, g.alloc::<f32>(hkv * dh, "k_rot tap")?);
+    let (tkq, tp) = (g.alloc::<f32>(h * kv_len, "kq tap")?, g.alloc::<f32>(h * kv_len, "p tap")?);
+    let taps = if tapped { DecodeTaps { q_rot: pp(&tq), k_rot: pp(&tk), kq: pp(&tkq), p: pp(&tp) } } else { DecodeTaps::default() };
     g.attention_decode(
         &DecodeAttnArgs {
             q: pp(&qd),
@@ -515,10 +522,17 @@ fn attention_decode_case(c: DecodeCase) -> R {
             theta_scale: base.powf(-2.0 / c.n_rot as f32),
             neox: c.style == RopeStyle::Neox,
             scale,
+            taps,
         },
         c.fault,
     )?;
     let what = format!("attention_decode {c:?}");
+    if tapped {
+        check_close(&format!("{what} Qcur.rope tap"), &g.download(&tq, 0, h * dh)?, &wq, 1e-6)?;
+        check_close(&format!("{what} Kcur.rope tap"), &g.download(&tk, 0, hkv * dh)?, &wk, 1e-6)?;
+        check_close_nonfinite(&format!("{what} kq tap"), &g.download(&tkq, 0, h * kv_len)?, &kq, 1e-5)?;
+        check_close_nonfinite(&format!("{what} kq_soft_max tap"), &g.download(&tp, 0, h * kv_len)?, &probs, 1e-5)?;
+    }
     check_close_nonfinite(&format!("{what} kqv_out"), &g.download(&out, 0, h * dh)?, &want_out, 1e-5)?;
     let got_kc = g.download(&kcd, 0, ctx * row)?;
     let new_k = &got_kc[p * row..(p + 1) * row];

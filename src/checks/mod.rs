@@ -153,6 +153,7 @@ pub fn default_limit(tier: &str, key: &str) -> Limit {
         "kv_cache.rel_l2" => l(1e-5, "prefill of N tokens vs prefill of N−1 then one decode step: the same sums in another order, measured of order 1e-7 to 1e-6 on every suite case, CPU and CUDA (tests/snapshots)"),
         "isolated.rel_l2" if exact => l(1e-5, "layer-isolated exact tier, same as taps"),
         "isolated.rel_l2" => l(0.1, "layer-isolated shipped tier: measured ≤0.042"),
+        "graph_decode.rel_l2" => l(1e-5, "the graph's staged matvecs sum in another order than the tapped launches: both f32 on the same weights (measured on the H200: see the suite files)"),
         "sampler.p_value" => l(1e-3, "chi-square p ≥ 1e-3 over 10,000 seeded draws"),
         "sampler.tv" => l(1e-6, "engine distribution vs f64 reference: f32 logits/T (as llama.cpp) measured TV 3.8e-9; a wrong cut or order gives ≥ 1e-3"),
         _ => l(f64::NAN, "no limit known: add one to the suite"),

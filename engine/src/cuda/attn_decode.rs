@@ -1,8 +1,9 @@
 //! The decode step's attention (T = 1): RoPE on q and k, the KV-cache write and causal GQA
 //! attention in one launch (kernels/attention.cu, `attention_decode_f32`), in place of
-//! [`Gpu::rope_store`] followed by [`Gpu::attention_faulty`]. It keeps the rotated q/k and the scores
-//! to itself: the backend uses it for the decode steps where no `Qcur`/`Kcur` rope, `kq` or
-//! `kq_soft_max` tap is wanted (always in the CUDA-graph path).
+//! [`Gpu::rope_store`] followed by [`Gpu::attention_faulty`]. Every decode step runs it, the CUDA
+//! graph's and the tapped ones alike: when taps are wanted it writes the rotated q and k, the unscaled
+//! scores and the probabilities to the tap buffers of [`DecodeTaps`], so the taps of a decode step
+//! come from the kernel that runs in production.
 
 use anyhow::{ensure, Result};
 
@@ -46,6 +47,21 @@ pub struct DecodeAttnArgs {
     pub neox: bool,
     /// softmax scale (1/√Dh)
     pub scale: f32,
+    /// Where to write the observable intermediates; all null in the graph path.
+    pub taps: DecodeTaps,
+}
+
+/// Tap buffers of the fused decode attention (device pointers; 0 = not wanted).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeTaps {
+    /// `[H][Dh]`: q after RoPE (`Qcur-L.rope`)
+    pub q_rot: u64,
+    /// `[Hkv][Dh]`: k after RoPE (`Kcur-L.rope`)
+    pub k_rot: u64,
+    /// `[H][kv_len]`: q·k, unscaled and unmasked (`kq-L`)
+    pub kq: u64,
+    /// `[H][kv_len]`: the probabilities (`kq_soft_max-L`)
+    pub p: u64,
 }
 
 impl Gpu {
@@ -92,6 +108,10 @@ impl Gpu {
             Arg::P(a.p_scratch.unwrap_or(0)),
             int(a.ctx)?,
             int(smem_cap)?,
+            Arg::P(a.taps.q_rot),
+            Arg::P(a.taps.k_rot),
+            Arg::P(a.taps.kq),
+            Arg::P(a.taps.p),
         ];
         self.launch_pdl("attention_decode_f32", (h as u32, 1, 1), BLOCK, smem as u32, &args)
     }

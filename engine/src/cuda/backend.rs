@@ -12,7 +12,7 @@ use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 
 use super::device::{ptr, Gpu};
-use super::attn_decode::DecodeAttnArgs;
+use super::attn_decode::{DecodeAttnArgs, DecodeTaps, DECODE_SMEM_SCORES};
 use super::ops::{AttnArgs, Proj, RopeArgs, MV_MAX_T};
 use super::weights::{GpuWeights, Vec32};
 use crate::backend::Backend;
@@ -78,6 +78,8 @@ struct Acts {
     dn: Buf,
     /// `[T][H·Dh]`
     q: Buf,
+    /// `[H·Dh]`: a decode step's rotated q, written by the fused decode attention when tapped
+    qrot: Buf,
     qraw: Buf,
     attn: Buf,
     /// `[T][Hkv·Dh]`
@@ -138,6 +140,7 @@ impl Acts {
             f: b(t_cap * d, "ffn_norm")?,
             dn: b(t_cap * d, "ffn_out")?,
             q: b(t_cap * qd, "Qcur")?,
+            qrot: b(qd, "Qcur.rope (decode)")?,
             qraw: b(t_cap * qd, "Qcur.mul_mat")?,
             attn: b(t_cap * qd, "kqv_out")?,
             k: b(t_cap * kv, "Kcur")?,
@@ -511,14 +514,23 @@ fn run(
             vp?;
             kp?;
         }
-        // a decode step whose rotated q/k and scores nobody asked for: RoPE, the cache write and
-        // attention in one kernel (the graph path, and launches with other taps, run the same)
-        let fused_attn = t == 1
-            && !taps.wants("Qcur", li, Some("rope"))
-            && !taps.wants("Kcur", li, Some("rope"))
-            && !taps.wants("kq", li, None)
-            && !taps.wants("kq_soft_max", li, None);
+        // a decode step: RoPE, the cache write and attention in one kernel, the one the CUDA graph
+        // runs; wanted taps are written by that kernel itself. (Past the kernel's shared-memory
+        // scores its scratch would overlap the score taps: such a tapped step takes the prefill path.)
+        let want_attn_taps = taps.wants("Qcur", li, Some("rope"))
+            || taps.wants("Kcur", li, Some("rope"))
+            || taps.wants("kq", li, None)
+            || taps.wants("kq_soft_max", li, None);
+        let fused_attn = t == 1 && (!want_attn_taps || kv_len <= DECODE_SMEM_SCORES);
+        let q_rope_buf = if fused_attn { &a.qrot } else { &a.q };
         if fused_attn {
+            let tap = |name: &str, stage: Option<&str>, b: &Buf| if taps.wants(name, li, stage) { b.ptr } else { 0 };
+            let dtaps = DecodeTaps {
+                q_rot: tap("Qcur", Some("rope"), &a.qrot),
+                k_rot: tap("Kcur", Some("rope"), &a.krot),
+                kq: tap("kq", None, &a.kq),
+                p: tap("kq_soft_max", None, &a.p),
+            };
             gpu.attention_decode(&DecodeAttnArgs {
                 q: a.q.ptr,
                 k: a.k.ptr,
@@ -536,6 +548,7 @@ fn run(
                 theta_scale,
                 neox,
                 scale,
+                taps: dtaps,
             }, attn_fault)?;
         } else {
             let want_krot = taps.wants("Kcur", li, Some("rope"));
@@ -556,7 +569,7 @@ fn run(
                 neox,
             })?;
         }
-        taps.emit(gpu, "Qcur", li, Some("rope"), [1, t, cfg.n_head, cfg.head_dim], &a.q, 0)?;
+        taps.emit(gpu, "Qcur", li, Some("rope"), [1, t, cfg.n_head, cfg.head_dim], q_rope_buf, 0)?;
         match lw.bv {
             Some(_) => {
                 taps.emit(gpu, "Vcur", li, Some("mul_mat"), act(t, kvd), v_raw.unwrap_or(&a.v), 0)?;
