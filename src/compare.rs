@@ -140,12 +140,8 @@ pub fn compare_dump(manifest: &Manifest, dump_path: &std::path::Path, entry: &st
     let tier = f.tier.clone().unwrap_or_else(|| "exact".into());
     let model = f.model.clone().unwrap_or_default();
     let tol = tol.unwrap_or_else(|| Tolerances::new(&tier));
-    let arch = match model.as_str() {
-        m if m.contains("qwen") => "qwen2",
-        m if m.contains("llama") || m.contains("smollm") => "llama",
-        _ => "",
-    };
-    let opt = Options { tol: &tol, pairing: Pairing::for_arch(arch), diversity: diversity_limits(manifest, &model, &tier)?, max_step: None, require_all_taps: false };
+    let arch = golden_arch(manifest, f);
+    let opt = Options { tol: &tol, pairing: Pairing::for_arch(&arch), diversity: diversity_limits(manifest, &model, &tier)?, max_step: None, require_all_taps: false };
     let mut case = CaseReport {
         name: format!("compare::{}::dump", f.entry_name()),
         suite: "compare".into(),
@@ -163,4 +159,58 @@ pub fn compare_dump(manifest: &Manifest, dump_path: &std::path::Path, entry: &st
     case.seconds = t0.elapsed().as_secs_f64();
     case.finish();
     Ok(case)
+}
+
+/// The architecture of the golden's model (GGUF `general.architecture`), which fixes llama.cpp's RoPE
+/// pairing: the record's `arch` (on-demand entries carry it), else the model file's metadata when the file
+/// is here (`model_file`: relative to the manifest, an absolute path, or `{id}.gguf (cache)`), else a
+/// guess from the model's name ("" when none: the invariant then accepts either pairing and says which).
+fn golden_arch(manifest: &Manifest, f: &ManifestFile) -> String {
+    if let Some(a) = f.extra.get("arch").and_then(|v| v.as_str()).filter(|a| !a.is_empty()) {
+        return a.to_string();
+    }
+    let file = f.model_file.as_deref().map(|mf| match mf.strip_suffix(" (cache)") {
+        Some(name) => lockstep_engine::fetch::cache_dir().join("models").join(name),
+        None => manifest.dir.join(mf),
+    });
+    if let Some(p) = file.filter(|p| p.is_file()) {
+        if let Some(a) = lockstep_engine::gguf::GgufFile::open(&p).ok().and_then(|g| g.meta_str("general.architecture").ok().map(str::to_string)) {
+            return a;
+        }
+    }
+    let m = f.model.as_deref().unwrap_or_default();
+    if m.contains("qwen") {
+        "qwen2".into()
+    } else if m.contains("llama") || m.contains("smollm") {
+        "llama".into()
+    } else {
+        String::new()
+    }
+}
+
+#[cfg(test)]
+mod arch_tests {
+    use super::*;
+
+    fn record(extra: serde_json::Value) -> Manifest {
+        let mut rec = serde_json::json!({"path": "t.safetensors", "sha256": "00", "kind": "taps", "model": "mystery-model", "tier": "exact", "prompt_id": "p"});
+        rec.as_object_mut().unwrap().extend(extra.as_object().cloned().unwrap_or_default());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("manifest.json"), serde_json::json!({ "files": [rec] }).to_string()).unwrap();
+        Manifest::load(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn arch_from_the_record_then_the_model_file_then_the_name() {
+        let m = record(serde_json::json!({"arch": "gemma3", "model": "qwen-lookalike"}));
+        assert_eq!(golden_arch(&m, &m.files[0]), "gemma3");
+        // The name says nothing; the GGUF metadata of the file llama.cpp ran does.
+        let tiny_llama = lockstep_engine::fetch::golden_dir().join("models/tiny-llama.q.gguf");
+        let m = record(serde_json::json!({"model_file": tiny_llama.to_str().unwrap()}));
+        assert_eq!(golden_arch(&m, &m.files[0]), "llama");
+        let m = record(serde_json::json!({"model": "my-qwen-finetune", "model_file": "/nonexistent/x.gguf"}));
+        assert_eq!(golden_arch(&m, &m.files[0]), "qwen2");
+        let m = record(serde_json::json!({}));
+        assert_eq!(golden_arch(&m, &m.files[0]), "");
+    }
 }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod noise;
 pub mod probe;
 pub mod ondemand;
+pub mod pin;
 pub mod tapname;
 pub mod localize;
 pub mod report;

@@ -41,6 +41,12 @@ enum Cmd {
         /// Only cases whose `{suite}::{case}::{backend}` name contains this.
         #[arg(long)]
         filter: Option<String>,
+        /// Then run each failing case whose golden lacks some taps (the committed real-model goldens keep
+        /// some layers only) again against an on-demand full-tap golden of the same model, prompt, tier
+        /// and steps (`lockstep golden`, cached), and report the pinned first divergence beside the
+        /// case's own verdict. Needs the golden venv (or the entries cached).
+        #[arg(long)]
+        pin: bool,
     },
     /// Judge an engine's dump (golden naming) against a golden entry: checks 2, 3, 4, 7.
     Compare {
@@ -174,7 +180,7 @@ fn run(cli: Cli) -> Result<bool> {
         }
     }
     match cli.cmd {
-        Cmd::Validate { suites, backend, report, inject, filter } => validate(suites, &backend, &report, inject, filter),
+        Cmd::Validate { suites, backend, report, inject, filter, pin } => validate(suites, &backend, &report, inject, filter, pin),
         Cmd::Compare { dump, golden: entry, report } => {
             // An on-demand golden (cache:KEY, an entry's directory or file) has its own manifest.
             let (manifest, entry) = match lockstep::ondemand::resolve_entry(&entry)? {
@@ -200,6 +206,19 @@ fn run(cli: Cli) -> Result<bool> {
                 }
             }
             rep.write(&report)?;
+            // The golden holds none of the first failing tap's inputs: the command for a full-tap golden
+            // of this entry (its chat messages, if any, written beside the report), to judge the dump again.
+            if let Some(d) = rep.cases.first().and_then(|c| c.first_divergence.as_ref()) {
+                match lockstep::pin::compare_pin_command(&manifest, &entry, d, &report.join("pin-chat.json")) {
+                    Ok(Some(cmd)) => {
+                        println!("  pin it: the golden holds none of s{}/{}'s inputs; make a full-tap golden of this entry and judge the dump against it:", d.step, d.tap);
+                        println!("    {cmd}");
+                        println!("    lockstep compare --dump {} --golden cache:KEY   (KEY: the name the first command prints)", dump.display());
+                    }
+                    Ok(None) => {}
+                    Err(e) => println!("  (no pin command for this golden: {e:#})"),
+                }
+            }
             println!("report: {}", report.join("report.html").display());
             Ok(rep.passed)
         }
@@ -260,7 +279,7 @@ fn merge_shards(spec: &std::path::Path, out: &std::path::Path, ranks: &[PathBuf]
     Ok(true)
 }
 
-fn validate(suites: Vec<PathBuf>, backend: &str, report: &PathBuf, inject: Option<String>, filter: Option<String>) -> Result<bool> {
+fn validate(suites: Vec<PathBuf>, backend: &str, report: &PathBuf, inject: Option<String>, filter: Option<String>, pin: bool) -> Result<bool> {
     let fault = match inject {
         None => None,
         Some(name) => Some(lockstep_engine::faults::Fault::from_name(&name).with_context(|| {
@@ -288,12 +307,20 @@ fn validate(suites: Vec<PathBuf>, backend: &str, report: &PathBuf, inject: Optio
     let mut runner = lockstep::validate::Runner::default();
     runner.fault = fault;
     let mut cases = Vec::new();
-    for (s, c, b) in trials {
+    for (s, c, b) in &trials {
         bar.set_message(format!("{}::{}::{b}", s.name, c.name));
-        cases.push(runner.run(&manifest, s, c, &b));
+        cases.push(runner.run(&manifest, s, c, b));
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if pin {
+        // After the normal run: each failing case with a partial golden, against a full-tap one (the
+        // export's progress on stderr). The cases' own verdicts stay as they are.
+        let (pinned, not) = lockstep::pin::pin_all(&mut runner, &manifest, &trials, &mut cases, &lockstep::pin::chat_dir(report));
+        if pinned + not > 0 {
+            eprintln!("lockstep validate --pin: {pinned} case(s) pinned against a full-tap golden{}", if not > 0 { format!(", {not} could not be (the table says why)") } else { String::new() });
+        }
+    }
     let rep = Report::new(Provenance::here(serde_json::Value::Object(manifest.provenance.clone()), lockstep::validate::gpu_name()), cases);
     print!("{}", table::render(&rep));
     rep.write(report)?;

@@ -37,6 +37,10 @@
 //!     "coverage": null | {"golden_taps": int, "compared": int, "not_dumped": [str],  // dumps only
 //!                         "unknown": [{"key": str, "nearest": str | null}], "ignored_steps": [int],
 //!                         "logit_steps": int, "notes": [str], "not_checked": [str]},
+//!     "pinned": null | {"why": str, "golden": str | null, "command": str, "unavailable": str | null,  // validate --pin
+//!                       "passed": bool | null, "first_divergence": {...} | null, "likely_class": str | null,
+//!                       "likely_class_id": str | null, "evidence": str | null, "class_proof": {...} | null,
+//!                       "failed_checks": [str], "notes": [str], "seconds": float},
 //!     "seconds": float
 //!   }]
 //! }
@@ -93,6 +97,9 @@ pub struct CaseReport {
     pub diversity: Option<Stats>,
     /// What an outside engine's dump held against its golden (`lockstep compare` only).
     pub coverage: Option<crate::dump_check::Coverage>,
+    /// `lockstep validate --pin`: the failing case judged again against a full-tap golden (src/pin.rs);
+    /// null when not asked, the case passed, or its golden already holds every tap.
+    pub pinned: Option<crate::pin::Pinned>,
     pub seconds: f64,
 }
 

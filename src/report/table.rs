@@ -29,6 +29,10 @@ pub fn render(r: &Report) -> String {
         };
         let name: String = if c.name.len() > w { format!("…{}", &c.name[c.name.len() - w + 1..]) } else { c.name.clone() };
         let _ = writeln!(s, "{name:<w$}  {verdict:<7}  {checks:>6}  {tail}");
+        // `validate --pin`: the same case against a full-tap golden, under its row (its verdict unchanged).
+        if let Some(p) = &c.pinned {
+            let _ = writeln!(s, "{:<w$}  {:<7}  {:>6}  ↳ {}", "", "", "", p.line());
+        }
     }
     let ran = r.cases.iter().filter(|c| c.ignored_reason.is_none()).count();
     let passed = r.cases.iter().filter(|c| c.passed).count();
@@ -66,6 +70,19 @@ mod tests {
     use super::super::{CaseReport, Provenance, Report};
     use crate::dump_check::Coverage;
     use crate::localize::Divergence;
+
+    #[test]
+    fn pinned_divergence_under_its_case() {
+        let d = Divergence { step: 0, layer: Some(4), tap: "norm-4.rms_norm.0".into(), metric: "rel_l2".into(), value: 0.31, limit: 1.3e-5 };
+        let pinned = crate::pin::Pinned { golden: Some("cache:25211e9a2dbc8b3dcf157586".into()), first_divergence: Some(d), likely_class: Some("RMSNorm".into()), passed: Some(false), ..Default::default() };
+        let a = CaseReport { name: "q::multiturn::cpu".into(), pinned: Some(pinned), ..Default::default() };
+        let b = CaseReport { name: "q::code::cpu".into(), pinned: Some(crate::pin::Pinned { unavailable: Some("the golden venv is not built".into()), ..Default::default() }), ..Default::default() };
+        let t = super::render(&Report::new(Provenance::here(serde_json::Value::Null, None), vec![a, b]));
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].starts_with("q::multiturn::cpu") && lines[1].contains("FAIL"), "{t}");
+        assert!(lines[2].contains("↳ pinned (cache:25211e9a…): s0 norm-4.rms_norm.0 rel_l2=3.10e-1 > 1e-5  [RMSNorm]"), "{t}");
+        assert!(lines[4].contains("↳ not pinned: the golden venv is not built"), "{t}");
+    }
 
     #[test]
     fn no_nan_in_the_table_and_unchecked_checks_said() {
