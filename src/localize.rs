@@ -305,6 +305,11 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
     }
     match (fam, stage) {
         ("embd" | "inp_embd", _) => Some((Embedding, "embedding lookup (index transposed or wrong row)", format!("{at} is the first tensor and it differs"))),
+        ("Qcur" | "Kcur", Some("rope")) if matches!(head_split(c), (ok, bad) if ok > 0 && bad > 0) => {
+            // RoPE rotates every head alike: some heads exact and others off is head indexing.
+            let (ok, bad) = head_split(c);
+            Some((GqaMapping, "GQA head mapping (KV head indexing)", format!("{at}: {ok} heads agree and {bad} differ, while a RoPE bug would move every head alike")))
+        }
         ("Qcur" | "Kcur", Some("rope")) => {
             let pre = passes(fam, Some("add")).or(passes(fam, Some("mul_mat"))).or(passes(fam, None));
             let bad = c.bad_positions();

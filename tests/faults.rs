@@ -114,6 +114,20 @@ fn load_faults() -> Result<Vec<(PathBuf, FaultFile)>, String> {
     Ok(out)
 }
 
+/// The registry models a suite needs that are not in the cache (a GPU runner without them): such
+/// trials are reported ignored with the reason, never failed or passed.
+fn missing_models(suites: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut missing: Vec<String> = suites
+        .into_iter()
+        .filter_map(|s| Suite::load(&suite::default_dir().join(format!("{s}.toml"))).ok())
+        .map(|s| s.cases.first().map(|c| c.model.clone()).unwrap_or_default())
+        .filter(|m| lockstep_engine::fetch::known_model(m).is_some() && !lockstep_engine::fetch::model_path(m).is_file())
+        .collect();
+    missing.sort();
+    missing.dedup();
+    missing
+}
+
 fn find_case(suite_name: &str, case: &str) -> Result<(Suite, Case), String> {
     let p = suite::default_dir().join(format!("{suite_name}.toml"));
     let s = Suite::load(&p).map_err(|e| e.to_string())?;
@@ -367,8 +381,10 @@ fn main() {
         for backend in ["cpu", "cuda"] {
             let (m, ff2, out) = (manifest.clone(), ff.clone(), outcomes.clone());
             let t = Trial::test(format!("fault::{}::{backend}", ff.fault), move || fault_trial(&m, &ff2, backend, &out));
+            let missing = missing_models(ff.trial.iter().map(|e| e.suite.clone()));
             trials.push(match backend_available(backend) {
                 Err(reason) => t.with_kind(format!("ignored: {reason}")).with_ignored_flag(true),
+                Ok(()) if !missing.is_empty() => t.with_kind(format!("ignored: {} not in the cache (lockstep fetch)", missing.join(", "))).with_ignored_flag(true),
                 Ok(()) => t,
             });
         }
@@ -385,8 +401,10 @@ fn main() {
                 None => 2,
             };
             let t = Trial::test(format!("clean::{s}::{c}::{backend}"), move || clean_trial(&m, &s2, &c2, backend, repeats));
+            let missing = missing_models([s.clone()]);
             trials.push(match backend_available(backend) {
                 Err(reason) => t.with_kind(format!("ignored: {reason}")).with_ignored_flag(true),
+                Ok(()) if !missing.is_empty() => t.with_kind(format!("ignored: {} not in the cache (lockstep fetch)", missing.join(", "))).with_ignored_flag(true),
                 Ok(()) => t,
             });
         }
