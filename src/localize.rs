@@ -37,6 +37,8 @@ pub enum BugClass {
     WrongShape,
     Sampling,
     DecodeKernel,
+    /// A weight format dequantized unlike gguf-py (the `dequant` check: direct evidence).
+    Dequantization,
 }
 
 impl BugClass {
@@ -69,6 +71,7 @@ impl BugClass {
             WrongShape => "wrong_shape",
             Sampling => "sampling",
             DecodeKernel => "decode_kernel",
+            Dequantization => "dequantization",
         }
     }
 }
@@ -419,8 +422,30 @@ fn fmt_positions(p: &[usize]) -> String {
 
 /// When no tap names a class: the class of the first failing check that is not about taps (the
 /// sampler test, the KV-cache check), as BUGS.md's "where it shows" column names them.
+/// A failing `dequant:{TYPE}` check is direct evidence (the backend's dequantization held to gguf-py's on
+/// the model's own blocks), so it comes first and the runner lets it outrank the taps' guess.
 pub fn class_from_checks(checks: &[CheckResult]) -> Option<(BugClass, &'static str, String)> {
-    // The graph-path check first: when it fails, the logits after the tapped steps (which the graph
+    if let Some(c) = checks.iter().find(|c| !c.passed && c.name.starts_with("dequant:")) {
+        // "dequantization of {TYPE}" for the formats lockstep's engine reads (the class text is static)
+        let what = match &c.name["dequant:".len()..] {
+            "F32" => "dequantization of F32",
+            "F16" => "dequantization of F16",
+            "BF16" => "dequantization of BF16",
+            "Q4_0" => "dequantization of Q4_0",
+            "Q4_1" => "dequantization of Q4_1",
+            "Q5_0" => "dequantization of Q5_0",
+            "Q5_1" => "dequantization of Q5_1",
+            "Q8_0" => "dequantization of Q8_0",
+            "Q2_K" => "dequantization of Q2_K",
+            "Q3_K" => "dequantization of Q3_K",
+            "Q4_K" => "dequantization of Q4_K",
+            "Q5_K" => "dequantization of Q5_K",
+            "Q6_K" => "dequantization of Q6_K",
+            _ => "dequantization of a weight format",
+        };
+        return Some((BugClass::Dequantization, what, format!("{} fails: {}", c.name, c.detail.clone().unwrap_or_default())));
+    }
+    // The graph-path check next: when it fails, the logits after the tapped steps (which the graph
     // computes) fail with it, and they say nothing about where.
     let c = checks.iter().find(|c| !c.passed && c.name == "graph_decode").or_else(|| checks.iter().find(|c| !c.passed))?;
     let n = c.name.as_str();
@@ -434,3 +459,4 @@ pub fn class_from_checks(checks: &[CheckResult]) -> Option<(BugClass, &'static s
         None
     }
 }
+

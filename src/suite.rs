@@ -5,7 +5,7 @@
 //! suite = "tiny-qwen2"              # optional: defaults to the file stem
 //! model = "tiny-qwen2"              # a known model id, a golden/models/… path, or any GGUF path
 //! backends = ["cpu", "cuda"]        # default for the cases
-//! checks = ["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "sampler"]
+//! checks = ["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "sampler", "dequant"]
 //!
 //! [[tolerance]]                     # applies to every case (or only those of `tier`)
 //! tier = "exact"
@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The checks a case may ask for.
-pub const CHECKS: &[&str] = &["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "diversity_sampled", "sampler", "anticheat"];
+pub const CHECKS: &[&str] = &["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "diversity_sampled", "sampler", "anticheat", "dequant"];
 pub const BACKENDS: &[&str] = &["cpu", "cuda"];
 pub const TIERS: &[&str] = &["exact", "shipped"];
 
@@ -200,7 +200,9 @@ impl Suite {
             tol_ok(t)?;
         }
         let default_backends = raw.backends.as_ref().map_or_else(|| BACKENDS.iter().map(|s| s.to_string()).collect(), |b| b.get_ref().clone());
-        let default_checks = raw.checks.as_ref().map_or_else(|| CHECKS.iter().filter(|c| !matches!(**c, "anticheat" | "diversity_sampled")).map(|s| s.to_string()).collect(), |c| c.get_ref().clone());
+        // Without a `checks` list: not anticheat (a minute-dependent prompt) nor diversity_sampled, and
+        // not dequant, which needs golden/dequant/{model} (registry and tiny models only).
+        let default_checks = raw.checks.as_ref().map_or_else(|| CHECKS.iter().filter(|c| !matches!(**c, "anticheat" | "diversity_sampled" | "dequant")).map(|s| s.to_string()).collect(), |c| c.get_ref().clone());
         check_list(&default_checks, raw.checks.as_ref().map_or(0, |c| c.span().start))?;
         backend_list(&default_backends, raw.backends.as_ref().map_or(0, |b| b.span().start))?;
         let mut cases = Vec::new();

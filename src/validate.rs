@@ -200,6 +200,10 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
         rep.checks.extend(diversity::check("sampled", &diversity::stats(&g.tokens, &ent), limits));
     }
     rep.checks.extend(graph_check);
+    if case.wants("dequant") {
+        let g = checks::dequant::load(manifest, &case.model, &model.file)?;
+        rep.checks.extend(checks::dequant::check(&*backend, &model.file, &g, tol)?);
+    }
     if case.wants("kv_cache") {
         rep.checks.extend(checks::kv_cache::check(backend, &g_tokens, tol)?);
     }
@@ -232,8 +236,18 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
         }
     }
     backend.reset();
-    if rep.likely_class.is_none() {
-        if let Some((class, what, why)) = crate::localize::class_from_checks(&rep.checks) {
+    if let Some((class, what, why)) = crate::localize::class_from_checks(&rep.checks) {
+        // A failing dequant check is direct evidence: it outranks the class the taps suggested (which
+        // only saw the first product that used the weight), and that class's proof.
+        let direct = class == crate::localize::BugClass::Dequantization;
+        if rep.likely_class.is_none() || direct {
+            let why = match (direct, &rep.likely_class) {
+                (true, Some(taps_class)) => format!("{why}; the taps alone suggested: {taps_class}"),
+                _ => why,
+            };
+            if direct {
+                rep.class_proof = None;
+            }
             rep.likely_class = Some(what.into());
             rep.likely_class_id = Some(class.id().into());
             rep.evidence = Some(why);

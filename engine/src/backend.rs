@@ -1,6 +1,8 @@
 //! The trait every backend (CPU reference, CUDA) implements, so the runner treats them alike.
 
+use crate::gguf::GgufFile;
 use crate::taps::TapSink;
+use std::ops::Range;
 
 /// A loaded model on one backend, with its KV cache.
 pub trait Backend {
@@ -17,4 +19,12 @@ pub trait Backend {
     /// [`Self::forward`] without taps, the logits borrowed from the backend's own buffer until the
     /// next call: nothing is copied or allocated on the way out (decode loops, `lockstep bench`).
     fn step(&mut self, tokens: &[u32]) -> anyhow::Result<&[f32]>;
+    /// Rows `rows` of the tensor `tensor` of `file` (the model this backend was loaded from), dequantized
+    /// to f32 by the code this backend dequantizes that tensor's stored blocks with for its products:
+    /// `[rows.len()][ne0]`, ne0 fastest (a tensor of ne `[ne0, ne1, …]` has ne1·… rows; a 1-D tensor
+    /// is one row). The runner's `dequant` check (src/checks/dequant.rs) holds it to gguf-py's.
+    /// A loader fault that moves or drops values (a transposed, zeroed or truncated matrix) does not act
+    /// here, so that it is not mistaken for a dequantization bug; a fault of the dequantization itself
+    /// (crate::faults::Fault::Q4kMinSign) does, as at load.
+    fn dequantize_rows(&self, file: &GgufFile, tensor: &str, rows: Range<usize>) -> anyhow::Result<Vec<f32>>;
 }

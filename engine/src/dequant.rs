@@ -356,8 +356,16 @@ pub fn dequantize_tensor(file: &GgufFile, t: &TensorInfo) -> Result<Vec<f32>, De
 /// Rows `rows` (each `ne[0]` values) of a tensor viewed as `[n_rows, ne0]`: e.g. the embedding rows of
 /// a few token ids without dequantizing the whole table.
 pub fn dequantize_rows(file: &GgufFile, t: &TensorInfo, rows: Range<usize>) -> Result<Vec<f32>, DequantError> {
+    let bytes = rows_bytes(file, t, rows.clone())?;
+    let mut out = vec![0f32; rows.len() * t.row_len() as usize];
+    dequantize_into(t.ty, bytes, &mut out).map_err(|e| in_tensor(file, t, e))?;
+    Ok(out)
+}
+
+/// The stored bytes of rows `rows` of a tensor viewed as `[n_rows, ne0]` (whole blocks: a row is
+/// `ne0 / block_size` blocks): what a backend's dequantizer reads for them.
+pub fn rows_bytes<'f>(file: &'f GgufFile, t: &TensorInfo, rows: Range<usize>) -> Result<&'f [u8], DequantError> {
     let n_rows = t.n_rows() as usize;
-    let ne0 = t.row_len() as usize;
     if rows.start > rows.end || rows.end > n_rows {
         return Err(DequantError::RowsOutOfRange {
             tensor: t.name.clone(),
@@ -367,12 +375,9 @@ pub fn dequantize_rows(file: &GgufFile, t: &TensorInfo, rows: Range<usize>) -> R
             n_rows,
         });
     }
-    let row_bytes = bytes_needed(t.ty, ne0).map_err(|e| in_tensor(file, t, e))?;
+    let row_bytes = bytes_needed(t.ty, t.row_len() as usize).map_err(|e| in_tensor(file, t, e))?;
     let data = file.tensor_data(t);
-    let bytes = data.get(rows.start * row_bytes..rows.end * row_bytes).unwrap_or(&[]);
-    let mut out = vec![0f32; rows.len() * ne0];
-    dequantize_into(t.ty, bytes, &mut out).map_err(|e| in_tensor(file, t, e))?;
-    Ok(out)
+    Ok(data.get(rows.start * row_bytes..rows.end * row_bytes).unwrap_or(&[]))
 }
 
 #[cfg(test)]

@@ -261,6 +261,73 @@ fn get_rows_case(ty: GgmlType) -> R {
     Ok(())
 }
 
+/// Bit for bit: values equal (±0 alike); on a difference, the first index and both values.
+fn bit_equal(what: &str, got: &[f32], want: &[f32]) -> R {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()).into());
+    }
+    match got.iter().zip(want).position(|(g, w)| g != w && !(g.is_nan() && w.is_nan())) {
+        None => Ok(()),
+        Some(i) => Err(format!("{what}: element {i} = {:e}, CPU {:e} ({} values differ)", got[i], want[i], got.iter().zip(want).filter(|(g, w)| g != w).count()).into()),
+    }
+}
+
+/// Gpu::dequant_rows (the `dequant_{ty}` kernel on a range of rows: `dq16`, the matvecs' own
+/// dequantization, which the `dequant` check observes) against the CPU's crate::dequant, bit for bit:
+/// ranges at the start, the middle and the end of a matrix, and the whole of it.
+fn dequant_rows_case(ty: GgmlType) -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(900 + ty.to_u32() as u64);
+    for cols in cols_for(ty) {
+        let rows = 37;
+        let bytes = random_weights(&mut rng, ty, rows, cols, 2.0);
+        let m = cpu_matrix(ty, &bytes, rows, cols);
+        let w = QMat::upload(&g, ty, rows, cols, &bytes, "weight")?;
+        for r in [0..1, 5..12, 36..37, 0..37, 9..9] {
+            let out = g.alloc::<f32>(r.len() * cols, "rows")?;
+            g.dequant_rows(&w, r.clone(), ptr(&out, &g.stream))?;
+            let got = g.download(&out, 0, r.len() * cols)?;
+            bit_equal(&format!("dequant_rows {ty} {rows}x{cols} rows {r:?}"), &got, &m.data[r.start * cols..r.end * cols])?;
+        }
+        if g.dequant_rows(&w, 30..38, 0).is_ok() {
+            return Err(format!("dequant_rows {ty}: rows 30..38 of 37 accepted").into());
+        }
+    }
+    Ok(())
+}
+
+/// Backend::dequantize_rows of the CUDA backend against the CPU backend's, every row of every tensor
+/// of the tiny models (every type the CUDA backend reads but F16), bit for bit; with the q4k-min-sign
+/// fault both give the fault's values for Q4_K (and differ from the clean ones).
+fn backend_dequantize_rows_case() -> R {
+    use lockstep_engine::backend::Backend;
+    use lockstep_engine::cpu::CpuBackend;
+    use lockstep_engine::cuda::CudaBackend;
+    let dir = lockstep_engine::fetch::golden_dir().join("models");
+    for (model, fault) in [("tiny-qwen2", None), ("tiny-llama", None), ("tiny-qwen2", Some(Fault::Q4kMinSign))] {
+        let file = lockstep_engine::gguf::GgufFile::open(&dir.join(format!("{model}.q.gguf"))).map_err(|e| format!("{e:#}"))?;
+        let cpu = CpuBackend::load_with_fault(&file, Default::default(), fault).map_err(|e| format!("{e:#}"))?;
+        let cuda = CudaBackend::load_with_fault(&file, Default::default(), fault).map_err(|e| format!("{e:#}"))?;
+        let mut q4k_differs = false;
+        for t in &file.tensors {
+            let n = t.n_rows() as usize;
+            let what = format!("{model} {} ({}, fault {fault:?})", t.name, t.ty);
+            let want = cpu.dequantize_rows(&file, &t.name, 0..n).map_err(|e| format!("{what}: cpu: {e:#}"))?;
+            let got = cuda.dequantize_rows(&file, &t.name, 0..n).map_err(|e| format!("{what}: cuda: {e:#}"))?;
+            bit_equal(&what, &got, &want)?;
+            let part = cuda.dequantize_rows(&file, &t.name, n / 2..n).map_err(|e| format!("{what}: cuda: {e:#}"))?;
+            bit_equal(&format!("{what} rows {}..{n}", n / 2), &part, &want[n / 2 * t.row_len() as usize..])?;
+            if fault.is_some() && t.ty == GgmlType::Q4_K {
+                q4k_differs |= want != dequant::dequantize_tensor(&file, t).map_err(|e| e.to_string())?;
+            }
+        }
+        if fault.is_some() && !q4k_differs {
+            return Err(format!("{model}: the q4k-min-sign fault changed no Q4_K value").into());
+        }
+    }
+    Ok(())
+}
+
 fn rmsnorm_add_case() -> R {
     let g = gpu()?;
     let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -556,7 +623,9 @@ fn main() {
         list.push(Trial::test(format!("matvec_swiglu_{ty}"), move || swiglu_case(ty)));
         list.push(Trial::test(format!("matvec_fused_norm_{ty}"), move || fused_norm_case(ty)));
         list.push(Trial::test(format!("matvec_tall_{ty}"), move || tall_matvec_case(ty)));
+        list.push(Trial::test(format!("dequant_rows_{ty}"), move || dequant_rows_case(ty)));
     }
+    list.push(Trial::test("backend_dequantize_rows", backend_dequantize_rows_case));
     list.push(Trial::test("rmsnorm_and_add", rmsnorm_add_case));
     list.push(Trial::test("rmsnorm_f16sat", rmsnorm_f16sat_case));
     list.push(Trial::test("gelu_mul", gelu_mul_case));

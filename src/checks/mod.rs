@@ -14,6 +14,7 @@
 //! | 9 | [`anticheat`] | yes |
 
 pub mod anticheat;
+pub mod dequant;
 pub mod diversity;
 pub mod invariants;
 pub mod isolated;

@@ -128,6 +128,18 @@ impl Backend for CpuBackend {
         self.last_logits = self.forward_impl(tokens, None)?;
         Ok(&self.last_logits)
     }
+    /// The loader's dequantization (weights.rs: crate::dequant's block functions) on the rows' bytes.
+    fn dequantize_rows(&self, file: &GgufFile, tensor: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        let t = file.tensor(tensor).with_context(|| format!("{}: no tensor {tensor}", file.display_name()))?;
+        match self.fault {
+            // faults::corrupt_weights dequantizes every Q4_K tensor with this at load
+            Some(Fault::Q4kMinSign) if t.ty == crate::gguf::GgmlType::Q4_K => {
+                let n = rows.len() * t.row_len() as usize;
+                faults::dequant_q4k_min_sign(crate::dequant::rows_bytes(file, t, rows)?, n).with_context(|| format!("{}: {tensor} (q4k-min-sign)", file.display_name()))
+            }
+            _ => Ok(crate::dequant::dequantize_rows(file, t, rows)?),
+        }
+    }
 }
 
 /// Where parallel ops run: the backend's own pool, or rayon's global one. The whole forward pass

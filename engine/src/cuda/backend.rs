@@ -349,6 +349,63 @@ impl Backend for CudaBackend {
         self.forward_impl(tokens, None)?;
         self.pinned_logits()
     }
+    /// The kernels' own dequantization, `dq16` (Gpu::dequant_rows), on the matrix as the GPU holds it:
+    /// the bytes the matvecs read. Where the loader did not upload the file's bytes (an injected fault
+    /// replaced the matrix) the file's bytes go through the same kernel; vectors (norm weights, biases)
+    /// are dequantized on the host by crate::dequant and uploaded as f32 (weights.rs), so that is theirs.
+    fn dequantize_rows(&self, file: &GgufFile, tensor: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
+        use crate::dequant;
+        use super::ops::QMat;
+        let t = file.tensor(tensor).with_context(|| format!("{}: no tensor {tensor}", file.display_name()))?;
+        let (ne0, n_rows) = (t.row_len() as usize, t.n_rows() as usize);
+        ensure!(rows.start <= rows.end && rows.end <= n_rows, "{tensor}: rows {rows:?} of {n_rows}");
+        let n = rows.len() * ne0;
+        if self.fault == Some(Fault::Q4kMinSign) && t.ty == crate::gguf::GgmlType::Q4_K {
+            // weights.rs uploads each Q4_K matrix dequantized on the host by this, as F32
+            return crate::faults::dequant_q4k_min_sign(dequant::rows_bytes(file, t, rows)?, n).with_context(|| format!("{tensor} (q4k-min-sign)"));
+        }
+        if t.ne.len() == 1 {
+            return Ok(dequant::dequantize_rows(file, t, rows)?);
+        }
+        let _lock = super::device::shared_lock();
+        let out = self.gpu.alloc::<f32>(n, &format!("{tensor}: dequantized rows"))?;
+        let out_ptr = ptr(&out, &self.gpu.stream);
+        // With a fault injected, the loader may have replaced the matrix on purpose (transposed, zeroed):
+        // not a dequantization, so the file's bytes are used then.
+        let held = self.fault.is_none().then(|| resident(&self.weights, tensor)).flatten().filter(|m| m.ty == t.ty && m.cols == ne0 && m.rows == n_rows);
+        match held {
+            Some(m) => {
+                self.gpu.dequant_rows(m, rows, out_ptr)?;
+                self.gpu.download(&out, 0, n)
+            }
+            None => {
+                let m = QMat::upload(&self.gpu, t.ty, rows.len(), ne0, dequant::rows_bytes(file, t, rows.clone())?, &format!("{tensor} rows {rows:?}"))?;
+                self.gpu.dequant_rows(&m, 0..rows.len(), out_ptr)?;
+                self.gpu.download(&out, 0, n)
+            }
+        }
+    }
+}
+
+/// The matrix the GPU holds for the GGUF tensor `name`, if the graph uses one.
+fn resident<'w>(w: &'w GpuWeights, name: &str) -> Option<&'w super::ops::QMat> {
+    match name {
+        "token_embd.weight" => return Some(&w.token_embd),
+        "output.weight" => return w.output.as_ref(),
+        _ => {}
+    }
+    let (l, t) = name.strip_prefix("blk.")?.split_once('.')?;
+    let lw = w.layers.get(l.parse::<usize>().ok()?)?;
+    Some(match t {
+        "attn_q.weight" => &lw.wq,
+        "attn_k.weight" => &lw.wk,
+        "attn_v.weight" => &lw.wv,
+        "attn_output.weight" => &lw.wo,
+        "ffn_gate.weight" => &lw.w_gate,
+        "ffn_up.weight" => &lw.w_up,
+        "ffn_down.weight" => &lw.w_down,
+        _ => return None,
+    })
 }
 
 /// Hands tensors to the sink: only asked-for ones are copied back.

@@ -295,6 +295,22 @@ impl Gpu {
         self.launch(&name, (grid_1d(chunks), 1, 1), BLOCK, 0, &args)
     }
 
+    /// Rows `rows` of `w` dequantized to f32 `[rows.len()][cols]` at `out`: the `dequant_{ty}` kernel on
+    /// those rows' blocks, i.e. `dq16`, the in-register dequantization that every matvec (matvec,
+    /// matvec1, matvec1s, matvec1s_multi, matvec_swiglu*) and get_rows run (kernels/quant.cu). What the
+    /// runner's `dequant` check observes of the CUDA backend (CudaBackend::dequantize_rows).
+    pub fn dequant_rows(&self, w: &QMat, rows: std::ops::Range<usize>, out: u64) -> Result<()> {
+        ensure!(rows.start <= rows.end && rows.end <= w.rows, "dequant_rows: rows {rows:?} of a matrix of {} rows", w.rows);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let name = format!("dequant_{}", type_suffix(w.ty)?);
+        let chunks = rows.len() * w.cols.div_ceil(16);
+        let first = w.ptr + (rows.start * w.row_bytes) as u64;
+        let args = [Arg::P(first), Arg::L(w.row_bytes as i64), i(rows.len())?, i(w.cols)?, Arg::P(out)];
+        self.launch(&name, (grid_1d(chunks), 1, 1), BLOCK, 0, &args)
+    }
+
     /// `x[t] = table[tokens[t]]` for t < T; tokens: `[T]` i32 on the device (checked by the caller).
     pub fn get_rows(&self, table: &QMat, tokens: u64, t: usize, x: u64) -> Result<()> {
         let name = format!("get_rows_{}", type_suffix(table.ty)?);
