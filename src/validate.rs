@@ -205,7 +205,7 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
         rep.checks.extend(checks::dequant::check(&*backend, &model.file, &g, tol)?);
     }
     if case.wants("kv_cache") {
-        rep.checks.extend(checks::kv_cache::check(backend, &g_tokens, tol)?);
+        rep.checks.extend(checks::kv_cache::check(backend, &g_tokens, tol, Some(&golden))?);
     }
     if case.wants("isolated") {
         let steps = max_step.min(golden.steps().last().copied().unwrap_or(0));
