@@ -279,7 +279,7 @@ fn merge_shards(spec: &std::path::Path, out: &std::path::Path, ranks: &[PathBuf]
     Ok(true)
 }
 
-fn validate(suites: Vec<PathBuf>, backend: &str, report: &PathBuf, inject: Option<String>, filter: Option<String>, pin: bool) -> Result<bool> {
+fn validate(suites: Vec<PathBuf>, backend: &str, report: &std::path::Path, inject: Option<String>, filter: Option<String>, pin: bool) -> Result<bool> {
     let fault = match inject {
         None => None,
         Some(name) => Some(lockstep_engine::faults::Fault::from_name(&name).with_context(|| {
@@ -354,7 +354,7 @@ mod engine_cli {
         Ok(true)
     }
 
-    pub fn dump(model: &str, text: &str, chat: bool, steps: usize, out: &PathBuf) -> Result<bool> {
+    pub fn dump(model: &str, text: &str, chat: bool, steps: usize, out: &std::path::Path) -> Result<bool> {
         let m = Model::open(model)?;
         let ids = m.prompt_tokens(&prompt(text, chat))?;
         let mut backend = lockstep_engine::cpu::CpuBackend::load(&m.file, Default::default())?;
@@ -363,7 +363,7 @@ mod engine_cli {
         Ok(true)
     }
 
-    pub fn inspect(file: &PathBuf) -> Result<bool> {
+    pub fn inspect(file: &std::path::Path) -> Result<bool> {
         let f = lockstep_engine::gguf::GgufFile::open(file)?;
         println!("{}: GGUF v{}, alignment {}, {} metadata keys, {} tensors", file.display(), f.version, f.alignment, f.metadata.len(), f.tensors.len());
         for (k, _) in &f.metadata {

@@ -254,7 +254,7 @@ fn rotate(x: &[f32], shape: &[usize], pairing: Pairing, angle: impl Fn(usize, us
 
 fn rope_hypotheses(pre: &Tensor, post: &Tensor, pairing: Option<Pairing>, pos0: usize) -> Vec<Hypothesis> {
     let shape = &post.shape;
-    if shape.len() != 4 || shape[3] % 2 != 0 {
+    if shape.len() != 4 || !shape[3].is_multiple_of(2) {
         return Vec::new();
     }
     let d = shape[3];

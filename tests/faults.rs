@@ -409,7 +409,8 @@ fn main() {
             });
         }
     }
-    for (s, c) in [("tiny-qwen2", "exact-haiku")] {
+    {
+        let (s, c) = ("tiny-qwen2", "exact-haiku");
         let m = manifest.clone();
         trials.push(Trial::test(format!("sensitivity::{s}::{c}"), move || {
             let (text, short) = sensitivity(&m, s, c)?;

@@ -259,7 +259,7 @@ fn reduced_tiny_golden(dir: &Path) -> Result<PathBuf, Failed> {
     rec["bytes"] = Value::from(bytes.len());
     rec["full_layers"] = serde_json::json!([0]);
     rec["kept"] = Value::from("every tap of layer 0 and of the non-layer tensors (a test's reduction)");
-    let tensors: Vec<Value> = rec["tensors"].as_array().cloned().unwrap_or_default().into_iter().filter(|t| t["key"].as_str().is_none_or(|k| keep(k))).collect();
+    let tensors: Vec<Value> = rec["tensors"].as_array().cloned().unwrap_or_default().into_iter().filter(|t| t["key"].as_str().is_none_or(&keep)).collect();
     rec["tensors"] = Value::from(tensors);
     let mut top = serde_json::Value::Object(src.provenance.clone());
     top["files"] = serde_json::json!([rec]);

@@ -150,7 +150,7 @@ impl ModelConfig {
                 return Err(invalid(format!("rope scaling {v:?} is not supported")));
             }
         }
-        if !(rms_eps.is_finite() && rms_eps >= 0.0) || !(rope_base.is_finite() && rope_base > 0.0) {
+        if !(rms_eps.is_finite() && rms_eps >= 0.0 && rope_base.is_finite() && rope_base > 0.0) {
             return Err(invalid(format!("bad rms epsilon {rms_eps} or rope base {rope_base}")));
         }
 

@@ -419,7 +419,7 @@ impl Tokenizer {
             let ret = eog_has(&eog, "<|return|>");
             let call = eog_has(&eog, "<|call|>") || eog_has(&eog, "<|calls|>");
             let flush = eog_has(&eog, "<|flush|>");
-            if (ret && call) || (call && flush) {
+            if call && (ret || flush) {
                 eog.remove(&end);
                 attrs[end as usize] = ATTR_USER_DEFINED;
             }

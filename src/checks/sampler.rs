@@ -16,7 +16,7 @@ pub struct Params {
 
 pub const PARAMS: Params = Params { temperature: 0.8, top_k: 40, top_p: 0.95 };
 pub const DRAWS: usize = 10_000;
-pub const SEED: u64 = 0x10c5_7e9;
+pub const SEED: u64 = 0x010c_57e9;
 
 /// The fixed logit vector: 512 ids, deterministic (ChaCha8, seed 7), spread so that top-k and top-p
 /// both cut.
