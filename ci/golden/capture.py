@@ -144,6 +144,9 @@ class LlamaCpp:
         self.tier, self.threads, self.n_ctx = tier, threads, n_ctx
         self._nodes: list[Node] = []
         self._capturing = False
+        # Which llama.cpp names to copy out (None: all). Chosen by name, not by tap key, so that the
+        # keys of the kept nodes (`.{op}` suffixes count the nodes of one name) do not change.
+        self._select: Callable[[str], bool] | None = None
 
         @L.ggml_backend_sched_eval_callback
         def cb(tp, ask, _ud):
@@ -153,8 +156,8 @@ class LlamaCpp:
             name = t.name.decode()
             op = _libbase.ggml_op_desc(tp).decode()
             if ask:
-                return wanted(name, op)
-            if wanted(name, op):
+                return wanted(name, op) and (self._select is None or self._select(name))
+            if wanted(name, op) and (self._select is None or self._select(name)):
                 self._nodes.append(Node(name, op, copy_tensor(t)))
             return True
 
@@ -208,9 +211,12 @@ class LlamaCpp:
         return assign_keys(nodes), logits
 
     def run(self, tokens: list[int], tapped_steps: int, n_continue: int,
-            progress: Callable[[int, int], None] | None = None) -> Run:
+            progress: Callable[[int, int], None] | None = None,
+            select: Callable[[int, str], bool] | None = None) -> Run:
         """Prefill `tokens` (step 0), then greedy decode; taps for steps 0..tapped_steps.
-        `progress(done, n_continue)` is called after each step."""
+        `progress(done, n_continue)` is called after each step. `select(step, name)`: whether to copy
+        the nodes of that llama.cpp name at that step (None: every node); a long prefill's every tap
+        would not fit in memory (qwen: ~110 MB per layer at 1,024 tokens, kq and kq_soft_max aside)."""
         if len(tokens) + n_continue > self.n_ctx:
             raise ValueError(f"{len(tokens)} prompt tokens + {n_continue} steps exceed the context of "
                              f"{self.n_ctx}; open the model with a larger n_ctx")
@@ -220,6 +226,7 @@ class LlamaCpp:
             n_past = 0
             feed = tokens
             for k in range(n_continue):
+                self._select = None if select is None else (lambda name, k=k: select(k, name))
                 taps, logits = self._decode(ctx, feed, n_past, capture=k <= tapped_steps)
                 n_past += len(feed)
                 if k <= tapped_steps:
@@ -239,6 +246,7 @@ class LlamaCpp:
             return Run(tokens, steps, cont, np.stack(ids), np.stack(vals), np.array(lses, dtype=np.float32),
                        first_eog)
         finally:
+            self._select = None
             L.llama_free(ctx)
 
     def close(self):

@@ -100,7 +100,8 @@ def generate(out: Path, only: set[str] | None) -> None:
     if only is not None:
         model_files = {k: v for k, v in model_files.items() if k in only}
 
-    jobs = [(m, tier, p) for m in model_files for tier in TIERS for p in prompts.PROMPTS[m]]
+    jobs = [(m, tier, p) for m in model_files for tier in TIERS for p in prompts.PROMPTS[m]
+            if p["id"] not in export.LONG_PROMPTS or tier in export.LONG_TIERS]
     done = 0
     for m, path in model_files.items():
         sha = models.sha256_file(path)
@@ -110,17 +111,25 @@ def generate(out: Path, only: set[str] | None) -> None:
             llm = capture.LlamaCpp(str(run_path), tier, THREADS)
             try:
                 for prompt in prompts.PROMPTS[m]:
-                    keep, dtype, full, kept = keep_policy(m, n_layer, tier, prompt["id"])
                     done += 1
+                    select = None
+                    if prompt["id"] in export.LONG_PROMPTS:   # rows only, exact tier only (export.py)
+                        if tier not in export.LONG_TIERS:
+                            continue
+                        keep, select, dtype, full, kept = export.long_policy(n_layer, tier)
+                    else:
+                        keep, dtype, full, kept = keep_policy(m, n_layer, tier, prompt["id"])
                     t0 = time.time()
                     text = prompts.render(path, prompt)
                     tokens = llm.tokenize(text, add_special=True, parse_special=True)
+                    llm.n_ctx = export.context_for(len(tokens), CONTINUATION)
                     rel = f"taps/{m}/{tier}/{prompt['id']}.safetensors"
                     model_file = str(path.relative_to(out)) if path.is_relative_to(out) else f"{m}.gguf (cache)"
                     rec = export.export_taps(
                         llm, out, rel, model_id=m, model_sha256=sha, model_file=model_file, tier=tier,
                         prompt=prompt, rendered=text, tokens=tokens, n_layer=n_layer, keep=keep, dtype=dtype,
-                        full_layers=full, kept=kept, tapped_steps=TAPPED_DECODE_STEPS, n_continue=CONTINUATION)
+                        full_layers=full, kept=kept, tapped_steps=TAPPED_DECODE_STEPS, n_continue=CONTINUATION,
+                        select=select)
                     files.append(rec)
                     size = (out / rel).stat().st_size
                     log(f"[{done}/{len(jobs)}] {m} {tier} {prompt['id']}: {len(tokens)} tokens, "

@@ -93,8 +93,8 @@ def annotate(manifest: dict, golden_dir: Path, only: set[str] | None = None, log
         worst = (0.0, "")
         for t in entry["tensors"]:
             key = t.get("key")
-            if not key or "/" not in key or key not in golden:
-                continue
+            if not key or "/" not in key or key not in golden or key.startswith("rows/"):
+                continue   # not a tap (tokens, …, a row-subset tap's positions `rows/…`)
             if key not in ref:
                 raise SystemExit(f"noise: {entry['path']}: the f64 evaluation did not produce {key}")
             t["noise"] = tap_noise(key, golden[key], ref[key])

@@ -28,9 +28,62 @@ _MULTITURN = {"id": "multiturn", "chat": True, "messages": [
 ]}
 _FOX = {"id": "fox", "chat": False, "text": "The quick brown fox"}
 
+
+def long_code(n_kinds: int = 12) -> str:
+    """A deterministic Python module of 4,028 characters (1,046 tokens for qwen2.5-coder-0.5b, 1,134 for
+    smollm2-135m, measured with llama.cpp's tokenizers; 16 kinds would give 1,374 and 1,491): a record type, then one counting function per kind of stock move, each like the
+    others but with its own names, field, factor and threshold. Built here rather than read from a file so
+    that the prompt cannot change with the repository; no randomness (names come from fixed lists by
+    index). The repetition is what long contexts look like (code, logs, tables): a model continues the
+    pattern by attending to the earlier functions, hundreds of positions back, which is what a
+    sliding-window or KV-length bug breaks."""
+    kinds = ["receipt", "shipment", "transfer", "return", "adjustment", "count", "scrap", "reservation",
+             "release", "pick", "pack", "load"]
+    fields = ["quantity", "weight", "volume", "value"]
+    lines = [
+        '"""Stock moves of a small warehouse: one counter per kind of move, used by the nightly report."""',
+        "from dataclasses import dataclass",
+        "",
+        "",
+        "@dataclass",
+        "class Move:",
+        "    kind: str",
+        "    item: str",
+        "    quantity: int",
+        "    weight: float",
+        "    volume: float",
+        "    value: float",
+        "",
+    ]
+    for i, kind in enumerate(kinds[:n_kinds]):
+        field = fields[i % len(fields)]
+        factor = 2 + (i * 7) % 5
+        limit = 10 * (i + 3)
+        lines += [
+            "",
+            f"def total_{kind}_{field}(moves, minimum={limit}):",
+            f'    """The {field} of every {kind} move of at least {limit}, times {factor}."""',
+            "    total = 0",
+            "    for move in moves:",
+            f'        if move.kind == "{kind}" and move.{field} >= minimum:',
+            f"            total += move.{field} * {factor}",
+            "    return total",
+            "",
+        ]
+    lines += ["", "REPORT = {"]
+    lines += [f'    "{kind}": total_{kind}_{fields[i % len(fields)]},' for i, kind in enumerate(kinds[:n_kinds])]
+    lines += ["}", "", "", "def nightly_report(moves):", '    """Every counter of REPORT over the day\'s moves."""',
+              "    return {"]
+    return "\n".join(lines)
+
+
+# Long context (golden/README.md, "Row-subset taps"): > 1,024 positions with the continuation, so that
+# bugs that only show past 64, 80 or 512 positions (a sliding window, a KV-length limit) have rows to show in.
+_LONG = {"id": "long", "chat": False, "text": long_code()}
+
 PROMPTS: dict[str, list[dict[str, Any]]] = {
-    "qwen2.5-coder-0.5b": [_HAIKU, _CODE, _MULTITURN],
-    "smollm2-135m": [_HAIKU, _CODE, _MULTITURN],
+    "qwen2.5-coder-0.5b": [_HAIKU, _CODE, _MULTITURN, _LONG],
+    "smollm2-135m": [_HAIKU, _CODE, _MULTITURN, _LONG],
     "tiny-qwen2": [_HAIKU, _FOX],
     "tiny-llama": [_HAIKU, _FOX],
 }
