@@ -50,10 +50,10 @@ def main() -> int:
                 print(f"| {entry} | {dtype} | {c['passed']} | {w} | {c['first_divergence']} |")
     print("\n| model | bug | expected | got | value / limit | |\n|---|---|---|---|---|---|")
     for m, model in models.items():
-        entry = t.BUG_ENTRIES[m]
         for b, bug in ne.BUGS.items():
-            if model.cfg.arch not in bug.archs:
+            if model.cfg.arch not in bug.archs or (bug.models is not None and m not in bug.models):
                 continue
+            entry = f"{m}/exact/{bug.prompt}" if bug.prompt else t.BUG_ENTRIES[m]
             c = compare(model, entry, "f32", b)
             fd = c["first_divergence"] or {}
             w = ne.expected_localization(b, model.cfg.arch)

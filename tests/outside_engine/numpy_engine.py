@@ -65,6 +65,8 @@ class Bug:
     archs: tuple[str, ...] = SUPPORTED_ARCHS
     # The model ids the bug applies to (None: every model of `archs`).
     models: tuple[str, ...] | None = None
+    # The golden prompt that shows it (None: any; `long` for bugs that need > 80 positions).
+    prompt: str | None = None
 
 
 BUGS: dict[str, Bug] = {
@@ -99,6 +101,11 @@ BUGS: dict[str, Bug] = {
         # blamed on layer 2 as a whole, never on a formula the golden cannot show.
         Bug("q4k_min_sign_layer2", "blk.2.ffn_down.weight (Q4_K) dequantized with the wrong sign of min",
             0, 2, "l_out-2", "layer_data", archs=("qwen2",), models=("qwen2.5-coder-0.5b",)),
+        # A sliding window (or KV length) of 80 where the model has none: position p sees p-79..p. Invisible
+        # below 81 positions; the long-context goldens keep kq-0 and kq_soft_max-0 rows at 79, 80, 511, 512.
+        Bug("attention_window_80", "attention limited to the last 80 positions (a sliding window / KV length "
+            "of 80)", 0, 0, "kq_soft_max-0", "attention_window", models=("qwen2.5-coder-0.5b", "smollm2-135m"),
+            prompt="long"),
     ]
 }
 
@@ -273,6 +280,9 @@ class GoldenSpec:
     continuation: np.ndarray  # i32 [32]
     shapes: dict[str, tuple[int, ...]]  # every `s{k}/{tap}` key -> 4-D shape
     n_steps: int  # steps 0..n_steps-1
+    # Row-subset taps (golden/README.md, "Row-subset taps"): `s{k}/{tap}` -> the positions it keeps (from
+    # `rows/s{k}/{tap}`), along the tap's token axis; its shape above is the subset's.
+    rows: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def read_golden(path: str | os.PathLike) -> GoldenSpec:
@@ -288,6 +298,7 @@ def read_golden(path: str | os.PathLike) -> GoldenSpec:
             tokens = f.get_tensor("tokens").astype(np.int64)
             continuation = f.get_tensor("continuation").astype(np.int64)
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith("s") and "/" in k}
+            rows = {k[len("rows/"):]: f.get_tensor(k).astype(np.int64) for k in keys if k.startswith("rows/")}
     except EngineError:
         raise
     except Exception as e:
@@ -296,7 +307,15 @@ def read_golden(path: str | os.PathLike) -> GoldenSpec:
     n_steps = max(steps) + 1 if steps else 1
     if n_steps - 1 > len(continuation):
         raise EngineError(f"{path}: {n_steps} steps but only {len(continuation)} continuation tokens")
-    return GoldenSpec(tokens=tokens, continuation=continuation, shapes=shapes, n_steps=n_steps)
+    return GoldenSpec(tokens=tokens, continuation=continuation, shapes=shapes, n_steps=n_steps, rows=rows)
+
+
+def token_axis(tap: str, shape: tuple[int, ...]) -> int:
+    """The token axis of a 4-D tap (golden/README.md): 1 after RoPE ([1, tokens, heads, head_dim]), else 2."""
+    fam, _, stage = tap.partition(".")
+    fam = fam.rsplit("-", 1)[0]
+    rope_like = stage == "rope" or (fam in ("Qcur", "Kcur", "Vcur") and not stage and len(shape) == 4 and shape[1] != 1)
+    return 1 if rope_like else 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -308,11 +327,15 @@ class TapLog:
     """Collects one step's named graph results and names them the way golden/README.md says:
     a name used once stays bare, a repeated name gets `.{op}`, a repeated (name, op) gets `.{op}.{k}`."""
 
-    def __init__(self):
-        self.items: list[tuple[str, str, np.ndarray]] = []
+    def __init__(self, want=None):
+        self.items: list[tuple[str, str, np.ndarray | None]] = []
+        # want(name): whether to keep a copy of that name's results (None: all). Every result is still
+        # listed, so that keys come out the same; a long prefill's every tap would not fit in memory.
+        self.want = want
 
     def add(self, name: str, op: str, value: np.ndarray) -> None:
-        self.items.append((name, op, np.array(value, copy=True)))
+        keep = self.want is None or self.want(name)
+        self.items.append((name, op, np.array(value, copy=True) if keep else None))
 
     def named(self) -> dict[str, np.ndarray]:
         from collections import Counter
@@ -330,7 +353,7 @@ class TapLog:
                 key = f"{name}.{op}.{seen[(name, op)]}"
                 seen[(name, op)] += 1
             out[key] = value
-        return out
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def _act(x: np.ndarray) -> np.ndarray:
@@ -444,14 +467,15 @@ class Engine:
 
     # --- one step ---------------------------------------------------------------------------------
 
-    def step(self, token_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Runs `token_ids` [T] at positions n_past.., appends to the KV cache; returns named taps."""
+    def step(self, token_ids: np.ndarray, want=None) -> dict[str, np.ndarray]:
+        """Runs `token_ids` [T] at positions n_past.., appends to the KV cache; returns named taps (those
+        whose llama.cpp name `want(name)` accepts; None: all)."""
         c = self.cfg
         T = len(token_ids)
         p0 = self.n_past
         positions = np.arange(p0, p0 + T)
         kv_len = p0 + T
-        log = TapLog()
+        log = TapLog(want)
         H, Hkv, d = c.n_head, c.n_head_kv, c.head_dim
 
         x = np.asarray(self.m.w("token_embd.weight")[token_ids], dtype=self.dt)  # [T, E]
@@ -500,6 +524,8 @@ class Engine:
             # visible[t, j]: query t (position p0+t) sees key j <= p0+t
             reach = 1 if self.bug == "causal_mask_plus_one" else 0
             visible = np.arange(kv_len)[None, :] <= (positions[:, None] + reach)  # [T, kv]
+            if self.bug == "attention_window_80":
+                visible &= np.arange(kv_len)[None, :] > (positions[:, None] - 80)
             s = kq * self.dt(scale)
             s = np.where(visible[None], s, -np.inf)
             s = s - np.max(s, axis=-1, keepdims=True)
@@ -565,9 +591,13 @@ def run(gguf_path, golden_path, dtype: str = "f32", bug: str | None = None, mode
     out: dict[str, np.ndarray] = {"tokens": spec.tokens.astype(np.int32)}
     for k in range(spec.n_steps):
         ids = spec.tokens if k == 0 else spec.continuation[k - 1 : k]
-        taps = eng.step(ids)
+        # llama.cpp names the golden holds at this step (a key is `name[.op[.k]]`), and the logits
+        names = {key.split("/", 1)[1].split(".", 1)[0] for key in spec.shapes if key.startswith(f"s{k}/")}
+        taps = eng.step(ids, want=lambda n, names=names: n in names or n == "result_output")
         for name, value in taps.items():
             key = f"s{k}/{name}"
+            if key in spec.rows:  # a row-subset tap: the rows the golden keeps
+                value = np.take(value, spec.rows[key], axis=token_axis(name, value.shape))
             if key in spec.shapes or name == "result_output":
                 out[key] = np.ascontiguousarray(value, dtype=np.float32)
     missing = [k for k in spec.shapes if k not in out]
