@@ -61,6 +61,10 @@ pub enum Fault {
     GeluActivation,
     ResidualDropped,
     F16Accumulation,
+    /// Attention limited to the last N positions (a sliding window where the model has none, or a KV
+    /// length cut at N): the query at position p sees positions max(0, p − N + 1) ..= p. The catalog holds
+    /// N = 80 and N = 512 ([`Fault::ALL`]); it shows only past N positions (the long-context goldens).
+    AttentionWindow(u32),
     /// Sensitivity probe (not in [`Fault::ALL`]): RMSNorm epsilon multiplied by the factor.
     RmsEpsScaled(Factor),
     /// Sensitivity probe (not in [`Fault::ALL`]): RoPE base multiplied by the factor.
@@ -82,10 +86,11 @@ pub struct FaultInfo {
 
 const TINY: &str = "tiny-qwen2";
 const QWEN: &str = "qwen2.5-coder-0.5b";
+const SMOLLM2: &str = "smollm2-135m";
 
 impl Fault {
     /// Every class of BUGS.md, both tables, in its order.
-    pub const ALL: [Fault; 22] = [
+    pub const ALL: [Fault; 24] = [
         Fault::WeightTransposed,
         Fault::LmHeadTransposed,
         Fault::EmbeddingTransposed,
@@ -108,6 +113,8 @@ impl Fault {
         Fault::GeluActivation,
         Fault::ResidualDropped,
         Fault::F16Accumulation,
+        Fault::AttentionWindow(80),
+        Fault::AttentionWindow(512),
     ];
 
     pub fn info(self) -> FaultInfo {
@@ -135,6 +142,9 @@ impl Fault {
             Fault::GeluActivation => i("gelu-activation", "GELU instead of SiLU in SwiGLU", "ffn_swiglu-0", TINY),
             Fault::ResidualDropped => i("residual-dropped", "attention output not added back to the residual stream", "ffn_inp-0", TINY),
             Fault::F16Accumulation => i("f16-accumulation", "RMSNorm's sum of squares saturates at 65504 (f16 accumulator overflow)", "the layer where the outlier appears (qwen: l_out-3 holds a 760 outlier, Σx² = 6.3e5)", QWEN),
+            Fault::AttentionWindow(80) => i("attention-window-80", "attention sees only the last 80 positions (a sliding window or KV length of 80)", "kq_soft_max-0 at position 80 (the long-context goldens: the first position that loses one)", SMOLLM2),
+            Fault::AttentionWindow(512) => i("attention-window-512", "attention sees only the last 512 positions (a sliding window or KV length of 512)", "kq_soft_max-0 at position 512 (the long-context goldens)", SMOLLM2),
+            Fault::AttentionWindow(_) => i("attention-window", "attention sees only the last N positions", "kq_soft_max-0 at position N", SMOLLM2),
             Fault::RmsEpsScaled(_) => i("rmsnorm-eps-scaled", "RMSNorm epsilon multiplied by a factor (sensitivity probe)", "norm-0.rms_norm.0", TINY),
             Fault::RopeBaseScaled(_) => i("rope-base-scaled", "RoPE base multiplied by a factor (sensitivity probe)", "Qcur-0.rope", TINY),
         }
@@ -393,20 +403,32 @@ pub fn softmax_scale(fault: Option<Fault>, head_dim: usize) -> f32 {
     }
 }
 
-/// Causal softmax (attention::attn_softmax), or without the mask, or without max subtraction.
+/// Causal softmax (attention::attn_softmax), or without the mask, or without max subtraction, or
+/// limited to the last N positions.
 pub fn attn_softmax(fault: Option<Fault>, kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
     let kv = d.kv_len();
     let row = |r: usize, s: &[f32]| -> Vec<f32> {
         let causal = d.n_past + r % d.n_tokens + 1;
         match fault {
             Some(Fault::CausalMaskMissing) => ops::softmax_row(s, scale, kv),
+            Some(Fault::AttentionWindow(n)) => softmax_row_window(s, scale, causal, n as usize),
             _ => softmax_row_no_max(s, scale, causal),
         }
     };
     match fault {
-        Some(Fault::CausalMaskMissing | Fault::SoftmaxNoMax) => kq.chunks(kv).enumerate().flat_map(|(r, s)| row(r, s)).collect(),
+        Some(Fault::CausalMaskMissing | Fault::SoftmaxNoMax | Fault::AttentionWindow(_)) => kq.chunks(kv).enumerate().flat_map(|(r, s)| row(r, s)).collect(),
         _ => attention::attn_softmax(kq, scale, d),
     }
+}
+
+/// ops::softmax_row over positions `causal − window .. causal` only (all of `0..causal` when it is
+/// shorter than the window): earlier positions get probability 0, as if they had left the cache. Rows
+/// within the window are bit-identical to ops::softmax_row's.
+fn softmax_row_window(x: &[f32], scale: f32, causal: usize, window: usize) -> Vec<f32> {
+    let lo = causal.saturating_sub(window);
+    let mut y = vec![0.0f32; lo];
+    y.extend(ops::softmax_row(&x[lo..], scale, causal - lo));
+    y
 }
 
 /// ops::softmax_row without subtracting the maximum: `exp(x·scale)` overflows to inf past ~88.7.
@@ -508,5 +530,28 @@ mod tests {
         assert!((y[0] - 300.0 / (F16_MAX / 2.0).sqrt()).abs() < 1e-3, "{y:?}");
         // below the f16 range it is the reference op, bit for bit
         assert_eq!(rmsnorm(Some(Fault::F16Accumulation), &x, 8, 1e-6), ops::rmsnorm(&x, 8, 1e-6));
+    }
+
+    #[test]
+    fn attention_window_drops_positions_before_the_window() {
+        // one head, a prefill of 5 tokens: row t sees positions max(0, t − 1) ..= t with a window of 2
+        let d = AttnDims { n_tokens: 5, n_past: 0, n_head: 1, n_head_kv: 1, head_dim: 1 };
+        let kq: Vec<f32> = (0..25).map(|i| (i % 7) as f32 * 0.5).collect();
+        let clean = attention::attn_softmax(&kq, 1.0, &d);
+        let w = attn_softmax(Some(Fault::AttentionWindow(2)), &kq, 1.0, &d);
+        assert_eq!(w[..10], clean[..10], "rows 0 and 1 fit in the window: unchanged, bit for bit");
+        for t in 2..5 {
+            let row = &w[t * 5..(t + 1) * 5];
+            assert!(row[..t - 1].iter().all(|&p| p == 0.0), "row {t}: {row:?}");
+            assert!(row[t - 1] > 0.0 && row[t] > 0.0 && row[t + 1..].iter().all(|&p| p == 0.0), "row {t}: {row:?}");
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+        // a decode step at position 4 (n_past 4, kv_len 5): the same as the prefill's last row
+        let d1 = AttnDims { n_tokens: 1, n_past: 4, n_head: 1, n_head_kv: 1, head_dim: 1 };
+        assert_eq!(attn_softmax(Some(Fault::AttentionWindow(2)), &kq[20..], 1.0, &d1), w[20..]);
+        // a window as long as the context changes nothing
+        assert_eq!(attn_softmax(Some(Fault::AttentionWindow(5)), &kq, 1.0, &d), clean);
+        assert_eq!(Fault::from_name("attention-window-80"), Some(Fault::AttentionWindow(80)));
+        assert_eq!(Fault::from_name("attention-window-512"), Some(Fault::AttentionWindow(512)));
     }
 }
