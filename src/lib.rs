@@ -11,6 +11,7 @@ pub mod golden;
 pub mod metrics;
 pub mod noise;
 pub mod probe;
+pub mod rows;
 pub mod ondemand;
 pub mod pin;
 pub mod tapname;

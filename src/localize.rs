@@ -39,6 +39,8 @@ pub enum BugClass {
     DecodeKernel,
     /// A weight format dequantized unlike gguf-py (the `dequant` check: direct evidence).
     Dequantization,
+    /// Attention limited to the last N positions (a sliding window misapplied, a wrapping cache).
+    AttentionWindow,
 }
 
 impl BugClass {
@@ -71,6 +73,7 @@ impl BugClass {
             WrongShape => "wrong_shape",
             Sampling => "sampling",
             DecodeKernel => "decode_kernel",
+            AttentionWindow => "attention_window",
             Dequantization => "dequantization",
         }
     }
@@ -337,10 +340,21 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
                 Some((AttentionScores, "attention scores: K layout, GQA head mapping or KV cache", format!("{at} fails while Q and K pass")))
             }
         }
+        ("kq_soft_max", _) if step == 0 && passes("kq", None) != Some(false) && window_edge(c).is_some() => {
+            let (ok, first) = window_edge(c).expect("checked");
+            Some((
+                AttentionWindow,
+                "attention window or KV length (earlier positions dropped)",
+                format!(
+                    "{at}: kq passes; the rows agree up to position {ok} and differ at every kept position from {first} on ({}): each query sees only its last N positions, {ok} < N ≤ {first} (a sliding window or KV-length limit)",
+                    fmt_positions(&c.bad_positions())
+                ),
+            ))
+        }
         ("kq_soft_max", _) => {
             let bad = c.bad_positions();
             let rows = c.per_position.len();
-            if step == 0 && rows > 1 && !bad.contains(&(rows - 1)) {
+            if step == 0 && rows > 1 && !bad.contains(&c.position(rows - 1)) {
                 Some((CausalMask, "causal mask missing", format!("{at}: kq passes, rows {} differ and the last row agrees", fmt_positions(&bad))))
             } else {
                 Some((SoftmaxScale, "softmax scale, mask or softmax", format!("{at} fails while kq passes")))
@@ -409,6 +423,19 @@ pub fn refine(loc: &mut Localization, golden: &crate::golden::TapsFile, engine: 
             format!("{why}; it is not llama.cpp's {key} minus the residual input (rel L2 {dist:.1e}), so the output projection (weight, layout or dequantization) differs"),
         );
     }
+}
+
+/// A sharp positional edge in a tap's rows: they agree up to position `a` ≥ 1 (so not a pattern where
+/// only the unrotated position 0 agrees) and every row from the next compared position `b` on differs.
+/// Returns (a, b).
+fn window_edge(c: &TapComparison) -> Option<(usize, usize)> {
+    let n = c.per_position.len();
+    let ok = |i: usize| c.per_position[i] <= c.row_limit;
+    let first_bad = (0..n).find(|&i| !ok(i))?;
+    if first_bad == 0 || c.position(first_bad - 1) == 0 || (first_bad..n).any(ok) {
+        return None;
+    }
+    Some((c.position(first_bad - 1), c.position(first_bad)))
 }
 
 fn fmt_positions(p: &[usize]) -> String {

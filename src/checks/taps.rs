@@ -27,8 +27,13 @@ pub struct TapComparison {
     pub not_dumped: bool,
     /// The shape mismatch message, or "not dumped".
     pub problem: Option<String>,
-    /// rel L2 per token position along the token axis (index within this step).
+    /// rel L2 per token row along the token axis (index within this step, or within the kept rows of a
+    /// row-subset tap: see `positions`).
     pub per_position: Vec<f64>,
+    /// The positions of `per_position`'s entries when the golden keeps a subset of the tap's rows
+    /// (src/rows.rs); empty: entry i is position i.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub positions: Vec<usize>,
     /// rel L2 per head for attention-shaped taps (`kq`, `kq_soft_max`, `kqv`, `*.rope`).
     pub per_head: Vec<f64>,
 }
@@ -37,13 +42,17 @@ impl TapComparison {
     pub fn rel_l2(&self) -> f64 {
         self.errors.map_or(f64::INFINITY, |e| e.rel_l2)
     }
+    /// The position (within the step) of row `i` of `per_position`.
+    pub fn position(&self, i: usize) -> usize {
+        self.positions.get(i).copied().unwrap_or(i)
+    }
     /// Positions (within the step) whose rel L2 exceeds the row limit.
     pub fn bad_positions(&self) -> Vec<usize> {
-        self.per_position.iter().enumerate().filter(|(_, &e)| !(e <= self.row_limit)).map(|(i, _)| i).collect()
+        self.per_position.iter().enumerate().filter(|(_, &e)| !(e <= self.row_limit)).map(|(i, _)| self.position(i)).collect()
     }
-    /// The largest per-row rel L2 (0 for a tap without rows).
+    /// The position and rel L2 of the worst row (None for a tap without rows).
     pub fn worst_row(&self) -> Option<(usize, f64)> {
-        self.per_position.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1))
+        self.per_position.iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).map(|(i, e)| (self.position(i), e))
     }
     /// Compared and found outside its limits (a missing tap is not a failure).
     pub fn failed(&self) -> bool {
@@ -123,7 +132,7 @@ pub fn compare_one(id: &TapId, engine: &Tensor, golden: &Tensor, limit: f64, row
     let key = id.key();
     let base = TapComparison {
         id: id.clone(), key: key.clone(), shape: golden.shape.clone(), errors: None, limit, row_limit, basis: String::new(),
-        passed: false, not_dumped: false, problem: None, per_position: Vec::new(), per_head: Vec::new(),
+        passed: false, not_dumped: false, problem: None, per_position: Vec::new(), positions: Vec::new(), per_head: Vec::new(),
     };
     if let Err(e) = check_shapes(&key, &engine.shape, &golden.shape) {
         return TapComparison { problem: Some(e.to_string()), ..base };
@@ -138,7 +147,10 @@ pub fn compare_one(id: &TapId, engine: &Tensor, golden: &Tensor, limit: f64, row
 
 /// Compares every golden tap (graph order) with the engine's. A tap the engine did not provide is
 /// marked `not_dumped`. `steps` limits the comparison to those steps (None: all the golden holds).
+/// A row-subset tap (src/rows.rs) is compared on the rows the golden keeps, its `positions` set.
 pub fn compare_all(golden: &TapsFile, engine: &dyn TapSource, tol: &Tolerances, steps: Option<usize>) -> crate::error::Result<Vec<TapComparison>> {
+    let cut = crate::rows::RowCut::new(golden, engine)?;
+    let engine: &dyn TapSource = &cut;
     let mut out = Vec::new();
     for id in golden.taps() {
         if steps.is_some_and(|s| id.step > s) {
@@ -149,9 +161,13 @@ pub fn compare_all(golden: &TapsFile, engine: &dyn TapSource, tol: &Tolerances, 
         let cmp = match engine.tensor(&id.key()) {
             None => TapComparison {
                 key: id.key(), shape: g.shape.clone(), errors: None, limit, row_limit, basis, passed: false, not_dumped: true,
-                problem: Some("not dumped".into()), per_position: Vec::new(), per_head: Vec::new(), id: id.clone(),
+                problem: Some("not dumped".into()), per_position: Vec::new(), positions: Vec::new(), per_head: Vec::new(), id: id.clone(),
             },
-            Some(e) => TapComparison { basis, ..compare_one(&id, &e?, &g, limit, row_limit) },
+            Some(e) => TapComparison {
+                basis,
+                positions: cut.positions(&id.key()).map(<[usize]>::to_vec).unwrap_or_default(),
+                ..compare_one(&id, &e?, &g, limit, row_limit)
+            },
         };
         out.push(cmp);
     }
