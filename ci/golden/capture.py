@@ -21,6 +21,16 @@ _libbase.ggml_op_desc.restype = ctypes.c_char_p
 _libbase.ggml_op_desc.argtypes = [ctypes.c_void_p]
 
 
+
+def tokenize(vocab, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+    """llama.cpp's tokenizer on `text` (special tokens parsed when asked, BOS as the model says)."""
+    data = text.encode("utf-8")
+    buf = (L.llama_token * (len(data) + 16))()
+    n = L.llama_tokenize(vocab, data, len(data), buf, len(buf), add_special, parse_special)
+    if n < 0:
+        raise RuntimeError(f"tokenize failed ({n})")
+    return list(buf[:n])
+
 class GgmlTensor(ctypes.Structure):
     """struct ggml_tensor of the vendored ggml (ggml/include/ggml.h: GGML_MAX_DIMS 4, GGML_MAX_SRC 10,
     GGML_MAX_OP_PARAMS 64, GGML_MAX_NAME 64)."""
@@ -182,12 +192,7 @@ class LlamaCpp:
         return ctx
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        buf = (L.llama_token * (len(data) + 16))()
-        n = L.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_special, parse_special)
-        if n < 0:
-            raise RuntimeError(f"tokenize failed ({n})")
-        return list(buf[:n])
+        return tokenize(self.vocab, text, add_special, parse_special)
 
     def is_eog(self, tok: int) -> bool:
         return bool(L.llama_vocab_is_eog(self.vocab, tok))
@@ -288,12 +293,7 @@ class Vocab:
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """As `LlamaCpp.tokenize`."""
-        data = text.encode("utf-8")
-        buf = (L.llama_token * (len(data) + 16))()
-        n = L.llama_tokenize(self.vocab, data, len(data), buf, len(buf), add_special, parse_special)
-        if n < 0:
-            raise RuntimeError(f"tokenize failed ({n})")
-        return list(buf[:n])
+        return tokenize(self.vocab, text, add_special, parse_special)
 
     def close(self):
         L.llama_model_free(self.model)
