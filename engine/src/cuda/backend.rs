@@ -197,6 +197,10 @@ impl CudaBackend {
     /// `load_with_fault`: loader faults corrupt the uploaded weights, op faults switch the forward
     /// pass to a buggy kernel or argument. `None` loads the very same weights and graph as [`Self::load`].
     pub fn load_with_fault(file: &GgufFile, options: CudaOptions, fault: Option<Fault>) -> Result<Self> {
+        // A fault the kernels do not implement must not run clean and pass for "not detected".
+        if let Some(f @ Fault::AttentionWindow(_)) = fault {
+            anyhow::bail!("fault {} is not implemented on the CUDA backend (CPU only)", f.name());
+        }
         let mut config = ModelConfig::from_gguf(file)?;
         let gpu = Gpu::new()?;
         let _lock = super::device::shared_lock();
