@@ -152,7 +152,8 @@ def test_every_bug_has_a_realistic_class():
     ids = {"tokenizer", "embedding", "rope", "qkv_bias", "projection_weight", "attention_scores", "gqa_mapping",
            "kv_cache", "causal_mask", "softmax_scale", "attn_output_projection", "residual_attn", "rms_norm",
            "norm_weight", "ffn_size", "ffn_weight", "activation", "ffn_down", "residual_ffn", "lm_head",
-           "overflow", "layer_data", "wrong_shape", "sampling"}
+           "overflow", "layer_data", "wrong_shape", "sampling", "attention_window", "dequantization",
+           "decode_kernel"}
     assert len(numpy_engine.BUGS) >= 10
     for b in numpy_engine.BUGS.values():
         assert b.class_id in ids, b
