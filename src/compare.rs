@@ -61,8 +61,9 @@ pub fn judge(golden: &TapsFile, run: &EngineRun, opt: &Options, case: &mut CaseR
         let tol = logits_storage_tolerance(run, opt.tol);
         case.checks.extend(logits::check(&run.logits, &gl, &cont, &tol));
     }
-    let n_prompt_inv = golden.token_ids("tokens")?.map(|t| t.len());
-    case.checks.extend(checks::invariants::check(run.taps, opt.tol, opt.pairing, n_prompt_inv)?);
+    // The prompt's length places decode steps' positions (invariants, class proofs).
+    let n_prompt = golden.token_ids("tokens")?.map(|t| t.len());
+    case.checks.extend(checks::invariants::check(run.taps, opt.tol, opt.pairing, n_prompt)?);
     if let (Some(limits), Some(gen)) = (&opt.diversity, &run.continuation) {
         let ent: Vec<f64> = run.logits.iter().take(gen.len()).map(|l| logits::coarse_entropy(l, 64)).collect();
         let s = diversity::stats(gen, &ent);
@@ -71,7 +72,6 @@ pub fn judge(golden: &TapsFile, run: &EngineRun, opt: &Options, case: &mut CaseR
     }
     let mut loc = localize::localize(&cmps, tokens_ok, golden.n_layer);
     localize::refine(&mut loc, golden, run.taps);
-    let n_prompt = golden.token_ids("tokens")?.map(|t| t.len());
     case.class_proof = crate::probe::prove(&mut loc, golden, run.taps, opt.pairing, n_prompt);
     case.attention = choose_heatmap(golden, run.taps, &cmps, loc.first_divergence.as_ref());
     case.apply(loc);

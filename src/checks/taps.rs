@@ -69,10 +69,10 @@ impl TapComparison {
 /// calibration, the tier's fixed limit for the tap family. Either way, an engine that stored the tap in
 /// f16 or bf16 gets that format's unit roundoff added (rel L2 of a rounding ≤ its unit roundoff).
 pub fn tap_limits(id: &TapId, golden: &TapsFile, engine: &dyn TapSource, tol: &Tolerances) -> (f64, f64, String) {
-    let (storage, what) = match engine.stored_dtype(&id.key()) {
-        Some(safetensors::Dtype::F16) => (2f64.powi(-11), " + f16 storage 4.9e-4"),
-        Some(safetensors::Dtype::BF16) => (2f64.powi(-8), " + bf16 storage 3.9e-3"),
-        _ => (0.0, ""),
+    let storage = super::invariants::storage_roundoff(engine, &id.key());
+    let what = match engine.stored_dtype(&id.key()) {
+        Some(d) if storage > 0.0 => format!(" + {} storage {storage:.1e}", format!("{d:?}").to_lowercase()),
+        _ => String::new(),
     };
     let (whole, row, basis) = calibrated_limits(id, golden, tol).unwrap_or_else(|| {
         let l = tol.get(&format!("taps.rel_l2:{}", id.family_stage())).value;
