@@ -87,7 +87,11 @@ fn logits_storage_tolerance(run: &EngineRun, tol: &Tolerances) -> Tolerances {
         let big = run.logits.iter().flatten().fold(0f64, |m, &v| m.max((v as f64).abs()));
         let extra = 0.5 * (u * big).powi(2);
         let base = tol.get("logits.kl");
-        tol.set("logits.kl", base.value + extra, &format!("{} + {extra:.1e} for the dump's storage rounding of the logits (½(u·max|logit|)², u = {u:.1e})", base.reason));
+        tol.set(
+            "logits.kl",
+            base.value + extra,
+            &format!("{} + {extra:.1e} for the dump's storage rounding of the logits (½(u·max|logit|)², u = {u:.1e})", base.reason),
+        );
     }
     tol
 }
@@ -141,7 +145,13 @@ pub fn compare_dump(manifest: &Manifest, dump_path: &std::path::Path, entry: &st
     let model = f.model.clone().unwrap_or_default();
     let tol = tol.unwrap_or_else(|| Tolerances::new(&tier));
     let arch = golden_arch(manifest, f);
-    let opt = Options { tol: &tol, pairing: Pairing::for_arch(&arch), diversity: diversity_limits(manifest, &model, &tier)?, max_step: None, require_all_taps: false };
+    let opt = Options {
+        tol: &tol,
+        pairing: Pairing::for_arch(&arch),
+        diversity: diversity_limits(manifest, &model, &tier)?,
+        max_step: None,
+        require_all_taps: false,
+    };
     let mut case = CaseReport {
         name: format!("compare::{}::dump", f.entry_name()),
         suite: "compare".into(),

@@ -19,7 +19,7 @@
 
 use crate::checks::TapSource;
 use crate::error::{BadTensor, Error, Result};
-use crate::golden::{Tensor, TapsFile};
+use crate::golden::{TapsFile, Tensor};
 use crate::tapname::TapId;
 use safetensors::Dtype;
 use serde::Serialize;
@@ -191,7 +191,11 @@ pub fn load(dump_path: &Path, golden: &TapsFile) -> Result<(NormalizedDump, Cove
             "tokens" | "continuation" => {
                 match read_ids(&dump, key) {
                     Ok(ids) => {
-                        if key == "tokens" { out.tokens = Some(ids) } else { out.continuation = Some(ids) }
+                        if key == "tokens" {
+                            out.tokens = Some(ids)
+                        } else {
+                            out.continuation = Some(ids)
+                        }
                     }
                     Err(p) => problems.push(p),
                 }
@@ -246,7 +250,10 @@ pub fn load(dump_path: &Path, golden: &TapsFile) -> Result<(NormalizedDump, Cove
         let n = out.tensors.keys().filter(|k| TapId::parse_key(k).is_some_and(|t| t.step == s)).count();
         let logits = format!("s{s}/result_output");
         if n > 0 && !out.tensors.contains_key(&logits) {
-            let near = unrecognised.iter().find(|k| k.to_ascii_lowercase().contains("logit") || k.contains("output")).map_or(String::new(), |k| format!(" (is `{k}` meant to be {logits}?)"));
+            let near = unrecognised
+                .iter()
+                .find(|k| k.to_ascii_lowercase().contains("logit") || k.contains("output"))
+                .map_or(String::new(), |k| format!(" (is `{k}` meant to be {logits}?)"));
             return Err(Error::DumpFile {
                 path,
                 problem: format!("step {s} has {n} taps but no {logits}: the logits are needed to judge a step"),
@@ -397,9 +404,23 @@ fn first_problem(path: &Path, mut problems: Vec<Problem>, view: &GoldenView) -> 
         String::new()
     } else {
         let names: Vec<String> = problems.iter().take(5).map(|p| format!("{} ({})", p.key, p.problem)).collect();
-        format!(" [and {} more tensor{} with problems: {}{}]", problems.len(), if problems.len() == 1 { "" } else { "s" }, names.join(", "), if problems.len() > 5 { ", …" } else { "" })
+        format!(
+            " [and {} more tensor{} with problems: {}{}]",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
+            names.join(", "),
+            if problems.len() > 5 { ", …" } else { "" }
+        )
     };
-    Error::DumpTensor(Box::new(BadTensor { path: path.to_path_buf(), key: first.key, problem: first.problem, expected: first.expected, found: first.found, hint: first.hint, others }))
+    Error::DumpTensor(Box::new(BadTensor {
+        path: path.to_path_buf(),
+        key: first.key,
+        problem: first.problem,
+        expected: first.expected,
+        found: first.found,
+        hint: first.hint,
+        others,
+    }))
 }
 
 fn nothing_recognised(path: &Path, n: usize, unrecognised: &[String], elsewhere: usize, view: &GoldenView) -> Error {
@@ -570,7 +591,8 @@ fn normalize(dump: &TapsFile, id: &TapId, expected: Option<&[usize]>, view: &Gol
             "the engine wrote no data for this tap: record it after it is computed, or leave the key out (a tap not dumped is reported as not dumped)".into(),
         ));
     }
-    let read = |dump: &TapsFile| dump.f32(&key).map_err(|e| problem("unreadable".into(), exp_str.clone(), format!("{dtype:?} {}", shape_str(&found)), e.to_string()));
+    let read =
+        |dump: &TapsFile| dump.f32(&key).map_err(|e| problem("unreadable".into(), exp_str.clone(), format!("{dtype:?} {}", shape_str(&found)), e.to_string()));
     if dtype != Dtype::F32 {
         let e = notes.dtypes.entry(format!("{dtype:?}")).or_insert((0, key.clone()));
         e.0 += 1;
@@ -671,15 +693,9 @@ fn shape_problem(id: &TapId, found: &[usize], g: &[usize], prompt_rows: usize) -
         );
     }
     if permuted {
-        return (
-            "axes in another order".into(),
-            format!("the golden's axes are {}: transpose (not reshape) to that order", describe(id, g)),
-        );
+        return ("axes in another order".into(), format!("the golden's axes are {}: transpose (not reshape) to that order", describe(id, g)));
     }
-    (
-        "wrong shape (same element count)".into(),
-        format!("{README}; if you merged or split axes, reshape to {} (row-major)", shape_str(g)),
-    )
+    ("wrong shape (same element count)".into(), format!("{README}; if you merged or split axes, reshape to {} (row-major)", shape_str(g)))
 }
 
 /// Reads `tokens` or `continuation`: integer ids, 1-D up to size-1 axes.
@@ -754,7 +770,8 @@ fn check_container(path: &Path, golden: &TapsFile) -> Result<()> {
             "F16" | "BF16" | "I16" | "U16" => 2,
             _ => 1,
         };
-        let shape: Vec<u128> = info.get("shape").and_then(|s| s.as_array()).map_or(Vec::new(), |a| a.iter().filter_map(|v| v.as_u64()).map(u128::from).collect());
+        let shape: Vec<u128> =
+            info.get("shape").and_then(|s| s.as_array()).map_or(Vec::new(), |a| a.iter().filter_map(|v| v.as_u64()).map(u128::from).collect());
         let elements = shape.iter().try_fold(1u128, |acc, &d| acc.checked_mul(d));
         let bytes = elements.and_then(|e| e.checked_mul(bytes_per));
         if bytes.is_none_or(|b| b > len as u128) {
@@ -779,7 +796,10 @@ fn check_container(path: &Path, golden: &TapsFile) -> Result<()> {
     }
     if let Some((name, end)) = past_end {
         return Err(bad(
-            format!("truncated file: the header places tensor data up to byte {end} (the last is {name}), but the file holds {data_len} bytes of data ({} missing)", end - data_len),
+            format!(
+                "truncated file: the header places tensor data up to byte {end} (the last is {name}), but the file holds {data_len} bytes of data ({} missing)",
+                end - data_len
+            ),
             ATOMIC,
         ));
     }
@@ -832,15 +852,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let g = dir.path().join("golden.safetensors");
         let act = |k: &str, rows: usize| (k.to_string(), vec![1, 1, rows, 3], vec![0.5f32; rows * 3]);
-        write_safetensors(&g, &[act("s0/embd", 2), act("s0/l_out-0", 2), act("s1/embd", 1), act("s1/l_out-0", 1)],
-            &[("topk_ids".into(), vec![2, 2], vec![5, 7, 1, 2]), ("tokens".into(), vec![2], vec![3, 4])]).unwrap();
+        write_safetensors(
+            &g,
+            &[act("s0/embd", 2), act("s0/l_out-0", 2), act("s1/embd", 1), act("s1/l_out-0", 1)],
+            &[("topk_ids".into(), vec![2, 2], vec![5, 7, 1, 2]), ("tokens".into(), vec![2], vec![3, 4])],
+        )
+        .unwrap();
         let golden = TapsFile::open(&g).unwrap();
         let d = dir.path().join("dump.safetensors");
         write_safetensors(&d, &[act("s0/embd", 2), ("s0/result_output".into(), vec![1, 1, 1, 4], vec![0.0; 4])], &[]).unwrap();
         let e = load(&d, &golden).unwrap_err().to_string();
         assert!(e.contains("s0/result_output") && e.contains("n_vocab ≥ 8") && e.contains("[1, 1, 1, 4]"), "{e}");
-        write_safetensors(&d, &[act("s0/embd", 2), ("s0/result_output".into(), vec![1, 1, 1, 8], vec![0.0; 8]), act("s1/embd", 1),
-            ("s1/result_output".into(), vec![8], vec![0.0; 8])], &[("tokens".into(), vec![2], vec![3, 4])]).unwrap();
+        write_safetensors(
+            &d,
+            &[
+                act("s0/embd", 2),
+                ("s0/result_output".into(), vec![1, 1, 1, 8], vec![0.0; 8]),
+                act("s1/embd", 1),
+                ("s1/result_output".into(), vec![8], vec![0.0; 8]),
+            ],
+            &[("tokens".into(), vec![2], vec![3, 4])],
+        )
+        .unwrap();
         let (dump, cov) = load(&d, &golden).unwrap();
         assert_eq!((cov.compared, cov.logit_steps), (2, 2));
         assert_eq!(cov.not_dumped, vec!["s0/l_out-0".to_string(), "s1/l_out-0".to_string()]);

@@ -9,7 +9,9 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid safetensors file: {reason}")]
     Safetensors { path: PathBuf, reason: String },
-    #[error("{path}: checksum mismatch (manifest says {expected}, file has {actual}); the golden is stale or corrupt: run `ci/regenerate-golden` to rebuild it")]
+    #[error(
+        "{path}: checksum mismatch (manifest says {expected}, file has {actual}); the golden is stale or corrupt: run `ci/regenerate-golden` to rebuild it"
+    )]
     Checksum { path: PathBuf, expected: String, actual: String },
     #[error("{path}: malformed manifest: {reason}")]
     Manifest { path: PathBuf, reason: String },

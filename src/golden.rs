@@ -166,11 +166,10 @@ impl Manifest {
     pub fn find(&self, entry: &str) -> Result<&ManifestFile> {
         let e = entry.trim_start_matches("./").trim_start_matches("golden/");
         let canonical = Path::new(entry).is_file().then(|| std::fs::canonicalize(entry).ok()).flatten();
-        let hit = self.files.iter().find(|f| {
-            f.path == e
-                || f.entry_name() == e
-                || f.path.strip_suffix(".safetensors").is_some_and(|p| p == e || p.strip_prefix("taps/") == Some(e))
-        });
+        let hit = self
+            .files
+            .iter()
+            .find(|f| f.path == e || f.entry_name() == e || f.path.strip_suffix(".safetensors").is_some_and(|p| p == e || p.strip_prefix("taps/") == Some(e)));
         let hit = hit.or_else(|| {
             let c = canonical.as_ref()?;
             self.files.iter().find(|f| std::fs::canonicalize(self.dir.join(&f.path)).is_ok_and(|p| &p == c))
@@ -236,8 +235,7 @@ impl TapsFile {
         // not modified while lockstep runs (a concurrent writer could change the bytes we read, never
         // memory safety of anything but those bytes' values).
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (header_len, meta) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })?;
         Ok(TapsFile { path: path.to_path_buf(), mmap, header_len, meta, order: GraphOrder::default(), noise: Default::default(), n_layer: None })
     }
 
@@ -296,9 +294,7 @@ impl TapsFile {
             Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-            other => {
-                return Err(Error::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{other:?}"), expected: "F32/F16/BF16".into() })
-            }
+            other => return Err(Error::Dtype { path: self.path.clone(), key: key.into(), dtype: format!("{other:?}"), expected: "F32/F16/BF16".into() }),
         };
         Ok(Tensor { shape: shape.to_vec(), data })
     }
@@ -336,8 +332,7 @@ pub fn write_safetensors(path: &Path, f32s: &[(String, Vec<usize>, Vec<f32>)], i
     for (k, s, b) in &ib {
         views.push((k.clone(), TensorView::new(Dtype::I32, s.clone(), b).map_err(|e| Error::Other(format!("{k}: {e}")))?));
     }
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
+    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Safetensors { path: path.to_path_buf(), reason: e.to_string() })
 }
 
 #[cfg(test)]
@@ -349,8 +344,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("taps/m/exact")).unwrap();
         let p = dir.path().join("taps/m/exact/hi.safetensors");
-        write_safetensors(&p, &[("s0/embd".into(), vec![1, 1, 2, 3], vec![1., 2., 3., 4., 5., 6.]),
-            ("s0/l_out-0".into(), vec![1, 1, 2, 3], vec![0.; 6])], &[("tokens".into(), vec![2], vec![7, 9])]).unwrap();
+        write_safetensors(
+            &p,
+            &[("s0/embd".into(), vec![1, 1, 2, 3], vec![1., 2., 3., 4., 5., 6.]), ("s0/l_out-0".into(), vec![1, 1, 2, 3], vec![0.; 6])],
+            &[("tokens".into(), vec![2], vec![7, 9])],
+        )
+        .unwrap();
         let sha = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
         let manifest = serde_json::json!({"llama_cpp_commit": "abc", "files": [
             {"path": "taps/m/exact/hi.safetensors", "sha256": sha, "kind": "taps", "model": "m", "tier": "exact", "prompt_id": "hi",

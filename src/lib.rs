@@ -6,21 +6,21 @@
 //! - [`metrics`]: rel L2, max abs, cosine, NMSE, KL, top-k, ranks, entropy (f64).
 //! - [`checks`]: the nine checks; each yields {name, metric, value, limit, passed}.
 pub mod checks;
-pub mod error;
-pub mod golden;
-pub mod metrics;
-pub mod noise;
-pub mod probe;
-pub mod rows;
-pub mod ondemand;
-pub mod pin;
-pub mod tapname;
-pub mod localize;
-pub mod report;
 pub mod compare;
 pub mod dump_check;
-#[doc(hidden)]
-pub mod synth;
+pub mod error;
+pub mod golden;
+pub mod localize;
+pub mod metrics;
+pub mod noise;
+pub mod ondemand;
+pub mod pin;
+pub mod probe;
+pub mod report;
+pub mod rows;
 pub mod shards;
 pub mod suite;
+#[doc(hidden)]
+pub mod synth;
+pub mod tapname;
 pub mod validate;

@@ -135,13 +135,8 @@ pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>, n_layer: Option
     };
     let limit = if metric.starts_with("row") { c.row_limit } else { c.limit };
     loc.first_divergence = Some(Divergence { step: c.id.step, layer: c.id.layer, tap: c.id.tap.clone(), metric, value, limit });
-    loc.upstream_passing = cmps[..i]
-        .iter()
-        .rev()
-        .filter(|u| u.id.step == c.id.step && u.passed)
-        .take(3)
-        .map(|u| Upstream { key: u.key.clone(), rel_l2: u.rel_l2() })
-        .collect();
+    loc.upstream_passing =
+        cmps[..i].iter().rev().filter(|u| u.id.step == c.id.step && u.passed).take(3).map(|u| Upstream { key: u.key.clone(), rel_l2: u.rel_l2() }).collect();
     // Taps of this step between the last compared-and-agreeing one and the first failure that the
     // engine did not dump: the fault may lie among them.
     let gap: Vec<&TapComparison> = cmps[..i].iter().rev().filter(|u| u.id.step == c.id.step).take_while(|u| !u.passed).filter(|u| u.not_dumped).collect();
@@ -274,9 +269,7 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
     let (step, layer, fam, stage) = (c.id.step, c.id.layer, c.id.family.as_str(), c.id.stage.as_deref());
     // Some(passed) for a compared tap of this step and layer; None when absent or not dumped.
     let passes = |f: &str, s: Option<&str>| -> Option<bool> {
-        cmps.iter()
-            .find(|o| o.id.step == step && o.id.layer == layer && o.id.family == f && o.id.stage.as_deref() == s && !o.not_dumped)
-            .map(|o| o.passed)
+        cmps.iter().find(|o| o.id.step == step && o.id.layer == layer && o.id.family == f && o.id.stage.as_deref() == s && !o.not_dumped).map(|o| o.passed)
     };
     let step0_all_pass = cmps.iter().filter(|o| o.id.step == 0).all(|o| !o.failed());
     let nonfinite = c.errors.is_some_and(|e| e.non_finite > 0);
@@ -290,7 +283,10 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
     if nonfinite {
         return Some((Overflow, "overflow: f16 accumulation or softmax without max subtraction", format!("{at} holds NaN or Inf")));
     }
-    if step == 0 && layer.is_some_and(|l| l > 0) && matches!(fam, "norm" | "attn_norm" | "ffn_norm" | "kq" | "kq_soft_max" | "kqv" | "kqv_out" | "attn_out" | "ffn_inp" | "l_out") {
+    if step == 0
+        && layer.is_some_and(|l| l > 0)
+        && matches!(fam, "norm" | "attn_norm" | "ffn_norm" | "kq" | "kq_soft_max" | "kqv" | "kqv_out" | "attn_out" | "ffn_inp" | "l_out")
+    {
         // A wrong formula shows at layer 0; a first failure deeper down depends on that layer's data.
         let l = layer.unwrap_or(0);
         return Some((
@@ -304,26 +300,46 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
     let v_only = fam == "kqv" && passes("kq_soft_max", None) == Some(true);
     let (heads_ok, heads_bad) = head_split(c);
     if step >= 1 && fam == "kq" && heads_ok > 0 && heads_bad > 0 && passes("Qcur", Some("rope")) != Some(false) {
-        return Some((GqaMapping, "GQA head mapping", format!("{at}: {heads_ok} heads agree and {heads_bad} differ at decode step {step}: query heads read the wrong K head")));
+        return Some((
+            GqaMapping,
+            "GQA head mapping",
+            format!("{at}: {heads_ok} heads agree and {heads_bad} differ at decode step {step}: query heads read the wrong K head"),
+        ));
     }
     if step >= 1 && step0_all_pass && (fam == "kq" || v_only) {
-        return Some((KvCache, "KV cache (never written, wrong layout or stride)", format!("every prefill tap passes; {at} at decode step {step} is the first to fail")));
+        return Some((
+            KvCache,
+            "KV cache (never written, wrong layout or stride)",
+            format!("every prefill tap passes; {at} at decode step {step} is the first to fail"),
+        ));
     }
     match (fam, stage) {
         ("embd" | "inp_embd", _) => Some((Embedding, "embedding lookup (index transposed or wrong row)", format!("{at} is the first tensor and it differs"))),
         ("Qcur" | "Kcur", Some("rope")) if matches!(head_split(c), (ok, bad) if ok > 0 && bad > 0) => {
             // RoPE rotates every head alike: some heads exact and others off is head indexing.
             let (ok, bad) = head_split(c);
-            Some((GqaMapping, "GQA head mapping (KV head indexing)", format!("{at}: {ok} heads agree and {bad} differ, while a RoPE bug would move every head alike")))
+            Some((
+                GqaMapping,
+                "GQA head mapping (KV head indexing)",
+                format!("{at}: {ok} heads agree and {bad} differ, while a RoPE bug would move every head alike"),
+            ))
         }
         ("Qcur" | "Kcur", Some("rope")) => {
             let pre = passes(fam, Some("add")).or(passes(fam, Some("mul_mat"))).or(passes(fam, None));
             let bad = c.bad_positions();
             let pos0_ok = step == 0 && !bad.contains(&0);
             if pre == Some(true) && pos0_ok {
-                Some((Rope, "RoPE pairing or base", format!("{fam} passes before RoPE and fails after it, only at positions {}; position 0 (unrotated) agrees", fmt_positions(&bad))))
+                Some((
+                    Rope,
+                    "RoPE pairing or base",
+                    format!("{fam} passes before RoPE and fails after it, only at positions {}; position 0 (unrotated) agrees", fmt_positions(&bad)),
+                ))
             } else if pre == Some(true) {
-                Some((Rope, "RoPE", format!("{fam} passes before RoPE and fails after it, at positions {} (position 0 too: positions shifted?)", fmt_positions(&bad))))
+                Some((
+                    Rope,
+                    "RoPE",
+                    format!("{fam} passes before RoPE and fails after it, at positions {} (position 0 too: positions shifted?)", fmt_positions(&bad)),
+                ))
             } else {
                 None
             }
@@ -331,7 +347,11 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
         ("Qcur" | "Kcur" | "Vcur", Some("add")) if passes(fam, Some("mul_mat")) == Some(true) => {
             Some((QkvBias, "Q/K/V bias (zeroed or not loaded)", format!("{fam}.mul_mat passes and {fam}.add (the bias) fails")))
         }
-        ("Qcur" | "Kcur" | "Vcur", Some("mul_mat") | None) => Some((ProjectionWeight, "projection weight transposed, wrong leading dimension or dequantization", format!("{at}: the input (attn_norm) passes, the projection differs"))),
+        ("Qcur" | "Kcur" | "Vcur", Some("mul_mat") | None) => Some((
+            ProjectionWeight,
+            "projection weight transposed, wrong leading dimension or dequantization",
+            format!("{at}: the input (attn_norm) passes, the projection differs"),
+        )),
         ("kq", _) => {
             let (ok, bad) = head_split(c);
             if ok > 0 && bad > 0 {
@@ -363,7 +383,11 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
         ("kqv", _) => {
             let (ok, bad) = head_split(c);
             if ok > 0 && bad > 0 {
-                Some((GqaMapping, "GQA head mapping", format!("{at}: {ok} heads agree and {bad} differ while the attention probabilities pass: query heads read the wrong V head")))
+                Some((
+                    GqaMapping,
+                    "GQA head mapping",
+                    format!("{at}: {ok} heads agree and {bad} differ while the attention probabilities pass: query heads read the wrong V head"),
+                ))
             } else {
                 Some((GqaMapping, "GQA head mapping or V layout", format!("{at} fails while the attention probabilities pass")))
             }
@@ -378,12 +402,24 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
         // projection with the tensors themselves.
         ("ffn_inp", _) => Some((AttnOutputProjection, "attention output projection or residual add", format!("{at} fails while kqv_out passes"))),
         ("norm", _) => Some((RmsNorm, "RMSNorm (epsilon or formula)", format!("{at}: the normalized activations differ while its input passes"))),
-        ("attn_norm" | "ffn_norm" | "result_norm", _) => Some((NormWeight, "norm weight ignored or rescaled", format!("{at} fails while the unweighted norm passes"))),
-        ("ffn_gate" | "ffn_up", _) if layer == Some(0) => Some((FfnWeight, "FFN size from the wrong dimension, or FFN weight transposed", format!("{at} fails at layer 0 while ffn_norm passes"))),
-        ("ffn_gate" | "ffn_up", _) => Some((FfnWeight, "dequantization of this layer's FFN weight", format!("{at} fails; the same tap passes in earlier layers"))),
+        ("attn_norm" | "ffn_norm" | "result_norm", _) => {
+            Some((NormWeight, "norm weight ignored or rescaled", format!("{at} fails while the unweighted norm passes")))
+        }
+        ("ffn_gate" | "ffn_up", _) if layer == Some(0) => {
+            Some((FfnWeight, "FFN size from the wrong dimension, or FFN weight transposed", format!("{at} fails at layer 0 while ffn_norm passes")))
+        }
+        ("ffn_gate" | "ffn_up", _) => {
+            Some((FfnWeight, "dequantization of this layer's FFN weight", format!("{at} fails; the same tap passes in earlier layers")))
+        }
         ("ffn_swiglu", _) => Some((Activation, "activation wrong (e.g. GELU instead of SiLU)", format!("{at} fails while ffn_gate and ffn_up pass"))),
-        ("ffn_out", _) if layer == Some(0) => Some((FfnDown, "ffn_down projection dropped or transposed, or its dequantization", format!("{at} fails while ffn_swiglu passes"))),
-        ("ffn_out", _) => Some((FfnDown, "dequantization of this layer's ffn_down (e.g. Q4_K scales/mins)", format!("{at} fails while ffn_swiglu passes; earlier layers' ffn_out pass"))),
+        ("ffn_out", _) if layer == Some(0) => {
+            Some((FfnDown, "ffn_down projection dropped or transposed, or its dequantization", format!("{at} fails while ffn_swiglu passes")))
+        }
+        ("ffn_out", _) => Some((
+            FfnDown,
+            "dequantization of this layer's ffn_down (e.g. Q4_K scales/mins)",
+            format!("{at} fails while ffn_swiglu passes; earlier layers' ffn_out pass"),
+        )),
         ("l_out", _) => Some((ResidualFfn, "residual dropped (FFN output not added back)", format!("{at} fails while ffn_out passes"))),
         ("result_output", _) => Some((LmHead, "lm_head dims swapped or padded vocabulary", format!("{at} is the only tensor that differs"))),
         _ => None,
@@ -477,13 +513,20 @@ pub fn class_from_checks(checks: &[CheckResult]) -> Option<(BugClass, &'static s
     let c = checks.iter().find(|c| !c.passed && c.name == "graph_decode").or_else(|| checks.iter().find(|c| !c.passed))?;
     let n = c.name.as_str();
     if n.starts_with("sampler:") {
-        Some((BugClass::Sampling, "sampling order (top-k, top-p, temperature)", format!("{n} fails: the engine's sampler does not draw from llama.cpp's distribution")))
+        Some((
+            BugClass::Sampling,
+            "sampling order (top-k, top-p, temperature)",
+            format!("{n} fails: the engine's sampler does not draw from llama.cpp's distribution"),
+        ))
     } else if n == "graph_decode" {
-        Some((BugClass::DecodeKernel, "decode-only kernel (the graph path differs from the tapped path)", format!("{n} fails while every tap agrees: {}", c.detail.clone().unwrap_or_default())))
+        Some((
+            BugClass::DecodeKernel,
+            "decode-only kernel (the graph path differs from the tapped path)",
+            format!("{n} fails while every tap agrees: {}", c.detail.clone().unwrap_or_default()),
+        ))
     } else if n.starts_with("kv_cache") {
         Some((BugClass::KvCache, "KV cache (never written, wrong layout or stride)", format!("{n} fails while every tap agrees")))
     } else {
         None
     }
 }
-

@@ -211,7 +211,10 @@ fn run(cli: Cli) -> Result<bool> {
             if let Some(d) = rep.cases.first().and_then(|c| c.first_divergence.as_ref()) {
                 match lockstep::pin::compare_pin_command(&manifest, &entry, d, &report.join("pin-chat.json")) {
                     Ok(Some(cmd)) => {
-                        println!("  pin it: the golden holds none of s{}/{}'s inputs; make a full-tap golden of this entry and judge the dump against it:", d.step, d.tap);
+                        println!(
+                            "  pin it: the golden holds none of s{}/{}'s inputs; make a full-tap golden of this entry and judge the dump against it:",
+                            d.step, d.tap
+                        );
                         println!("    {cmd}");
                         println!("    lockstep compare --dump {} --golden cache:KEY   (KEY: the name the first command prints)", dump.display());
                     }
@@ -222,7 +225,9 @@ fn run(cli: Cli) -> Result<bool> {
             println!("report: {}", report.join("report.html").display());
             Ok(rep.passed)
         }
-        Cmd::Generate { model, prompt, chat, max_tokens, temperature, seed, json } => engine_cli::generate(&model, &prompt, chat, max_tokens, temperature, seed, json),
+        Cmd::Generate { model, prompt, chat, max_tokens, temperature, seed, json } => {
+            engine_cli::generate(&model, &prompt, chat, max_tokens, temperature, seed, json)
+        }
         Cmd::Dump { model, prompt, chat, steps, out } => engine_cli::dump(&model, &prompt, chat, steps, &out),
         Cmd::Inspect { file } => engine_cli::inspect(&file),
         Cmd::Fetch { model } => engine_cli::fetch(model.as_deref()),
@@ -240,7 +245,15 @@ fn run(cli: Cli) -> Result<bool> {
 }
 
 /// `lockstep golden`: the on-demand goldens of one request (src/ondemand.rs), one line per tier.
-fn golden_cmd(model: String, prompt: Option<String>, chat: Option<PathBuf>, tier: &str, steps: usize, taps: &str, out: Option<&std::path::Path>) -> Result<bool> {
+fn golden_cmd(
+    model: String,
+    prompt: Option<String>,
+    chat: Option<PathBuf>,
+    tier: &str,
+    steps: usize,
+    taps: &str,
+    out: Option<&std::path::Path>,
+) -> Result<bool> {
     use lockstep::ondemand::{self, PromptSpec, Request, Taps};
     let prompt = match (prompt, chat) {
         (Some(p), None) => PromptSpec::Text(p),
@@ -271,7 +284,13 @@ fn merge_shards(spec: &std::path::Path, out: &std::path::Path, ranks: &[PathBuf]
     let s = lockstep::shards::merge_files(&spec, ranks, out)?;
     println!(
         "{}: {} ranks merged: {} taps split, {} replicated (max difference between ranks {:.3e}), {} summed, {} other tensors",
-        out.display(), s.ranks, s.split, s.replicated, s.max_replicated_diff, s.summed, s.other
+        out.display(),
+        s.ranks,
+        s.split,
+        s.replicated,
+        s.max_replicated_diff,
+        s.summed,
+        s.other
     );
     if !s.unused_patterns.is_empty() {
         println!("note: spec patterns that matched no tap: {}", s.unused_patterns.join(", "));
@@ -318,7 +337,10 @@ fn validate(suites: Vec<PathBuf>, backend: &str, report: &std::path::Path, injec
         // export's progress on stderr). The cases' own verdicts stay as they are.
         let (pinned, not) = lockstep::pin::pin_all(&mut runner, &manifest, &trials, &mut cases, &lockstep::pin::chat_dir(report));
         if pinned + not > 0 {
-            eprintln!("lockstep validate --pin: {pinned} case(s) pinned against a full-tap golden{}", if not > 0 { format!(", {not} could not be (the table says why)") } else { String::new() });
+            eprintln!(
+                "lockstep validate --pin: {pinned} case(s) pinned against a full-tap golden{}",
+                if not > 0 { format!(", {not} could not be (the table says why)") } else { String::new() }
+            );
         }
     }
     let rep = Report::new(Provenance::here(serde_json::Value::Object(manifest.provenance.clone()), lockstep::validate::gpu_name()), cases);
@@ -335,14 +357,19 @@ mod engine_cli {
     use lockstep_engine::model::{Model, Prompt};
 
     fn prompt(text: &str, chat: bool) -> Prompt {
-        if chat { Prompt::Chat(vec![ChatMessage::new("user", text)]) } else { Prompt::Text(text.to_string()) }
+        if chat {
+            Prompt::Chat(vec![ChatMessage::new("user", text)])
+        } else {
+            Prompt::Text(text.to_string())
+        }
     }
 
     pub fn generate(model: &str, text: &str, chat: bool, max_tokens: usize, temperature: Option<f32>, seed: u64, json: bool) -> Result<bool> {
         let m = Model::open(model)?;
         let ids = m.prompt_tokens(&prompt(text, chat))?;
         let mut backend = lockstep_engine::cpu::CpuBackend::load(&m.file, Default::default())?;
-        let mut sampler = temperature.map(|t| lockstep_engine::sampler::Sampler::new(lockstep_engine::sampler::SamplerParams { temperature: t, seed, ..Default::default() }));
+        let mut sampler =
+            temperature.map(|t| lockstep_engine::sampler::Sampler::new(lockstep_engine::sampler::SamplerParams { temperature: t, seed, ..Default::default() }));
         let tk = &m.tokenizer;
         let g = lockstep_engine::generate::generate(&mut backend, &ids, max_tokens, sampler.as_mut(), &|t| tk.is_eog(t), false)?;
         let out = tk.decode(&g.tokens);
@@ -369,7 +396,11 @@ mod engine_cli {
         for (k, _) in &f.metadata {
             let v = match f.meta_array(k) {
                 Ok(a) => format!("[array of {}]", a.len()),
-                Err(_) => f.meta_str(k).map(|s| format!("{:?}", s.chars().take(80).collect::<String>())).or_else(|_| f.meta_f64(k).map(|v| v.to_string())).unwrap_or_else(|_| "…".into()),
+                Err(_) => f
+                    .meta_str(k)
+                    .map(|s| format!("{:?}", s.chars().take(80).collect::<String>()))
+                    .or_else(|_| f.meta_f64(k).map(|v| v.to_string()))
+                    .unwrap_or_else(|_| "…".into()),
             };
             println!("  {k} = {v}");
         }

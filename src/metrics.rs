@@ -60,7 +60,13 @@ pub fn tensor_errors(x: &[f32], y: &[f32]) -> TensorErrors {
         return TensorErrors { rel_l2: inf, max_abs: inf, argmax_abs: arg, cosine: f64::NAN, nmse: inf, non_finite: nf };
     }
     let rel_l2 = if y2 > 0.0 { (d2 / y2).sqrt() } else { d2.sqrt() };
-    let cosine = if x2 == 0.0 && y2 == 0.0 { 1.0 } else if x2 == 0.0 || y2 == 0.0 { 0.0 } else { xy / (x2.sqrt() * y2.sqrt()) };
+    let cosine = if x2 == 0.0 && y2 == 0.0 {
+        1.0
+    } else if x2 == 0.0 || y2 == 0.0 {
+        0.0
+    } else {
+        xy / (x2.sqrt() * y2.sqrt())
+    };
     let nmse = if y2 > 0.0 { d2 / y2 } else { d2 };
     TensorErrors { rel_l2, max_abs, argmax_abs: arg, cosine, nmse, non_finite: 0 }
 }
@@ -89,7 +95,11 @@ pub fn kl_divergence(engine: &[f32], golden: &[f32]) -> f64 {
         .map(|(&g, &e)| {
             let lpi = g as f64 - lp;
             let p = lpi.exp();
-            if p == 0.0 { 0.0 } else { p * (lpi - (e as f64 - lq)) }
+            if p == 0.0 {
+                0.0
+            } else {
+                p * (lpi - (e as f64 - lq))
+            }
         })
         .sum::<f64>()
         .max(0.0)

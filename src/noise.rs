@@ -55,10 +55,10 @@ pub fn effective(raw: &HashMap<String, TapNoise>, n_layer: Option<usize>) -> Has
     raw.iter()
         .map(|(key, own)| {
             let Some(id) = TapId::parse_key(key) else { return (key.clone(), *own) };
-            let eff = direct_inputs(&id, n_layer).iter().filter_map(|t| raw.get(&format!("s{}/{t}", id.step))).fold(*own, |a, b| TapNoise {
-                rel_l2: a.rel_l2.max(b.rel_l2),
-                row_max: a.row_max.max(b.row_max),
-            });
+            let eff = direct_inputs(&id, n_layer)
+                .iter()
+                .filter_map(|t| raw.get(&format!("s{}/{t}", id.step)))
+                .fold(*own, |a, b| TapNoise { rel_l2: a.rel_l2.max(b.rel_l2), row_max: a.row_max.max(b.row_max) });
             (key.clone(), eff)
         })
         .collect()
@@ -74,17 +74,11 @@ mod tests {
 
     #[test]
     fn a_tap_inherits_its_inputs_noise_one_hop_only() {
-        let raw: HashMap<String, TapNoise> = [
-            ("s2/attn_norm-1", 1e-6),
-            ("s2/Qcur-1.rope", 5e-7),
-            ("s2/Kcur-1.rope", 7e-8),
-            ("s2/kq-1", 3e-7),
-            ("s2/kq_soft_max-1", 1e-7),
-            ("s0/kq-1", 1e-9),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), n(v)))
-        .collect();
+        let raw: HashMap<String, TapNoise> =
+            [("s2/attn_norm-1", 1e-6), ("s2/Qcur-1.rope", 5e-7), ("s2/Kcur-1.rope", 7e-8), ("s2/kq-1", 3e-7), ("s2/kq_soft_max-1", 1e-7), ("s0/kq-1", 1e-9)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), n(v)))
+                .collect();
         let eff = effective(&raw, None);
         assert_eq!(eff["s2/kq-1"], n(5e-7), "kq takes the larger of Q's and K's");
         assert_eq!(eff["s2/kq_soft_max-1"], n(3e-7), "one hop: the softmax takes kq's own, not attn_norm's");

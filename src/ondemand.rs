@@ -129,7 +129,10 @@ pub fn read_chat(path: &Path) -> Result<Vec<Message>> {
         other => other,
     };
     let msgs: Vec<Message> = serde_json::from_value(list).map_err(|e| {
-        anyhow!("--chat {}: expected a list of {{\"role\": string, \"content\": string}} messages (or an object with one under \"messages\"): {e}", path.display())
+        anyhow!(
+            "--chat {}: expected a list of {{\"role\": string, \"content\": string}} messages (or an object with one under \"messages\"): {e}",
+            path.display()
+        )
     })?;
     if msgs.is_empty() {
         bail!("--chat {}: no messages", path.display());
@@ -245,7 +248,10 @@ pub fn venv_python(exporter: &Path, build: bool) -> Result<PathBuf> {
     if !build {
         bail!("the golden venv {} is not built (ci/golden/venv.sh or ci/regenerate-golden builds it, ~5 minutes once)", venv.display());
     }
-    eprintln!("lockstep golden: building the golden venv {} with ci/golden/venv.sh (llama-cpp-python from source: about 5 minutes on 2 cores, once)", venv.display());
+    eprintln!(
+        "lockstep golden: building the golden venv {} with ci/golden/venv.sh (llama-cpp-python from source: about 5 minutes on 2 cores, once)",
+        venv.display()
+    );
     let t0 = Instant::now();
     let child = Command::new("bash")
         .arg(exporter.join("venv.sh"))
@@ -531,7 +537,13 @@ fn find_key(key: &str) -> Result<PathBuf> {
         bail!("cache:{key}: no such on-demand golden in {} ({hint})", root.display());
     }
     let hits: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(key)).map(|e| e.path()).filter(|p| p.join("manifest.json").is_file()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(key))
+                .map(|e| e.path())
+                .filter(|p| p.join("manifest.json").is_file())
+                .collect()
+        })
         .unwrap_or_default();
     match hits.as_slice() {
         [one] => Ok(one.clone()),
@@ -607,7 +619,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let e = dir.path().join("0123456789abcdef01234567");
         std::fs::create_dir_all(&e).unwrap();
-        crate::golden::write_safetensors(&e.join("taps.safetensors"), &[("s0/embd".into(), vec![1, 1, 1, 2], vec![1., 2.])], &[("tokens".into(), vec![1], vec![7])]).unwrap();
+        crate::golden::write_safetensors(
+            &e.join("taps.safetensors"),
+            &[("s0/embd".into(), vec![1, 1, 1, 2], vec![1., 2.])],
+            &[("tokens".into(), vec![1], vec![7])],
+        )
+        .unwrap();
         let m = serde_json::json!({"files": [{"path": "taps.safetensors", "sha256": "00", "kind": "taps", "model": "m", "tier": "exact", "prompt_id": "p"}]});
         std::fs::write(e.join("manifest.json"), m.to_string()).unwrap();
         let (man, name) = resolve_entry(e.to_str().unwrap()).unwrap().unwrap();

@@ -93,12 +93,23 @@ pub fn partial_taps(manifest: &Manifest, f: &ManifestFile) -> Option<String> {
     }
     let all: BTreeSet<&String> = per_layer.values().flatten().collect();
     let short: Vec<usize> = per_layer.iter().filter(|(_, s)| s.len() < all.len()).map(|(l, _)| *l).collect();
-    (!short.is_empty()).then(|| format!("layer{} {} of the golden lack{} taps the others hold", if short.len() == 1 { "" } else { "s" }, fmt_layers(&short), if short.len() == 1 { "s" } else { "" }))
+    (!short.is_empty()).then(|| {
+        format!(
+            "layer{} {} of the golden lack{} taps the others hold",
+            if short.len() == 1 { "" } else { "s" },
+            fmt_layers(&short),
+            if short.len() == 1 { "s" } else { "" }
+        )
+    })
 }
 
 fn fmt_layers(v: &[usize]) -> String {
     let s: Vec<String> = v.iter().map(|l| l.to_string()).collect();
-    if s.len() <= 8 { s.join(", ") } else { format!("{}, …, {}", s[..3].join(", "), s[s.len() - 1]) }
+    if s.len() <= 8 {
+        s.join(", ")
+    } else {
+        format!("{}, …, {}", s[..3].join(", "), s[s.len() - 1])
+    }
 }
 
 /// The on-demand request for a full-tap golden of the record's model, prompt, tier and steps.
@@ -107,7 +118,8 @@ pub fn full_tap_request(manifest: &Manifest, f: &ManifestFile, fallback_model: &
     let what = || format!("{} (golden {})", manifest.path.display(), f.entry_name());
     let p = f.prompt.as_ref().ok_or_else(|| anyhow!("{}: the record has no prompt", what()))?;
     let prompt = if f.chat == Some(true) {
-        let msgs: Vec<Message> = serde_json::from_value(p.clone()).map_err(|e| anyhow!("{}: chat prompt is not a list of {{role, content}} messages: {e}", what()))?;
+        let msgs: Vec<Message> =
+            serde_json::from_value(p.clone()).map_err(|e| anyhow!("{}: chat prompt is not a list of {{role, content}} messages: {e}", what()))?;
         PromptSpec::Chat(msgs)
     } else {
         PromptSpec::Text(p.as_str().ok_or_else(|| anyhow!("{}: the prompt is not text", what()))?.to_string())
@@ -233,7 +245,8 @@ pub fn pin_case(runner: &mut Runner, manifest: &Manifest, suite: &Suite, case: &
         p.unavailable = Some(format!("{}: lists no taps file", pin_manifest.path.display()));
         return done(p);
     };
-    let checks: Vec<String> = case.checks.iter().filter(|c| PIN_CHECKS.contains(&c.as_str())).cloned().chain((!case.wants("taps")).then(|| "taps".to_string())).collect();
+    let checks: Vec<String> =
+        case.checks.iter().filter(|c| PIN_CHECKS.contains(&c.as_str())).cloned().chain((!case.wants("taps")).then(|| "taps".to_string())).collect();
     let pin_case = Case { on_demand: None, golden: file, checks, ..case.clone() };
     // The same runner: the same backend (already loaded) with the same injected fault, if any.
     let r = runner.run(&pin_manifest, suite, &pin_case, backend);

@@ -22,7 +22,7 @@
 
 use crate::checks::invariants::Pairing;
 use crate::checks::TapSource;
-use crate::golden::{Tensor, TapsFile};
+use crate::golden::{TapsFile, Tensor};
 use crate::localize::{BugClass, Localization};
 use crate::metrics::tensor_errors;
 use serde::Serialize;
@@ -54,7 +54,10 @@ impl ClassProof {
         if self.confirmed() {
             format!("confirmed: {} reproduces the engine's {tap} to {:.1e} (llama.cpp's own is {:.1e} away)", self.hypothesis, self.rel_l2, self.baseline)
         } else {
-            format!("suspected: no hypothesis reproduces the engine's {tap}; closest {} at {:.1e} (llama.cpp's own is {:.1e} away)", self.hypothesis, self.rel_l2, self.baseline)
+            format!(
+                "suspected: no hypothesis reproduces the engine's {tap}; closest {} at {:.1e} (llama.cpp's own is {:.1e} away)",
+                self.hypothesis, self.rel_l2, self.baseline
+            )
         }
     }
 }
@@ -92,28 +95,50 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
         ("Qcur" | "Kcur" | "Vcur", Some("add"), Some(l)) => {
             if let Some(mm) = g(format!("{}-{l}.mul_mat", id.family)).filter(|t| t.data.len() == gold.data.len()) {
                 let twice: Vec<f32> = gold.data.iter().zip(&mm.data).map(|(a, m)| 2.0 * a - m).collect();
-                hyps.push(Hypothesis { what: format!("the bias dropped (llama.cpp's {}-{l}.mul_mat)", id.family), class: BugClass::QkvBias, class_text: "Q/K/V bias (zeroed or not loaded)", predicted: mm.data });
-                hyps.push(Hypothesis { what: "the bias added twice".into(), class: BugClass::QkvBias, class_text: "Q/K/V bias (zeroed or not loaded)", predicted: twice });
+                hyps.push(Hypothesis {
+                    what: format!("the bias dropped (llama.cpp's {}-{l}.mul_mat)", id.family),
+                    class: BugClass::QkvBias,
+                    class_text: "Q/K/V bias (zeroed or not loaded)",
+                    predicted: mm.data,
+                });
+                hyps.push(Hypothesis {
+                    what: "the bias added twice".into(),
+                    class: BugClass::QkvBias,
+                    class_text: "Q/K/V bias (zeroed or not loaded)",
+                    predicted: twice,
+                });
             }
         }
         ("kq", _, Some(l)) if d.step == 0 => {
             if let (Some(q), Some(k)) = (g(format!("Qcur-{l}.rope")), g(format!("Kcur-{l}.rope"))) {
                 if let Some(p) = kq_with_head_map(&q, &k, &gold, |h, _g, n_kv| h % n_kv) {
-                    hyps.push(Hypothesis { what: format!("KV head h % n_kv on llama.cpp's Qcur-{l}.rope and Kcur-{l}.rope"), class: BugClass::GqaMapping, class_text: "GQA head mapping", predicted: p });
+                    hyps.push(Hypothesis {
+                        what: format!("KV head h % n_kv on llama.cpp's Qcur-{l}.rope and Kcur-{l}.rope"),
+                        class: BugClass::GqaMapping,
+                        class_text: "GQA head mapping",
+                        predicted: p,
+                    });
                 }
             }
         }
         ("kq", _, Some(_)) => hyps.extend(kv_cache_hypotheses(&gold)),
         ("kq_soft_max", _, Some(l)) => {
             if let Some(kq) = g(format!("kq-{l}")).filter(|t| t.data.len() == gold.data.len()) {
-                let head_dim = g(format!("Qcur-{l}.rope")).and_then(|t| t.shape.last().copied()).or_else(|| g(format!("kqv-{l}")).and_then(|t| t.shape.last().copied()));
+                let head_dim =
+                    g(format!("Qcur-{l}.rope")).and_then(|t| t.shape.last().copied()).or_else(|| g(format!("kqv-{l}")).and_then(|t| t.shape.last().copied()));
                 if let Some(hd) = head_dim {
                     hyps.extend(softmax_hypotheses(&kq, hd));
                 }
             }
         }
         ("norm", Some(stage), Some(l)) => {
-            let input = if stage.ends_with(".1") { g(format!("ffn_inp-{l}")) } else if l == 0 { g("embd".into()) } else { g(format!("l_out-{}", l - 1)) };
+            let input = if stage.ends_with(".1") {
+                g(format!("ffn_inp-{l}"))
+            } else if l == 0 {
+                g("embd".into())
+            } else {
+                g(format!("l_out-{}", l - 1))
+            };
             if let Some(x) = input {
                 hyps.extend(eps_hypotheses(&x, &gold));
             }
@@ -127,12 +152,22 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
         ("attn_norm" | "ffn_norm", _, Some(l)) => {
             let stage = if id.family == "attn_norm" { "rms_norm.0" } else { "rms_norm.1" };
             if let Some(n) = g(format!("norm-{l}.{stage}")).filter(|t| t.data.len() == gold.data.len()) {
-                hyps.push(Hypothesis { what: format!("the norm weight ignored (llama.cpp's norm-{l}.{stage})"), class: BugClass::NormWeight, class_text: "norm weight ignored or rescaled", predicted: n.data });
+                hyps.push(Hypothesis {
+                    what: format!("the norm weight ignored (llama.cpp's norm-{l}.{stage})"),
+                    class: BugClass::NormWeight,
+                    class_text: "norm weight ignored or rescaled",
+                    predicted: n.data,
+                });
             }
         }
         ("result_norm", _, None) => {
             if let Some(n) = g("norm".into()).filter(|t| t.data.len() == gold.data.len()) {
-                hyps.push(Hypothesis { what: "the output norm's weight ignored (llama.cpp's norm)".into(), class: BugClass::NormWeight, class_text: "norm weight ignored or rescaled", predicted: n.data });
+                hyps.push(Hypothesis {
+                    what: "the output norm's weight ignored (llama.cpp's norm)".into(),
+                    class: BugClass::NormWeight,
+                    class_text: "norm weight ignored or rescaled",
+                    predicted: n.data,
+                });
             }
         }
         ("ffn_swiglu", _, Some(l)) => {
@@ -140,7 +175,12 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
                 if gate.data.len() == gold.data.len() && up.data.len() == gold.data.len() {
                     for (name, f) in [("GELU (tanh)", gelu_tanh as fn(f64) -> f64), ("GELU (erf)", gelu_erf)] {
                         let p = gate.data.iter().zip(&up.data).map(|(&a, &b)| (f(a as f64) * b as f64) as f32).collect();
-                        hyps.push(Hypothesis { what: format!("{name} instead of SiLU on llama.cpp's ffn_gate-{l}"), class: BugClass::Activation, class_text: "activation wrong (e.g. GELU instead of SiLU)", predicted: p });
+                        hyps.push(Hypothesis {
+                            what: format!("{name} instead of SiLU on llama.cpp's ffn_gate-{l}"),
+                            class: BugClass::Activation,
+                            class_text: "activation wrong (e.g. GELU instead of SiLU)",
+                            predicted: p,
+                        });
                     }
                 }
             }
@@ -150,12 +190,22 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
             if let Some(r) = res.filter(|r| r.data.len() >= gold.data.len()) {
                 let r = &r.data[r.data.len() - gold.data.len()..];
                 let p = gold.data.iter().zip(r).map(|(a, b)| a - b).collect();
-                hyps.push(Hypothesis { what: "the attention residual dropped (llama.cpp's ffn_inp minus its residual input)".into(), class: BugClass::ResidualAttn, class_text: "residual dropped (attention output not added back)", predicted: p });
+                hyps.push(Hypothesis {
+                    what: "the attention residual dropped (llama.cpp's ffn_inp minus its residual input)".into(),
+                    class: BugClass::ResidualAttn,
+                    class_text: "residual dropped (attention output not added back)",
+                    predicted: p,
+                });
             }
         }
         ("l_out", _, Some(l)) => {
             if let Some(o) = g(format!("ffn_out-{l}")).filter(|t| t.data.len() == gold.data.len()) {
-                hyps.push(Hypothesis { what: format!("the FFN residual dropped (llama.cpp's ffn_out-{l})"), class: BugClass::ResidualFfn, class_text: "residual dropped (FFN output not added back)", predicted: o.data });
+                hyps.push(Hypothesis {
+                    what: format!("the FFN residual dropped (llama.cpp's ffn_out-{l})"),
+                    class: BugClass::ResidualFfn,
+                    class_text: "residual dropped (FFN output not added back)",
+                    predicted: o.data,
+                });
             }
         }
         _ => {}
@@ -264,7 +314,11 @@ fn rope_hypotheses(pre: &Tensor, post: &Tensor, pairing: Option<Pairing>, pos0: 
             let a = observed_angles(&pre.data, &post.data, shape, p);
             tensor_errors(&rotate(&pre.data, shape, p, |t, i| a[t][i]), &post.data).rel_l2
         };
-        if err(Pairing::Neox) <= err(Pairing::Adjacent) { Pairing::Neox } else { Pairing::Adjacent }
+        if err(Pairing::Neox) <= err(Pairing::Adjacent) {
+            Pairing::Neox
+        } else {
+            Pairing::Adjacent
+        }
     });
     let other = if truth == Pairing::Neox { Pairing::Adjacent } else { Pairing::Neox };
     let angles = observed_angles(&pre.data, &post.data, shape, truth);
@@ -285,12 +339,22 @@ fn rope_hypotheses(pre: &Tensor, post: &Tensor, pairing: Option<Pairing>, pos0: 
         for wrong in [1e4, 1e6, 5e5, 1e5] {
             if (wrong / base - 1.0).abs() > 0.05 {
                 let a = move |t: usize, i: usize| (pos0 + t) as f64 * wrong.powf(-2.0 * i as f64 / d as f64);
-                out.push(Hypothesis { what: format!("RoPE base {wrong:.0e} (the model's is {base:.2e})"), class: BugClass::Rope, class_text: "RoPE pairing or base", predicted: rotate(&pre.data, shape, truth, a) });
+                out.push(Hypothesis {
+                    what: format!("RoPE base {wrong:.0e} (the model's is {base:.2e})"),
+                    class: BugClass::Rope,
+                    class_text: "RoPE pairing or base",
+                    predicted: rotate(&pre.data, shape, truth, a),
+                });
             }
         }
         for shift in [1i64, -1] {
             let a = |t: usize, i: usize| ((pos0 + t) as i64 + shift) as f64 * base.powf(-2.0 * i as f64 / d as f64);
-            out.push(Hypothesis { what: format!("positions off by {shift:+}"), class: BugClass::Rope, class_text: "RoPE", predicted: rotate(&pre.data, shape, truth, a) });
+            out.push(Hypothesis {
+                what: format!("positions off by {shift:+}"),
+                class: BugClass::Rope,
+                class_text: "RoPE",
+                predicted: rotate(&pre.data, shape, truth, a),
+            });
         }
     }
     out
@@ -363,11 +427,36 @@ fn softmax_hypotheses(kq: &Tensor, head_dim: usize) -> Vec<Hypothesis> {
     let scale_text = "softmax scale, mask or softmax";
     let mask_text = "causal mask missing";
     vec![
-        Hypothesis { what: "scale 1/d instead of 1/√d on llama.cpp's kq".into(), class: BugClass::SoftmaxScale, class_text: scale_text, predicted: masked_softmax(kq, 1.0 / d, Some(0)) },
-        Hypothesis { what: "no scale on llama.cpp's kq".into(), class: BugClass::SoftmaxScale, class_text: scale_text, predicted: masked_softmax(kq, 1.0, Some(0)) },
-        Hypothesis { what: "no causal mask on llama.cpp's kq".into(), class: BugClass::CausalMask, class_text: mask_text, predicted: masked_softmax(kq, right, None) },
-        Hypothesis { what: "causal window one position too wide (row i sees i+1)".into(), class: BugClass::CausalMask, class_text: mask_text, predicted: masked_softmax(kq, right, Some(1)) },
-        Hypothesis { what: "causal window one position too narrow (row i misses i)".into(), class: BugClass::CausalMask, class_text: mask_text, predicted: masked_softmax(kq, right, Some(-1)) },
+        Hypothesis {
+            what: "scale 1/d instead of 1/√d on llama.cpp's kq".into(),
+            class: BugClass::SoftmaxScale,
+            class_text: scale_text,
+            predicted: masked_softmax(kq, 1.0 / d, Some(0)),
+        },
+        Hypothesis {
+            what: "no scale on llama.cpp's kq".into(),
+            class: BugClass::SoftmaxScale,
+            class_text: scale_text,
+            predicted: masked_softmax(kq, 1.0, Some(0)),
+        },
+        Hypothesis {
+            what: "no causal mask on llama.cpp's kq".into(),
+            class: BugClass::CausalMask,
+            class_text: mask_text,
+            predicted: masked_softmax(kq, right, None),
+        },
+        Hypothesis {
+            what: "causal window one position too wide (row i sees i+1)".into(),
+            class: BugClass::CausalMask,
+            class_text: mask_text,
+            predicted: masked_softmax(kq, right, Some(1)),
+        },
+        Hypothesis {
+            what: "causal window one position too narrow (row i misses i)".into(),
+            class: BugClass::CausalMask,
+            class_text: mask_text,
+            predicted: masked_softmax(kq, right, Some(-1)),
+        },
     ]
 }
 
@@ -389,7 +478,12 @@ fn eps_hypotheses(x: &Tensor, norm: &Tensor) -> Vec<Hypothesis> {
                     *o = (v as f64 * s) as f32;
                 }
             }
-            Hypothesis { what: format!("RMSNorm eps {eps:.0e} on llama.cpp's input"), class: BugClass::RmsNorm, class_text: "RMSNorm (epsilon or formula)", predicted: p }
+            Hypothesis {
+                what: format!("RMSNorm eps {eps:.0e} on llama.cpp's input"),
+                class: BugClass::RmsNorm,
+                class_text: "RMSNorm (epsilon or formula)",
+                predicted: p,
+            }
         })
         .collect()
 }

@@ -15,7 +15,7 @@
 use crate::checks::taps::token_axis;
 use crate::checks::TapSource;
 use crate::error::{Error, Result};
-use crate::golden::{Tensor, TapsFile};
+use crate::golden::{TapsFile, Tensor};
 use crate::tapname::TapId;
 use std::collections::HashMap;
 
@@ -203,10 +203,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("g.safetensors");
         let g = seq(&[1, 1, 2, 3]);
-        write_safetensors(&p, &[("s0/l_out-0".into(), g.shape.clone(), g.data.clone()), ("s1/l_out-0".into(), vec![1, 1, 1, 3], vec![0.0; 3])], &[
-            ("rows/s0/l_out-0".into(), vec![2], vec![1, 3]),
-            ("tokens".into(), vec![4], vec![1, 2, 3, 4]),
-        ])
+        write_safetensors(
+            &p,
+            &[("s0/l_out-0".into(), g.shape.clone(), g.data.clone()), ("s1/l_out-0".into(), vec![1, 1, 1, 3], vec![0.0; 3])],
+            &[("rows/s0/l_out-0".into(), vec![2], vec![1, 3]), ("tokens".into(), vec![4], vec![1, 2, 3, 4])],
+        )
         .unwrap();
         let golden = TapsFile::open(&p).unwrap();
         assert_eq!(positions(&golden, "s0/l_out-0").unwrap(), Some(vec![1, 3]));
@@ -231,7 +232,9 @@ mod tests {
     #[test]
     fn malformed_positions_are_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, rows, want) in [("count", vec![1, 3, 5], "3 positions for the 2 rows"), ("order", vec![3, 1], "ascending"), ("neg", vec![-1, 2], "ascending")] {
+        for (name, rows, want) in
+            [("count", vec![1, 3, 5], "3 positions for the 2 rows"), ("order", vec![3, 1], "ascending"), ("neg", vec![-1, 2], "ascending")]
+        {
             let p = dir.path().join(format!("{name}.safetensors"));
             write_safetensors(&p, &[("s0/l_out-0".into(), vec![1, 1, 2, 3], vec![0.0; 6])], &[("rows/s0/l_out-0".into(), vec![rows.len()], rows)]).unwrap();
             let golden = TapsFile::open(&p).unwrap();

@@ -35,7 +35,8 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// The checks a case may ask for.
-pub const CHECKS: &[&str] = &["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "diversity_sampled", "sampler", "anticheat", "dequant"];
+pub const CHECKS: &[&str] =
+    &["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "diversity_sampled", "sampler", "anticheat", "dequant"];
 pub const BACKENDS: &[&str] = &["cpu", "cuda"];
 pub const TIERS: &[&str] = &["exact", "shipped"];
 
@@ -202,7 +203,10 @@ impl Suite {
         let default_backends = raw.backends.as_ref().map_or_else(|| BACKENDS.iter().map(|s| s.to_string()).collect(), |b| b.get_ref().clone());
         // Without a `checks` list: not anticheat (a minute-dependent prompt) nor diversity_sampled, and
         // not dequant, which needs golden/dequant/{model} (registry and tiny models only).
-        let default_checks = raw.checks.as_ref().map_or_else(|| CHECKS.iter().filter(|c| !matches!(**c, "anticheat" | "diversity_sampled" | "dequant")).map(|s| s.to_string()).collect(), |c| c.get_ref().clone());
+        let default_checks = raw.checks.as_ref().map_or_else(
+            || CHECKS.iter().filter(|c| !matches!(**c, "anticheat" | "diversity_sampled" | "dequant")).map(|s| s.to_string()).collect(),
+            |c| c.get_ref().clone(),
+        );
         check_list(&default_checks, raw.checks.as_ref().map_or(0, |c| c.span().start))?;
         backend_list(&default_backends, raw.backends.as_ref().map_or(0, |b| b.span().start))?;
         let mut cases = Vec::new();
@@ -246,7 +250,12 @@ impl Suite {
                     let req = on_demand_request(&c.golden, &model, &c.tier).map_err(|m| err(at, format!("case {:?}: golden: {m}", c.name)))?;
                     (format!("on demand: {}", req.describe()), Some(req))
                 }
-                other => return Err(err(at, format!("case {:?}: golden must be an entry name (a string) or an on-demand golden (a table), not {}", c.name, other.type_str()))),
+                other => {
+                    return Err(err(
+                        at,
+                        format!("case {:?}: golden must be an entry name (a string) or an on-demand golden (a table), not {}", c.name, other.type_str()),
+                    ))
+                }
             };
             cases.push(Case {
                 name: c.name.clone(),
@@ -370,7 +379,10 @@ reason = "softmax rounding, measured 1.1e-5"
         assert_eq!((r.model.as_str(), r.tiers.as_slice(), r.steps), ("tiny-qwen2", &["exact".to_string()][..], crate::ondemand::DEFAULT_STEPS));
         assert_eq!(r.prompt, crate::ondemand::PromptSpec::Text("Once upon a time".into()));
         assert_eq!(r.taps.arg(), "kq_soft_max,l_out");
-        let chat = GOOD.replace("golden = \"tiny-qwen2/exact/fox\"", "golden = { model = \"tiny-llama\", chat = [{ role = \"user\", content = \"hi\" }], tier = \"exact\", steps = 2 }");
+        let chat = GOOD.replace(
+            "golden = \"tiny-qwen2/exact/fox\"",
+            "golden = { model = \"tiny-llama\", chat = [{ role = \"user\", content = \"hi\" }], tier = \"exact\", steps = 2 }",
+        );
         let r = Suite::parse(Path::new("suites/x.toml"), &chat).unwrap().cases[0].on_demand.clone().unwrap();
         assert_eq!((r.model.as_str(), r.steps), ("tiny-llama", 2));
         assert!(s.cases[0].golden.starts_with("on demand: tiny-qwen2 exact"), "{}", s.cases[0].golden);

@@ -154,11 +154,7 @@ impl GraphOrder {
     }
 
     pub fn cmp(&self, a: &TapId, b: &TapId) -> Ordering {
-        a.step
-            .cmp(&b.step)
-            .then(layer_group(a).cmp(&layer_group(b)))
-            .then(self.rank(a).cmp(&self.rank(b)))
-            .then(a.tap.cmp(&b.tap))
+        a.step.cmp(&b.step).then(layer_group(a).cmp(&layer_group(b))).then(self.rank(a).cmp(&self.rank(b))).then(a.tap.cmp(&b.tap))
     }
 
     pub fn sort(&self, taps: &mut [TapId]) {
@@ -185,13 +181,38 @@ mod tests {
 
     #[test]
     fn canonical_order_follows_the_graph() {
-        let keys = ["s0/result_output", "s0/l_out-1", "s0/Qcur-0.rope", "s0/Qcur-0.add", "s0/Kcur-0.add",
-            "s0/Qcur-0.mul_mat", "s0/embd", "s0/norm-0.rms_norm.1", "s0/norm-0.rms_norm.0", "s1/embd", "s0/kq-0"];
+        let keys = [
+            "s0/result_output",
+            "s0/l_out-1",
+            "s0/Qcur-0.rope",
+            "s0/Qcur-0.add",
+            "s0/Kcur-0.add",
+            "s0/Qcur-0.mul_mat",
+            "s0/embd",
+            "s0/norm-0.rms_norm.1",
+            "s0/norm-0.rms_norm.0",
+            "s1/embd",
+            "s0/kq-0",
+        ];
         let mut taps: Vec<_> = keys.iter().map(|k| TapId::parse_key(k).unwrap()).collect();
         GraphOrder::default().sort(&mut taps);
         let got: Vec<_> = taps.iter().map(|t| t.key()).collect();
-        assert_eq!(got, ["s0/embd", "s0/norm-0.rms_norm.0", "s0/Qcur-0.mul_mat", "s0/Qcur-0.add", "s0/Kcur-0.add",
-            "s0/Qcur-0.rope", "s0/kq-0", "s0/norm-0.rms_norm.1", "s0/l_out-1", "s0/result_output", "s1/embd"]);
+        assert_eq!(
+            got,
+            [
+                "s0/embd",
+                "s0/norm-0.rms_norm.0",
+                "s0/Qcur-0.mul_mat",
+                "s0/Qcur-0.add",
+                "s0/Kcur-0.add",
+                "s0/Qcur-0.rope",
+                "s0/kq-0",
+                "s0/norm-0.rms_norm.1",
+                "s0/l_out-1",
+                "s0/result_output",
+                "s1/embd"
+            ]
+        );
     }
 
     #[test]

@@ -32,9 +32,17 @@ pub fn backend_available(name: &str) -> Result<(), String> {
 
 /// The GPU's name, when CUDA is usable.
 pub fn gpu_name() -> Option<String> {
-    lockstep_engine::cuda::device::available()
-        .ok()
-        .map(|d| format!("{} (sm_{}{}, {} SMs, {:.0} GiB, driver {})", d.name, d.compute_capability.0, d.compute_capability.1, d.multiprocessors, d.total_mem as f64 / (1u64 << 30) as f64, d.driver_version))
+    lockstep_engine::cuda::device::available().ok().map(|d| {
+        format!(
+            "{} (sm_{}{}, {} SMs, {:.0} GiB, driver {})",
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.multiprocessors,
+            d.total_mem as f64 / (1u64 << 30) as f64,
+            d.driver_version
+        )
+    })
 }
 
 /// The model file a case runs: the golden entry's `model_file` when it lies in golden/ (the tiny
@@ -89,7 +97,8 @@ fn teacher_forced(backend: &mut dyn Backend, golden: &TapsFile, prompt: &[u32], 
     for k in 0..cont.len().max(1) {
         let feed: Vec<u32> = if k == 0 { prompt.to_vec() } else { vec![cont[k - 1]] };
         if k <= max_step && held.contains(&k) {
-            let keys: std::collections::HashSet<String> = golden.keys().into_iter().filter_map(|s| s.strip_prefix(&format!("s{k}/")).map(str::to_string)).collect();
+            let keys: std::collections::HashSet<String> =
+                golden.keys().into_iter().filter_map(|s| s.strip_prefix(&format!("s{k}/")).map(str::to_string)).collect();
             let mut rec = Recorder { filter: Some(Box::new(move |key: &str| keys.contains(key))), ..Default::default() };
             all.push(backend.forward(&feed, Some(&mut rec))?);
             taps.absorb(k, rec);
@@ -104,7 +113,14 @@ fn teacher_forced(backend: &mut dyn Backend, golden: &TapsFile, prompt: &[u32], 
 /// The decode steps as production runs them (`Backend::step`: the CUDA graph, no taps) against the
 /// tapped run's logits of the same steps, teacher-forced alike: a kernel that runs only in the graph
 /// path, or only when no tap is wanted, shows here ("graph decode differs from tapped decode at step s").
-fn graph_agreement(backend: &mut dyn Backend, prompt: &[u32], cont: &[u32], tapped: &[Vec<f32>], steps: usize, tol: &Tolerances) -> Result<checks::CheckResult> {
+fn graph_agreement(
+    backend: &mut dyn Backend,
+    prompt: &[u32],
+    cont: &[u32],
+    tapped: &[Vec<f32>],
+    steps: usize,
+    tol: &Tolerances,
+) -> Result<checks::CheckResult> {
     backend.reset();
     backend.forward(prompt, None)?;
     let (mut worst, mut first_bad) = (0f64, None);
@@ -133,7 +149,14 @@ fn graph_agreement(backend: &mut dyn Backend, prompt: &[u32], cont: &[u32], tapp
 /// Runs one case on a loaded backend. `reference`: the clean CPU backend of the same model when
 /// `backend` is another backend, so check 9 can compare their generations token by token; `None`
 /// judges `backend`'s anti-cheat generation alone.
-pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference: Option<&mut dyn Backend>, model: &Model, manifest: &Manifest) -> Result<CaseReport> {
+pub fn run_case(
+    suite: &Suite,
+    case: &Case,
+    backend: &mut dyn Backend,
+    reference: Option<&mut dyn Backend>,
+    model: &Model,
+    manifest: &Manifest,
+) -> Result<CaseReport> {
     let t0 = std::time::Instant::now();
     let entry = manifest.find(&case.golden)?;
     let golden = manifest.open_taps(entry)?;
@@ -147,9 +170,8 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
         golden_entry: Some(compare::entry_for_report(entry)),
         ..Default::default()
     };
-    let tol: &Tolerances = case
-        .tolerances_for(backend.name())
-        .ok_or_else(|| anyhow!("{}: case {} does not list backend {}", case.location, case.name, backend.name()))?;
+    let tol: &Tolerances =
+        case.tolerances_for(backend.name()).ok_or_else(|| anyhow!("{}: case {} does not list backend {}", case.location, case.name, backend.name()))?;
     let g_tokens = golden.token_ids("tokens")?.ok_or_else(|| anyhow!("{}: golden has no `tokens`", golden.path.display()))?;
     let cont = golden.token_ids("continuation")?.unwrap_or_default();
     let engine_tokens = if case.wants("tokens") { Some(model.prompt_tokens(&prompt_of(entry)?).context("tokenizing the golden prompt")?) } else { None };
@@ -157,11 +179,8 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
     let want_taps = case.wants("taps") || case.wants("invariants");
     let (taps, all_logits) = teacher_forced(backend, &golden, &g_tokens, &cont, if want_taps { max_step } else { 0 })?;
     let tapped_steps = golden.steps().into_iter().filter(|&k| k >= 1 && k <= max_step && want_taps).max().unwrap_or(0);
-    let graph_check = if backend.name() == "cuda" && tapped_steps > 0 {
-        Some(graph_agreement(backend, &g_tokens, &cont, &all_logits, tapped_steps, tol)?)
-    } else {
-        None
-    };
+    let graph_check =
+        if backend.name() == "cuda" && tapped_steps > 0 { Some(graph_agreement(backend, &g_tokens, &cont, &all_logits, tapped_steps, tol)?) } else { None };
 
     // The engine's own greedy continuation: the teacher-forced argmaxes up to the first difference
     // (deterministic engine), then a free run from there.
@@ -176,7 +195,11 @@ pub fn run_case(suite: &Suite, case: &Case, backend: &mut dyn Backend, reference
     };
     // The pairing llama.cpp uses for the architecture named in the file, not the engine's own choice.
     let pairing = Pairing::for_arch(&format!("{:?}", model.config.arch).to_lowercase());
-    let div_limits = if case.wants("diversity") || case.wants("diversity_sampled") || case.wants("anticheat") { compare::diversity_limits(manifest, &case.model, &case.tier)? } else { None };
+    let div_limits = if case.wants("diversity") || case.wants("diversity_sampled") || case.wants("anticheat") {
+        compare::diversity_limits(manifest, &case.model, &case.tier)?
+    } else {
+        None
+    };
     let opt = Options { tol, pairing, diversity: None, max_step: Some(max_step), require_all_taps: true };
     let run = EngineRun { taps: &taps, logits: if case.wants("logits") { all_logits.clone() } else { Vec::new() }, tokens: engine_tokens, continuation: None };
     let cmps = compare::judge(&golden, &run, &opt, &mut rep)?;
@@ -368,7 +391,16 @@ pub fn resolve_on_demand(req: &crate::ondemand::Request, case: &Case) -> Result<
 }
 
 fn failed(name: &str, suite: &Suite, case: &Case, backend: &str, error: String) -> CaseReport {
-    let mut r = CaseReport { name: name.into(), suite: suite.name.clone(), case: case.name.clone(), model: case.model.clone(), tier: case.tier.clone(), backend: backend.into(), error: Some(error), ..Default::default() };
+    let mut r = CaseReport {
+        name: name.into(),
+        suite: suite.name.clone(),
+        case: case.name.clone(),
+        model: case.model.clone(),
+        tier: case.tier.clone(),
+        backend: backend.into(),
+        error: Some(error),
+        ..Default::default()
+    };
     r.finish();
     r
 }

@@ -13,12 +13,24 @@ struct Perturbation {
 
 const CASES: &[Perturbation] = &[
     Perturbation { what: "one element", key: "s0/ffn_up-0", edit: |_, d| d[5] += 0.5 },
-    Perturbation { what: "one row", key: "s0/attn_norm-1", edit: |s, d| { let w = s[3]; d[w..2 * w].iter_mut().for_each(|v| *v *= 1.01) } },
+    Perturbation {
+        what: "one row",
+        key: "s0/attn_norm-1",
+        edit: |s, d| {
+            let w = s[3];
+            d[w..2 * w].iter_mut().for_each(|v| *v *= 1.01)
+        },
+    },
     Perturbation {
         what: "one head",
         key: "s0/Qcur-1.rope",
         // [1, tokens, heads, head_dim]: head 1 of every token, scaled by 1.001.
-        edit: |s, d| { let (t, h, hd) = (s[1], s[2], s[3]); for tok in 0..t { d[(tok * h + 1) * hd..(tok * h + 2) * hd].iter_mut().for_each(|v| *v *= 1.001) } },
+        edit: |s, d| {
+            let (t, h, hd) = (s[1], s[2], s[3]);
+            for tok in 0..t {
+                d[(tok * h + 1) * hd..(tok * h + 2) * hd].iter_mut().for_each(|v| *v *= 1.001)
+            }
+        },
     },
     Perturbation { what: "one decode step", key: "s2/kqv-0", edit: |_, d| d.iter_mut().for_each(|v| *v += 1e-3) },
 ];
@@ -38,7 +50,12 @@ fn compare_names_the_perturbed_tap() {
 
     for p in CASES {
         let dump = dir.path().join(format!("{}.safetensors", p.what.replace(' ', "_")));
-        synth::rewrite(&golden, &dump, |k, s, d| if k == p.key { (p.edit)(s, d) }).unwrap();
+        synth::rewrite(&golden, &dump, |k, s, d| {
+            if k == p.key {
+                (p.edit)(s, d)
+            }
+        })
+        .unwrap();
         let case = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap();
         assert!(!case.passed, "{}: perturbation not detected", p.what);
         let d = case.first_divergence.as_ref().unwrap_or_else(|| panic!("{}: no divergence", p.what));
@@ -127,18 +144,33 @@ fn likely_classes_from_patterns() {
     let manifest = Manifest::load(dir.path()).unwrap();
     let cases: &[(&str, &str, fn(&[usize], &mut Vec<f32>))] = &[
         // RoPE wrong only at positions ≥ 1 (position 0 is unrotated by any RoPE).
-        ("s0/Qcur-0.rope", "RoPE pairing or base", |s, d| { let n = s[2] * s[3]; d[n..].iter_mut().for_each(|v| *v = -*v) }),
+        ("s0/Qcur-0.rope", "RoPE pairing or base", |s, d| {
+            let n = s[2] * s[3];
+            d[n..].iter_mut().for_each(|v| *v = -*v)
+        }),
         // The bias: mul_mat passes, add fails.
         ("s0/Qcur-0.add", "Q/K/V bias (zeroed or not loaded)", |_, d| d.iter_mut().for_each(|v| *v += 3.0)),
         // Decode step 1's scores wrong, prefill fine.
         ("s1/kq-0", "KV cache (never written, wrong layout or stride)", |_, d| d.iter_mut().for_each(|v| *v *= 0.5)),
         // Every row but the last of the prefill's attention differs.
-        ("s0/kq_soft_max-0", "causal mask missing", |s, d| { let (h, t, kv) = (s[1], s[2], s[3]); for hh in 0..h { for r in 0..t - 1 { d[(hh * t + r) * kv..(hh * t + r + 1) * kv].iter_mut().for_each(|v| *v = 1.0 / kv as f32) } } }),
+        ("s0/kq_soft_max-0", "causal mask missing", |s, d| {
+            let (h, t, kv) = (s[1], s[2], s[3]);
+            for hh in 0..h {
+                for r in 0..t - 1 {
+                    d[(hh * t + r) * kv..(hh * t + r + 1) * kv].iter_mut().for_each(|v| *v = 1.0 / kv as f32)
+                }
+            }
+        }),
         ("s0/embd", "embedding lookup (index transposed or wrong row)", |_, d| d.reverse()),
     ];
     for (key, class, edit) in cases {
         let dump = dir.path().join("d.safetensors");
-        synth::rewrite(&golden, &dump, |k, s, d| if k == *key { edit(s, d) }).unwrap();
+        synth::rewrite(&golden, &dump, |k, s, d| {
+            if k == *key {
+                edit(s, d)
+            }
+        })
+        .unwrap();
         let case = compare_dump(&manifest, &dump, "synthetic/exact/fox", None).unwrap();
         assert_eq!(case.likely_class.as_deref(), Some(*class), "{key}: {:?}", case.evidence);
     }

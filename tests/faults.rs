@@ -95,7 +95,11 @@ fn root() -> PathBuf {
 fn load_faults() -> Result<Vec<(PathBuf, FaultFile)>, String> {
     let dir = root().join("suites/faults");
     let mut out = Vec::new();
-    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
     paths.sort();
     for p in paths {
         let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -165,7 +169,8 @@ fn judge(fault: &str, backend: &str, e: &Expect, rep: &CaseReport) -> Outcome {
     let got = fd.map(|d| format!("s{}/{}", d.step, d.tap));
     let got_text = got.clone().unwrap_or_else(|| "none".into());
     if e.tap.is_some() || e.step.is_some() {
-        let ok = fd.is_some_and(|d| e.step.is_none_or(|s| s == d.step) && (e.layer.is_none() || e.layer == d.layer) && e.tap.as_ref().is_none_or(|t| *t == d.tap));
+        let ok =
+            fd.is_some_and(|d| e.step.is_none_or(|s| s == d.step) && (e.layer.is_none() || e.layer == d.layer) && e.tap.as_ref().is_none_or(|t| *t == d.tap));
         if !ok {
             localized = false;
             problems.push(format!("first divergence {got_text}, expected {}", expected_place(e)));
@@ -205,11 +210,19 @@ fn expected_place(e: &Expect) -> String {
     if let Some(t) = &e.tap {
         parts.push(format!("tap {t}"));
     }
-    if parts.is_empty() { "no tap".into() } else { parts.join(", ") }
+    if parts.is_empty() {
+        "no tap".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn list_or_none(v: &[String]) -> String {
-    if v.is_empty() { "none".into() } else { v.join(", ") }
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 type Shared = Arc<Mutex<Vec<Outcome>>>;
@@ -245,7 +258,11 @@ fn fault_trial(manifest: &Manifest, ff: &FaultFile, backend: &str, out: &Shared)
         }
         out.lock().expect("no panics while held").push(o);
     }
-    if msgs.is_empty() { Ok(()) } else { Err(msgs.join("\n").into()) }
+    if msgs.is_empty() {
+        Ok(())
+    } else {
+        Err(msgs.join("\n").into())
+    }
 }
 
 fn clean_trial(manifest: &Manifest, suite_name: &str, case: &str, backend: &str, repeats: usize) -> Result<(), Failed> {
@@ -270,7 +287,14 @@ fn clean_trial(manifest: &Manifest, suite_name: &str, case: &str, backend: &str,
 }
 
 /// The report of the exact-tier case with the probe `fault` on an already loaded clean backend.
-fn probe(manifest: &Manifest, s: &Suite, c: &Case, backend: &mut lockstep_engine::cpu::CpuBackend, model: &lockstep_engine::model::Model, fault: Fault) -> Result<CaseReport, String> {
+fn probe(
+    manifest: &Manifest,
+    s: &Suite,
+    c: &Case,
+    backend: &mut lockstep_engine::cpu::CpuBackend,
+    model: &lockstep_engine::model::Model,
+    fault: Fault,
+) -> Result<CaseReport, String> {
     backend.fault = Some(fault);
     let rep = run_case(s, c, backend, None, model, manifest).map_err(|e| format!("{e:#}"));
     backend.fault = None;
@@ -293,7 +317,11 @@ fn smallest_factor(mut test: impl FnMut(f64) -> Result<bool, String>, hi: f64) -
     let (mut lo, mut hi) = (0.0f64, hi.ln());
     while hi - lo > 0.02 * hi && hi > 1e-7 {
         let mid = 0.5 * (lo + hi);
-        if test(mid.exp())? { hi = mid } else { lo = mid }
+        if test(mid.exp())? {
+            hi = mid
+        } else {
+            lo = mid
+        }
     }
     Ok(Some(hi.exp()))
 }
@@ -327,7 +355,9 @@ fn sensitivity(manifest: &Manifest, suite_name: &str, case: &str) -> Result<(Str
     let el = smallest_factor(|f| probe(manifest, &s, &c, &mut b, &model, eps_probe(f)).map(|r| at(&r, &eps_taps)), 10.0)?;
     let rl = smallest_factor(|f| probe(manifest, &s, &c, &mut b, &model, base_probe(f)).map(|r| at(&r, &rope_taps)), 10.0)?;
     let worst = clean.checks.iter().filter(|k| k.name.starts_with("taps:")).max_by(|a, b| (a.value / a.limit).total_cmp(&(b.value / b.limit)));
-    let margin = worst.map_or(String::new(), |k| format!("clean run's closest tap check: {} = {:.2e} of {:.0e} ({})", k.name, k.value, k.limit, k.detail.clone().unwrap_or_default()));
+    let margin = worst.map_or(String::new(), |k| {
+        format!("clean run's closest tap check: {} = {:.2e} of {:.0e} ({})", k.name, k.value, k.limit, k.detail.clone().unwrap_or_default())
+    });
     let mut show = |x: Option<f64>, v: f32, what: &str, mk: &dyn Fn(f64) -> Fault| -> Result<String, String> {
         Ok(match x {
             Some(f) => {
@@ -341,7 +371,9 @@ fn sensitivity(manifest: &Manifest, suite_name: &str, case: &str) -> Result<(Str
     for (x, what, within) in [(el, "an RMSNorm-epsilon", EPS_LOCALIZED_WITHIN), (rl, "a RoPE-base", ROPE_BASE_LOCALIZED_WITHIN)] {
         match x {
             Some(f) if f <= within => {}
-            Some(f) => short.push(format!("{what} change is localized only from ×{f:.6}; the exact tier must localize ×{within} (measured sensitivity: see the constants)")),
+            Some(f) => short.push(format!(
+                "{what} change is localized only from ×{f:.6}; the exact tier must localize ×{within} (measured sensitivity: see the constants)"
+            )),
             None => short.push(format!("{what} change is not localized even ×10")),
         }
     }
@@ -388,7 +420,9 @@ fn main() {
                 Ok(()) if backend == "cuda" && cpu_only => {
                     t.with_kind("ignored: the CUDA kernels do not implement this fault yet (CPU only)".to_string()).with_ignored_flag(true)
                 }
-                Ok(()) if !missing.is_empty() => t.with_kind(format!("ignored: {} not in the cache (lockstep fetch)", missing.join(", "))).with_ignored_flag(true),
+                Ok(()) if !missing.is_empty() => {
+                    t.with_kind(format!("ignored: {} not in the cache (lockstep fetch)", missing.join(", "))).with_ignored_flag(true)
+                }
                 Ok(()) => t,
             });
         }
@@ -408,7 +442,9 @@ fn main() {
             let missing = missing_models([s.clone()]);
             trials.push(match backend_available(backend) {
                 Err(reason) => t.with_kind(format!("ignored: {reason}")).with_ignored_flag(true),
-                Ok(()) if !missing.is_empty() => t.with_kind(format!("ignored: {} not in the cache (lockstep fetch)", missing.join(", "))).with_ignored_flag(true),
+                Ok(()) if !missing.is_empty() => {
+                    t.with_kind(format!("ignored: {} not in the cache (lockstep fetch)", missing.join(", "))).with_ignored_flag(true)
+                }
                 Ok(()) => t,
             });
         }
@@ -421,7 +457,11 @@ fn main() {
             println!("  {text}");
             let snap = snapshot_text(&format!("sensitivity_{s}_{c}.txt"), &format!("{text}\n"));
             let problems: Vec<String> = short.into_iter().chain(snap.err()).collect();
-            if problems.is_empty() { Ok(()) } else { Err(problems.join("\n").into()) }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(problems.join("\n").into())
+            }
         }));
     }
     // The score is over the fault trials these arguments select (a filtered run scores its subset).
@@ -494,7 +534,10 @@ fn record_key(v: &Value) -> String {
 /// The fields in which two records differ, as `field: committed → now`.
 fn record_diff(old: &Value, new: &Value) -> Vec<String> {
     let keys: std::collections::BTreeSet<&String> = old.as_object().into_iter().chain(new.as_object()).flat_map(|o| o.keys()).collect();
-    keys.into_iter().filter(|k| old.get(*k) != new.get(*k)).map(|k| format!("{k}: {} → {}", old.get(k).unwrap_or(&Value::Null), new.get(k).unwrap_or(&Value::Null))).collect()
+    keys.into_iter()
+        .filter(|k| old.get(*k) != new.get(*k))
+        .map(|k| format!("{k}: {} → {}", old.get(k).unwrap_or(&Value::Null), new.get(k).unwrap_or(&Value::Null)))
+        .collect()
 }
 
 /// The mutation score over the fault trials that ran, its threshold, and its snapshot.
@@ -509,9 +552,7 @@ fn score(out: &Shared, selected: &[(String, String, String)], n_faults: usize, n
     for (fault, backend, sc) in selected {
         match o.iter().find(|x| &x.fault == fault && &x.backend == backend && &x.suite_case == sc) {
             None => problems.push(format!("{backend} {fault} {sc}: no outcome (the trial did not judge it)")),
-            Some(x) if !(x.detected && x.localized && x.class_named) => {
-                problems.push(format!("{backend} {fault} {sc}: {}", x.problems.join("; ")))
-            }
+            Some(x) if !(x.detected && x.localized && x.class_named) => problems.push(format!("{backend} {fault} {sc}: {}", x.problems.join("; "))),
             Some(_) => {}
         }
     }
@@ -525,7 +566,11 @@ fn score(out: &Shared, selected: &[(String, String, String)], n_faults: usize, n
         let loc = v.iter().filter(|x| x.localized).count();
         let cls = v.iter().filter(|x| x.class_named).count();
         let faults: std::collections::BTreeSet<&str> = v.iter().map(|x| x.fault.as_str()).collect();
-        lines.push(format!("{backend}: mutation score {det}/{} detected, {loc}/{det} localized, {cls}/{det} class named ({} of {n_faults} faults)", v.len(), faults.len()));
+        lines.push(format!(
+            "{backend}: mutation score {det}/{} detected, {loc}/{det} localized, {cls}/{det} class named ({} of {n_faults} faults)",
+            v.len(),
+            faults.len()
+        ));
     }
     for l in &lines {
         println!("  {l}");
@@ -555,7 +600,11 @@ fn score(out: &Shared, selected: &[(String, String, String)], n_faults: usize, n
         if ran < n_trials {
             continue;
         }
-        let stale: Vec<String> = records.keys().filter(|k| k.starts_with(&format!("{backend} ")) && !o.iter().any(|x| format!("{} {} {}", x.backend, x.fault, x.suite_case) == **k)).cloned().collect();
+        let stale: Vec<String> = records
+            .keys()
+            .filter(|k| k.starts_with(&format!("{backend} ")) && !o.iter().any(|x| format!("{} {} {}", x.backend, x.fault, x.suite_case) == **k))
+            .cloned()
+            .collect();
         for k in stale {
             changed.push(format!("{k}: in the snapshot, no longer a trial"));
             records.remove(&k);
@@ -579,7 +628,11 @@ fn score(out: &Shared, selected: &[(String, String, String)], n_faults: usize, n
             ));
         }
     }
-    if problems.is_empty() { Ok(()) } else { Err(problems.join("\n").into()) }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n").into())
+    }
 }
 
 /// The score lines of the snapshot's summary, per backend, from its records.

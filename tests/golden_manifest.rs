@@ -25,11 +25,9 @@ fn files_under(dir: &Path, root: &Path, out: &mut BTreeSet<String>) {
 fn golden_files_match_the_manifest() {
     let dir = golden_dir();
     let manifest_path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest_path).unwrap_or_else(|e| {
-        panic!("{}: {e}; run ci/regenerate-golden to create the goldens", manifest_path.display())
-    });
-    let manifest: serde_json::Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{}: not valid JSON: {e}", manifest_path.display()));
+    let text =
+        std::fs::read_to_string(&manifest_path).unwrap_or_else(|e| panic!("{}: {e}; run ci/regenerate-golden to create the goldens", manifest_path.display()));
+    let manifest: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not valid JSON: {e}", manifest_path.display()));
     let files = manifest["files"].as_array().expect("manifest.json has no `files` list");
     assert!(!files.is_empty(), "manifest.json lists no files");
 

@@ -84,8 +84,7 @@ impl Dump {
     }
     fn write(&self, dir: &Path, name: &str) -> PathBuf {
         let p = dir.join(format!("{name}.safetensors"));
-        let views: Vec<(String, TensorView)> =
-            self.0.iter().map(|(k, e)| (k.clone(), TensorView::new(e.dtype, e.shape.clone(), &e.bytes).unwrap())).collect();
+        let views: Vec<(String, TensorView)> = self.0.iter().map(|(k, e)| (k.clone(), TensorView::new(e.dtype, e.shape.clone(), &e.bytes).unwrap())).collect();
         safetensors::serialize_to_file(views, None, &p).unwrap();
         p
     }
@@ -168,7 +167,17 @@ fn integer_dtype_for_a_float_tap() {
     let mut dump = Dump::golden();
     let (shape, data) = dump.floats("s0/embd");
     dump.put("s0/embd", Dtype::I32, shape, data.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect());
-    refused(&dump.write(d.path(), "i32"), &["s0/embd", "integer dtype for a float tap", "expected F32", "[1, 1, 9, 256]", "found I32 [1, 1, 9, 256]", "hint: activations and logits are floating point"]);
+    refused(
+        &dump.write(d.path(), "i32"),
+        &[
+            "s0/embd",
+            "integer dtype for a float tap",
+            "expected F32",
+            "[1, 1, 9, 256]",
+            "found I32 [1, 1, 9, 256]",
+            "hint: activations and logits are floating point",
+        ],
+    );
 }
 
 #[test]
@@ -179,7 +188,10 @@ fn transposed_2d() {
     let (t, w) = (9, 256);
     let xt: Vec<f32> = (0..w * t).map(|i| x[(i % t) * w + i / t]).collect(); // [w, t]
     dump.put_f32("s0/attn_norm-0", vec![w, t], &xt);
-    refused(&dump.write(d.path(), "transposed"), &["s0/attn_norm-0", "transposed", "expected [1, 1, 9, 256]", "found [256, 9]", "hint: one row per token", "transpose before saving"]);
+    refused(
+        &dump.write(d.path(), "transposed"),
+        &["s0/attn_norm-0", "transposed", "expected [1, 1, 9, 256]", "found [256, 9]", "hint: one row per token", "transpose before saving"],
+    );
 }
 
 #[test]
@@ -190,16 +202,27 @@ fn scores_tokens_first_are_refused_before_judging() {
     for k in dump.tap_keys().into_iter().filter(|k| k.contains("/kq-") || k.contains("/kq_soft_max-")) {
         let (s, x) = dump.floats(&k);
         let (h, t, kv) = (s[1], s[2], s[3]);
-        let y: Vec<f32> = (0..t * h * kv).map(|i| {
-            let (tt, hh, c) = (i / (h * kv), (i / kv) % h, i % kv);
-            x[(hh * t + tt) * kv + c]
-        }).collect();
+        let y: Vec<f32> = (0..t * h * kv)
+            .map(|i| {
+                let (tt, hh, c) = (i / (h * kv), (i / kv) % h, i % kv);
+                x[(hh * t + tt) * kv + c]
+            })
+            .collect();
         dump.put_f32(&k, vec![1, t, h, kv], &y);
     }
-    let e = refused(&dump.write(d.path(), "tokens_first"), &[
-        "s0/kq-0", "axes in another order: tokens-first", "expected [1, 4, 9, 9] = [1, heads, tokens, kv_len]", "found [1, 9, 4, 9]",
-        "hint: kq is head-first", "permute(0, 2, 1, 3)", "3 more tensors", "s0/kq_soft_max-0",
-    ]);
+    let e = refused(
+        &dump.write(d.path(), "tokens_first"),
+        &[
+            "s0/kq-0",
+            "axes in another order: tokens-first",
+            "expected [1, 4, 9, 9] = [1, heads, tokens, kv_len]",
+            "found [1, 9, 4, 9]",
+            "hint: kq is head-first",
+            "permute(0, 2, 1, 3)",
+            "3 more tensors",
+            "s0/kq_soft_max-0",
+        ],
+    );
     // Decode steps (one token row) have the same element order either way: not among the problems.
     assert!(!e.contains("s1/kq"), "{e}");
 }
@@ -209,7 +232,10 @@ fn empty_tensor() {
     let d = tmp();
     let mut dump = Dump::golden();
     dump.put_f32("s0/Qcur-0.rope", vec![1, 0, 4, 64], &[]);
-    refused(&dump.write(d.path(), "empty"), &["s0/Qcur-0.rope", "empty tensor", "expected [1, 9, 4, 64] (2304 elements)", "found [1, 0, 4, 64] (0 elements)", "hint: the engine wrote no data"]);
+    refused(
+        &dump.write(d.path(), "empty"),
+        &["s0/Qcur-0.rope", "empty tensor", "expected [1, 9, 4, 64] (2304 elements)", "found [1, 0, 4, 64] (0 elements)", "hint: the engine wrote no data"],
+    );
 }
 
 #[test]
@@ -218,7 +244,10 @@ fn wrong_rank_5d() {
     let mut dump = Dump::golden();
     let (_, x) = dump.floats("s0/kq_soft_max-0");
     dump.put_f32("s0/kq_soft_max-0", vec![1, 4, 9, 3, 3], &x);
-    refused(&dump.write(d.path(), "rank5"), &["s0/kq_soft_max-0", "wrong rank (5-D)", "expected [1, 4, 9, 9]", "found [1, 4, 9, 3, 3]", "hint: shapes are ggml's ne reversed, always 4-D"]);
+    refused(
+        &dump.write(d.path(), "rank5"),
+        &["s0/kq_soft_max-0", "wrong rank (5-D)", "expected [1, 4, 9, 9]", "found [1, 4, 9, 3, 3]", "hint: shapes are ggml's ne reversed, always 4-D"],
+    );
 }
 
 #[test]
@@ -229,7 +258,10 @@ fn scores_with_padded_kv_length() {
     let mut padded = x.clone();
     padded.resize(4 * 16, f32::NEG_INFINITY);
     dump.put_f32("s1/kq-1", vec![1, 4, 1, 16], &padded);
-    refused(&dump.write(d.path(), "padded"), &["s1/kq-1", "wrong element count (64 vs 40)", "expected [1, 4, 1, 10]", "found [1, 4, 1, 16]", "kv_len is 10 here"]);
+    refused(
+        &dump.write(d.path(), "padded"),
+        &["s1/kq-1", "wrong element count (64 vs 40)", "expected [1, 4, 1, 10]", "found [1, 4, 1, 16]", "kv_len is 10 here"],
+    );
 }
 
 #[test]
@@ -245,7 +277,16 @@ fn header_claiming_a_huge_shape() {
     out.extend(&h);
     out.extend(&bytes[8 + n..]);
     std::fs::write(&p, out).unwrap();
-    refused(&p, &["s0/embd", "the header claims a huge shape", "expected [1, 1, 9, 256]", "F32 [1, 1, 4294967296, 4294967296] = 18446744073709551616 elements", "hint: the header is corrupt"]);
+    refused(
+        &p,
+        &[
+            "s0/embd",
+            "the header claims a huge shape",
+            "expected [1, 1, 9, 256]",
+            "F32 [1, 1, 4294967296, 4294967296] = 18446744073709551616 elements",
+            "hint: the header is corrupt",
+        ],
+    );
 }
 
 #[test]
@@ -279,13 +320,24 @@ fn not_a_safetensors_file() {
 fn hugging_face_names_only() {
     let d = tmp();
     let mut dump = Dump(BTreeMap::new());
-    let names = ["model.embed_tokens", "model.layers.0.input_layernorm", "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
-        "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj", "model.norm", "lm_head"];
+    let names = [
+        "model.embed_tokens",
+        "model.layers.0.input_layernorm",
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.self_attn.o_proj",
+        "model.norm",
+        "lm_head",
+    ];
     for n in names {
         dump.put_f32(n, vec![1, 9, 256], &vec![0.5; 9 * 256]);
     }
     dump.put("tokens", Dtype::I32, vec![9], vec![0; 36]);
-    refused(&dump.write(d.path(), "hf"), &["0 of 8 keys recognised; keys look like Hugging Face module names: map them with the Python kit (python/lockstep_kit hf_names)"]);
+    refused(
+        &dump.write(d.path(), "hf"),
+        &["0 of 8 keys recognised; keys look like Hugging Face module names: map them with the Python kit (python/lockstep_kit hf_names)"],
+    );
 }
 
 #[test]
@@ -302,7 +354,10 @@ fn a_step_without_logits() {
     let d = tmp();
     let mut dump = Dump::golden();
     dump.0.remove("s1/result_output");
-    refused(&dump.write(d.path(), "nologits"), &["step 1 has", "taps but no s1/result_output", "hint: dump the output head's result of every step", "[1, 1, 1, 1024]"]);
+    refused(
+        &dump.write(d.path(), "nologits"),
+        &["step 1 has", "taps but no s1/result_output", "hint: dump the output head's result of every step", "[1, 1, 1, 1024]"],
+    );
 }
 
 #[test]

@@ -128,11 +128,20 @@ fn export_then_cache_hit_then_judge(venv: &Path) -> Result<(), Failed> {
     let (m, entry) = ondemand::resolve_entry(dir.to_str().unwrap()).map_err(|e| format!("{e:#}"))?.ok_or("the entry directory is not recognised")?;
     let rep = lockstep::compare::compare_dump(&m, &dump, &entry, None).map_err(|e| e.to_string())?;
     let cov = rep.coverage.as_ref().ok_or("no coverage")?;
-    ensure(rep.passed, || format!("our CPU engine fails the on-demand golden: {:?} {:?}", rep.first_divergence, rep.failed_checks().map(|c| &c.name).collect::<Vec<_>>()))?;
-    ensure(cov.compared == cov.golden_taps && cov.logit_steps == 5, || format!("coverage: {} of {} taps, logits of {} steps", cov.compared, cov.golden_taps, cov.logit_steps))?;
+    ensure(rep.passed, || {
+        format!("our CPU engine fails the on-demand golden: {:?} {:?}", rep.first_divergence, rep.failed_checks().map(|c| &c.name).collect::<Vec<_>>())
+    })?;
+    ensure(cov.compared == cov.golden_taps && cov.logit_steps == 5, || {
+        format!("coverage: {} of {} taps, logits of {} steps", cov.compared, cov.golden_taps, cov.logit_steps)
+    })?;
 
     // And through the CLI, by its cache name.
-    let cli = lockstep(cache.path(), venv, &["compare", "--dump", dump.to_str().unwrap(), "--golden", &name, "--report", cache.path().join("report").to_str().unwrap()], &[]);
+    let cli = lockstep(
+        cache.path(),
+        venv,
+        &["compare", "--dump", dump.to_str().unwrap(), "--golden", &name, "--report", cache.path().join("report").to_str().unwrap()],
+        &[],
+    );
     let (out3, err3) = text(&cli);
     ensure(cli.status.success() && out3.contains("PASS"), || format!("lockstep compare --golden {name} ({}):\n{out3}\n{err3}", cli.status))?;
     Ok(())
@@ -145,7 +154,9 @@ fn interrupted_export_leaves_no_entry(venv: &Path) -> Result<(), Failed> {
     let (out, err) = text(&killed);
     ensure(!killed.status.success(), || format!("the killed export should fail:\n{out}\n{err}"))?;
     ensure(err.contains("exporter (ci/golden/ondemand.py) failed"), || format!("the error should name the exporter:\n{err}"))?;
-    let listing = |d: &Path| -> Vec<String> { std::fs::read_dir(d).map(|r| r.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect()).unwrap_or_default() };
+    let listing = |d: &Path| -> Vec<String> {
+        std::fs::read_dir(d).map(|r| r.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())).collect()).unwrap_or_default()
+    };
     let names = listing(&goldens);
     ensure(names.iter().any(|n| n.starts_with(".partial-")), || format!("the kill should strike after the partial entry was written: {names:?}"))?;
     let entries: Vec<&String> = names.iter().filter(|n| n.len() == 24 && n.chars().all(|c| c.is_ascii_hexdigit())).collect();

@@ -185,8 +185,15 @@ fn qwen_multiturn_f16_accumulation() -> Result<(), Failed> {
     let p = &case["pinned"];
     ensure(p["unavailable"].is_null(), || format!("not pinned: {}\n{errs}", p["unavailable"]))?;
     ensure(p["why"].as_str().is_some_and(|w| w.contains("layer 0 only")), || format!("why: {}", p["why"]))?;
-    ensure(p["notes"].as_array().is_some_and(|n| n.is_empty()), || format!("the full-tap golden should have the committed golden's prompt tokens: {}", p["notes"]))?;
-    ensure(p["command"].as_str().is_some_and(|c| c.starts_with("lockstep golden --model qwen2.5-coder-0.5b --chat ") && c.ends_with("--tier exact --steps 5 --taps all")), || format!("command: {}", p["command"]))?;
+    ensure(p["notes"].as_array().is_some_and(|n| n.is_empty()), || {
+        format!("the full-tap golden should have the committed golden's prompt tokens: {}", p["notes"])
+    })?;
+    ensure(
+        p["command"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("lockstep golden --model qwen2.5-coder-0.5b --chat ") && c.ends_with("--tier exact --steps 5 --taps all")),
+        || format!("command: {}", p["command"]),
+    )?;
 
     // The right answer, from the full-tap golden's own tensors and the fault's definition.
     let name = p["golden"].as_str().ok_or_else(|| err(format!("no pinned golden: {p}")))?;
@@ -201,10 +208,14 @@ fn qwen_multiturn_f16_accumulation() -> Result<(), Failed> {
     // The case's own divergence is unchanged by pinning, and the table and the page show the pinned tap.
     ensure(out.lines().any(|l| l.contains("↳ pinned (cache:") && l.contains(&format!("s0 {tap} "))), || format!("the table's pinned line:\n{out}"))?;
     let html = std::fs::read_to_string(dir.path().join("report/report.html")).map_err(err)?;
-    ensure(html.contains("Pinned against a full-tap golden") && html.contains(&format!("<code>{tap}</code>")), || "report.html lacks the pinned divergence".into())?;
+    ensure(html.contains("Pinned against a full-tap golden") && html.contains(&format!("<code>{tap}</code>")), || {
+        "report.html lacks the pinned divergence".into()
+    })?;
     eprintln!(
         "case's own: {own:?}; pinned: {pinned:?} class {} ({}), expected from the golden (Σx² margin ×{margin:.2}); pin {:.1} s, whole run {secs:.1} s",
-        p["likely_class_id"], p["class_proof"]["verdict"], p["seconds"].as_f64().unwrap_or(f64::NAN)
+        p["likely_class_id"],
+        p["class_proof"]["verdict"],
+        p["seconds"].as_f64().unwrap_or(f64::NAN)
     );
     Ok(())
 }
@@ -226,9 +237,16 @@ fn tiny_on_demand_l_out_only_gelu() -> Result<(), Failed> {
     let pinned = where_(&p["first_divergence"]);
     ensure(pinned == (0, Some(0), "ffn_swiglu-0".into()), || format!("pinned at {pinned:?}, not s0/ffn_swiglu-0\n{out}"))?;
     ensure(p["likely_class_id"] == "activation", || format!("pinned class: {} ({})", p["likely_class_id"], p["evidence"]))?;
-    ensure(p["command"] == "lockstep golden --model tiny-qwen2 --prompt 'A kettle sang on the stove while' --tier exact --steps 3 --taps all", || format!("command: {}", p["command"]))?;
+    ensure(p["command"] == "lockstep golden --model tiny-qwen2 --prompt 'A kettle sang on the stove while' --tier exact --steps 3 --taps all", || {
+        format!("command: {}", p["command"])
+    })?;
     ensure(errs.contains("lockstep golden: exporting"), || format!("the export's progress should be on stderr:\n{errs}"))?;
-    eprintln!("case's own: {own:?}; pinned: {pinned:?} class {} ({}); whole run {:.1} s", p["likely_class_id"], p["class_proof"]["verdict"], t0.elapsed().as_secs_f64());
+    eprintln!(
+        "case's own: {own:?}; pinned: {pinned:?} class {} ({}); whole run {:.1} s",
+        p["likely_class_id"],
+        p["class_proof"]["verdict"],
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -272,13 +290,18 @@ fn without_the_golden_venv_each_case_says_so() -> Result<(), Failed> {
     let golden = reduced_tiny_golden(dir.path())?;
     let (cache, venv) = (dir.path().join("cache"), dir.path().join("no-venv-here"));
     let env: [(&str, Option<&Path>); 3] = [("LOCKSTEP_CACHE", Some(&cache)), (ondemand::VENV_ENV, Some(&venv)), (ondemand::BUILD_ENV, None)];
-    let (_, out, errs, case) = validate_pin(dir.path(), &suite_text("tiny-qwen2", "\"tiny-qwen2/exact/fox\""), "gelu-activation", &env, &["--golden-dir", golden.to_str().unwrap()])?;
+    let (_, out, errs, case) =
+        validate_pin(dir.path(), &suite_text("tiny-qwen2", "\"tiny-qwen2/exact/fox\""), "gelu-activation", &env, &["--golden-dir", golden.to_str().unwrap()])?;
     ensure(where_(&case["first_divergence"]) == (0, Some(0), "ffn_swiglu-0".into()), || format!("the case's own divergence: {}", case["first_divergence"]))?;
     let p = &case["pinned"];
     ensure(p["why"] == "the golden holds every tap of layer 0 only (of 2)", || format!("why: {}", p["why"]))?;
-    ensure(p["unavailable"].as_str().is_some_and(|u| u.contains("golden venv") && u.contains(venv.to_str().unwrap())), || format!("unavailable: {}\n{errs}", p["unavailable"]))?;
+    ensure(p["unavailable"].as_str().is_some_and(|u| u.contains("golden venv") && u.contains(venv.to_str().unwrap())), || {
+        format!("unavailable: {}\n{errs}", p["unavailable"])
+    })?;
     ensure(p["first_divergence"].is_null() && p["golden"].is_null(), || format!("nothing pinned without the venv: {p}"))?;
-    ensure(p["command"] == "lockstep golden --model tiny-qwen2 --prompt 'The quick brown fox' --tier exact --steps 5 --taps all", || format!("command: {}", p["command"]))?;
+    ensure(p["command"] == "lockstep golden --model tiny-qwen2 --prompt 'The quick brown fox' --tier exact --steps 5 --taps all", || {
+        format!("command: {}", p["command"])
+    })?;
     ensure(out.lines().any(|l| l.contains("↳ not pinned: on-demand golden")), || format!("the table should say why:\n{out}"))?;
     Ok(())
 }
@@ -300,14 +323,25 @@ fn compare_prints_the_pin_command() -> Result<(), Failed> {
     lockstep::golden::write_safetensors(&dump, &f32s, &[]).map_err(err)?;
     let report = dir.path().join("report");
     let o = lockstep(
-        &["--golden-dir", golden.to_str().unwrap(), "compare", "--dump", dump.to_str().unwrap(), "--golden", "tiny-qwen2/exact/fox", "--report", report.to_str().unwrap()],
+        &[
+            "--golden-dir",
+            golden.to_str().unwrap(),
+            "compare",
+            "--dump",
+            dump.to_str().unwrap(),
+            "--golden",
+            "tiny-qwen2/exact/fox",
+            "--report",
+            report.to_str().unwrap(),
+        ],
         &[],
     );
     let (out, errs) = text(&o);
     ensure(o.status.code() == Some(1), || format!("compare should fail the dump ({}):\n{out}\n{errs}", o.status))?;
     ensure(out.contains("s0 norm "), || format!("the first divergence should be the final norm:\n{out}"))?;
     ensure(
-        out.contains("pin it: the golden holds none of s0/norm's inputs") && out.contains("    lockstep golden --model tiny-qwen2 --prompt 'The quick brown fox' --tier exact --steps 5 --taps all\n"),
+        out.contains("pin it: the golden holds none of s0/norm's inputs")
+            && out.contains("    lockstep golden --model tiny-qwen2 --prompt 'The quick brown fox' --tier exact --steps 5 --taps all\n"),
         || format!("compare should print the pin command:\n{out}"),
     )?;
     // Against the full golden (every tap), no command: the divergence is pinned already.

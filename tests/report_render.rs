@@ -36,7 +36,15 @@ fn report_html_renders_in_headless_chromium() {
     let Some(bin) = chromium() else { panic!("install chromium (.ci/run does): no /usr/bin/chromium") };
     let profile = tempfile::tempdir().unwrap();
     let dom = Command::new(bin)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg("--dump-dom")
         .arg(format!("file://{}", html.display()))
@@ -60,7 +68,8 @@ fn report_html_renders_in_headless_chromium() {
     }
     // No network and no scripts: one self-contained file, as written and as Chromium parsed it.
     let src = std::fs::read_to_string(&html).unwrap();
-    let problems: Vec<String> = not_self_contained(&src).into_iter().chain(not_self_contained(&dom).into_iter().map(|p| format!("rendered DOM: {p}"))).collect();
+    let problems: Vec<String> =
+        not_self_contained(&src).into_iter().chain(not_self_contained(&dom).into_iter().map(|p| format!("rendered DOM: {p}"))).collect();
     assert!(problems.is_empty(), "report.html is not one self-contained, script-free file:\n{}", problems.join("\n"));
 }
 

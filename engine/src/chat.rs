@@ -69,16 +69,9 @@ fn environment() -> Environment<'static> {
 }
 
 /// Renders `template` over `messages`.
-pub fn render(
-    template: &str,
-    messages: &[ChatMessage],
-    add_generation_prompt: bool,
-    bos_token: &str,
-    eos_token: &str,
-) -> Result<String, ChatError> {
+pub fn render(template: &str, messages: &[ChatMessage], add_generation_prompt: bool, bos_token: &str, eos_token: &str) -> Result<String, ChatError> {
     let mut env = environment();
-    env.add_template_owned("chat_template", template.to_string())
-        .map_err(|e| ChatError::Syntax(format!("{e:#}")))?;
+    env.add_template_owned("chat_template", template.to_string()).map_err(|e| ChatError::Syntax(format!("{e:#}")))?;
     let tmpl = env.get_template("chat_template").map_err(|e| ChatError::Syntax(format!("{e:#}")))?;
     let ctx = minijinja::context! {
         messages => Value::from_serialize(messages),
@@ -207,12 +200,7 @@ fn write_json(v: &Value, opts: &JsonOpts, level: usize, out: &mut String) -> Res
             newline(opts, level, out);
             out.push(']');
         }
-        _ => {
-            return Err(Error::new(
-                ErrorKind::InvalidOperation,
-                format!("tojson: a value of kind {:?} is not JSON serializable", v.kind()),
-            ))
-        }
+        _ => return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson: a value of kind {:?} is not JSON serializable", v.kind()))),
     }
     Ok(())
 }
@@ -265,20 +253,14 @@ fn python_float_repr(f: f64) -> String {
 /// `datetime.now().strftime(fmt)` for the directives chat templates use (%d %m %Y %y %b %B %a %A
 /// %H %M %S %j %%), in UTC: the engine has no time-zone database.
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime(secs, fmt)
 }
 
 /// Python's `strftime(fmt)` of a UTC Unix time, for the directives listed at [`strftime_now`]
 /// (hand-written: civil-from-days is a dozen lines, smaller than a date crate).
 pub fn strftime(unix_secs: i64, fmt: &str) -> String {
-    const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
-    ];
+    const MONTHS: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
     const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = unix_secs.div_euclid(86_400);
     let sod = unix_secs.rem_euclid(86_400);
@@ -380,7 +362,8 @@ mod tests {
 
     #[test]
     fn undefined_and_none_variables_like_llama_cpp_python() {
-        let t = "{% if tools %}T{% endif %}{% if tools is none %}N{% endif %}{% if messages[0].tool_calls %}C{% endif %}{{ bos_token }}{{ add_generation_prompt }}";
+        let t =
+            "{% if tools %}T{% endif %}{% if tools is none %}N{% endif %}{% if messages[0].tool_calls %}C{% endif %}{{ bos_token }}{{ add_generation_prompt }}";
         assert_eq!(render(t, &msgs(&[("u", "x")]), true, "<s>", "</s>").unwrap(), "N<s>True");
     }
 

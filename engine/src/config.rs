@@ -97,8 +97,7 @@ impl ModelConfig {
         let meta_err = |source| ConfigError::Meta { file: fname.clone(), source };
         let invalid = |what: String| ConfigError::Invalid { file: fname.clone(), what };
         let arch_name = file.architecture().map_err(meta_err)?;
-        let arch = Arch::from_name(arch_name)
-            .ok_or_else(|| ConfigError::UnsupportedArch { file: fname.clone(), arch: arch_name.to_string() })?;
+        let arch = Arch::from_name(arch_name).ok_or_else(|| ConfigError::UnsupportedArch { file: fname.clone(), arch: arch_name.to_string() })?;
         let k = |s: &str| format!("{arch_name}.{s}");
         let req = |s: &str| file.meta_usize(&k(s)).map_err(meta_err);
         let opt_usize = |s: &str| -> Result<Option<usize>, ConfigError> {

@@ -319,9 +319,7 @@ pub fn dequantize_par_into(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result
     let (bs, ts) = (ty.block_size(), ty.type_size());
     // About 64 K elements per task: large enough to amortize scheduling, small enough to balance.
     let blocks_per_task = (65536 / bs).max(1);
-    out.par_chunks_mut(blocks_per_task * bs)
-        .zip(data.par_chunks(blocks_per_task * ts))
-        .for_each(|(y, b)| run_blocks(ty, f, b, y));
+    out.par_chunks_mut(blocks_per_task * bs).zip(data.par_chunks(blocks_per_task * ts)).for_each(|(y, b)| run_blocks(ty, f, b, y));
     Ok(())
 }
 
@@ -367,13 +365,7 @@ pub fn dequantize_rows(file: &GgufFile, t: &TensorInfo, rows: Range<usize>) -> R
 pub fn rows_bytes<'f>(file: &'f GgufFile, t: &TensorInfo, rows: Range<usize>) -> Result<&'f [u8], DequantError> {
     let n_rows = t.n_rows() as usize;
     if rows.start > rows.end || rows.end > n_rows {
-        return Err(DequantError::RowsOutOfRange {
-            tensor: t.name.clone(),
-            file: file.display_name(),
-            start: rows.start,
-            end: rows.end,
-            n_rows,
-        });
+        return Err(DequantError::RowsOutOfRange { tensor: t.name.clone(), file: file.display_name(), start: rows.start, end: rows.end, n_rows });
     }
     let row_bytes = bytes_needed(t.ty, t.row_len() as usize).map_err(|e| in_tensor(file, t, e))?;
     let data = file.tensor_data(t);

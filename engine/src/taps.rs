@@ -97,12 +97,7 @@ impl TapSink for Recorder {
         self.filter.as_ref().is_none_or(|f| f(key))
     }
     fn tap(&mut self, info: TapInfo<'_>, data: &[f32]) {
-        self.tensors.push(Tapped {
-            key: info.key.to_string(),
-            layer: info.layer,
-            shape: info.shape,
-            data: data.to_vec(),
-        });
+        self.tensors.push(Tapped { key: info.key.to_string(), layer: info.layer, shape: info.shape, data: data.to_vec() });
     }
 }
 

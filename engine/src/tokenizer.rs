@@ -72,8 +72,10 @@ const SUPPORTED_PRE: &str = "default, llama3 family, gpt2 family, smollm / starc
 // Pre-tokenizer regexes, as in llm_tokenizer_bpe's constructor (llama-vocab.cpp). llama.cpp runs
 // hand-written equivalents of the gpt2 / llama3 / qwen2 patterns; fancy-regex runs the patterns.
 const RE_GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
-const RE_LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const RE_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_LLAMA3: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const RE_QWEN2: &str =
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// What llama.cpp derives from `tokenizer.ggml.pre` for a BPE vocabulary.
 struct PreConfig {
@@ -84,18 +86,15 @@ struct PreConfig {
 }
 
 fn pre_config(pre: &str) -> Option<PreConfig> {
-    let c = |regexes, clean_spaces, ignore_merges, add_bos| {
-        Some(PreConfig { regexes, clean_spaces, ignore_merges, add_bos })
-    };
+    let c = |regexes, clean_spaces, ignore_merges, add_bos| Some(PreConfig { regexes, clean_spaces, ignore_merges, add_bos });
     const DEFAULT: &[&str] = &[r"[\p{P}\$\+<=>\^~\|]+", RE_GPT2, r"\p{N}+", "[0-9][0-9][0-9]"];
     const SMOLLM: &[&str] = &[r"\p{N}", RE_GPT2];
     match pre {
         "" | "default" => c(DEFAULT, true, false, false),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" => c(&[RE_LLAMA3], true, true, true),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" | "jina-v5-nano" => c(&[RE_LLAMA3], true, true, true),
         "dbrx" | "smaug-bpe" => c(&[RE_LLAMA3], true, false, false),
-        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0"
-        | "mellum" | "modern-bert" | "exaone4" | "mpt" | "olmo" | "jais" => c(&[RE_GPT2], true, false, false),
+        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0" | "mellum" | "modern-bert" | "exaone4" | "mpt"
+        | "olmo" | "jais" => c(&[RE_GPT2], true, false, false),
         "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b" => c(SMOLLM, true, false, false),
         "smollm" | "command-r" => c(SMOLLM, false, false, false),
         "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" => c(&[RE_QWEN2], false, false, false),
@@ -154,11 +153,7 @@ impl VocabSpec {
             None => None,
             Some(v) => {
                 let arr = v.as_array().ok_or_else(|| key_err(tt_key, "an array of integers", v))?;
-                Some(
-                    arr.iter()
-                        .map(|t| t.as_i64().ok_or_else(|| key_err(tt_key, "an array of integers", t)))
-                        .collect::<Result<Vec<i64>, _>>()?,
-                )
+                Some(arr.iter().map(|t| t.as_i64().ok_or_else(|| key_err(tt_key, "an array of integers", t))).collect::<Result<Vec<i64>, _>>()?)
             }
         };
         let merges = str_array(f, "tokenizer.ggml.merges")?
@@ -236,11 +231,7 @@ fn req<'a>(f: &'a GgufFile, key: &str) -> Result<&'a MetaValue, TokenizerError> 
 fn opt_u32(f: &GgufFile, key: &str) -> Result<Option<u32>, TokenizerError> {
     match f.meta(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .map(Some)
-            .ok_or_else(|| key_err(key, "an unsigned 32-bit integer", v)),
+        Some(v) => v.as_u64().and_then(|x| u32::try_from(x).ok()).map(Some).ok_or_else(|| key_err(key, "an unsigned 32-bit integer", v)),
     }
 }
 
@@ -276,29 +267,48 @@ fn byte_to_unicode() -> [char; 256] {
 // Token texts llama.cpp recognises (llama-vocab.cpp, `load`): EOT / EOM / FIM candidates are made
 // CONTROL when found; EOG_TEXTS are end-of-generation.
 const EOT_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>",
-    "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
 ];
 const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
-const FIM_PRE_TEXTS: &[&str] = &[
-    "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>",
-    "<|prefix|>",
-];
-const FIM_SUF_TEXTS: &[&str] = &[
-    "<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>",
-    "<|suffix|>",
-];
-const FIM_MID_TEXTS: &[&str] = &[
-    "<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>",
-    "<|middle|>",
-];
+const FIM_PRE_TEXTS: &[&str] = &["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"];
+const FIM_SUF_TEXTS: &[&str] = &["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"];
+const FIM_MID_TEXTS: &[&str] = &["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"];
 const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
 const FIM_REP_TEXTS: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
 const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
 const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
-    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
-    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
 ];
 
 impl Tokenizer {
@@ -310,23 +320,14 @@ impl Tokenizer {
     /// Builds the tokenizer from a vocabulary description (what `from_gguf` reads from metadata).
     pub fn from_spec(spec: VocabSpec) -> Result<Tokenizer, TokenizerError> {
         let cfg = pre_config(&spec.pre).ok_or_else(|| TokenizerError::UnsupportedPre(spec.pre.clone()))?;
-        let texts: Vec<String> = spec
-            .tokens
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t })
-            .collect();
+        let texts: Vec<String> = spec.tokens.into_iter().enumerate().map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t }).collect();
         let n_vocab = texts.len();
 
         // Attributes from token types; no types means every token is NORMAL.
         let mut attrs = vec![ATTR_NORMAL; n_vocab];
         if let Some(types) = &spec.token_types {
             if types.len() < n_vocab {
-                return Err(TokenizerError::LengthMismatch {
-                    key: "tokenizer.ggml.token_type".into(),
-                    len: types.len(),
-                    n_vocab,
-                });
+                return Err(TokenizerError::LengthMismatch { key: "tokenizer.ggml.token_type".into(), len: types.len(), n_vocab });
             }
             for (a, &t) in attrs.iter_mut().zip(types) {
                 *a = match t {
@@ -432,27 +433,13 @@ impl Tokenizer {
             }
         }
 
-        let mut specials: Vec<u32> = (0..n_vocab as u32)
-            .filter(|&id| attrs[id as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0)
-            .collect();
+        let mut specials: Vec<u32> = (0..n_vocab as u32).filter(|&id| attrs[id as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0).collect();
         specials.sort_by(|&a, &b| texts[b as usize].len().cmp(&texts[a as usize].len()).then(a.cmp(&b)));
 
         let bpe = build_bpe(&texts, spec.merges, &cfg)?;
         let unicode_to_byte = byte_to_unicode().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
 
-        Ok(Tokenizer {
-            texts,
-            attrs,
-            specials,
-            bos,
-            eos,
-            eog,
-            add_bos,
-            add_eos,
-            clean_spaces: cfg.clean_spaces,
-            bpe,
-            unicode_to_byte,
-        })
+        Ok(Tokenizer { texts, attrs, specials, bos, eos, eog, add_bos, add_eos, clean_spaces: cfg.clean_spaces, bpe, unicode_to_byte })
     }
 
     /// `llama_tokenize(vocab, text, add_special, parse_special)`.
@@ -466,10 +453,7 @@ impl Tokenizer {
                 Fragment::Token(id) => out.push(id),
                 Fragment::Text(a, b) => {
                     let piece = &text[a..b];
-                    let enc = self
-                        .bpe
-                        .encode(piece, false)
-                        .map_err(|e| TokenizerError::Encode { text: piece.to_string(), msg: e.to_string() })?;
+                    let enc = self.bpe.encode(piece, false).map_err(|e| TokenizerError::Encode { text: piece.to_string(), msg: e.to_string() })?;
                     out.extend_from_slice(enc.get_ids());
                 }
             }
@@ -600,11 +584,7 @@ impl Tokenizer {
 
 fn build_bpe(texts: &[String], merges: Vec<(String, String)>, cfg: &PreConfig) -> Result<HfTokenizer, TokenizerError> {
     let vocab: Vocab = texts.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(cfg.ignore_merges)
-        .build()
-        .map_err(|e| TokenizerError::Build(e.to_string()))?;
+    let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(cfg.ignore_merges).build().map_err(|e| TokenizerError::Build(e.to_string()))?;
 
     let mut pre: Vec<PreTokenizerWrapper> = Vec::new();
     for re in cfg.regexes {
@@ -673,10 +653,7 @@ mod tests {
             tokens.push(w.to_string());
             types.push(TYPE_NORMAL);
         }
-        let merges = [("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o")]
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
+        let merges = [("h", "e"), ("he", "l"), ("hel", "l"), ("hell", "o")].iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         for (t, ty) in extra {
             tokens.push(t.to_string());
             types.push(*ty);
@@ -702,8 +679,7 @@ mod tests {
 
     #[test]
     fn specials_cut_longest_first_and_control_only_with_parse_special() {
-        let t = Tokenizer::from_spec(spec(&[("<|x|>", TYPE_CONTROL), ("<|x|>y", TYPE_CONTROL), ("[U]", TYPE_USER_DEFINED)]))
-            .unwrap();
+        let t = Tokenizer::from_spec(spec(&[("<|x|>", TYPE_CONTROL), ("<|x|>y", TYPE_CONTROL), ("[U]", TYPE_USER_DEFINED)])).unwrap();
         let (x, xy, u) = (id_of(&t, "<|x|>"), id_of(&t, "<|x|>y"), id_of(&t, "[U]"));
         assert_eq!(t.encode("<|x|>y<|x|>", false, true).unwrap(), vec![xy, x]);
         let ids = t.encode("a<|x|>[U]b", false, false).unwrap();
@@ -716,13 +692,8 @@ mod tests {
     fn llama_cpp_fixups_by_text() {
         // "<|im_end|>" typed NORMAL still becomes CONTROL and end-of-generation; "<|fim_pad|>" too
         // (FIM pad is EOG); an UNUSED token renders as nothing.
-        let t = Tokenizer::from_spec(spec(&[
-            ("<|im_end|>", TYPE_NORMAL),
-            ("<|fim_pad|>", TYPE_CONTROL),
-            ("[PAD9]", TYPE_UNUSED),
-            ("<|other|>", TYPE_CONTROL),
-        ]))
-        .unwrap();
+        let t = Tokenizer::from_spec(spec(&[("<|im_end|>", TYPE_NORMAL), ("<|fim_pad|>", TYPE_CONTROL), ("[PAD9]", TYPE_UNUSED), ("<|other|>", TYPE_CONTROL)]))
+            .unwrap();
         let (end, pad, unused, other) = (id_of(&t, "<|im_end|>"), id_of(&t, "<|fim_pad|>"), id_of(&t, "[PAD9]"), id_of(&t, "<|other|>"));
         assert!(t.is_eog(end) && t.is_eog(pad) && !t.is_eog(other));
         assert_eq!(t.encode("<|im_end|>", false, true).unwrap(), vec![end]);

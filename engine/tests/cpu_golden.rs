@@ -48,8 +48,7 @@ fn cases() -> Result<Vec<Case>> {
     let mut out = Vec::new();
     let manifest = repo().join("golden/manifest.json");
     if manifest.exists() {
-        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest)?)
-            .with_context(|| format!("parsing {}", manifest.display()))?;
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest)?).with_context(|| format!("parsing {}", manifest.display()))?;
         for f in m["files"].as_array().context("manifest: no files array")? {
             if f["kind"] != "taps" || f["tier"] != "exact" {
                 continue;
@@ -57,8 +56,7 @@ fn cases() -> Result<Vec<Case>> {
             let rel = f["path"].as_str().context("manifest: taps entry without path")?;
             let id = f["model"].as_str().context("manifest: taps entry without model")?;
             let mf = f["model_file"].as_str().unwrap_or("");
-            let model =
-                if mf.ends_with("(cache)") { cache_models().join(format!("{id}.gguf")) } else { repo().join("golden").join(mf) };
+            let model = if mf.ends_with("(cache)") { cache_models().join(format!("{id}.gguf")) } else { repo().join("golden").join(mf) };
             out.push(Case { name: rel.to_string(), model, golden: repo().join("golden").join(rel) });
         }
     }
@@ -190,9 +188,9 @@ fn check(case: &Case) -> Result<()> {
 fn main() {
     let args = Arguments::from_args();
     let trials = match cases() {
-        Ok(cs) if cs.is_empty() => vec![Trial::test("cpu_golden::no_exact_goldens", || {
-            Err(Failed::from("golden/manifest.json lists no exact-tier taps: run ci/regenerate-golden"))
-        })],
+        Ok(cs) if cs.is_empty() => {
+            vec![Trial::test("cpu_golden::no_exact_goldens", || Err(Failed::from("golden/manifest.json lists no exact-tier taps: run ci/regenerate-golden")))]
+        }
         Ok(cs) => cs
             .into_iter()
             .map(|c| {

@@ -131,10 +131,8 @@ fn matvec_multi_case() -> R {
         let (bd, y, raw) = (g.upload(&b, "b")?, g.alloc::<f32>(rows, "y")?, g.alloc::<f32>(rows, "raw")?);
         mats.push((ty, rows, with_bias, with_raw, w, bd, y, raw, want, want_raw));
     }
-    let projs: Vec<Proj> = mats
-        .iter()
-        .map(|(_, _, wb, wr, w, bd, y, raw, _, _)| Proj { w, y: p(y), bias: wb.then(|| p(bd)), raw: wr.then(|| p(raw)) })
-        .collect();
+    let projs: Vec<Proj> =
+        mats.iter().map(|(_, _, wb, wr, w, bd, y, raw, _, _)| Proj { w, y: p(y), bias: wb.then(|| p(bd)), raw: wr.then(|| p(raw)) }).collect();
     if !g.matvec_multi(&projs, p(&xd), Some((p(&nd), eps)))? {
         return Err("matvec_multi declined three block-format matrices".into());
     }
@@ -211,7 +209,12 @@ fn swiglu_case(ty: GgmlType) -> R {
         // the unfused swiglu kernel on the same products
         let s2 = g.alloc::<f32>(t * rows, "s2")?;
         g.swiglu(p(&go), p(&uo), p(&s2), t * rows)?;
-        check_close(&format!("swiglu_f32 {ty} T={t}"), &g.download(&s2, 0, t * rows)?, &cpu::swiglu(&g.download(&go, 0, t * rows)?, &g.download(&uo, 0, t * rows)?), 1e-6)?;
+        check_close(
+            &format!("swiglu_f32 {ty} T={t}"),
+            &g.download(&s2, 0, t * rows)?,
+            &cpu::swiglu(&g.download(&go, 0, t * rows)?, &g.download(&uo, 0, t * rows)?),
+            1e-6,
+        )?;
     }
     Ok(())
 }
@@ -268,7 +271,10 @@ fn bit_equal(what: &str, got: &[f32], want: &[f32]) -> R {
     }
     match got.iter().zip(want).position(|(g, w)| g != w && !(g.is_nan() && w.is_nan())) {
         None => Ok(()),
-        Some(i) => Err(format!("{what}: element {i} = {:e}, CPU {:e} ({} values differ)", got[i], want[i], got.iter().zip(want).filter(|(g, w)| g != w).count()).into()),
+        Some(i) => {
+            Err(format!("{what}: element {i} = {:e}, CPU {:e} ({} values differ)", got[i], want[i], got.iter().zip(want).filter(|(g, w)| g != w).count())
+                .into())
+        }
     }
 }
 
@@ -636,17 +642,7 @@ fn main() {
     for (dh, qs) in [(64usize, 1.0f32), (40, 1.0), (64, 300.0), (128, 1.0)] {
         list.push(Trial::test(format!("attention_dh{dh}_qscale{qs}"), move || attention_case(dh, qs)));
     }
-    let qwen = |p: usize, ctx: usize, qscale: f32, fault: i32| DecodeCase {
-        dh: 64,
-        n_rot: 64,
-        style: RopeStyle::Neox,
-        h: 14,
-        hkv: 2,
-        p,
-        ctx,
-        qscale,
-        fault,
-    };
+    let qwen = |p: usize, ctx: usize, qscale: f32, fault: i32| DecodeCase { dh: 64, n_rot: 64, style: RopeStyle::Neox, h: 14, hkv: 2, p, ctx, qscale, fault };
     let other = |dh: usize, n_rot: usize, style: RopeStyle, h: usize, hkv: usize, p: usize| DecodeCase {
         dh,
         n_rot,
@@ -681,10 +677,7 @@ fn main() {
         other(256, 128, RopeStyle::Normal, 4, 1, 50),
         other(16, 16, RopeStyle::Normal, 4, 4, 9),
     ] {
-        let name = format!(
-            "attention_decode_dh{}_{:?}_nrot{}_h{}x{}_p{}_qscale{}_fault{}",
-            c.dh, c.style, c.n_rot, c.h, c.hkv, c.p, c.qscale, c.fault
-        );
+        let name = format!("attention_decode_dh{}_{:?}_nrot{}_h{}x{}_p{}_qscale{}_fault{}", c.dh, c.style, c.n_rot, c.h, c.hkv, c.p, c.qscale, c.fault);
         list.push(Trial::test(name, move || attention_decode_case(c)));
     }
     libtest_mimic::run(&args, trials(list)).exit();

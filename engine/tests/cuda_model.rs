@@ -125,7 +125,11 @@ fn argmax(v: &[f32]) -> u32 {
 /// model's scores are large enough that two correct f32 summation orders differ by more.
 fn limit_for(key: &str, tol: f64, attn_tol: f64) -> f64 {
     let family = key.split(['-', '.']).next().unwrap_or(key);
-    if matches!(family, "kq_soft_max" | "kqv" | "kqv_out") { attn_tol } else { tol }
+    if matches!(family, "kq_soft_max" | "kqv" | "kqv_out") {
+        attn_tol
+    } else {
+        tol
+    }
 }
 
 fn taps_and_greedy(path: PathBuf, n_prompt: usize, n_gen: usize, tol: f64, attn_tol: f64) -> R {

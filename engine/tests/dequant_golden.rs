@@ -30,20 +30,15 @@ fn golden_dir() -> PathBuf {
 
 fn read_golden(name: &str) -> Vec<u8> {
     let p = golden_dir().join("dequant").join(name);
-    std::fs::read(&p).unwrap_or_else(|e| {
-        panic!("dequant golden {} is missing ({e}): run `{REGENERATE}` (or point LOCKSTEP_GOLDEN_DIR at a golden directory)", p.display())
-    })
+    std::fs::read(&p)
+        .unwrap_or_else(|e| panic!("dequant golden {} is missing ({e}): run `{REGENERATE}` (or point LOCKSTEP_GOLDEN_DIR at a golden directory)", p.display()))
 }
 
 /// Every `{model}.json` in the golden directory (the models the goldens cover).
 fn golden_models() -> Vec<String> {
     let d = golden_dir().join("dequant");
-    let rd = std::fs::read_dir(&d)
-        .unwrap_or_else(|e| panic!("dequant goldens missing at {} ({e}): run `{REGENERATE}`", d.display()));
-    let mut ms: Vec<String> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
-        .collect();
+    let rd = std::fs::read_dir(&d).unwrap_or_else(|e| panic!("dequant goldens missing at {} ({e}): run `{REGENERATE}`", d.display()));
+    let mut ms: Vec<String> = rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string)).collect();
     ms.sort();
     assert!(!ms.is_empty(), "no dequant goldens in {}: run `{REGENERATE}`", d.display());
     ms
@@ -63,8 +58,7 @@ fn bit_exact(what: &str, got: &[f32], want: &[f32]) -> Result<(), String> {
         return Ok(());
     }
     let max = bad.iter().map(|&i| (got[i] - want[i]).abs()).fold(0f32, f32::max);
-    let first: Vec<String> =
-        bad.iter().take(5).map(|&i| format!("[{i}] got {:e} want {:e}", got[i], want[i])).collect();
+    let first: Vec<String> = bad.iter().take(5).map(|&i| format!("[{i}] got {:e} want {:e}", got[i], want[i])).collect();
     Err(format!("{what}: {} of {} values differ (max |diff| {max:e}); first: {}", bad.len(), got.len(), first.join(", ")))
 }
 
@@ -107,8 +101,7 @@ struct Samples {
 fn samples(model: &str, st: &SafeTensors, bytes: &[u8]) -> Samples {
     let (_, m) = SafeTensors::read_metadata(bytes).expect("safetensors header");
     let meta: BTreeMap<String, String> = m.metadata().clone().unwrap_or_default().into_iter().collect();
-    let js: Value = serde_json::from_str(meta.get("samples").unwrap_or_else(|| panic!("{model}: no `samples` metadata")))
-        .expect("samples metadata is JSON");
+    let js: Value = serde_json::from_str(meta.get("samples").unwrap_or_else(|| panic!("{model}: no `samples` metadata"))).expect("samples metadata is JSON");
     let mut out = vec![];
     for (key, s) in js.as_object().expect("samples is an object") {
         let ty = GgmlType::from_name(s["type"].as_str().unwrap()).expect("known type");
@@ -147,8 +140,7 @@ fn model_samples_bit_exact() {
 
 /// Whole-tensor checksums of one model, plus: the samples' bytes are the model's bytes.
 fn whole_tensors(model: &str) {
-    let js: BTreeMap<String, Value> =
-        serde_json::from_slice(&read_golden(&format!("{model}.json"))).expect("checksum JSON parses");
+    let js: BTreeMap<String, Value> = serde_json::from_slice(&read_golden(&format!("{model}.json"))).expect("checksum JSON parses");
     let st_bytes = read_golden(&format!("{model}.safetensors"));
     let st = SafeTensors::deserialize(&st_bytes).unwrap();
     let s = samples(model, &st, &st_bytes);
@@ -211,11 +203,7 @@ fn whole_tensors(model: &str) {
             failures.push(format!("{} ({}): sha256 {got} vs golden {}", t.name, t.ty, want["sha256"]));
         }
     }
-    eprintln!(
-        "{model}: {} tensors, {n_el} elements dequantized in {t_deq:.2} s ({:.0} M elements/s)",
-        g.tensors.len(),
-        n_el as f64 / t_deq / 1e6
-    );
+    eprintln!("{model}: {} tensors, {n_el} elements dequantized in {t_deq:.2} s ({:.0} M elements/s)", g.tensors.len(), n_el as f64 / t_deq / 1e6);
     assert!(failures.is_empty(), "{model}: {} tensors differ:\n{}", failures.len(), failures.join("\n"));
 }
 

@@ -131,10 +131,7 @@ const F32: u32 = 0;
 
 /// A valid file with two tensors, used as the base of many malformed ones.
 fn base() -> File {
-    File::new()
-        .kv("general.architecture", MetaValue::String("llama".into()))
-        .tensor("a", &[32, 2], Q8_0, 68, 1)
-        .tensor("b", &[4], F32, 16, 2)
+    File::new().kv("general.architecture", MetaValue::String("llama".into())).tensor("a", &[32, 2], Q8_0, 68, 1).tensor("b", &[4], F32, 16, 2)
 }
 
 fn parse(b: Vec<u8>) -> GgufError {

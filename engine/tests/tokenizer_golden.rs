@@ -60,11 +60,9 @@ fn golden_dir() -> PathBuf {
 
 fn load(id: &str) -> (Golden, GgufFile) {
     let gpath = golden_dir().join("tokenize").join(format!("{id}.json"));
-    let text = std::fs::read_to_string(&gpath).unwrap_or_else(|e| {
-        panic!("{}: {e}; run `ci/regenerate-golden` to write the tokenization goldens", gpath.display())
-    });
-    let golden: Golden =
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not a tokenization golden: {e}", gpath.display()));
+    let text =
+        std::fs::read_to_string(&gpath).unwrap_or_else(|e| panic!("{}: {e}; run `ci/regenerate-golden` to write the tokenization goldens", gpath.display()));
+    let golden: Golden = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not a tokenization golden: {e}", gpath.display()));
     assert_eq!(golden.model, id, "{}: golden is for another model", gpath.display());
     assert!(golden.add_special && golden.parse_special, "{}: expected add_special and parse_special on", gpath.display());
     let mpath = fetch::ensure_model(id, false).unwrap_or_else(|e| panic!("{id}: the model is not in the cache: {e}"));
@@ -125,12 +123,7 @@ fn check_tokenize(id: &str) {
         let detok = tok.decode(&case.ids);
         if detok != case.detok {
             ok = false;
-            failures.push(format!(
-                "decode {:?}:\n    expected {}\n    got      {}",
-                case.ids,
-                show(&case.detok),
-                show(&detok)
-            ));
+            failures.push(format!("decode {:?}:\n    expected {}\n    got      {}", case.ids, show(&case.detok), show(&detok)));
         }
         passed += ok as usize;
     }

@@ -9,8 +9,26 @@ use super::{CheckResult, Op};
 /// English words for 0..=59. Hand-written: 20 words and a rule are smaller than a dependency.
 pub fn spell(n: u32) -> String {
     const ONES: [&str; 20] = [
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
+        "nineteen",
     ];
     const TENS: [&str; 6] = ["", "", "twenty", "thirty", "forty", "fifty"];
     match n {
@@ -44,7 +62,13 @@ pub fn check(word: &str, outputs: &[Output], limits: &Limits) -> Vec<CheckResult
         for o in &outputs[1..] {
             let agree = first.tokens.iter().zip(&o.tokens).take_while(|(a, b)| a == b).count();
             let n = first.tokens.len().max(o.tokens.len());
-            r.push(CheckResult::new(format!("anticheat:agree:{}-{}", first.backend, o.backend), "tokens agreeing before the first difference", agree as f64, Op::Ge, n as f64));
+            r.push(CheckResult::new(
+                format!("anticheat:agree:{}-{}", first.backend, o.backend),
+                "tokens agreeing before the first difference",
+                agree as f64,
+                Op::Ge,
+                n as f64,
+            ));
         }
         let s = diversity::stats(&first.tokens, &first.step_entropies);
         r.extend(diversity::check("anticheat", &s, limits));
@@ -77,7 +101,12 @@ mod tests {
     #[test]
     fn backends_agree_token_by_token() {
         let limits = Limits { min_distinct1: 0.0, min_distinct2: 0.0, max_longest_run: 8, max_repeated_4gram: 1.0, min_mean_entropy: 0.0 };
-        let agree = |other: &[u32]| check("forty-six", &[output("cpu", &[1, 2, 3, 4]), output("cuda", other)], &limits).into_iter().find(|c| c.name == "anticheat:agree:cpu-cuda").expect("two outputs are compared");
+        let agree = |other: &[u32]| {
+            check("forty-six", &[output("cpu", &[1, 2, 3, 4]), output("cuda", other)], &limits)
+                .into_iter()
+                .find(|c| c.name == "anticheat:agree:cpu-cuda")
+                .expect("two outputs are compared")
+        };
         assert!(agree(&[1, 2, 3, 4]).passed);
         let differs = agree(&[1, 2, 9, 4]);
         assert!(!differs.passed);

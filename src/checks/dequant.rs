@@ -83,20 +83,30 @@ pub fn load(manifest: &Manifest, model: &str, file: &GgufFile) -> Result<Dequant
         }
     };
     let st_rec = record(manifest, model, ".safetensors").expect("checked above");
-    let js_rec = record(manifest, model, ".json").ok_or_else(|| anyhow!("{}: lists dequant/{model}.safetensors but not its dequant/{model}.json (run {REGENERATE})", manifest.path.display()))?;
+    let js_rec = record(manifest, model, ".json")
+        .ok_or_else(|| anyhow!("{}: lists dequant/{model}.safetensors but not its dequant/{model}.json (run {REGENERATE})", manifest.path.display()))?;
     let path = manifest.dir.join(&st_rec.path);
     let js_path = manifest.dir.join(&js_rec.path);
     let fname = file.display_name();
 
     // Every tensor of the model with its type and ne, as the golden's .json lists them.
-    let js: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&read_verified(manifest, js_rec)?).with_context(|| format!("{}: not a JSON object of tensors", js_path.display()))?;
+    let js: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&read_verified(manifest, js_rec)?).with_context(|| format!("{}: not a JSON object of tensors", js_path.display()))?;
     let mut types: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for t in &file.tensors {
-        let rec = js.get(&t.name).ok_or_else(|| anyhow!("{}: has no tensor {} of {fname}: the golden was made from another model file (run {REGENERATE})", js_path.display(), t.name))?;
+        let rec = js.get(&t.name).ok_or_else(|| {
+            anyhow!("{}: has no tensor {} of {fname}: the golden was made from another model file (run {REGENERATE})", js_path.display(), t.name)
+        })?;
         let ne: Vec<u64> = rec["ne"].as_array().map(|a| a.iter().filter_map(|v| v.as_u64()).collect()).unwrap_or_default();
         let ty = rec["type"].as_str().unwrap_or("?");
         if ty != t.ty.name() || ne != t.ne {
-            bail!("{}: {} is {ty} {ne:?} there, {} {:?} in {fname}: the golden was made from another model file (run {REGENERATE})", js_path.display(), t.name, t.ty.name(), t.ne);
+            bail!(
+                "{}: {} is {ty} {ne:?} there, {} {:?} in {fname}: the golden was made from another model file (run {REGENERATE})",
+                js_path.display(),
+                t.name,
+                t.ty.name(),
+                t.ne
+            );
         }
         types.entry(t.ty.name().to_string()).or_default().push(t.name.clone());
     }
@@ -104,8 +114,10 @@ pub fn load(manifest: &Manifest, model: &str, file: &GgufFile) -> Result<Dequant
     let bytes = read_verified(manifest, st_rec)?;
     let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).with_context(|| format!("{}: safetensors header", path.display()))?;
-    let listed = meta.metadata().as_ref().and_then(|m| m.get("samples")).ok_or_else(|| anyhow!("{}: no `samples` metadata (run {REGENERATE})", path.display()))?;
-    let listed: BTreeMap<String, serde_json::Value> = serde_json::from_str(listed).with_context(|| format!("{}: `samples` metadata is not a JSON object", path.display()))?;
+    let listed =
+        meta.metadata().as_ref().and_then(|m| m.get("samples")).ok_or_else(|| anyhow!("{}: no `samples` metadata (run {REGENERATE})", path.display()))?;
+    let listed: BTreeMap<String, serde_json::Value> =
+        serde_json::from_str(listed).with_context(|| format!("{}: `samples` metadata is not a JSON object", path.display()))?;
     let mut samples = Vec::new();
     for (key, s) in &listed {
         let bad = |what: String| anyhow!("{}: sample {key}: {what} (run {REGENERATE})", path.display());
@@ -121,7 +133,10 @@ pub fn load(manifest: &Manifest, model: &str, file: &GgufFile) -> Result<Dequant
         let t = file.tensor(&tensor).ok_or_else(|| bad(format!("{fname} has no tensor {tensor}")))?;
         ensure!(t.ty == ty, bad(format!("type {ty}, the model's {tensor} is {}", t.ty)));
         let (bs, ts) = (ty.block_size(), ty.type_size());
-        ensure!(first.is_multiple_of(bs) && want.len().is_multiple_of(bs) && !want.is_empty(), bad(format!("{} elements from {first} are not whole {bs}-element blocks", want.len())));
+        ensure!(
+            first.is_multiple_of(bs) && want.len().is_multiple_of(bs) && !want.is_empty(),
+            bad(format!("{} elements from {first} are not whole {bs}-element blocks", want.len()))
+        );
         let at = first / bs * ts;
         let stored = file.tensor_data(t).get(at..at + want.len() / bs * ts);
         ensure!(
@@ -227,7 +242,12 @@ pub fn check(backend: &dyn Backend, file: &GgufFile, golden: &DequantGolden, tol
             // A type of the model with no sample cannot be judged: never reported as passed.
             out.push(
                 CheckResult::new(format!("dequant:{ty}"), metric, f64::NAN, Op::Le, lim.value)
-                    .with_detail(format!("{}: no sample of {ty} (the model's {} tensors of that type, e.g. {}); run {REGENERATE}", golden.path.display(), tensors.len(), tensors[0]))
+                    .with_detail(format!(
+                        "{}: no sample of {ty} (the model's {} tensors of that type, e.g. {}); run {REGENERATE}",
+                        golden.path.display(),
+                        tensors.len(),
+                        tensors[0]
+                    ))
                     .with_reason(Some(lim.reason.clone())),
             );
             continue;

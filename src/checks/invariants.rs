@@ -106,12 +106,26 @@ pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>, n_
         .with_detail(nonfinite_at.map_or("none".into(), |k| format!("first in {k}")))];
     if n_sm > 0 {
         let l = with_storage(lim("softmax_row_sum"), u_sm, 1.0);
-        res.push(CheckResult::new("invariants:softmax_row_sum", "max |Σ row − 1| of kq_soft_max", row_err, Op::Le, l.value).with_detail(row_at).with_reason(Some(l.reason)));
-        res.push(CheckResult::new("invariants:masked", "max |p| at future positions", masked, Op::Le, lim("masked").value).with_detail(if masked_at.is_empty() { "none".into() } else { masked_at }));
+        res.push(
+            CheckResult::new("invariants:softmax_row_sum", "max |Σ row − 1| of kq_soft_max", row_err, Op::Le, l.value)
+                .with_detail(row_at)
+                .with_reason(Some(l.reason)),
+        );
+        res.push(
+            CheckResult::new("invariants:masked", "max |p| at future positions", masked, Op::Le, lim("masked").value).with_detail(if masked_at.is_empty() {
+                "none".into()
+            } else {
+                masked_at
+            }),
+        );
     }
     if n_rms > 0 {
         let l = lim("rms_unit");
-        res.push(CheckResult::new("invariants:rms_unit", "max |mean square − 1| of norm-L (before weight)", rms_err, Op::Le, l.value).with_detail(rms_at).with_reason(Some(l.reason)));
+        res.push(
+            CheckResult::new("invariants:rms_unit", "max |mean square − 1| of norm-L (before weight)", rms_err, Op::Le, l.value)
+                .with_detail(rms_at)
+                .with_reason(Some(l.reason)),
+        );
     }
     res.extend(rope_checks(src, &ids, tol, pairing, n_prompt)?);
     Ok(res)
@@ -136,7 +150,11 @@ fn with_storage(l: super::Limit, u: f64, factor: f64) -> super::Limit {
 }
 
 fn rows(shape: &[usize]) -> usize {
-    if shape.len() >= 2 { shape[shape.len() - 2] } else { 1 }
+    if shape.len() >= 2 {
+        shape[shape.len() - 2]
+    } else {
+        1
+    }
 }
 
 /// RoPE pair-norm and angle-linearity over every `{Q,K}cur-L.rope` with its pre-RoPE tap.
@@ -225,9 +243,11 @@ fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Op
         .with_detail(format!("{} pairing; worst at {norm_at}", pairing_seen.name()))
         .with_reason(Some(ln.reason))];
     if !ang_err.is_nan() {
-        out.push(CheckResult::new("invariants:rope_relative", "max |angle(p) − p·angle(1)| rad", ang_err, Op::Le, la.value)
-            .with_detail(format!("angle linear in position ⇔ q·k depends on m−n only; worst at {ang_at}"))
-            .with_reason(Some(la.reason)));
+        out.push(
+            CheckResult::new("invariants:rope_relative", "max |angle(p) − p·angle(1)| rad", ang_err, Op::Le, la.value)
+                .with_detail(format!("angle linear in position ⇔ q·k depends on m−n only; worst at {ang_at}"))
+                .with_reason(Some(la.reason)),
+        );
     }
     Ok(out)
 }
@@ -262,7 +282,6 @@ pub fn apply_rope(x: &mut [f32], tokens: usize, heads: usize, d: usize, pos0: us
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

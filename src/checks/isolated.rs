@@ -64,7 +64,14 @@ pub struct LayerError {
 }
 
 /// Runs the prefill and `steps` decode steps (fed the golden continuation) in isolated mode.
-pub fn check(backend: &mut dyn Backend, golden: &TapsFile, prompt: &[u32], continuation: &[u32], steps: usize, tol: &Tolerances) -> anyhow::Result<(Vec<CheckResult>, Vec<LayerError>)> {
+pub fn check(
+    backend: &mut dyn Backend,
+    golden: &TapsFile,
+    prompt: &[u32],
+    continuation: &[u32],
+    steps: usize,
+    tol: &Tolerances,
+) -> anyhow::Result<(Vec<CheckResult>, Vec<LayerError>)> {
     backend.reset();
     let mut per_layer: BTreeMap<usize, (f64, f64, String)> = BTreeMap::new();
     let mut problems = Vec::new();
@@ -84,8 +91,7 @@ pub fn check(backend: &mut dyn Backend, golden: &TapsFile, prompt: &[u32], conti
     }
     backend.reset();
     let lim = tol.get("isolated.rel_l2");
-    let layers: Vec<LayerError> =
-        per_layer.into_iter().map(|(layer, (ratio, rel_l2, worst_tap))| LayerError { layer, rel_l2, ratio, worst_tap }).collect();
+    let layers: Vec<LayerError> = per_layer.into_iter().map(|(layer, (ratio, rel_l2, worst_tap))| LayerError { layer, rel_l2, ratio, worst_tap }).collect();
     let first_bad = layers.iter().find(|l| !(l.ratio <= 1.0));
     let worst = layers.iter().map(|l| l.ratio).fold(0.0, |a: f64, b| if super::invariants::worse(b, a) { b } else { a });
     let detail = match first_bad {
@@ -93,7 +99,9 @@ pub fn check(backend: &mut dyn Backend, golden: &TapsFile, prompt: &[u32], conti
         None => format!("{} layers, all within their limits", layers.len()),
     };
     let reason = format!("each tap's calibrated limit (taps.noise_k × llama.cpp's noise), else {}", lim.reason);
-    let mut r = vec![CheckResult::new("isolated", "worst error / limit of a layer's taps fed the golden input", worst, Op::Le, 1.0).with_detail(detail).with_reason(Some(reason))];
+    let mut r = vec![CheckResult::new("isolated", "worst error / limit of a layer's taps fed the golden input", worst, Op::Le, 1.0)
+        .with_detail(detail)
+        .with_reason(Some(reason))];
     if !problems.is_empty() {
         r.push(CheckResult::new("isolated:shapes", "taps of the wrong shape", problems.len() as f64, Op::Le, 0.0).with_detail(problems.join("; ")));
     }

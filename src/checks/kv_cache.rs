@@ -74,8 +74,10 @@ pub fn check(backend: &mut dyn Backend, prompt: &[u32], tol: &Tolerances, golden
         .with_detail(format!("worst at {at}; {compared} taps compared"))
         .with_reason(Some(reason))];
     if !unmatched.is_empty() {
-        r.push(CheckResult::new("kv_cache:shapes", "taps whose decode shape does not match the prefill's last position", unmatched.len() as f64, Op::Le, 0.0)
-            .with_detail(unmatched.into_iter().take(3).collect::<Vec<_>>().join("; ")));
+        r.push(
+            CheckResult::new("kv_cache:shapes", "taps whose decode shape does not match the prefill's last position", unmatched.len() as f64, Op::Le, 0.0)
+                .with_detail(unmatched.into_iter().take(3).collect::<Vec<_>>().join("; ")),
+        );
     }
     Ok(r)
 }

@@ -12,7 +12,11 @@ use crate::metrics::{argmax, kl_divergence, kl_divergence_topk, logsumexp, rank_
 pub enum GoldenStep {
     Full(Vec<f32>),
     /// The 64 largest logits (ids, values, largest first) and the log-sum-exp of all.
-    TopK { ids: Vec<u32>, values: Vec<f32>, lse: f64 },
+    TopK {
+        ids: Vec<u32>,
+        values: Vec<f32>,
+        lse: f64,
+    },
 }
 
 impl GoldenStep {
@@ -146,10 +150,14 @@ pub fn check(engine: &[Vec<f32>], golden: &[GoldenStep], continuation: &[u32], t
     let lim = |m: &str| tol.get(&format!("logits.{m}"));
     let (kl_l, t1_l, t5_l, r_l) = (lim("kl"), lim("top1"), lim("top5"), lim("rank"));
     let mut res = vec![
-        CheckResult::new("logits:kl", "max KL(golden‖engine) nats", kl_max, Op::Le, kl_l.value).with_detail(format!("worst at step {kl_at}")).with_reason(Some(kl_l.reason)),
+        CheckResult::new("logits:kl", "max KL(golden‖engine) nats", kl_max, Op::Le, kl_l.value)
+            .with_detail(format!("worst at step {kl_at}"))
+            .with_reason(Some(kl_l.reason)),
         CheckResult::new("logits:top1", "top-1 agreement", top1 as f64 / n as f64, Op::Ge, t1_l.value).with_reason(Some(t1_l.reason)),
         CheckResult::new("logits:top5", "mean top-5 overlap", top5 / n as f64, Op::Ge, t5_l.value).with_reason(Some(t5_l.reason)),
-        CheckResult::new("logits:rank", "max rank of golden argmax", rank_max as f64, Op::Le, r_l.value).with_detail(format!("worst at step {rank_at}")).with_reason(Some(r_l.reason)),
+        CheckResult::new("logits:rank", "max rank of golden argmax", rank_max as f64, Op::Le, r_l.value)
+            .with_detail(format!("worst at step {rank_at}"))
+            .with_reason(Some(r_l.reason)),
     ];
     res.push(continuation_check(engine, golden, continuation, tol.tier == "shipped"));
     res
@@ -173,7 +181,11 @@ pub fn continuation_check(engine: &[Vec<f32>], golden: &[GoldenStep], continuati
         let e5 = top_k(&engine[k], 5);
         let ok = g5.contains(&e) && e5.contains(&continuation[k]);
         return CheckResult::new("continuation", "vLLM rule: equal until a near-tie in each other's top 5", if ok { 1.0 } else { 0.0 }, Op::Ge, 1.0)
-            .with_detail(format!("first difference at step {k}: engine {e}, golden {}; {}", continuation[k], if ok { "a near-tie" } else { "not a near-tie" }));
+            .with_detail(format!(
+                "first difference at step {k}: engine {e}, golden {}; {}",
+                continuation[k],
+                if ok { "a near-tie" } else { "not a near-tie" }
+            ));
     }
     CheckResult::new("continuation", "greedy tokens equal to golden (prefix length)", n as f64, Op::Ge, n as f64)
 }
@@ -195,7 +207,13 @@ mod tests {
         let g_top = vec![GoldenStep::TopK { ids: vec![1, 2, 3, 0, 4], values: vec![5.0, 4.9, 1.0, 0.0, 0.0], lse: 6.0 }, g[1].clone()];
         assert!(!continuation_check(&far, &g_top, &cont, true).passed);
         assert!(continuation_check(&e, &g_top, &cont, true).passed);
-        let same: Vec<Vec<f32>> = g.iter().map(|s| match s { GoldenStep::Full(l) => l.clone(), _ => unreachable!() }).collect();
+        let same: Vec<Vec<f32>> = g
+            .iter()
+            .map(|s| match s {
+                GoldenStep::Full(l) => l.clone(),
+                _ => unreachable!(),
+            })
+            .collect();
         let r = check(&same, &g, &cont, &Tolerances::new("exact"));
         assert!(r.iter().all(|c| c.passed), "{r:?}");
     }

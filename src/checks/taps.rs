@@ -1,7 +1,7 @@
 //! Check 2: every tap of every step against the golden (rel L2, max abs, cosine, NMSE).
 
 use super::{CheckResult, Op, TapSource, Tolerances};
-use crate::golden::{Tensor, TapsFile};
+use crate::golden::{TapsFile, Tensor};
 use crate::metrics::{check_shapes, tensor_errors, TensorErrors};
 use crate::tapname::TapId;
 use serde::Serialize;
@@ -95,7 +95,11 @@ pub fn calibrated_limits(id: &TapId, golden: &TapsFile, tol: &Tolerances) -> Opt
 pub fn token_axis(id: &TapId, shape: &[usize]) -> usize {
     let rope_like = id.stage.as_deref() == Some("rope")
         || (matches!(id.family.as_str(), "Qcur" | "Kcur" | "Vcur") && id.stage.is_none() && shape.len() == 4 && shape[1] != 1);
-    if rope_like { 1 } else { 2 }
+    if rope_like {
+        1
+    } else {
+        2
+    }
 }
 
 /// The head axis of attention-shaped taps, if any.
@@ -131,8 +135,19 @@ pub fn per_slice_rel_l2(x: &[f32], y: &[f32], shape: &[usize], axis: usize) -> V
 pub fn compare_one(id: &TapId, engine: &Tensor, golden: &Tensor, limit: f64, row_limit: f64) -> TapComparison {
     let key = id.key();
     let base = TapComparison {
-        id: id.clone(), key: key.clone(), shape: golden.shape.clone(), errors: None, limit, row_limit, basis: String::new(),
-        passed: false, not_dumped: false, problem: None, per_position: Vec::new(), positions: Vec::new(), per_head: Vec::new(),
+        id: id.clone(),
+        key: key.clone(),
+        shape: golden.shape.clone(),
+        errors: None,
+        limit,
+        row_limit,
+        basis: String::new(),
+        passed: false,
+        not_dumped: false,
+        problem: None,
+        per_position: Vec::new(),
+        positions: Vec::new(),
+        per_head: Vec::new(),
     };
     if let Err(e) = check_shapes(&key, &engine.shape, &golden.shape) {
         return TapComparison { problem: Some(e.to_string()), ..base };
@@ -160,8 +175,19 @@ pub fn compare_all(golden: &TapsFile, engine: &dyn TapSource, tol: &Tolerances, 
         let g = golden.f32(&id.key())?;
         let cmp = match engine.tensor(&id.key()) {
             None => TapComparison {
-                key: id.key(), shape: g.shape.clone(), errors: None, limit, row_limit, basis, passed: false, not_dumped: true,
-                problem: Some("not dumped".into()), per_position: Vec::new(), positions: Vec::new(), per_head: Vec::new(), id: id.clone(),
+                key: id.key(),
+                shape: g.shape.clone(),
+                errors: None,
+                limit,
+                row_limit,
+                basis,
+                passed: false,
+                not_dumped: true,
+                problem: Some("not dumped".into()),
+                per_position: Vec::new(),
+                positions: Vec::new(),
+                per_head: Vec::new(),
+                id: id.clone(),
             },
             Some(e) => TapComparison {
                 basis,
@@ -200,7 +226,12 @@ pub fn summarize(cmps: &[TapComparison], tol: &Tolerances, require_all: bool) ->
         if !(ratio <= e.0) {
             let detail = format!(
                 "worst at {}: rel_l2 {:.2e} (limit {:.2e}), worst row {row_at} {:.2e} (row limit {:.2e}); limit = {}",
-                c.key, c.rel_l2(), c.limit, row, c.row_limit, c.basis
+                c.key,
+                c.rel_l2(),
+                c.limit,
+                row,
+                c.row_limit,
+                c.basis
             );
             *e = (ratio, c.key.clone(), detail);
         }

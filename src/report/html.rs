@@ -51,12 +51,21 @@ pub fn growth_svg(c: &CaseReport) -> String {
     let x = |l: f64| ml + (w - ml - mr) * l / max_layer;
     let y = |v: f64| mt + (h - mt - mb) * (hi - clamp(v).log10()) / (hi - lo);
     let mut s = String::new();
-    let _ = write!(s, r#"<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="error versus layer">"#);
+    let _ = write!(
+        s,
+        r#"<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="error versus layer">"#
+    );
     let _ = write!(s, r##"<rect x="{ml}" y="{mt}" width="{}" height="{}" fill="#fafafa" stroke="#ccc"/>"##, w - ml - mr, h - mt - mb);
     let mut e = lo as i32;
     while e <= hi as i32 {
         let yy = y(10f64.powi(e));
-        let _ = write!(s, r##"<line x1="{ml}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#e4e4e4"/><text x="{}" y="{:.1}" font-size="10" text-anchor="end">1e{e}</text>"##, w - mr, ml - 4.0, yy + 3.0);
+        let _ = write!(
+            s,
+            r##"<line x1="{ml}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#e4e4e4"/><text x="{}" y="{:.1}" font-size="10" text-anchor="end">1e{e}</text>"##,
+            w - mr,
+            ml - 4.0,
+            yy + 3.0
+        );
         e += 1;
     }
     for l in 0..=max_layer as usize {
@@ -68,18 +77,33 @@ pub fn growth_svg(c: &CaseReport) -> String {
     let _ = write!(s, r#"<text x="12" y="{}" font-size="11" transform="rotate(-90 12 {})" text-anchor="middle">rel L2</text>"#, h / 2.0, h / 2.0);
     if let Some(limit) = c.checks.iter().find(|k| k.name.starts_with("taps:")).map(|k| k.limit).filter(|l| l.is_finite() && *l > 0.0) {
         let yy = y(limit);
-        let _ = write!(s, r##"<line x1="{ml}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#000" stroke-dasharray="4 3"/><text x="{}" y="{:.1}" font-size="9">limit</text>"##, w - mr, w - mr - 28.0, yy - 3.0);
+        let _ = write!(
+            s,
+            r##"<line x1="{ml}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="#000" stroke-dasharray="4 3"/><text x="{}" y="{:.1}" font-size="9">limit</text>"##,
+            w - mr,
+            w - mr - 28.0,
+            yy - 3.0
+        );
     }
     for (i, (fam, pts)) in c.growth.iter().enumerate() {
         let col = COLORS[i % COLORS.len()];
         let path: Vec<String> = pts.iter().map(|(l, v)| format!("{:.1},{:.1}", x(*l as f64), y(*v))).collect();
         let _ = write!(s, r#"<polyline fill="none" stroke="{col}" stroke-width="1.5" points="{}"/>"#, path.join(" "));
         for (l, v) in pts {
-            let _ = write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="2" fill="{col}"><title>{} layer {l}: {v:.3e}</title></circle>"#, x(*l as f64), y(*v), esc(fam));
+            let _ =
+                write!(s, r#"<circle cx="{:.1}" cy="{:.1}" r="2" fill="{col}"><title>{} layer {l}: {v:.3e}</title></circle>"#, x(*l as f64), y(*v), esc(fam));
         }
         let ly = mt + 12.0 * i as f64 + 6.0;
         if ly < h - mb {
-            let _ = write!(s, r#"<rect x="{}" y="{:.1}" width="10" height="3" fill="{col}"/><text x="{}" y="{:.1}" font-size="10">{}</text>"#, w - mr + 8.0, ly - 3.0, w - mr + 22.0, ly + 1.0, esc(fam));
+            let _ = write!(
+                s,
+                r#"<rect x="{}" y="{:.1}" width="10" height="3" fill="{col}"/><text x="{}" y="{:.1}" font-size="10">{}</text>"#,
+                w - mr + 8.0,
+                ly - 3.0,
+                w - mr + 22.0,
+                ly + 1.0,
+                esc(fam)
+            );
         }
     }
     s.push_str("</svg>");
@@ -99,18 +123,32 @@ pub fn heatmap_svg(hm: &Heatmap) -> String {
     let diff: Vec<f32> = hm.engine.iter().zip(&hm.golden).map(|(a, b)| (a - b).abs()).collect();
     let dmax = diff.iter().cloned().fold(0f32, f32::max).max(1e-30);
     let mut s = String::new();
-    let _ = write!(s, r#"<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" viewBox="0 0 {w:.0} {h:.0}" role="img" aria-label="attention heatmap">"#);
+    let _ = write!(
+        s,
+        r#"<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{w:.0}" height="{h:.0}" viewBox="0 0 {w:.0} {h:.0}" role="img" aria-label="attention heatmap">"#
+    );
     let panels: [(&str, &[f32], f32); 3] = [("golden", &hm.golden, 1.0), ("engine", &hm.engine, 1.0), ("|engine − golden|", &diff, dmax)];
     for (p, (title, data, scale)) in panels.iter().enumerate() {
         let ox = pad + p as f64 * (gw + pad);
-        let _ = write!(s, r#"<text x="{ox:.1}" y="{:.1}" font-size="11">{}{}</text>"#, pad - 6.0, esc(title), if p == 2 { format!(" (max {dmax:.2e})") } else { String::new() });
+        let _ = write!(
+            s,
+            r#"<text x="{ox:.1}" y="{:.1}" font-size="11">{}{}</text>"#,
+            pad - 6.0,
+            esc(title),
+            if p == 2 { format!(" (max {dmax:.2e})") } else { String::new() }
+        );
         for r in 0..hm.rows {
             for col in 0..hm.cols {
                 let v = data.get(r * hm.cols + col).copied().unwrap_or(0.0);
                 let t = (v / scale).clamp(0.0, 1.0);
                 let shade = (255.0 * (1.0 - t.sqrt())) as u8;
                 let fill = if p == 2 { format!("rgb(255,{shade},{shade})") } else { format!("rgb({shade},{shade},255)") };
-                let _ = write!(s, r#"<rect x="{:.1}" y="{:.1}" width="{cell:.1}" height="{cell:.1}" fill="{fill}"><title>row {r} col {col}: {v:.4}</title></rect>"#, ox + col as f64 * cell, pad + r as f64 * cell);
+                let _ = write!(
+                    s,
+                    r#"<rect x="{:.1}" y="{:.1}" width="{cell:.1}" height="{cell:.1}" fill="{fill}"><title>row {r} col {col}: {v:.4}</title></rect>"#,
+                    ox + col as f64 * cell,
+                    pad + r as f64 * cell
+                );
             }
         }
         let _ = write!(s, r##"<rect x="{ox:.1}" y="{pad}" width="{gw:.1}" height="{gh:.1}" fill="none" stroke="#999"/>"##);
@@ -128,15 +166,27 @@ pub fn diversity_svg(c: &CaseReport) -> String {
     let (w, rh) = (560.0, 20.0);
     let h = rh * rows.len() as f64 + 10.0;
     let mut s = String::new();
-    let _ = write!(s, r#"<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="diversity">"#);
+    let _ =
+        write!(s, r#"<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="diversity">"#);
     for (i, k) in rows.iter().enumerate() {
         let top = 5.0 + i as f64 * rh;
         let scale = k.value.abs().max(k.limit.abs()).max(1e-9) * 1.1;
         let bw = 260.0 * (k.value / scale).clamp(0.0, 1.0);
         let lx = 230.0 + 260.0 * (k.limit / scale).clamp(0.0, 1.0);
         let col = if k.passed { "#2ca02c" } else { "#d62728" };
-        let _ = write!(s, r#"<text x="0" y="{:.1}" font-size="11">{}</text><rect x="230" y="{:.1}" width="{bw:.1}" height="12" fill="{col}"/><line x1="{lx:.1}" x2="{lx:.1}" y1="{:.1}" y2="{:.1}" stroke="black" stroke-width="2"/><text x="{:.1}" y="{:.1}" font-size="10">{:.3} (limit {:.3})</text>"#,
-            top + 11.0, esc(k.name.trim_start_matches("diversity:")), top + 1.0, top - 1.0, top + 15.0, 495.0, top + 11.0, k.value, k.limit);
+        let _ = write!(
+            s,
+            r#"<text x="0" y="{:.1}" font-size="11">{}</text><rect x="230" y="{:.1}" width="{bw:.1}" height="12" fill="{col}"/><line x1="{lx:.1}" x2="{lx:.1}" y1="{:.1}" y2="{:.1}" stroke="black" stroke-width="2"/><text x="{:.1}" y="{:.1}" font-size="10">{:.3} (limit {:.3})</text>"#,
+            top + 11.0,
+            esc(k.name.trim_start_matches("diversity:")),
+            top + 1.0,
+            top - 1.0,
+            top + 15.0,
+            495.0,
+            top + 11.0,
+            k.value,
+            k.limit
+        );
     }
     s.push_str("</svg>");
     s

@@ -48,7 +48,10 @@ pub fn render(r: &Report) -> String {
                 if let Some(cl) = &c.likely_class {
                     let _ = write!(msg, "likely: {cl}. ");
                 }
-                let body: Vec<String> = c.failed_checks().map(|k| format!("{}: {} = {:.3e} (limit {} {:.3e}) {}", k.name, k.metric, k.value, k.op, k.limit, k.detail.clone().unwrap_or_default())).collect();
+                let body: Vec<String> = c
+                    .failed_checks()
+                    .map(|k| format!("{}: {} = {:.3e} (limit {} {:.3e}) {}", k.name, k.metric, k.value, k.op, k.limit, k.detail.clone().unwrap_or_default()))
+                    .collect();
                 let _ = writeln!(x, ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>", esc(msg.trim()), esc(&body.join("\n")));
             } else {
                 x.push_str("/>\n");
@@ -70,7 +73,13 @@ mod tests {
     #[test]
     fn failure_message_has_no_debug_text() {
         let d = Divergence { step: 0, layer: Some(0), tap: "kq_soft_max-0".into(), metric: "rel_l2".into(), value: 0.5, limit: 1e-5 };
-        let mut c = CaseReport { name: "s::c::cpu".into(), suite: "s".into(), first_divergence: Some(d), likely_class: Some("causal mask missing".into()), ..Default::default() };
+        let mut c = CaseReport {
+            name: "s::c::cpu".into(),
+            suite: "s".into(),
+            first_divergence: Some(d),
+            likely_class: Some("causal mask missing".into()),
+            ..Default::default()
+        };
         c.checks.push(CheckResult::new("taps:kq_soft_max", "max rel_l2", 0.5, Op::Le, 1e-5));
         c.finish();
         let x = super::render(&Report::new(Provenance::here(serde_json::Value::Null, None), vec![c]));

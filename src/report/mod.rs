@@ -106,8 +106,14 @@ pub struct CaseReport {
 impl CaseReport {
     pub fn ignored(name: &str, suite: &str, case: &str, model: &str, tier: &str, backend: &str, reason: &str) -> Self {
         CaseReport {
-            name: name.into(), suite: suite.into(), case: case.into(), model: model.into(), tier: tier.into(),
-            backend: backend.into(), ignored_reason: Some(reason.into()), ..Default::default()
+            name: name.into(),
+            suite: suite.into(),
+            case: case.into(),
+            model: model.into(),
+            tier: tier.into(),
+            backend: backend.into(),
+            ignored_reason: Some(reason.into()),
+            ..Default::default()
         }
     }
     /// Sets the verdict from the checks (and any error); ignored cases stay not-passed.
@@ -258,6 +264,9 @@ mod tests {
         let mut c = super::CaseReport::default();
         c.checks.push(CheckResult::new("anticheat:agree:cpu-cuda", "tokens agreeing before the first difference", 17.0, Op::Ge, 17.0));
         let s = super::summary(&c);
-        assert_eq!(s["checks"][0], serde_json::json!({"name": "anticheat:agree:cpu-cuda", "metric": "tokens agreeing before the first difference", "value": "[runtime]"}));
+        assert_eq!(
+            s["checks"][0],
+            serde_json::json!({"name": "anticheat:agree:cpu-cuda", "metric": "tokens agreeing before the first difference", "value": "[runtime]"})
+        );
     }
 }

@@ -8,7 +8,13 @@ pub fn render(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{:<w$}  {:<7}  {:>6}  first divergence / reason", "case", "verdict", "checks");
     for c in &r.cases {
-        let verdict = if c.ignored_reason.is_some() { "ignored" } else if c.passed { "pass" } else { "FAIL" };
+        let verdict = if c.ignored_reason.is_some() {
+            "ignored"
+        } else if c.passed {
+            "pass"
+        } else {
+            "FAIL"
+        };
         let n_fail = c.failed_checks().count();
         let checks = format!("{}/{}", c.checks.len() - n_fail, c.checks.len());
         let tail = if let Some(r) = &c.ignored_reason {
@@ -16,7 +22,13 @@ pub fn render(r: &Report) -> String {
         } else if let Some(e) = &c.error {
             e.clone()
         } else if let Some(d) = &c.first_divergence {
-            format!("s{} {} {}{}", d.step, d.tap, divergence_value(&d.metric, d.value, d.limit), c.likely_class.as_ref().map_or(String::new(), |l| format!("  [{l}]")))
+            format!(
+                "s{} {} {}{}",
+                d.step,
+                d.tap,
+                divergence_value(&d.metric, d.value, d.limit),
+                c.likely_class.as_ref().map_or(String::new(), |l| format!("  [{l}]"))
+            )
         } else if let Some(k) = c.failed_checks().next() {
             format!("{}: {}={} limit {:.3e}", k.name, k.metric, num(k.value), k.limit)
         } else {
@@ -56,7 +68,13 @@ fn divergence_value(metric: &str, value: f64, limit: f64) -> String {
 
 /// A check value: scientific, or `non-finite` (never `NaN`).
 fn num(v: f64) -> String {
-    if v.is_finite() { format!("{v:.3e}") } else if v.is_nan() { "non-finite".into() } else { format!("{v}") }
+    if v.is_finite() {
+        format!("{v:.3e}")
+    } else if v.is_nan() {
+        "non-finite".into()
+    } else {
+        format!("{v}")
+    }
 }
 
 /// `tokens not checked` for a dump whose coverage lists checks that could not run.
@@ -74,9 +92,19 @@ mod tests {
     #[test]
     fn pinned_divergence_under_its_case() {
         let d = Divergence { step: 0, layer: Some(4), tap: "norm-4.rms_norm.0".into(), metric: "rel_l2".into(), value: 0.31, limit: 1.3e-5 };
-        let pinned = crate::pin::Pinned { golden: Some("cache:25211e9a2dbc8b3dcf157586".into()), first_divergence: Some(d), likely_class: Some("RMSNorm".into()), passed: Some(false), ..Default::default() };
+        let pinned = crate::pin::Pinned {
+            golden: Some("cache:25211e9a2dbc8b3dcf157586".into()),
+            first_divergence: Some(d),
+            likely_class: Some("RMSNorm".into()),
+            passed: Some(false),
+            ..Default::default()
+        };
         let a = CaseReport { name: "q::multiturn::cpu".into(), pinned: Some(pinned), ..Default::default() };
-        let b = CaseReport { name: "q::code::cpu".into(), pinned: Some(crate::pin::Pinned { unavailable: Some("the golden venv is not built".into()), ..Default::default() }), ..Default::default() };
+        let b = CaseReport {
+            name: "q::code::cpu".into(),
+            pinned: Some(crate::pin::Pinned { unavailable: Some("the golden venv is not built".into()), ..Default::default() }),
+            ..Default::default()
+        };
         let t = super::render(&Report::new(Provenance::here(serde_json::Value::Null, None), vec![a, b]));
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[1].starts_with("q::multiturn::cpu") && lines[1].contains("FAIL"), "{t}");
@@ -90,7 +118,8 @@ mod tests {
         let mut a = CaseReport { name: "a".into(), first_divergence: Some(d("missing")), ..Default::default() };
         a.finish();
         let b = CaseReport { name: "b".into(), first_divergence: Some(d("shape")), ..Default::default() };
-        let mut c = CaseReport { name: "c".into(), coverage: Some(Coverage { not_checked: vec!["tokens".into()], ..Default::default() }), ..Default::default() };
+        let mut c =
+            CaseReport { name: "c".into(), coverage: Some(Coverage { not_checked: vec!["tokens".into()], ..Default::default() }), ..Default::default() };
         c.checks.push(crate::checks::CheckResult::new("taps:embd", "max rel_l2", 0.0, crate::checks::Op::Le, 1e-5));
         c.finish();
         let r = Report::new(Provenance::here(serde_json::Value::Null, None), vec![a, b, c]);

@@ -83,13 +83,7 @@ impl CpuBackend {
     fn forward_impl(&mut self, tokens: &[u32], sink: Option<&mut dyn TapSink>) -> Result<Vec<f32>> {
         ensure!(!tokens.is_empty(), "forward: no tokens");
         let n_past = self.cache.len;
-        ensure!(
-            n_past + tokens.len() <= self.max_ctx(),
-            "forward: {} + {} positions exceed the context of {}",
-            n_past,
-            tokens.len(),
-            self.max_ctx()
-        );
+        ensure!(n_past + tokens.len() <= self.max_ctx(), "forward: {} + {} positions exceed the context of {}", n_past, tokens.len(), self.max_ctx());
         let mut taps = Taps { sink };
         let ex = Exec { pool: self.pool.as_ref(), fault: self.fault };
         let out = forward_layers(&self.config, &self.weights, &mut self.cache, tokens, &mut taps, ex);
@@ -135,7 +129,8 @@ impl Backend for CpuBackend {
             // faults::corrupt_weights dequantizes every Q4_K tensor with this at load
             Some(Fault::Q4kMinSign) if t.ty == crate::gguf::GgmlType::Q4_K => {
                 let n = rows.len() * t.row_len() as usize;
-                faults::dequant_q4k_min_sign(crate::dequant::rows_bytes(file, t, rows)?, n).with_context(|| format!("{}: {tensor} (q4k-min-sign)", file.display_name()))
+                faults::dequant_q4k_min_sign(crate::dequant::rows_bytes(file, t, rows)?, n)
+                    .with_context(|| format!("{}: {tensor} (q4k-min-sign)", file.display_name()))
             }
             _ => Ok(crate::dequant::dequantize_rows(file, t, rows)?),
         }
@@ -173,14 +168,7 @@ impl Taps<'_> {
     }
 
     /// Like [`Self::emit`], for data that must be rearranged first: `make` runs only if wanted.
-    fn emit_with<'d>(
-        &mut self,
-        name: &str,
-        layer: Option<usize>,
-        stage: Option<&str>,
-        shape: [usize; 4],
-        make: impl FnOnce() -> std::borrow::Cow<'d, [f32]>,
-    ) {
+    fn emit_with<'d>(&mut self, name: &str, layer: Option<usize>, stage: Option<&str>, shape: [usize; 4], make: impl FnOnce() -> std::borrow::Cow<'d, [f32]>) {
         let Some(sink) = self.sink.as_deref_mut() else { return };
         let k = key(name, layer, stage);
         if sink.wants(&k) {
@@ -201,14 +189,7 @@ impl Taps<'_> {
 
 /// The whole graph for one batch: embeddings, every layer, the output head.
 /// Returns the last token's logits `[V]`.
-fn forward_layers(
-    cfg: &ModelConfig,
-    w: &Weights,
-    cache: &mut KvCache,
-    tokens: &[u32],
-    taps: &mut Taps<'_>,
-    ex: Exec<'_>,
-) -> Result<Vec<f32>> {
+fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &[u32], taps: &mut Taps<'_>, ex: Exec<'_>) -> Result<Vec<f32>> {
     let t_n = tokens.len();
     let d = cfg.n_embd;
     let n_past = cache.len;
@@ -235,13 +216,7 @@ fn forward_layers(
         let k = rotate(taps, ex, cfg, "Kcur", l, k, n_past, cfg.n_head_kv);
         attention::kv_write(cache, l, &k, &v);
 
-        let dims = AttnDims {
-            n_tokens: t_n,
-            n_past,
-            n_head: cfg.n_head,
-            n_head_kv: cfg.n_head_kv,
-            head_dim: cfg.head_dim,
-        };
+        let dims = AttnDims { n_tokens: t_n, n_past, n_head: cfg.n_head, n_head_kv: cfg.n_head_kv, head_dim: cfg.head_dim };
         let kv_len = dims.kv_len();
         let (kc, vc) = attention::kv_read(cache, l, kv_len);
         let stale = faults::kv_stale(ex.fault, cache, n_past, &k, &v);
@@ -252,9 +227,7 @@ fn forward_layers(
         let p = ex.par(|| faults::attn_softmax(ex.fault, &kq, scale, &dims));
         taps.emit("kq_soft_max", li, None, [1, cfg.n_head, t_n, kv_len], &p);
         let kqv_out = ex.par(|| faults::attn_values(ex.fault, &p, vc, &dims));
-        taps.emit_with("kqv", li, None, [1, cfg.n_head, t_n, cfg.head_dim], || {
-            attention::heads_first(&kqv_out, t_n, cfg.n_head, cfg.head_dim).into()
-        });
+        taps.emit_with("kqv", li, None, [1, cfg.n_head, t_n, cfg.head_dim], || attention::heads_first(&kqv_out, t_n, cfg.n_head, cfg.head_dim).into());
         taps.emit("kqv_out", li, None, act(t_n, cfg.q_dim()), &kqv_out);
         let mut o = ex.par(|| ops::matmul(&lw.wo, &kqv_out));
         if cfg.arch.names_attn_out() {

@@ -237,8 +237,7 @@ pub fn rope(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, n
 /// exponentials summed in f64, then multiplied by the f32 inverse of the sum.
 /// `n_valid`: entries at index ≥ n_valid are masked (−∞) and come out 0 (the causal mask).
 pub fn softmax_row(x: &[f32], scale: f32, n_valid: usize) -> Vec<f32> {
-    let w: Vec<f32> =
-        x.iter().enumerate().map(|(j, &v)| if j < n_valid { v * scale } else { f32::NEG_INFINITY }).collect();
+    let w: Vec<f32> = x.iter().enumerate().map(|(j, &v)| if j < n_valid { v * scale } else { f32::NEG_INFINITY }).collect();
     let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f64;
     let mut y: Vec<f32> = w

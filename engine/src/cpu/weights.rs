@@ -59,10 +59,8 @@ impl Weights {
     pub fn load(file: &GgufFile, cfg: &ModelConfig) -> Result<Weights> {
         let fname = file.display_name();
         // (name, expected ne) for every tensor, dequantized in parallel, then moved into place.
-        let mut wanted: Vec<(String, Vec<usize>)> = vec![
-            ("token_embd.weight".into(), vec![cfg.n_embd, cfg.n_vocab]),
-            ("output_norm.weight".into(), vec![cfg.n_embd]),
-        ];
+        let mut wanted: Vec<(String, Vec<usize>)> =
+            vec![("token_embd.weight".into(), vec![cfg.n_embd, cfg.n_vocab]), ("output_norm.weight".into(), vec![cfg.n_embd])];
         if !cfg.tied_embeddings {
             wanted.push(("output.weight".into(), vec![cfg.n_embd, cfg.n_vocab]));
         }
@@ -92,8 +90,7 @@ impl Weights {
                 if got != ne {
                     bail!("{fname}: tensor {name} has ne {got:?}, the metadata implies {ne:?}");
                 }
-                let data = crate::dequant::dequantize_tensor(file, info)
-                    .with_context(|| format!("{fname}: dequantizing {name}"))?;
+                let data = crate::dequant::dequantize_tensor(file, info).with_context(|| format!("{fname}: dequantizing {name}"))?;
                 if data.len() != ne.iter().product::<usize>() {
                     bail!("{fname}: {name} dequantized to {} values, expected {:?}", data.len(), ne);
                 }
@@ -106,9 +103,7 @@ impl Weights {
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let b = |s: &str| format!("blk.{l}.{s}");
-            let bias = |map: &mut Loaded, s: &str| {
-                cfg.qkv_bias.then(|| map_take(map, &b(s)).1)
-            };
+            let bias = |map: &mut Loaded, s: &str| cfg.qkv_bias.then(|| map_take(map, &b(s)).1);
             let bq = bias(&mut map, "attn_q.bias");
             let bk = bias(&mut map, "attn_k.bias");
             let bv = bias(&mut map, "attn_v.bias");
@@ -143,4 +138,3 @@ fn map_take(map: &mut Loaded, name: &str) -> (Vec<usize>, Vec<f32>) {
 fn to_matrix((ne, data): (Vec<usize>, Vec<f32>)) -> Matrix {
     Matrix { rows: ne[1], cols: ne[0], data }
 }
-

@@ -11,8 +11,8 @@
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 
-use super::device::{ptr, Gpu};
 use super::attn_decode::{DecodeAttnArgs, DecodeTaps, DECODE_SMEM_SCORES};
+use super::device::{ptr, Gpu};
 use super::ops::{AttnArgs, Proj, RopeArgs, MV_MAX_T};
 use super::weights::{GpuWeights, Vec32};
 use crate::backend::Backend;
@@ -118,16 +118,10 @@ impl Acts {
         let params = gpu.alloc::<i32>(1 + t_cap, "step parameters")?;
         let params_ptr = ptr(&params, &gpu.stream);
         // SAFETY: page-locked host memory of 1 + t_cap i32, flag 0 (cached, readable from the host).
-        let params_host = unsafe { gpu.ctx.alloc_pinned_with_flags::<i32>(1 + t_cap, 0) }
-            .context("allocating pinned host memory for the step parameters")?;
+        let params_host = unsafe { gpu.ctx.alloc_pinned_with_flags::<i32>(1 + t_cap, 0) }.context("allocating pinned host memory for the step parameters")?;
         // SAFETY: page-locked host memory of V f32, flag 0 (cached, readable from the host).
-        let logits_host = unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(cfg.n_vocab, 0) }
-            .context("allocating pinned host memory for the logits")?;
-        let scratch = if t_cap > MV_MAX_T {
-            Some(gpu.alloc::<f32>(w.max_layer_matrix(), "f32 dequantization scratch for prefill GEMMs")?)
-        } else {
-            None
-        };
+        let logits_host = unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(cfg.n_vocab, 0) }.context("allocating pinned host memory for the logits")?;
+        let scratch = if t_cap > MV_MAX_T { Some(gpu.alloc::<f32>(w.max_layer_matrix(), "f32 dequantization scratch for prefill GEMMs")?) } else { None };
         Ok(Acts {
             t_cap,
             kq_cap,
@@ -262,11 +256,7 @@ impl CudaBackend {
         }
         let use_graph = sink.is_none() && t == 1 && self.options.graphs;
         let capture = use_graph && self.graph.is_none();
-        let (_shared, _exclusive) = if capture {
-            (None, Some(super::device::exclusive_lock()))
-        } else {
-            (Some(super::device::shared_lock()), None)
-        };
+        let (_shared, _exclusive) = if capture { (None, Some(super::device::exclusive_lock())) } else { (Some(super::device::shared_lock()), None) };
         self.ensure_capacity(t, n_past)?;
         {
             let pinned = self.acts.params_host.as_mut().context("CUDA backend used while being dropped")?;
@@ -358,8 +348,8 @@ impl Backend for CudaBackend {
     /// replaced the matrix) the file's bytes go through the same kernel; vectors (norm weights, biases)
     /// are dequantized on the host by crate::dequant and uploaded as f32 (weights.rs), so that is theirs.
     fn dequantize_rows(&self, file: &GgufFile, tensor: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
-        use crate::dequant;
         use super::ops::QMat;
+        use crate::dequant;
         let t = file.tensor(tensor).with_context(|| format!("{}: no tensor {tensor}", file.display_name()))?;
         let (ne0, n_rows) = (t.row_len() as usize, t.n_rows() as usize);
         ensure!(rows.start <= rows.end && rows.end <= n_rows, "{tensor}: rows {rows:?} of {n_rows}");
@@ -578,10 +568,8 @@ fn run(
         // a decode step: RoPE, the cache write and attention in one kernel, the one the CUDA graph
         // runs; wanted taps are written by that kernel itself. (Past the kernel's shared-memory
         // scores its scratch would overlap the score taps: such a tapped step takes the prefill path.)
-        let want_attn_taps = taps.wants("Qcur", li, Some("rope"))
-            || taps.wants("Kcur", li, Some("rope"))
-            || taps.wants("kq", li, None)
-            || taps.wants("kq_soft_max", li, None);
+        let want_attn_taps =
+            taps.wants("Qcur", li, Some("rope")) || taps.wants("Kcur", li, Some("rope")) || taps.wants("kq", li, None) || taps.wants("kq_soft_max", li, None);
         let fused_attn = t == 1 && (!want_attn_taps || kv_len <= DECODE_SMEM_SCORES);
         let q_rope_buf = if fused_attn { &a.qrot } else { &a.q };
         if fused_attn {
@@ -592,25 +580,28 @@ fn run(
                 kq: tap("kq", None, &a.kq),
                 p: tap("kq_soft_max", None, &a.p),
             };
-            gpu.attention_decode(&DecodeAttnArgs {
-                q: a.q.ptr,
-                k: a.k.ptr,
-                v: a.v.ptr,
-                kc: layer_kc,
-                vc: layer_vc,
-                pos,
-                out: a.attn.ptr,
-                p_scratch: Some(a.p.ptr),
-                ctx: max_ctx,
-                n_head: cfg.n_head,
-                n_head_kv: cfg.n_head_kv,
-                head_dim: cfg.head_dim,
-                n_rot: cfg.n_rot,
-                theta_scale,
-                neox,
-                scale,
-                taps: dtaps,
-            }, attn_fault)?;
+            gpu.attention_decode(
+                &DecodeAttnArgs {
+                    q: a.q.ptr,
+                    k: a.k.ptr,
+                    v: a.v.ptr,
+                    kc: layer_kc,
+                    vc: layer_vc,
+                    pos,
+                    out: a.attn.ptr,
+                    p_scratch: Some(a.p.ptr),
+                    ctx: max_ctx,
+                    n_head: cfg.n_head,
+                    n_head_kv: cfg.n_head_kv,
+                    head_dim: cfg.head_dim,
+                    n_rot: cfg.n_rot,
+                    theta_scale,
+                    neox,
+                    scale,
+                    taps: dtaps,
+                },
+                attn_fault,
+            )?;
         } else {
             let want_krot = taps.wants("Kcur", li, Some("rope"));
             gpu.rope_store(&RopeArgs {
@@ -646,21 +637,24 @@ fn run(
 
         if !fused_attn {
             let full_scores = taps.wants("kq", li, None);
-            gpu.attention_faulty(&AttnArgs {
-                q: a.q.ptr,
-                kc: layer_kc,
-                vc: layer_vc,
-                kq: a.kq.ptr,
-                p: a.p.ptr,
-                out: a.attn.ptr,
-                pos,
-                t,
-                n_head: cfg.n_head,
-                n_head_kv: cfg.n_head_kv,
-                head_dim: cfg.head_dim,
-                scale,
-                full_scores,
-            }, attn_fault)?;
+            gpu.attention_faulty(
+                &AttnArgs {
+                    q: a.q.ptr,
+                    kc: layer_kc,
+                    vc: layer_vc,
+                    kq: a.kq.ptr,
+                    p: a.p.ptr,
+                    out: a.attn.ptr,
+                    pos,
+                    t,
+                    n_head: cfg.n_head,
+                    n_head_kv: cfg.n_head_kv,
+                    head_dim: cfg.head_dim,
+                    scale,
+                    full_scores,
+                },
+                attn_fault,
+            )?;
         }
         let kq_shape = [1, cfg.n_head, t, kv_len];
         taps.emit(gpu, "kq", li, None, kq_shape, &a.kq, 0)?;
@@ -747,7 +741,17 @@ fn raw_wanted(taps: &Taps<'_>, name: &str, l: usize, rotated: bool, has_bias: bo
 /// `name-L.mul_mat` (+ bias): y = W x (+ b), the product alone into `raw` when given (see
 /// [`raw_wanted`]); with `norm`, x is RMS-normalised by the matvec itself.
 #[allow(clippy::too_many_arguments)]
-fn project(gpu: &Gpu, w: &super::ops::QMat, bias: Option<u64>, x: u64, norm: Option<(u64, f32)>, t: usize, y: &Buf, raw: Option<&Buf>, scratch: Option<&CudaSlice<f32>>) -> Result<()> {
+fn project(
+    gpu: &Gpu,
+    w: &super::ops::QMat,
+    bias: Option<u64>,
+    x: u64,
+    norm: Option<(u64, f32)>,
+    t: usize,
+    y: &Buf,
+    raw: Option<&Buf>,
+    scratch: Option<&CudaSlice<f32>>,
+) -> Result<()> {
     let raw_ptr = raw.map(|r| r.ptr);
     match norm {
         Some(_) => gpu.matvec(w, x, t, y.ptr, bias, None, raw_ptr, norm),

@@ -104,17 +104,10 @@ pub fn generate(b: &mut dyn Backend, n: usize, reps: usize, n_vocab: usize) -> R
 /// llama-bench's markdown table.
 pub fn table(m: &BenchModel, results: &[BenchResult]) -> String {
     let size = format!("{:.2} MiB", m.size_bytes as f64 / (1024.0 * 1024.0));
-    let params = if m.n_params >= 1_000_000_000 {
-        format!("{:.2} B", m.n_params as f64 / 1e9)
-    } else {
-        format!("{:.2} M", m.n_params as f64 / 1e6)
-    };
+    let params = if m.n_params >= 1_000_000_000 { format!("{:.2} B", m.n_params as f64 / 1e9) } else { format!("{:.2} M", m.n_params as f64 / 1e6) };
     let mut s = String::from("| model | size | params | backend | test | t/s |\n| --- | ---: | ---: | --- | ---: | ---: |\n");
     for r in results {
-        s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} ± {:.2} |\n",
-            m.model, size, params, m.backend, r.test, r.avg_ts, r.stddev_ts
-        ));
+        s.push_str(&format!("| {} | {} | {} | {} | {} | {:.2} ± {:.2} |\n", m.model, size, params, m.backend, r.test, r.avg_ts, r.stddev_ts));
     }
     s
 }

@@ -58,13 +58,8 @@ fn shared() -> Result<&'static Shared, String> {
 fn init_shared() -> Result<Shared, String> {
     // SAFETY: these only try to dlopen the libraries (no symbol is called); they let us report a
     // missing library as an error instead of cudarc's panic on first use.
-    let (cuda, nvrtc, cublas) = unsafe {
-        (
-            cudarc::driver::sys::is_culib_present(),
-            cudarc::nvrtc::sys::is_culib_present(),
-            cudarc::cublas::sys::is_culib_present(),
-        )
-    };
+    let (cuda, nvrtc, cublas) =
+        unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::nvrtc::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
     if !cuda {
         return Err("no NVIDIA driver: libcuda.so could not be loaded".into());
     }
@@ -86,9 +81,8 @@ fn init_shared() -> Result<Shared, String> {
         let info = DeviceInfo {
             name: ctx.name().map_err(|e| e.to_string())?,
             compute_capability: ctx.compute_capability().map_err(|e| e.to_string())?,
-            multiprocessors: ctx
-                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                .map_err(|e| e.to_string())? as usize,
+            multiprocessors: ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| e.to_string())?
+                as usize,
             total_mem: ctx.total_mem().map_err(|e| e.to_string())?,
             driver_version: driver_version(),
         };
@@ -158,11 +152,8 @@ fn kernels(ctx: &Arc<CudaContext>, cc: (i32, i32)) -> Result<Arc<Kernels>, Strin
                 let src = read(file, embedded)?;
                 let src = src.as_str();
                 let full = format!("{common}\n#line 1 \"{file}\"\n{src}");
-                let opts = cudarc::nvrtc::CompileOptions {
-                    options: vec![arch.clone(), "--std=c++17".into()],
-                    name: Some(file.to_string()),
-                    ..Default::default()
-                };
+                let opts =
+                    cudarc::nvrtc::CompileOptions { options: vec![arch.clone(), "--std=c++17".into()], name: Some(file.to_string()), ..Default::default() };
                 let ptx = cudarc::nvrtc::compile_ptx_with_opts(&full, opts).map_err(|e| match e {
                     cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. } => {
                         format!("NVRTC failed to compile kernels/{file} ({nvrtc:?}):\n{}", log.to_string_lossy())
@@ -294,11 +285,7 @@ impl Gpu {
         let bytes = n.max(1) * std::mem::size_of::<T>();
         self.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
             let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
-            anyhow!(
-                "out of GPU memory? allocating {what} ({bytes} bytes) failed: {e} ({} MiB free of {} MiB)",
-                free >> 20,
-                total >> 20
-            )
+            anyhow!("out of GPU memory? allocating {what} ({bytes} bytes) failed: {e} ({} MiB free of {} MiB)", free >> 20, total >> 20)
         })
     }
 
@@ -377,8 +364,7 @@ impl Gpu {
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem };
         // SAFETY: every caller in ops.rs passes the argument list of the kernel's C signature, with
         // pointers into live buffers sized for the launch shape (checked there).
-        unsafe { b.launch(cfg) }
-            .map_err(|e| anyhow!("CUDA kernel {name} failed to launch (grid {grid:?}, block {block}, shared {smem} B): {e}"))?;
+        unsafe { b.launch(cfg) }.map_err(|e| anyhow!("CUDA kernel {name} failed to launch (grid {grid:?}, block {block}, shared {smem} B): {e}"))?;
         self.after_launch(stream, name, grid, block)
     }
 
@@ -436,9 +422,7 @@ impl Gpu {
     /// With LOCKSTEP_CUDA_SYNC=1 (and no capture running), waits for the kernel just launched.
     fn after_launch(&self, stream: &CudaStream, name: &str, grid: (u32, u32, u32), block: u32) -> Result<()> {
         if self.sync_each && !self.capturing {
-            stream
-                .synchronize()
-                .map_err(|e| anyhow!("CUDA kernel {name} (grid {grid:?}, block {block}) faulted: {e}"))?;
+            stream.synchronize().map_err(|e| anyhow!("CUDA kernel {name} (grid {grid:?}, block {block}) faulted: {e}"))?;
         }
         Ok(())
     }

@@ -19,16 +19,8 @@ const BLOCK: u32 = 256;
 const MV_RPW: usize = 4;
 
 /// The formats the kernels dequantize.
-pub const SUPPORTED: [GgmlType; 8] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q6_K,
-];
+pub const SUPPORTED: [GgmlType; 8] =
+    [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q6_K];
 
 /// The kernel-name suffix of a weight format.
 pub fn type_suffix(ty: GgmlType) -> Result<&'static str> {
@@ -67,19 +59,12 @@ impl QMat {
         let bs = ty.block_size();
         ensure!(cols.is_multiple_of(bs), "{what}: {cols} columns is not a multiple of the {ty} block of {bs}");
         let row_bytes = cols / bs * ty.type_size();
-        ensure!(
-            bytes.len() == rows * row_bytes,
-            "{what}: {} bytes of {ty} data for [{rows}][{cols}] (expected {})",
-            bytes.len(),
-            rows * row_bytes
-        );
+        ensure!(bytes.len() == rows * row_bytes, "{what}: {} bytes of {ty} data for [{rows}][{cols}] (expected {})", bytes.len(), rows * row_bytes);
         // 16 bytes of padding: the kernels' 16-byte loads (ld16) may touch up to 3 bytes past the
         // last block.
         let mut buf = gpu.alloc::<u8>(bytes.len() + 16, what)?;
         if !bytes.is_empty() {
-            gpu.stream
-                .memcpy_htod(bytes, &mut buf.slice_mut(0..bytes.len()))
-                .with_context(|| format!("copying {what} to the GPU"))?;
+            gpu.stream.memcpy_htod(bytes, &mut buf.slice_mut(0..bytes.len())).with_context(|| format!("copying {what} to the GPU"))?;
         }
         let ptr = ptr(&buf, &gpu.stream);
         Ok(QMat { buf, ptr, ty, rows, cols, row_bytes })
@@ -104,17 +89,7 @@ impl Gpu {
     /// x: `[T][cols]`, y/res/raw: `[T][rows]`, bias: `[rows]`. With `norm = (w, eps)`, x is first
     /// RMS-normalised and multiplied by the norm weight `w` `[cols]` (the rmsnorm kernel fused in).
     #[allow(clippy::too_many_arguments)]
-    pub fn matvec(
-        &self,
-        w: &QMat,
-        x: u64,
-        t: usize,
-        y: u64,
-        bias: Option<u64>,
-        res: Option<u64>,
-        raw: Option<u64>,
-        norm: Option<(u64, f32)>,
-    ) -> Result<()> {
+    pub fn matvec(&self, w: &QMat, x: u64, t: usize, y: u64, bias: Option<u64>, res: Option<u64>, raw: Option<u64>, norm: Option<(u64, f32)>) -> Result<()> {
         ensure!((1..=MV_MAX_T).contains(&t), "matvec: {t} rows (1..={MV_MAX_T})");
         let vec_x = !matches!(w.ty, GgmlType::F32 | GgmlType::F16);
         ensure!(!vec_x || x.is_multiple_of(16), "matvec: x at {x:#x} is not 16-byte aligned (float4 loads)");
@@ -234,17 +209,7 @@ impl Gpu {
     /// G and U share format and shape; x: `[T][cols]`, outputs `[T][rows]`.
     /// `norm` as in [`Gpu::matvec`].
     #[allow(clippy::too_many_arguments)]
-    pub fn matvec_swiglu(
-        &self,
-        g: &QMat,
-        u: &QMat,
-        x: u64,
-        t: usize,
-        s: u64,
-        g_out: Option<u64>,
-        u_out: Option<u64>,
-        norm: Option<(u64, f32)>,
-    ) -> Result<()> {
+    pub fn matvec_swiglu(&self, g: &QMat, u: &QMat, x: u64, t: usize, s: u64, g_out: Option<u64>, u_out: Option<u64>, norm: Option<(u64, f32)>) -> Result<()> {
         ensure!((1..=MV_MAX_T).contains(&t), "matvec_swiglu: {t} rows (1..={MV_MAX_T})");
         ensure!(g.ty == u.ty && g.rows == u.rows && g.cols == u.cols, "matvec_swiglu: gate and up differ in format or shape");
         if t == 1 {

@@ -58,12 +58,7 @@ impl GpuWeights {
 
     /// Largest `rows·cols` of the layer matrices: the f32 scratch a prefill GEMM needs.
     pub fn max_layer_matrix(&self) -> usize {
-        self.layers
-            .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down])
-            .map(|m| m.rows * m.cols)
-            .max()
-            .unwrap_or(0)
+        self.layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]).map(|m| m.rows * m.cols).max().unwrap_or(0)
     }
 
     pub fn load(gpu: &Gpu, file: &GgufFile, cfg: &ModelConfig) -> Result<GpuWeights> {
