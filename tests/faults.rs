@@ -414,12 +414,8 @@ fn main() {
             let (m, ff2, out) = (manifest.clone(), ff.clone(), outcomes.clone());
             let t = Trial::test(format!("fault::{}::{backend}", ff.fault), move || fault_trial(&m, &ff2, backend, &out));
             let missing = missing_models(ff.trial.iter().map(|e| e.suite.clone()));
-            let cpu_only = ff.fault.starts_with("attention-window");
             trials.push(match backend_available(backend) {
                 Err(reason) => t.with_kind(format!("ignored: {reason}")).with_ignored_flag(true),
-                Ok(()) if backend == "cuda" && cpu_only => {
-                    t.with_kind("ignored: the CUDA kernels do not implement this fault yet (CPU only)".to_string()).with_ignored_flag(true)
-                }
                 Ok(()) if !missing.is_empty() => {
                     t.with_kind(format!("ignored: {} not in the cache (lockstep fetch)", missing.join(", "))).with_ignored_flag(true)
                 }
