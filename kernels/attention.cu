@@ -6,21 +6,25 @@
 // kq holds the unscaled scores; with full_scores = 0 the masked entries of kq are left unwritten
 // (nobody reads them: they exist only for the `kq` tap). Query head h reads KV head h / (H / Hkv).
 // blockDim.x: a multiple of 32, ≥ Dh. Dynamic shared memory: Dh floats.
-// fault: 0, or injected bug classes (engine/src/faults.rs), uniform per launch: 1 = no causal mask
-// (every row sees all kv_len positions), 2 = softmax without max subtraction, 4 = kv head h % Hkv.
+// fault: 0, or injected bug classes (engine/src/faults.rs), uniform per launch, bits named in Rust
+// (cuda::ops::AttnFault, passed to NVRTC): ATTN_NO_CAUSAL_MASK (every row sees all kv_len positions),
+// ATTN_SOFTMAX_NO_MAX (softmax without max subtraction), ATTN_GQA_MODULO (kv head h % Hkv).
+// window: 0, or the attention-window fault: row t sees only its last `window` visible positions
+// (earlier ones get probability 0, as if they had left the cache); kq keeps every score.
 extern "C" __global__ void attention_f32(const float* __restrict__ q, const float* __restrict__ kc,
                                          const float* __restrict__ vc, float* __restrict__ kq,
                                          float* __restrict__ p, float* __restrict__ out,
                                          const int* __restrict__ pos, int T, int H, int Hkv, int Dh,
-                                         float scale, int full_scores, int fault) {
+                                         float scale, int full_scores, int fault, int window) {
     extern __shared__ float qs[];
     __shared__ float shf[32];
     __shared__ double shd[32];
     int h = blockIdx.x, t = blockIdx.y;
     int n_past = pos[0];
     int kv_len = n_past + T;
-    int valid = (fault & 1) ? kv_len : n_past + t + 1;
-    int hk = (fault & 4) ? h % Hkv : h / (H / Hkv);
+    int valid = (fault & ATTN_NO_CAUSAL_MASK) ? kv_len : n_past + t + 1;
+    int lo = window > 0 && valid > window ? valid - window : 0;  // first visible position
+    int hk = (fault & ATTN_GQA_MODULO) ? h % Hkv : h / (H / Hkv);
     int kvd = Hkv * Dh;
         const float* qr = q + ((long long)t * H + h) * Dh;
     for (int d = threadIdx.x; d < Dh; d += blockDim.x) qs[d] = qr[d];
@@ -49,18 +53,18 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     __syncthreads();
     // softmax over the visible positions: max subtracted, sum in f64
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, kqr[j] * scale);
+    for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, kqr[j] * scale);
     m = block_max(m, shf);
-    if (fault & 2) m = 0.0f;
+    if (fault & ATTN_SOFTMAX_NO_MAX) m = 0.0f;
     double sum = 0.0;
-    for (int j = threadIdx.x; j < valid; j += blockDim.x) {
+    for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) {
         float e = expf(kqr[j] * scale - m);
         pr[j] = e;
         sum += (double)e;
     }
     sum = block_sum_d(sum, shd);
     float inv = (float)(1.0 / sum);
-    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) pr[j] = j < valid ? pr[j] * inv : 0.0f;
+    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) pr[j] = j >= lo && j < valid ? pr[j] * inv : 0.0f;
     __syncthreads();
     // values: G groups of Dh threads, group g sums positions j ≡ g (mod G), then the groups are added
     int G = blockDim.x / Dh;
@@ -68,7 +72,7 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     float acc = 0.0f;
     if (g < G) {
 #pragma unroll 4
-        for (int j = g; j < valid; j += G) acc += pr[j] * vc[(long long)j * kvd + hk * Dh + e];
+        for (int j = lo + g; j < valid; j += G) acc += pr[j] * vc[(long long)j * kvd + hk * Dh + e];
     }
     // reuse the q staging area: Dh floats per group would not fit, so accumulate group by group
     __syncthreads();
@@ -91,7 +95,7 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
 //
 // Each block rotates its own q head and the k head hk it reads (same angles as rope_store_f32),
 // and uses its rotated k and the input v for position p: it never reads cache row p, which one
-// block per kv head writes (the first query head of the group; with fault bit 4, head h < Hkv),
+// block per kv head writes (the first query head of the group; with ATTN_GQA_MODULO, head h < Hkv),
 // so blocks do not race. Rows < p come from the cache.
 //
 // Latency-bound at decode sizes (a few hundred positions, 14 blocks), so: 4 barriers; scores and
@@ -101,8 +105,9 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
 // attention_f32's: max subtracted, the sum in f64, p_j = e_j · (f32)(1 / sum).
 // blockDim.x: a multiple of 32, ≥ Dh, ≤ 256. Dh even, ≤ 256 (≤ 128 chunks: L ≤ 32 lanes a row).
 // Dynamic shared memory (floats): q [Dh], k [Dh], per-warp value sums [blockDim/32][Dh], scores
-// [smem_cap]. fault bits as attention_f32's: 2 = softmax without max subtraction, 4 = kv head
-// h % Hkv (bit 1, no causal mask, changes nothing for a single row that sees every position).
+// [smem_cap]. fault bits and window as attention_f32's (ATTN_NO_CAUSAL_MASK changes nothing for a
+// single row that sees every position); with a window, positions < lo = p + 1 − window keep their
+// score (the kq tap) but get probability 0.
 #define DEC_CHUNKS 4
 #define DEC_BATCH 4
 
@@ -156,11 +161,11 @@ __device__ __forceinline__ void dec_load(VT r[DEC_CHUNKS], const float* row, con
     }
 }
 
-// Row j's score from this lane's share s: summed over the group, scaled, stored once, max kept.
-// Every lane of the warp calls it (the shuffles); j > p (past kv_len) changes nothing.
-// kq_row (may be null): the tap of the unscaled score q·k_j (llama.cpp's `kq`).
-__device__ __forceinline__ void dec_score(float s, int j, int p, float scale, float* sc, const DecLayout& l, float& m,
-                                          float* __restrict__ kq_row) {
+// Row j's score from this lane's share s: summed over the group, scaled, stored once, max kept
+// over the visible rows lo ..= p. Every lane of the warp calls it (the shuffles); j > p (past
+// kv_len) changes nothing. kq_row (may be null): the tap of the unscaled score q·k_j (`kq`).
+__device__ __forceinline__ void dec_score(float s, int j, int lo, int p, float scale, float* sc, const DecLayout& l,
+                                          float& m, float* __restrict__ kq_row) {
     for (int o = l.L >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     float w = s * scale;
     if (j <= p) {
@@ -168,7 +173,7 @@ __device__ __forceinline__ void dec_score(float s, int j, int p, float scale, fl
             sc[j] = w;
             if (kq_row) kq_row[j] = s;
         }
-        m = fmaxf(m, w);
+        if (j >= lo) m = fmaxf(m, w);
     }
 }
 
@@ -180,9 +185,10 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
                                            float* smem, float* sc, float* shf, double* shd,
                                            const float* __restrict__ kbase, const float* __restrict__ vbase,
                                            const float* __restrict__ vp, float* __restrict__ out, int p, int kvd,
-                                           int Dh, float scale, int fault, float* __restrict__ kq_row,
+                                           int Dh, float scale, int fault, int window, float* __restrict__ kq_row,
                                            float* __restrict__ p_row) {
     int kv_len = p + 1, rpp = l.rows_per_pass;
+    int lo = window > 0 && kv_len > window ? kv_len - window : 0;  // first visible position
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const float* ks = smem + Dh;
     float* red = smem + 2 * Dh;
@@ -198,7 +204,7 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
         float s = 0.0f;
 #pragma unroll
         for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(j < p ? kpre[i] : kr[i], qr[i]);
-        dec_score(s, j, p, scale, sc, l, m, kq_row);
+        dec_score(s, j, lo, p, scale, sc, l, m, kq_row);
     }
     // the loop bound is warp-uniform (the shuffles need every lane)
     for (int j0 = rpp; j0 < kv_len; j0 += DEC_BATCH * rpp) {
@@ -217,7 +223,7 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
 #pragma unroll
                 for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(kr[b][i], qr[i]);
             }
-            dec_score(s, j, p, scale, sc, l, m, kq_row);
+            dec_score(s, j, lo, p, scale, sc, l, m, kq_row);
         }
     }
     m = warp_max(m);
@@ -225,12 +231,13 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
     __syncthreads();
     m = shf[0];
     for (int i = 1; i < nw; i++) m = fmaxf(m, shf[i]);
-    if (fault & 2) m = 0.0f;
+    if (fault & ATTN_SOFTMAX_NO_MAX) m = 0.0f;
 
-    // exponentials, summed in f64 (each warp's sum, then the warps' in a fixed order)
+    // exponentials, summed in f64 (each warp's sum, then the warps' in a fixed order); rows before
+    // the window (fault) get 0
     double sum = 0.0;
     for (int j = threadIdx.x; j < kv_len; j += blockDim.x) {
-        float e = expf(sc[j] - m);
+        float e = j >= lo ? expf(sc[j] - m) : 0.0f;
         sc[j] = e;
         sum += (double)e;
     }
@@ -295,16 +302,16 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
                                                  const float* __restrict__ v, float* __restrict__ kc,
                                                  float* __restrict__ vc, const int* __restrict__ pos, int H,
                                                  int Hkv, int Dh, int n_rot, float theta_scale, int neox,
-                                                 float scale, int fault, float* __restrict__ out,
+                                                 float scale, int fault, int window, float* __restrict__ out,
                                                  float* __restrict__ p_scratch, int ctx, int smem_cap, float* smem,
                                                  float* shf, double* shd, float* __restrict__ q_tap,
                                                  float* __restrict__ k_tap, float* __restrict__ kq_tap,
                                                  float* __restrict__ p_tap) {
     int h = blockIdx.x, tid = threadIdx.x;
     int group = H / Hkv;
-    int hk = (fault & 4) ? h % Hkv : h / group;
+    int hk = (fault & ATTN_GQA_MODULO) ? h % Hkv : h / group;
     // exactly one block per kv head writes its cache row p
-    bool writer = (fault & 4) ? h < Hkv : h % group == 0;
+    bool writer = (fault & ATTN_GQA_MODULO) ? h < Hkv : h % group == 0;
     int kvd = Hkv * Dh;
     const float* qh = q + (long long)h * Dh;
     const float* kh = k + (long long)hk * Dh;
@@ -382,17 +389,17 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
     float* p_row = p_tap ? p_tap + (long long)h * (p + 1) : nullptr;
     if (p + 1 <= smem_cap) {
         float* sc = smem + (2 + (blockDim.x >> 5)) * Dh;
-        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault, kq_row, p_row);
+        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault, window, kq_row, p_row);
     } else {
         float* sc = p_scratch + (long long)h * ctx;
-        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault, kq_row, p_row);
+        dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault, window, kq_row, p_row);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     float* __restrict__ kc, float* __restrict__ vc, const int* __restrict__ pos, int H, int Hkv, int Dh,
-    int n_rot, float theta_scale, int neox, float scale, int fault, float* __restrict__ out,
+    int n_rot, float theta_scale, int neox, float scale, int fault, int window, float* __restrict__ out,
     float* __restrict__ p_scratch, int ctx, int smem_cap, float* __restrict__ q_tap, float* __restrict__ k_tap,
     float* __restrict__ kq_tap, float* __restrict__ p_tap) {
     extern __shared__ float smem[];
@@ -401,9 +408,9 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
     // PDL-aware (common.cuh): everything this kernel reads or writes comes from earlier kernels
     pdl_wait();
     if ((Dh & 3) == 0)
-        attention_decode<float4>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, out,
+        attention_decode<float4>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, window, out,
                                  p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap);
     else
-        attention_decode<float2>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, out,
+        attention_decode<float2>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, window, out,
                                  p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap);
 }

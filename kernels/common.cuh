@@ -1,15 +1,8 @@
 // Shared helpers, prepended by the Rust side to every kernels/*.cu before NVRTC compiles it
 // (NVRTC has no file system include path here, so the sources are concatenated instead).
-// Type ids are ggml's (ggml.h enum ggml_type).
+// The constants shared with Rust (GT_* type ids, MV_MAX_T, MV_RPW, ATTN_* fault bits) are defined in
+// front of this by engine/src/cuda/device.rs `kernel_constants()`: their one home is the Rust side.
 #define INFINITY __int_as_float(0x7f800000)
-#define GT_F32 0
-#define GT_F16 1
-#define GT_Q4_0 2
-#define GT_Q4_1 3
-#define GT_Q5_0 6
-#define GT_Q8_0 8
-#define GT_Q4_K 12
-#define GT_Q6_K 14
 
 typedef unsigned char u8;
 typedef unsigned short u16;

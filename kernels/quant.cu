@@ -90,7 +90,7 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
     }
 }
 
-#define MV_MAX_T 8
+// MV_MAX_T (most token rows of a matvec) comes from Rust: cuda::ops::MV_MAX_T.
 
 // The fused RMSNorm's per-row scales of the first NT rows of x (row_rms_scale), into nscale;
 // the whole block takes part, then waits.
@@ -348,7 +348,7 @@ __device__ __forceinline__ float dot_staged(const u8* span, int nc, const float*
 // each warp takes `rpw` consecutive rows (1 to RPW_MAX; MV_RPW for matvec1s), reusing each x chunk
 // it loads for all of them. Dynamic shared memory: xs [ncols] floats (rounded up to 16 bytes), then
 // 8 · rpw staging areas of `span_cap` bytes. `block`: this block's index in the matrix.
-#define MV_RPW 4
+// MV_RPW comes from Rust: cuda::ops::MV_RPW.
 template <int TY, int RPW_MAX>
 __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_bytes, int nrows, int ncols,
                                     const float* __restrict__ x, float* y, const float* __restrict__ bias,

@@ -11,7 +11,7 @@ use lockstep_engine::cpu::attention::{self as cpu_attn, AttnDims, KvCache};
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
 use lockstep_engine::cuda::attn_decode::{DecodeAttnArgs, DecodeTaps, DECODE_SMEM_SCORES};
 use lockstep_engine::cuda::device::ptr;
-use lockstep_engine::cuda::ops::{AttnArgs, Proj, QMat, RopeArgs, SUPPORTED};
+use lockstep_engine::cuda::ops::{AttnArgs, AttnFault, Proj, QMat, RopeArgs, SUPPORTED};
 use lockstep_engine::cuda::Gpu;
 use lockstep_engine::dequant;
 use lockstep_engine::faults::{self, Fault};
@@ -459,7 +459,8 @@ fn rope_case(style: RopeStyle, n_rot: usize) -> R {
     Ok(())
 }
 
-fn attention_case(dh: usize, qscale: f32) -> R {
+/// attention_f32 against its CPU twins (with `fault`, their crate::faults variants).
+fn attention_case(dh: usize, qscale: f32, fault: Option<Fault>) -> R {
     let g = gpu()?;
     let mut rng = ChaCha8Rng::seed_from_u64(31 + dh as u64);
     let (t, n_past, h, hkv, ctx) = (5usize, 3usize, 6usize, 2usize, 16usize);
@@ -473,30 +474,33 @@ fn attention_case(dh: usize, qscale: f32) -> R {
     cpu_attn::kv_write(&mut cache, 0, &kcache[..kv_len * row], &vcache[..kv_len * row]);
     let (kc, vc) = cpu_attn::kv_read(&cache, 0, kv_len);
     let scale = 1.0 / (dh as f32).sqrt();
-    let want_kq = cpu_attn::attn_scores(&q, kc, &dims);
-    let want_p = cpu_attn::attn_softmax(&want_kq, scale, &dims);
-    let want_out = cpu_attn::attn_values(&want_p, vc, &dims);
+    let want_kq = faults::attn_scores(fault, &q, kc, &dims);
+    let want_p = faults::attn_softmax(fault, &want_kq, scale, &dims);
+    let want_out = faults::attn_values(fault, &want_p, vc, &dims);
     let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
     let (qd, kd, vd) = (g.upload(&q, "q")?, g.upload(&kcache, "kc")?, g.upload(&vcache, "vc")?);
     let n = h * t * kv_len;
     let (kq, pr, out) = (g.alloc::<f32>(n, "kq")?, g.alloc::<f32>(n, "p")?, g.alloc::<f32>(t * h * dh, "out")?);
     let pos = g.upload(&[n_past as i32], "pos")?;
-    g.attention(&AttnArgs {
-        q: p(&qd),
-        kc: p(&kd),
-        vc: p(&vd),
-        kq: p(&kq),
-        p: p(&pr),
-        out: p(&out),
-        pos: ptr(&pos, &g.stream),
-        t,
-        n_head: h,
-        n_head_kv: hkv,
-        head_dim: dh,
-        scale,
-        full_scores: true,
-    })?;
-    let what = format!("attention Dh={dh} q scale {qscale}");
+    g.attention_faulty(
+        &AttnArgs {
+            q: p(&qd),
+            kc: p(&kd),
+            vc: p(&vd),
+            kq: p(&kq),
+            p: p(&pr),
+            out: p(&out),
+            pos: ptr(&pos, &g.stream),
+            t,
+            n_head: h,
+            n_head_kv: hkv,
+            head_dim: dh,
+            scale,
+            full_scores: true,
+        },
+        AttnFault::of(fault),
+    )?;
+    let what = format!("attention Dh={dh} q scale {qscale} fault {fault:?}");
     check_close(&format!("{what} kq"), &g.download(&kq, 0, n)?, &want_kq, 1e-6)?;
     let got_p = g.download(&pr, 0, n)?;
     if got_p.iter().any(|v| !v.is_finite()) {
@@ -519,7 +523,7 @@ struct DecodeCase {
     p: usize,
     ctx: usize,
     qscale: f32,
-    fault: i32,
+    fault: Option<Fault>,
 }
 
 /// [`check_close`] for outputs that may overflow (softmax without max subtraction): non-finite at
@@ -542,12 +546,7 @@ fn attention_decode_case(c: DecodeCase) -> R {
     let (h, hkv, dh, p, ctx) = (c.h, c.hkv, c.dh, c.p, c.ctx);
     let row = hkv * dh;
     let base = 1e6f32;
-    let fault = match c.fault {
-        0 => None,
-        2 => Some(Fault::SoftmaxNoMax),
-        4 => Some(Fault::GqaMapping),
-        f => return Err(format!("no CPU twin for fault bits {f}").into()),
-    };
+    let fault = c.fault;
     let q = randv(&mut rng, h * dh, c.qscale);
     let k = randv(&mut rng, row, 1.0);
     let v = randv(&mut rng, row, 1.0);
@@ -597,7 +596,7 @@ fn attention_decode_case(c: DecodeCase) -> R {
             scale,
             taps,
         },
-        c.fault,
+        AttnFault::of(fault),
     )?;
     let what = format!("attention_decode {c:?}");
     if tapped {
@@ -640,9 +639,25 @@ fn main() {
         list.push(Trial::test(format!("rope_store_{style:?}_nrot{n_rot}"), move || rope_case(style, n_rot)));
     }
     for (dh, qs) in [(64usize, 1.0f32), (40, 1.0), (64, 300.0), (128, 1.0)] {
-        list.push(Trial::test(format!("attention_dh{dh}_qscale{qs}"), move || attention_case(dh, qs)));
+        list.push(Trial::test(format!("attention_dh{dh}_qscale{qs}"), move || attention_case(dh, qs, None)));
     }
-    let qwen = |p: usize, ctx: usize, qscale: f32, fault: i32| DecodeCase { dh: 64, n_rot: 64, style: RopeStyle::Neox, h: 14, hkv: 2, p, ctx, qscale, fault };
+    // injected faults of the prefill kernel against their CPU twins; a window of 3 hides the first
+    // positions from rows ≥ 3 of a batch of 5 after 3 cached positions
+    for f in [Fault::CausalMaskMissing, Fault::SoftmaxNoMax, Fault::GqaMapping, Fault::AttentionWindow(3), Fault::AttentionWindow(6)] {
+        list.push(Trial::test(format!("attention_dh64_fault_{f:?}"), move || attention_case(64, 1.0, Some(f))));
+    }
+    let window = |n| Some(Fault::AttentionWindow(n));
+    let qwen = |p: usize, ctx: usize, qscale: f32, fault: Option<Fault>| DecodeCase {
+        dh: 64,
+        n_rot: 64,
+        style: RopeStyle::Neox,
+        h: 14,
+        hkv: 2,
+        p,
+        ctx,
+        qscale,
+        fault,
+    };
     let other = |dh: usize, n_rot: usize, style: RopeStyle, h: usize, hkv: usize, p: usize| DecodeCase {
         dh,
         n_rot,
@@ -652,23 +667,28 @@ fn main() {
         p,
         ctx: p + 9,
         qscale: 1.0,
-        fault: 0,
+        fault: None,
     };
     let cap = DECODE_SMEM_SCORES;
     for c in [
         // qwen2.5 0.5B's shape at the first position, a few and a typical number
-        qwen(0, 600, 1.0, 0),
-        qwen(5, 600, 1.0, 0),
-        qwen(300, 600, 1.0, 0),
-        qwen(300, 600, 300.0, 0),
+        qwen(0, 600, 1.0, None),
+        qwen(5, 600, 1.0, None),
+        qwen(300, 600, 1.0, None),
+        qwen(300, 600, 300.0, None),
         // the last kv_len whose scores fit in shared memory, and the global scratch past it
-        qwen(cap - 1, cap + 900, 1.0, 0),
-        qwen(cap, cap + 900, 1.0, 0),
-        qwen(9000, 9100, 1.0, 0),
+        qwen(cap - 1, cap + 900, 1.0, None),
+        qwen(cap, cap + 900, 1.0, None),
+        qwen(9000, 9100, 1.0, None),
         // injected faults: softmax without max subtraction (finite, then overflowing), modulo GQA
-        qwen(300, 600, 1.0, 2),
-        qwen(300, 600, 300.0, 2),
-        qwen(300, 600, 1.0, 4),
+        qwen(300, 600, 1.0, Some(Fault::SoftmaxNoMax)),
+        qwen(300, 600, 300.0, Some(Fault::SoftmaxNoMax)),
+        qwen(300, 600, 1.0, Some(Fault::GqaMapping)),
+        // the attention-window fault: inside the window (nothing changes), past it, and past the
+        // shared-memory scores
+        qwen(50, 600, 1.0, window(80)),
+        qwen(300, 600, 1.0, window(80)),
+        qwen(9000, 9100, 1.0, window(512)),
         // other head sizes (float2 chunks for Dh % 4 = 2), partial rotation, no grouping
         other(40, 40, RopeStyle::Normal, 6, 2, 37),
         other(42, 42, RopeStyle::Normal, 6, 2, 37),
@@ -677,7 +697,8 @@ fn main() {
         other(256, 128, RopeStyle::Normal, 4, 1, 50),
         other(16, 16, RopeStyle::Normal, 4, 4, 9),
     ] {
-        let name = format!("attention_decode_dh{}_{:?}_nrot{}_h{}x{}_p{}_qscale{}_fault{}", c.dh, c.style, c.n_rot, c.h, c.hkv, c.p, c.qscale, c.fault);
+        let fault = c.fault.map_or("None".to_string(), |f| format!("{f:?}"));
+        let name = format!("attention_decode_dh{}_{:?}_nrot{}_h{}x{}_p{}_qscale{}_fault_{fault}", c.dh, c.style, c.n_rot, c.h, c.hkv, c.p, c.qscale);
         list.push(Trial::test(name, move || attention_decode_case(c)));
     }
     libtest_mimic::run(&args, trials(list)).exit();

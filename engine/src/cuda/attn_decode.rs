@@ -8,7 +8,7 @@
 use anyhow::{ensure, Result};
 
 use super::device::{Arg, Gpu};
-use super::ops::i as int;
+use super::ops::{i as int, AttnFault};
 
 /// Threads per block: 8 warps, each reading 32 / L key rows at a time (L lanes a row). The kernel
 /// needs at least Dh threads (one per element of a head) and at most 256 (its launch bounds).
@@ -66,10 +66,9 @@ pub struct DecodeTaps {
 
 impl Gpu {
     /// RoPE, KV-cache write and attention of one token at position `*pos` (kv_len = *pos + 1):
-    /// out = softmax(q·Kᵀ·scale) V per query head. `fault` bits as [`Gpu::attention_faulty`]'s
-    /// (2 = softmax without max subtraction, 4 = kv head `h % Hkv`; 1, no causal mask, changes
-    /// nothing for one row); 0 is the clean kernel.
-    pub fn attention_decode(&self, a: &DecodeAttnArgs, fault: i32) -> Result<()> {
+    /// out = softmax(q·Kᵀ·scale) V per query head. `fault` as [`Gpu::attention_faulty`]'s (no
+    /// causal mask changes nothing for one row); `AttnFault::default()` is the clean kernel.
+    pub fn attention_decode(&self, a: &DecodeAttnArgs, fault: AttnFault) -> Result<()> {
         let (h, hkv, dh) = (a.n_head, a.n_head_kv, a.head_dim);
         ensure!(dh.is_multiple_of(2) && (2..=256).contains(&dh), "attention_decode: head dim {dh} (even, ≤ 256)");
         ensure!(a.n_rot <= dh && a.n_rot.is_multiple_of(2), "attention_decode: n_rot {} head_dim {dh}", a.n_rot);
@@ -103,7 +102,8 @@ impl Gpu {
             Arg::F(a.theta_scale),
             Arg::I(a.neox as i32),
             Arg::F(a.scale),
-            Arg::I(fault),
+            Arg::I(fault.bits()),
+            fault.window_arg()?,
             Arg::P(a.out),
             Arg::P(a.p_scratch.unwrap_or(0)),
             int(a.ctx)?,

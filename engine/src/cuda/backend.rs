@@ -13,8 +13,8 @@ use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 
 use super::attn_decode::{DecodeAttnArgs, DecodeTaps, DECODE_SMEM_SCORES};
 use super::device::{ptr, Gpu};
-use super::ops::{AttnArgs, Proj, RopeArgs, MV_MAX_T};
-use super::weights::{GpuWeights, Vec32};
+use super::ops::{AttnArgs, AttnFault, Proj, RopeArgs, MV_MAX_T};
+use super::weights::{GpuLayer, GpuWeights, Vec32};
 use crate::backend::Backend;
 use crate::config::{ModelConfig, RopeStyle};
 use crate::faults::Fault;
@@ -67,38 +67,41 @@ impl Buf {
 struct Acts {
     t_cap: usize,
     kq_cap: usize,
-    /// `[T][D]`: residual stream, norm outputs, attention output, FFN input, down projection
-    x: Buf,
-    n0: Buf,
-    a: Buf,
-    o: Buf,
-    h: Buf,
-    n1: Buf,
-    f: Buf,
-    dn: Buf,
-    /// `[T][H·Dh]`
-    q: Buf,
-    /// `[H·Dh]`: a decode step's rotated q, written by the fused decode attention when tapped
-    qrot: Buf,
-    qraw: Buf,
-    attn: Buf,
-    /// `[T][Hkv·Dh]`
-    k: Buf,
-    kraw: Buf,
-    krot: Buf,
-    v: Buf,
-    vraw: Buf,
-    /// `[T][F]`
-    g: Buf,
-    u: Buf,
-    s: Buf,
-    /// `[H][T][kv_len]`
+    /// `[T][D]`: the residual stream (`inp_embd`, then each layer's `l_out-L`)
+    l_out: Buf,
+    /// `[T][D]`: `norm-L.rms_norm.0`, `attn_norm-L`, `attn_out-L`, `ffn_inp-L`, `norm-L.rms_norm.1`,
+    /// `ffn_norm-L`, `ffn_out-L`
+    norm0: Buf,
+    attn_norm: Buf,
+    attn_out: Buf,
+    ffn_inp: Buf,
+    norm1: Buf,
+    ffn_norm: Buf,
+    ffn_out: Buf,
+    /// `[T][H·Dh]`: `Qcur-L` (after the bias; rotated in place by the prefill path), its product
+    /// before the bias, and `kqv_out-L`
+    q_cur: Buf,
+    q_mul_mat: Buf,
+    kqv_out: Buf,
+    /// `[H·Dh]`: a decode step's `Qcur-L.rope`, written by the fused decode attention when tapped
+    q_rope: Buf,
+    /// `[T][Hkv·Dh]`: `Kcur-L`, `Kcur-L.mul_mat`, `Kcur-L.rope`, `Vcur-L`, `Vcur-L.mul_mat`
+    k_cur: Buf,
+    k_mul_mat: Buf,
+    k_rope: Buf,
+    v_cur: Buf,
+    v_mul_mat: Buf,
+    /// `[T][F]`: `ffn_gate-L`, `ffn_up-L`, `ffn_swiglu-L`
+    ffn_gate: Buf,
+    ffn_up: Buf,
+    ffn_swiglu: Buf,
+    /// `[H][T][kv_len]`: `kq-L`, `kq_soft_max-L`
     kq: Buf,
-    p: Buf,
-    /// `[D]`
-    fin_n: Buf,
-    fin_r: Buf,
-    /// `[V]`
+    kq_soft_max: Buf,
+    /// `[D]`: `norm` and `result_norm` of the last row
+    norm_out: Buf,
+    result_norm: Buf,
+    /// `[V]`: `result_output`
     logits: Buf,
     /// f32 copy of one layer matrix for prefill GEMMs (only when t_cap > MV_MAX_T)
     scratch: Option<CudaSlice<f32>>,
@@ -125,30 +128,30 @@ impl Acts {
         Ok(Acts {
             t_cap,
             kq_cap,
-            x: b(t_cap * d, "x")?,
-            n0: b(t_cap * d, "norm")?,
-            a: b(t_cap * d, "attn_norm")?,
-            o: b(t_cap * d, "attn_out")?,
-            h: b(t_cap * d, "ffn_inp")?,
-            n1: b(t_cap * d, "norm.1")?,
-            f: b(t_cap * d, "ffn_norm")?,
-            dn: b(t_cap * d, "ffn_out")?,
-            q: b(t_cap * qd, "Qcur")?,
-            qrot: b(qd, "Qcur.rope (decode)")?,
-            qraw: b(t_cap * qd, "Qcur.mul_mat")?,
-            attn: b(t_cap * qd, "kqv_out")?,
-            k: b(t_cap * kv, "Kcur")?,
-            kraw: b(t_cap * kv, "Kcur.mul_mat")?,
-            krot: b(t_cap * kv, "Kcur.rope")?,
-            v: b(t_cap * kv, "Vcur")?,
-            vraw: b(t_cap * kv, "Vcur.mul_mat")?,
-            g: b(t_cap * f, "ffn_gate")?,
-            u: b(t_cap * f, "ffn_up")?,
-            s: b(t_cap * f, "ffn_swiglu")?,
+            l_out: b(t_cap * d, "l_out")?,
+            norm0: b(t_cap * d, "norm")?,
+            attn_norm: b(t_cap * d, "attn_norm")?,
+            attn_out: b(t_cap * d, "attn_out")?,
+            ffn_inp: b(t_cap * d, "ffn_inp")?,
+            norm1: b(t_cap * d, "norm.1")?,
+            ffn_norm: b(t_cap * d, "ffn_norm")?,
+            ffn_out: b(t_cap * d, "ffn_out")?,
+            q_cur: b(t_cap * qd, "Qcur")?,
+            q_rope: b(qd, "Qcur.rope (decode)")?,
+            q_mul_mat: b(t_cap * qd, "Qcur.mul_mat")?,
+            kqv_out: b(t_cap * qd, "kqv_out")?,
+            k_cur: b(t_cap * kv, "Kcur")?,
+            k_mul_mat: b(t_cap * kv, "Kcur.mul_mat")?,
+            k_rope: b(t_cap * kv, "Kcur.rope")?,
+            v_cur: b(t_cap * kv, "Vcur")?,
+            v_mul_mat: b(t_cap * kv, "Vcur.mul_mat")?,
+            ffn_gate: b(t_cap * f, "ffn_gate")?,
+            ffn_up: b(t_cap * f, "ffn_up")?,
+            ffn_swiglu: b(t_cap * f, "ffn_swiglu")?,
             kq: Buf::new(gpu, kq_cap, "attention scores kq")?,
-            p: Buf::new(gpu, kq_cap, "attention probabilities")?,
-            fin_n: b(d, "norm (output)")?,
-            fin_r: b(d, "result_norm")?,
+            kq_soft_max: Buf::new(gpu, kq_cap, "attention probabilities")?,
+            norm_out: b(d, "norm (output)")?,
+            result_norm: b(d, "result_norm")?,
             logits: Buf::new(gpu, cfg.n_vocab, "logits")?,
             scratch,
             params,
@@ -191,10 +194,6 @@ impl CudaBackend {
     /// `load_with_fault`: loader faults corrupt the uploaded weights, op faults switch the forward
     /// pass to a buggy kernel or argument. `None` loads the very same weights and graph as [`Self::load`].
     pub fn load_with_fault(file: &GgufFile, options: CudaOptions, fault: Option<Fault>) -> Result<Self> {
-        // A fault the kernels do not implement must not run clean and pass for "not detected".
-        if let Some(f @ Fault::AttentionWindow(_)) = fault {
-            anyhow::bail!("fault {} is not implemented on the CUDA backend (CPU only)", f.name());
-        }
         let mut config = ModelConfig::from_gguf(file)?;
         let gpu = Gpu::new()?;
         let _lock = super::device::shared_lock();
@@ -245,6 +244,12 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// A forward pass of `t` tokens at `n_past` over this backend's weights, buffers and fault.
+    fn pass(&self, t: usize, n_past: usize) -> Step<'_> {
+        let (gpu, cfg, w, a, kc, vc, max_ctx) = (&self.gpu, &self.config, &self.weights, &self.acts, &self.kc, &self.vc, self.max_ctx);
+        Step { gpu, cfg, w, a, kc, vc, max_ctx, t, n_past, op: OpParams::new(&self.config, self.fault) }
+    }
+
     /// One forward pass; the last token's logits are left in the pinned host buffer.
     fn forward_impl(&mut self, tokens: &[u32], sink: Option<&mut dyn TapSink>) -> Result<()> {
         let t = tokens.len();
@@ -282,7 +287,7 @@ impl CudaBackend {
                 self.gpu.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).context("beginning CUDA graph capture")?;
                 self.gpu.capturing = true;
                 let mut taps = Taps { sink: None };
-                let r = run(&self.gpu, &self.config, &self.weights, &self.acts, &self.kc, &self.vc, self.max_ctx, t, n_past, self.fault, &mut taps);
+                let r = self.pass(t, n_past).run(&mut taps);
                 self.gpu.capturing = false;
                 let g = self.gpu.stream.end_capture(CUgraphInstantiate_flags(0));
                 r?;
@@ -294,7 +299,7 @@ impl CudaBackend {
             }
         } else {
             let mut taps = Taps { sink };
-            run(&self.gpu, &self.config, &self.weights, &self.acts, &self.kc, &self.vc, self.max_ctx, t, n_past, self.fault, &mut taps)?;
+            self.pass(t, n_past).run(&mut taps)?;
         }
         let pinned = self.acts.logits_host.as_mut().context("CUDA backend used while being dropped")?;
         self.gpu.stream.memcpy_dtoh(&self.acts.logits.buf, pinned).context("copying the logits from the GPU")?;
@@ -448,78 +453,127 @@ impl Taps<'_> {
     }
 }
 
-/// The whole graph for one batch of `t` tokens at `n_past` (token ids and n_past already on the
-/// device); leaves the last token's logits in `acts.logits`.
-#[allow(clippy::too_many_arguments)]
-fn run(
-    gpu: &Gpu,
-    cfg: &ModelConfig,
-    w: &GpuWeights,
-    a: &Acts,
-    kc: &Buf,
-    vc: &Buf,
+/// The forward pass's settings that an injected fault may change (crate::faults), resolved once
+/// per pass; with no fault they are the model's own.
+struct OpParams {
+    /// RMSNorm epsilon (rms-norm-eps, rms-eps-scaled)
+    eps: f32,
+    /// RMSNorm's Σx² saturating at f16's largest value (f16-accumulation)
+    f16_sum: bool,
+    /// base^(−2/n_rot), RoPE's angle step (rope-base, rope-base-scaled)
+    theta_scale: f32,
+    /// NeoX pairs (i, i + n_rot/2) for qwen2; adjacent pairs (2i, 2i + 1) else (rope-adjacent)
+    neox: bool,
+    /// softmax scale, 1/√Dh (softmax-scale)
+    scale: f32,
+    /// the attention kernels' fault bits and window
+    attn: AttnFault,
+    /// the residual additions (residual-dropped)
+    residual: bool,
+    /// GELU in place of SiLU in the gate (gelu-activation)
+    gelu: bool,
+}
+
+impl OpParams {
+    fn new(cfg: &ModelConfig, fault: Option<Fault>) -> Self {
+        let eps = match fault {
+            Some(Fault::RmsNormEps) => 1e-5,
+            Some(Fault::RmsEpsScaled(f)) => (cfg.rms_eps as f64 * f.0) as f32,
+            _ => cfg.rms_eps,
+        };
+        let rope_base = match fault {
+            Some(Fault::RopeBase) => 1e4,
+            Some(Fault::RopeBaseScaled(f)) => (cfg.rope_base as f64 * f.0) as f32,
+            _ => cfg.rope_base,
+        };
+        Self {
+            eps,
+            f16_sum: fault == Some(Fault::F16Accumulation),
+            theta_scale: rope_base.powf(-2.0 / cfg.n_rot as f32),
+            neox: cfg.rope_style == RopeStyle::Neox && fault != Some(Fault::RopeAdjacent),
+            scale: crate::faults::softmax_scale(fault, cfg.head_dim),
+            attn: AttnFault::of(fault),
+            residual: fault != Some(Fault::ResidualDropped),
+            gelu: fault == Some(Fault::GeluActivation),
+        }
+    }
+}
+
+/// One forward pass of `t` tokens at `n_past` (token ids and n_past already on the device, at
+/// `acts.params`): the model's weights, its activation buffers and KV cache, and the pass's shape.
+struct Step<'a> {
+    gpu: &'a Gpu,
+    cfg: &'a ModelConfig,
+    w: &'a GpuWeights,
+    a: &'a Acts,
+    /// `[n_layer][max_ctx][Hkv·Dh]`
+    kc: &'a Buf,
+    vc: &'a Buf,
     max_ctx: usize,
     t: usize,
     n_past: usize,
-    fault: Option<Fault>,
-    taps: &mut Taps<'_>,
-) -> Result<()> {
-    let (d, qd, kvd, ff) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.n_ff);
-    // injected faults (crate::faults), each where its CPU twin acts; all off without one
-    let eps = match fault {
-        Some(Fault::RmsNormEps) => 1e-5,
-        Some(Fault::RmsEpsScaled(f)) => (cfg.rms_eps as f64 * f.0) as f32,
-        _ => cfg.rms_eps,
-    };
-    let f16_sum = fault == Some(Fault::F16Accumulation);
-    let rmsnorm = |x: u64, w: u64, y_norm: Option<u64>, y: u64, rows: usize| match f16_sum {
-        true => gpu.rmsnorm_f16sat(x, w, y_norm, y, rows, d, eps),
-        false => gpu.rmsnorm(x, w, y_norm, y, rows, d, eps),
-    };
-    let rope_base = match fault {
-        Some(Fault::RopeBase) => 1e4,
-        Some(Fault::RopeBaseScaled(f)) => (cfg.rope_base as f64 * f.0) as f32,
-        _ => cfg.rope_base,
-    };
-    let neox = cfg.rope_style == RopeStyle::Neox && fault != Some(Fault::RopeAdjacent);
-    let attn_fault = match fault {
-        Some(Fault::CausalMaskMissing) => 1,
-        Some(Fault::SoftmaxNoMax) => 2,
-        Some(Fault::GqaMapping) => 4,
-        _ => 0,
-    };
-    let residual = fault != Some(Fault::ResidualDropped);
-    let gelu = fault == Some(Fault::GeluActivation);
-    let kv_len = n_past + t;
-    let batched = t > MV_MAX_T;
-    let pos = a.params_ptr;
-    let scratch = a.scratch.as_ref();
-    let theta_scale = rope_base.powf(-2.0 / cfg.n_rot as f32);
-    let scale = crate::faults::softmax_scale(fault, cfg.head_dim);
-    // a raw (pre-bias / pre-residual) output: needed when tapped, or as the GEMM target
-    let raw = |tapped: bool, b: &Buf| (tapped || batched).then_some(b.ptr);
+    op: OpParams,
+}
 
-    gpu.get_rows(&w.token_embd, pos + 4, t, a.x.ptr)?;
-    taps.emit(gpu, "embd", None, None, act(t, d), &a.x, 0)?;
+impl Step<'_> {
+    /// A prefill batch wider than the matvec kernels: projections run as dequantize + SGEMM.
+    fn batched(&self) -> bool {
+        self.t > MV_MAX_T
+    }
 
-    let mut rows = t;
-    for (l, lw) in w.layers.iter().enumerate() {
-        let li = Some(l);
-        let last = l + 1 == cfg.n_layer;
-        let layer_kc = kc.at(l * max_ctx * kvd);
-        let layer_vc = vc.at(l * max_ctx * kvd);
+    /// The whole graph, as llama.cpp's llm_build_qwen2 / llm_build_llama: embed the tokens, then per
+    /// layer an attention block and a feed-forward block, each adding to the residual stream; then
+    /// the output head on the last row. Leaves the last row's logits in `acts.logits`.
+    fn run(&self, taps: &mut Taps<'_>) -> Result<()> {
+        let (gpu, a, d) = (self.gpu, self.a, self.cfg.n_embd);
+        // token embeddings: l_out[t] = token_embd[token t]
+        gpu.get_rows(&self.w.token_embd, a.params_ptr + 4, self.t, a.l_out.ptr)?;
+        taps.emit(gpu, "embd", None, None, act(self.t, d), &a.l_out, 0)?;
+        let mut rows = self.t;
+        for (l, lw) in self.w.layers.iter().enumerate() {
+            // ffn_inp = l_out + Wo · attention(RMSNorm(l_out)); the last layer keeps the last row only
+            rows = self.attention_block(l, lw, taps)?;
+            // l_out = ffn_inp + W_down · (act(W_gate · n) ⊙ W_up · n), n = RMSNorm(ffn_inp)
+            self.ffn_block(l, lw, rows, taps)?;
+            if let Some(r) = taps.replace(l, act(rows, d))? {
+                upload_into(gpu, &r, a.l_out.ptr)?;
+            }
+        }
+        // logits = W_out · RMSNorm(last row)
+        self.head(rows, taps)
+    }
 
-        // attention block; without taps on the norm, the projections normalise x themselves
+    /// `y = RMSNorm(x) · w` over `rows` rows (and the bare normalisation into `y_norm` when given).
+    fn rmsnorm(&self, x: u64, w: u64, y_norm: Option<u64>, y: u64, rows: usize) -> Result<()> {
+        let (d, eps) = (self.cfg.n_embd, self.op.eps);
+        match self.op.f16_sum {
+            true => self.gpu.rmsnorm_f16sat(x, w, y_norm, y, rows, d, eps),
+            false => self.gpu.rmsnorm(x, w, y_norm, y, rows, d, eps),
+        }
+    }
+
+    /// Layer `l`'s attention block: RMSNorm, the Q/K/V projections (+ bias), RoPE and the KV-cache
+    /// write, causal GQA attention, the output projection and the residual into `acts.ffn_inp`.
+    /// Returns the rows it leaves there (1 on the last layer of a prefill: llama.cpp's inp_out_ids).
+    fn attention_block(&self, l: usize, lw: &GpuLayer, taps: &mut Taps<'_>) -> Result<usize> {
+        let (gpu, cfg, a, t) = (self.gpu, self.cfg, self.a, self.t);
+        let (d, qd, kvd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim());
+        let (li, batched, scratch) = (Some(l), self.batched(), a.scratch.as_ref());
+        let kv_len = self.n_past + t;
+        let layer_kc = self.kc.at(l * self.max_ctx * kvd);
+        let layer_vc = self.vc.at(l * self.max_ctx * kvd);
+
+        // RMSNorm; without taps on it, the projections normalise l_out themselves
         let want_n0 = taps.wants("norm", li, Some("rms_norm.0"));
-        let fuse_norm = !batched && !f16_sum && !want_n0 && !taps.wants("attn_norm", li, None);
+        let fuse_norm = !batched && !self.op.f16_sum && !want_n0 && !taps.wants("attn_norm", li, None);
         let (a_in, a_norm) = if fuse_norm {
-            (a.x.ptr, Some((lw.attn_norm.ptr, eps)))
+            (a.l_out.ptr, Some((lw.attn_norm.ptr, self.op.eps)))
         } else {
-            rmsnorm(a.x.ptr, lw.attn_norm.ptr, want_n0.then_some(a.n0.ptr), a.a.ptr, t)?;
-            (a.a.ptr, None)
+            self.rmsnorm(a.l_out.ptr, lw.attn_norm.ptr, want_n0.then_some(a.norm0.ptr), a.attn_norm.ptr, t)?;
+            (a.attn_norm.ptr, None)
         };
-        taps.emit(gpu, "norm", li, Some("rms_norm.0"), act(t, d), &a.n0, 0)?;
-        taps.emit(gpu, "attn_norm", li, None, act(t, d), &a.a, 0)?;
+        taps.emit(gpu, "norm", li, Some("rms_norm.0"), act(t, d), &a.norm0, 0)?;
+        taps.emit(gpu, "attn_norm", li, None, act(t, d), &a.attn_norm, 0)?;
 
         // Q, then V and K (the CPU twin's order of taps: Q, Q rope, V, K, K rope). A decode step
         // with the norm fused runs the three in one launch; else, on the matvec path, V and K run
@@ -527,18 +581,22 @@ fn run(
         let bias = |b: &Option<Vec32>| b.as_ref().map(|b| b.ptr);
         let want_raw = |name: &str, rotated: bool, b: &Option<Vec32>| raw_wanted(taps, name, l, rotated, b.is_some(), batched);
         let (q_raw, v_raw, k_raw) = (
-            want_raw("Qcur", true, &lw.bq).then_some(&a.qraw),
-            want_raw("Vcur", false, &lw.bv).then_some(&a.vraw),
-            want_raw("Kcur", true, &lw.bk).then_some(&a.kraw),
+            want_raw("Qcur", true, &lw.bq).then_some(&a.q_mul_mat),
+            want_raw("Vcur", false, &lw.bv).then_some(&a.v_mul_mat),
+            want_raw("Kcur", true, &lw.bk).then_some(&a.k_mul_mat),
         );
         let proj = |w, y: &Buf, b: &Option<Vec32>, raw: Option<&Buf>| Proj { w, y: y.ptr, bias: bias(b), raw: raw.map(|r| r.ptr) };
         let together = t == 1
             && a_norm.is_some()
-            && gpu.matvec_multi(&[proj(&lw.wq, &a.q, &lw.bq, q_raw), proj(&lw.wv, &a.v, &lw.bv, v_raw), proj(&lw.wk, &a.k, &lw.bk, k_raw)], a_in, a_norm)?;
+            && gpu.matvec_multi(
+                &[proj(&lw.wq, &a.q_cur, &lw.bq, q_raw), proj(&lw.wv, &a.v_cur, &lw.bv, v_raw), proj(&lw.wk, &a.k_cur, &lw.bk, k_raw)],
+                a_in,
+                a_norm,
+            )?;
         let emit_q = |taps: &mut Taps<'_>| -> Result<()> {
-            taps.emit(gpu, "Qcur", li, Some("mul_mat"), act(t, qd), q_raw.unwrap_or(&a.q), 0)?;
+            taps.emit(gpu, "Qcur", li, Some("mul_mat"), act(t, qd), q_raw.unwrap_or(&a.q_cur), 0)?;
             if lw.bq.is_some() {
-                taps.emit(gpu, "Qcur", li, Some("add"), act(t, qd), &a.q, 0)?;
+                taps.emit(gpu, "Qcur", li, Some("add"), act(t, qd), &a.q_cur, 0)?;
             }
             Ok(())
         };
@@ -549,186 +607,184 @@ fn run(
             if branch {
                 gpu.fork()?;
             }
-            project(gpu, &lw.wq, bias(&lw.bq), a_in, a_norm, t, &a.q, q_raw, scratch)?;
+            project(gpu, &lw.wq, bias(&lw.bq), a_in, a_norm, t, &a.q_cur, q_raw, scratch)?;
             emit_q(taps)?;
             if branch {
                 gpu.on(1);
             }
-            let vp = project(gpu, &lw.wv, bias(&lw.bv), a_in, a_norm, t, &a.v, v_raw, scratch);
+            let vp = project(gpu, &lw.wv, bias(&lw.bv), a_in, a_norm, t, &a.v_cur, v_raw, scratch);
             if branch {
                 gpu.on(2);
             }
-            let kp = project(gpu, &lw.wk, bias(&lw.bk), a_in, a_norm, t, &a.k, k_raw, scratch);
+            let kp = project(gpu, &lw.wk, bias(&lw.bk), a_in, a_norm, t, &a.k_cur, k_raw, scratch);
             if branch {
                 gpu.join()?;
             }
             vp?;
             kp?;
         }
-        // a decode step: RoPE, the cache write and attention in one kernel, the one the CUDA graph
+
+        // A decode step: RoPE, the cache write and attention in one kernel, the one the CUDA graph
         // runs; wanted taps are written by that kernel itself. (Past the kernel's shared-memory
         // scores its scratch would overlap the score taps: such a tapped step takes the prefill path.)
         let want_attn_taps =
             taps.wants("Qcur", li, Some("rope")) || taps.wants("Kcur", li, Some("rope")) || taps.wants("kq", li, None) || taps.wants("kq_soft_max", li, None);
         let fused_attn = t == 1 && (!want_attn_taps || kv_len <= DECODE_SMEM_SCORES);
-        let q_rope_buf = if fused_attn { &a.qrot } else { &a.q };
+        let (n_head, n_head_kv, head_dim, n_rot) = (cfg.n_head, cfg.n_head_kv, cfg.head_dim, cfg.n_rot);
+        let (theta_scale, neox, pos) = (self.op.theta_scale, self.op.neox, a.params_ptr);
         if fused_attn {
             let tap = |name: &str, stage: Option<&str>, b: &Buf| if taps.wants(name, li, stage) { b.ptr } else { 0 };
             let dtaps = DecodeTaps {
-                q_rot: tap("Qcur", Some("rope"), &a.qrot),
-                k_rot: tap("Kcur", Some("rope"), &a.krot),
+                q_rot: tap("Qcur", Some("rope"), &a.q_rope),
+                k_rot: tap("Kcur", Some("rope"), &a.k_rope),
                 kq: tap("kq", None, &a.kq),
-                p: tap("kq_soft_max", None, &a.p),
+                p: tap("kq_soft_max", None, &a.kq_soft_max),
             };
-            gpu.attention_decode(
-                &DecodeAttnArgs {
-                    q: a.q.ptr,
-                    k: a.k.ptr,
-                    v: a.v.ptr,
-                    kc: layer_kc,
-                    vc: layer_vc,
-                    pos,
-                    out: a.attn.ptr,
-                    p_scratch: Some(a.p.ptr),
-                    ctx: max_ctx,
-                    n_head: cfg.n_head,
-                    n_head_kv: cfg.n_head_kv,
-                    head_dim: cfg.head_dim,
-                    n_rot: cfg.n_rot,
-                    theta_scale,
-                    neox,
-                    scale,
-                    taps: dtaps,
-                },
-                attn_fault,
-            )?;
-        } else {
-            let want_krot = taps.wants("Kcur", li, Some("rope"));
-            gpu.rope_store(&RopeArgs {
-                q: a.q.ptr,
-                k: a.k.ptr,
-                k_out: want_krot.then_some(a.krot.ptr),
-                v: a.v.ptr,
+            let (q, k, v, out) = (a.q_cur.ptr, a.k_cur.ptr, a.v_cur.ptr, a.kqv_out.ptr);
+            let (ctx, scale) = (self.max_ctx, self.op.scale);
+            let args = DecodeAttnArgs {
+                q,
+                k,
+                v,
                 kc: layer_kc,
                 vc: layer_vc,
                 pos,
-                t,
-                n_head: cfg.n_head,
-                n_head_kv: cfg.n_head_kv,
-                head_dim: cfg.head_dim,
-                n_rot: cfg.n_rot,
+                out,
+                p_scratch: Some(a.kq_soft_max.ptr),
+                ctx,
+                n_head,
+                n_head_kv,
+                head_dim,
+                n_rot,
                 theta_scale,
                 neox,
-            })?;
+                scale,
+                taps: dtaps,
+            };
+            gpu.attention_decode(&args, self.op.attn)?;
+        } else {
+            let k_out = taps.wants("Kcur", li, Some("rope")).then_some(a.k_rope.ptr);
+            let (q, k, v) = (a.q_cur.ptr, a.k_cur.ptr, a.v_cur.ptr);
+            gpu.rope_store(&RopeArgs { q, k, k_out, v, kc: layer_kc, vc: layer_vc, pos, t, n_head, n_head_kv, head_dim, n_rot, theta_scale, neox })?;
         }
-        taps.emit(gpu, "Qcur", li, Some("rope"), [1, t, cfg.n_head, cfg.head_dim], q_rope_buf, 0)?;
+        let q_rope = if fused_attn { &a.q_rope } else { &a.q_cur };
+        taps.emit(gpu, "Qcur", li, Some("rope"), [1, t, cfg.n_head, cfg.head_dim], q_rope, 0)?;
         match lw.bv {
             Some(_) => {
-                taps.emit(gpu, "Vcur", li, Some("mul_mat"), act(t, kvd), v_raw.unwrap_or(&a.v), 0)?;
-                taps.emit(gpu, "Vcur", li, Some("add"), act(t, kvd), &a.v, 0)?;
+                taps.emit(gpu, "Vcur", li, Some("mul_mat"), act(t, kvd), v_raw.unwrap_or(&a.v_cur), 0)?;
+                taps.emit(gpu, "Vcur", li, Some("add"), act(t, kvd), &a.v_cur, 0)?;
             }
-            None => taps.emit(gpu, "Vcur", li, None, act(t, kvd), &a.v, 0)?,
+            None => taps.emit(gpu, "Vcur", li, None, act(t, kvd), &a.v_cur, 0)?,
         }
-        taps.emit(gpu, "Kcur", li, Some("mul_mat"), act(t, kvd), k_raw.unwrap_or(&a.k), 0)?;
+        taps.emit(gpu, "Kcur", li, Some("mul_mat"), act(t, kvd), k_raw.unwrap_or(&a.k_cur), 0)?;
         if lw.bk.is_some() {
-            taps.emit(gpu, "Kcur", li, Some("add"), act(t, kvd), &a.k, 0)?;
+            taps.emit(gpu, "Kcur", li, Some("add"), act(t, kvd), &a.k_cur, 0)?;
         }
-        taps.emit(gpu, "Kcur", li, Some("rope"), [1, t, cfg.n_head_kv, cfg.head_dim], &a.krot, 0)?;
+        taps.emit(gpu, "Kcur", li, Some("rope"), [1, t, cfg.n_head_kv, cfg.head_dim], &a.k_rope, 0)?;
 
+        // prefill (or a tapped decode step past the shared-memory scores): attention of the batch
+        // against the cache, kq = q·Kᵀ, kq_soft_max = softmax(kq·scale) (causal), kqv_out = p·V
         if !fused_attn {
-            let full_scores = taps.wants("kq", li, None);
-            gpu.attention_faulty(
-                &AttnArgs {
-                    q: a.q.ptr,
-                    kc: layer_kc,
-                    vc: layer_vc,
-                    kq: a.kq.ptr,
-                    p: a.p.ptr,
-                    out: a.attn.ptr,
-                    pos,
-                    t,
-                    n_head: cfg.n_head,
-                    n_head_kv: cfg.n_head_kv,
-                    head_dim: cfg.head_dim,
-                    scale,
-                    full_scores,
-                },
-                attn_fault,
-            )?;
+            let args = AttnArgs {
+                q: a.q_cur.ptr,
+                kc: layer_kc,
+                vc: layer_vc,
+                kq: a.kq.ptr,
+                p: a.kq_soft_max.ptr,
+                out: a.kqv_out.ptr,
+                pos,
+                t,
+                n_head,
+                n_head_kv,
+                head_dim,
+                scale: self.op.scale,
+                full_scores: taps.wants("kq", li, None),
+            };
+            gpu.attention_faulty(&args, self.op.attn)?;
         }
         let kq_shape = [1, cfg.n_head, t, kv_len];
         taps.emit(gpu, "kq", li, None, kq_shape, &a.kq, 0)?;
-        taps.emit(gpu, "kq_soft_max", li, None, kq_shape, &a.p, 0)?;
-        let (nh, hd) = (cfg.n_head, cfg.head_dim);
-        taps.emit_with(gpu, "kqv", li, None, [1, nh, t, hd], &a.attn, 0, |v| crate::cpu::attention::heads_first(&v, t, nh, hd))?;
-        taps.emit(gpu, "kqv_out", li, None, act(t, qd), &a.attn, 0)?;
+        taps.emit(gpu, "kq_soft_max", li, None, kq_shape, &a.kq_soft_max, 0)?;
+        taps.emit_with(gpu, "kqv", li, None, [1, n_head, t, head_dim], &a.kqv_out, 0, |v| crate::cpu::attention::heads_first(&v, t, n_head, head_dim))?;
+        taps.emit(gpu, "kqv_out", li, None, act(t, qd), &a.kqv_out, 0)?;
 
         // output projection + residual; the last layer keeps only the last row (inp_out_ids)
-        let trim = last && t > 1;
+        let trim = l + 1 == cfg.n_layer && t > 1;
+        let residual = |at: usize| self.op.residual.then_some(a.l_out.at(at * d));
         let want_attn_out = cfg.arch.names_attn_out() && taps.wants("attn_out", li, None);
-        if want_attn_out {
-            gpu.linear(&lw.wo, a.attn.ptr, t, a.o.ptr, None, None, None, scratch)?;
-            taps.emit(gpu, "attn_out", li, None, act(t, d), &a.o, 0)?;
+        let rows = if want_attn_out {
+            gpu.linear(&lw.wo, a.kqv_out.ptr, t, a.attn_out.ptr, None, None, None, scratch)?;
+            taps.emit(gpu, "attn_out", li, None, act(t, d), &a.attn_out, 0)?;
             let r0 = if trim { t - 1 } else { 0 };
-            rows = t - r0;
-            gpu.add(a.o.at(r0 * d), None, 1, residual.then_some(a.x.at(r0 * d)), a.h.ptr, rows * d)?;
+            gpu.add(a.attn_out.at(r0 * d), None, 1, residual(r0), a.ffn_inp.ptr, (t - r0) * d)?;
+            t - r0
         } else if trim {
-            rows = 1;
-            gpu.linear(&lw.wo, a.attn.at((t - 1) * qd), 1, a.h.ptr, None, residual.then_some(a.x.at((t - 1) * d)), None, scratch)?;
+            gpu.linear(&lw.wo, a.kqv_out.at((t - 1) * qd), 1, a.ffn_inp.ptr, None, residual(t - 1), None, scratch)?;
+            1
         } else {
-            rows = t;
-            gpu.linear(&lw.wo, a.attn.ptr, t, a.h.ptr, None, residual.then_some(a.x.ptr), raw(false, &a.o), scratch)?;
-        }
-        taps.emit(gpu, "ffn_inp", li, None, act(rows, d), &a.h, 0)?;
+            let raw = batched.then_some(a.attn_out.ptr);
+            gpu.linear(&lw.wo, a.kqv_out.ptr, t, a.ffn_inp.ptr, None, residual(0), raw, scratch)?;
+            t
+        };
+        taps.emit(gpu, "ffn_inp", li, None, act(rows, d), &a.ffn_inp, 0)?;
+        Ok(rows)
+    }
 
-        // feed-forward block
+    /// Layer `l`'s feed-forward block on `rows` rows of `acts.ffn_inp`: RMSNorm, gate and up
+    /// projections, SwiGLU (GELU with the fault), the down projection and the residual into
+    /// `acts.l_out`.
+    fn ffn_block(&self, l: usize, lw: &GpuLayer, rows: usize, taps: &mut Taps<'_>) -> Result<()> {
+        let (gpu, a, li) = (self.gpu, self.a, Some(l));
+        let (d, ff, scratch) = (self.cfg.n_embd, self.cfg.n_ff, a.scratch.as_ref());
         let want_n1 = taps.wants("norm", li, Some("rms_norm.1"));
-        let fused = rows <= MV_MAX_T && lw.w_gate.ty == lw.w_up.ty && !gelu;
-        let fuse_norm = fused && !f16_sum && !want_n1 && !taps.wants("ffn_norm", li, None);
+        let fused = rows <= MV_MAX_T && lw.w_gate.ty == lw.w_up.ty && !self.op.gelu;
+        let fuse_norm = fused && !self.op.f16_sum && !want_n1 && !taps.wants("ffn_norm", li, None);
         if !fuse_norm {
-            rmsnorm(a.h.ptr, lw.ffn_norm.ptr, want_n1.then_some(a.n1.ptr), a.f.ptr, rows)?;
+            self.rmsnorm(a.ffn_inp.ptr, lw.ffn_norm.ptr, want_n1.then_some(a.norm1.ptr), a.ffn_norm.ptr, rows)?;
         }
-        taps.emit(gpu, "norm", li, Some("rms_norm.1"), act(rows, d), &a.n1, 0)?;
-        taps.emit(gpu, "ffn_norm", li, None, act(rows, d), &a.f, 0)?;
+        taps.emit(gpu, "norm", li, Some("rms_norm.1"), act(rows, d), &a.norm1, 0)?;
+        taps.emit(gpu, "ffn_norm", li, None, act(rows, d), &a.ffn_norm, 0)?;
         if fused {
-            let wg = taps.wants("ffn_gate", li, None).then_some(a.g.ptr);
-            let wu = taps.wants("ffn_up", li, None).then_some(a.u.ptr);
-            let (f_in, f_norm) = if fuse_norm { (a.h.ptr, Some((lw.ffn_norm.ptr, eps))) } else { (a.f.ptr, None) };
-            gpu.matvec_swiglu(&lw.w_gate, &lw.w_up, f_in, rows, a.s.ptr, wg, wu, f_norm)?;
+            // gate, up and SwiGLU in one launch (normalising ffn_inp itself when fused)
+            let wg = taps.wants("ffn_gate", li, None).then_some(a.ffn_gate.ptr);
+            let wu = taps.wants("ffn_up", li, None).then_some(a.ffn_up.ptr);
+            let (f_in, f_norm) = if fuse_norm { (a.ffn_inp.ptr, Some((lw.ffn_norm.ptr, self.op.eps))) } else { (a.ffn_norm.ptr, None) };
+            gpu.matvec_swiglu(&lw.w_gate, &lw.w_up, f_in, rows, a.ffn_swiglu.ptr, wg, wu, f_norm)?;
         } else {
-            gpu.linear(&lw.w_gate, a.f.ptr, rows, a.g.ptr, None, None, None, scratch)?;
-            gpu.linear(&lw.w_up, a.f.ptr, rows, a.u.ptr, None, None, None, scratch)?;
-            match gelu {
-                true => gpu.gelu_mul(a.g.ptr, a.u.ptr, a.s.ptr, rows * ff)?,
-                false => gpu.swiglu(a.g.ptr, a.u.ptr, a.s.ptr, rows * ff)?,
+            gpu.linear(&lw.w_gate, a.ffn_norm.ptr, rows, a.ffn_gate.ptr, None, None, None, scratch)?;
+            gpu.linear(&lw.w_up, a.ffn_norm.ptr, rows, a.ffn_up.ptr, None, None, None, scratch)?;
+            match self.op.gelu {
+                true => gpu.gelu_mul(a.ffn_gate.ptr, a.ffn_up.ptr, a.ffn_swiglu.ptr, rows * ff)?,
+                false => gpu.swiglu(a.ffn_gate.ptr, a.ffn_up.ptr, a.ffn_swiglu.ptr, rows * ff)?,
             }
         }
-        taps.emit(gpu, "ffn_gate", li, None, act(rows, ff), &a.g, 0)?;
-        taps.emit(gpu, "ffn_up", li, None, act(rows, ff), &a.u, 0)?;
-        taps.emit(gpu, "ffn_swiglu", li, None, act(rows, ff), &a.s, 0)?;
-        let want_dn = taps.wants("ffn_out", li, None);
-        gpu.linear(&lw.w_down, a.s.ptr, rows, a.x.ptr, None, Some(a.h.ptr), (want_dn || rows > MV_MAX_T).then_some(a.dn.ptr), scratch)?;
-        taps.emit(gpu, "ffn_out", li, None, act(rows, d), &a.dn, 0)?;
-        taps.emit(gpu, "l_out", li, None, act(rows, d), &a.x, 0)?;
-        if let Some(r) = taps.replace(l, act(rows, d))? {
-            upload_into(gpu, &r, a.x.ptr)?;
-        }
+        taps.emit(gpu, "ffn_gate", li, None, act(rows, ff), &a.ffn_gate, 0)?;
+        taps.emit(gpu, "ffn_up", li, None, act(rows, ff), &a.ffn_up, 0)?;
+        taps.emit(gpu, "ffn_swiglu", li, None, act(rows, ff), &a.ffn_swiglu, 0)?;
+        let want_out = taps.wants("ffn_out", li, None) || rows > MV_MAX_T;
+        gpu.linear(&lw.w_down, a.ffn_swiglu.ptr, rows, a.l_out.ptr, None, Some(a.ffn_inp.ptr), want_out.then_some(a.ffn_out.ptr), scratch)?;
+        taps.emit(gpu, "ffn_out", li, None, act(rows, d), &a.ffn_out, 0)?;
+        taps.emit(gpu, "l_out", li, None, act(rows, d), &a.l_out, 0)?;
+        Ok(())
     }
 
-    // output head on the last row
-    let xl = a.x.at((rows - 1) * d);
-    let want_norm = taps.wants("norm", None, None);
-    if f16_sum || want_norm || taps.wants("result_norm", None, None) {
-        rmsnorm(xl, w.output_norm.ptr, want_norm.then_some(a.fin_n.ptr), a.fin_r.ptr, 1)?;
-        taps.emit(gpu, "norm", None, None, act(1, d), &a.fin_n, 0)?;
-        taps.emit(gpu, "result_norm", None, None, act(1, d), &a.fin_r, 0)?;
-        gpu.matvec(w.lm_head(), a.fin_r.ptr, 1, a.logits.ptr, None, None, None, None)?;
-    } else {
-        // the head normalises the last row itself
-        gpu.matvec(w.lm_head(), xl, 1, a.logits.ptr, None, None, None, Some((w.output_norm.ptr, eps)))?;
+    /// The output head on the last of `rows` rows: final RMSNorm, then the logits.
+    fn head(&self, rows: usize, taps: &mut Taps<'_>) -> Result<()> {
+        let (gpu, w, a, d) = (self.gpu, self.w, self.a, self.cfg.n_embd);
+        let last = a.l_out.at((rows - 1) * d);
+        let want_norm = taps.wants("norm", None, None);
+        if self.op.f16_sum || want_norm || taps.wants("result_norm", None, None) {
+            self.rmsnorm(last, w.output_norm.ptr, want_norm.then_some(a.norm_out.ptr), a.result_norm.ptr, 1)?;
+            taps.emit(gpu, "norm", None, None, act(1, d), &a.norm_out, 0)?;
+            taps.emit(gpu, "result_norm", None, None, act(1, d), &a.result_norm, 0)?;
+            gpu.matvec(w.lm_head(), a.result_norm.ptr, 1, a.logits.ptr, None, None, None, None)?;
+        } else {
+            // the head normalises the last row itself
+            gpu.matvec(w.lm_head(), last, 1, a.logits.ptr, None, None, None, Some((w.output_norm.ptr, self.op.eps)))?;
+        }
+        taps.emit(gpu, "result_output", None, None, act(1, self.cfg.n_vocab), &a.logits, 0)?;
+        Ok(())
     }
-    taps.emit(gpu, "result_output", None, None, act(1, cfg.n_vocab), &a.logits, 0)?;
-    Ok(())
 }
 
 /// Whether the projection `name` of layer `l` writes its product before the bias separately: for

@@ -8,6 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::CudaSlice;
 
 use super::device::{ptr, Arg, Gpu};
+use crate::faults::Fault;
 use crate::gguf::GgmlType;
 
 /// Most token rows the matrix-vector kernels take (quant.cu's MV_MAX_T); above it, prefill GEMMs go
@@ -16,7 +17,7 @@ pub const MV_MAX_T: usize = 8;
 /// Threads per block of the row-parallel kernels (8 warps: 8 output rows per block).
 const BLOCK: u32 = 256;
 /// Most rows one warp of the staged decode matvec takes (quant.cu's MV_RPW).
-const MV_RPW: usize = 4;
+pub(super) const MV_RPW: usize = 4;
 
 /// The formats the kernels dequantize.
 pub const SUPPORTED: [GgmlType; 8] =
@@ -410,12 +411,12 @@ impl Gpu {
     /// Causal GQA attention of T query rows against the cache (kv_len = *pos + T); writes kq and
     /// p `[H][T][kv_len]` and out `[T][H·Dh]`.
     pub fn attention(&self, a: &AttnArgs) -> Result<()> {
-        self.attention_faulty(a, 0)
+        self.attention_faulty(a, AttnFault::default())
     }
 
-    /// [`Self::attention`] with injected bug classes (crate::faults): `fault` bits 1 = no causal
-    /// mask, 2 = softmax without max subtraction, 4 = kv head `h % Hkv`; 0 is the clean kernel.
-    pub fn attention_faulty(&self, a: &AttnArgs, fault: i32) -> Result<()> {
+    /// [`Self::attention`] with injected bug classes (crate::faults); `AttnFault::default()` is
+    /// the clean kernel.
+    pub fn attention_faulty(&self, a: &AttnArgs, fault: AttnFault) -> Result<()> {
         ensure!(a.head_dim <= BLOCK as usize, "attention: head dim {} > {BLOCK}", a.head_dim);
         ensure!(a.n_head.is_multiple_of(a.n_head_kv), "attention: {} heads over {} kv heads", a.n_head, a.n_head_kv);
         let args = [
@@ -432,7 +433,8 @@ impl Gpu {
             i(a.head_dim)?,
             Arg::F(a.scale),
             Arg::I(a.full_scores as i32),
-            Arg::I(fault),
+            Arg::I(fault.bits()),
+            fault.window_arg()?,
         ];
         self.launch("attention_f32", (a.n_head as u32, a.t as u32, 1), BLOCK, (a.head_dim * 4) as u32, &args)
     }
@@ -498,6 +500,49 @@ pub struct RopeArgs {
     /// base^(−2/n_rot), computed on the host like the CPU twin
     pub theta_scale: f32,
     pub neox: bool,
+}
+
+/// The bug classes the attention kernels inject (crate::faults), uniform per launch: the kernels'
+/// `fault` bits (named ATTN_* for NVRTC by device::kernel_constants) and `window` argument.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttnFault {
+    /// Every row sees all kv_len positions ([`Fault::CausalMaskMissing`]).
+    pub no_causal_mask: bool,
+    /// Softmax without max subtraction ([`Fault::SoftmaxNoMax`]).
+    pub softmax_no_max: bool,
+    /// Query head h reads KV head `h % Hkv` ([`Fault::GqaMapping`]).
+    pub gqa_modulo: bool,
+    /// A row sees only its last N visible positions ([`Fault::AttentionWindow`]); 0 = no window.
+    pub window: u32,
+}
+
+impl AttnFault {
+    /// The kernels' bit names and values, the one home of both.
+    pub const BITS: [(&'static str, i32); 3] = [("ATTN_NO_CAUSAL_MASK", 1), ("ATTN_SOFTMAX_NO_MAX", 2), ("ATTN_GQA_MODULO", 4)];
+
+    /// What `fault` asks of the attention kernels (all off for any other fault, or none).
+    pub fn of(fault: Option<Fault>) -> Self {
+        Self {
+            no_causal_mask: fault == Some(Fault::CausalMaskMissing),
+            softmax_no_max: fault == Some(Fault::SoftmaxNoMax),
+            gqa_modulo: fault == Some(Fault::GqaMapping),
+            window: match fault {
+                Some(Fault::AttentionWindow(n)) => n,
+                _ => 0,
+            },
+        }
+    }
+
+    /// The kernels' `fault` argument.
+    pub fn bits(&self) -> i32 {
+        let [mask, max, gqa] = Self::BITS.map(|b| b.1);
+        (self.no_causal_mask as i32 * mask) | (self.softmax_no_max as i32 * max) | (self.gqa_modulo as i32 * gqa)
+    }
+
+    /// The kernels' `window` argument (0: none).
+    pub fn window_arg(&self) -> Result<Arg> {
+        i(self.window as usize)
+    }
 }
 
 /// Arguments of [`Gpu::attention`].
