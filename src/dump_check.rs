@@ -6,17 +6,20 @@
 //!   storage dtype stays known through [`TapSource::stored_dtype`], so its rounding can be added to the
 //!   limit); the last layer dumped with all T rows at the prefill where llama.cpp keeps only the last
 //!   (`ffn_inp` onward, `norm`, `result_norm`, `result_output`): the last row is taken; steps beyond the
-//!   golden's: ignored.
+//!   golden's: ignored; a row-subset tap (the long goldens, src/rows.rs) dumped whole: cut to the rows the
+//!   golden keeps ("rows kept: …").
 //! - Covered: golden taps compared / not dumped, dump keys that name nothing in the golden (each with the
 //!   nearest known name), checks that cannot run for lack of data (`tokens`, `diversity`).
 //! - Refused with a specific [`Error::DumpTensor`] / [`Error::DumpFile`] naming the file, the tap, the
 //!   expected and found shape or dtype and a layout hint: not safetensors, truncated, a header claiming
 //!   a huge shape, integer dtypes for float taps, empty tensors, wrong rank, wrong element count, axes in
-//!   another order (scores tokens-first, transposed 2-D, …), no key recognised (Hugging Face module
-//!   names get their own hint), a step with taps but no logits.
+//!   another order (scores tokens-first, transposed 2-D, …), a row-subset tap with a number of rows that is
+//!   neither the golden's nor the whole tap's, no key recognised (Hugging Face module names get their own
+//!   hint), a step with taps but no logits.
 //!
 //! NaN and Inf values are not malformed: they go through to the comparison, where check 4 flags them.
 
+use crate::checks::taps::token_axis;
 use crate::checks::TapSource;
 use crate::error::{BadTensor, Error, Result};
 use crate::golden::{TapsFile, Tensor};
@@ -336,6 +339,8 @@ struct GoldenView {
     /// (family, stage) pairs the golden uses anywhere, and its layer count.
     templates: HashSet<(String, Option<String>)>,
     n_layer: usize,
+    /// Row-subset taps (src/rows.rs): key → the positions the golden keeps.
+    rows: HashMap<String, Vec<usize>>,
 }
 
 impl GoldenView {
@@ -357,7 +362,8 @@ impl GoldenView {
         let min_vocab = if golden.contains("topk_ids") { golden.ints("topk_ids")?.into_iter().max().map_or(0, |m| m.max(0) as usize + 1) } else { 0 };
         let templates = taps.iter().map(|t| (t.family.clone(), t.stage.clone())).collect();
         let n_layer = taps.iter().filter_map(|t| t.layer).max().map_or(0, |l| l + 1);
-        Ok(GoldenView { taps, keys, order, tap_steps, max_tap_step, logit_steps, prompt_rows, vocab, min_vocab, templates, n_layer })
+        let rows = crate::rows::all_positions(golden)?;
+        Ok(GoldenView { taps, keys, order, tap_steps, max_tap_step, logit_steps, prompt_rows, vocab, min_vocab, templates, n_layer, rows })
     }
 
     /// A tap name llama.cpp's graph has (a family and stage the golden uses, a layer the model has)
@@ -504,6 +510,8 @@ struct Notes {
     /// (count, first key, found shape, golden shape)
     reshaped: Option<(usize, String, Vec<usize>, Vec<usize>)>,
     last_row: Option<(usize, String, Vec<usize>)>,
+    /// Row-subset taps dumped whole and cut: positions kept → (count, first key, found shape, whole rows)
+    rows_cut: BTreeMap<Vec<usize>, (usize, String, Vec<usize>, usize)>,
 }
 
 impl Notes {
@@ -528,6 +536,14 @@ impl Notes {
             out.push(format!(
                 "{n} prefill tap{} held all {prompt_rows} token rows where llama.cpp keeps only the last (last layer from ffn_inp on, norm, result_norm, result_output), e.g. {k} {found:?}: the last row is compared",
                 if n == 1 { "" } else { "s" }
+            ));
+        }
+        for (pos, (n, k, found, whole)) in self.rows_cut {
+            out.push(format!(
+                "{n} row-subset tap{} dumped whole (e.g. {k} {found:?}), cut to the rows the golden keeps: rows kept: {} ({} of {whole}; golden/README.md, \"Row-subset taps\")",
+                if n == 1 { "" } else { "s" },
+                crate::rows::fmt_positions(&pos),
+                pos.len()
             ));
         }
         out
@@ -610,6 +626,9 @@ fn normalize(dump: &TapsFile, id: &TapId, expected: Option<&[usize]>, view: &Gol
         let t = read(dump)?;
         return Ok((Tensor { shape: g.to_vec(), data: t.data }, dtype));
     }
+    if let Some(pos) = view.rows.get(&key) {
+        return whole_rows(dump, id, &found, g, pos, view, notes).map(|t| (t, dtype)).map_err(|(p, e, h)| problem(p, e, shape_str(&found), h));
+    }
     // The prefill of the last layer with every row where the golden keeps the last one.
     let rows = view.prompt_rows;
     if id.step == 0 && rows > 1 && g.len() == 4 && g[..3] == [1, 1, 1] && as4(&found).as_deref() == Some(&[1, 1, rows, g[3]][..]) {
@@ -621,6 +640,46 @@ fn normalize(dump: &TapsFile, id: &TapId, expected: Option<&[usize]>, view: &Gol
     }
     let (p, h) = shape_problem(id, &found, g, view.prompt_rows);
     Err(problem(p, describe(id, g), shape_str(&found), h))
+}
+
+/// A row-subset tap (src/rows.rs) whose dump is not the golden's kept rows: the whole tap (up to size-1
+/// axes), cut to the kept rows (noted); else the problem, the expected shapes and a hint.
+fn whole_rows(
+    dump: &TapsFile,
+    id: &TapId,
+    found: &[usize],
+    g: &[usize],
+    positions: &[usize],
+    view: &GoldenView,
+    notes: &mut Notes,
+) -> Result<Tensor, (String, String, String)> {
+    let key = id.key();
+    let ax = token_axis(id, g);
+    // The step's rows: the prompt at the prefill, one token at a decode step.
+    let rows = if id.step == 0 { view.prompt_rows } else { 1 };
+    let mut whole = g.to_vec();
+    whole[ax] = rows;
+    let kept = format!("{} rows at positions {}", positions.len(), crate::rows::fmt_positions(positions));
+    let expected = format!("{} (the {kept}) or {} (the whole tap)", describe(id, g), shape_str(&whole));
+    const HOW: &str = "dump the whole tap, or only the kept rows in ascending order (golden/README.md, \"Row-subset taps\")";
+    let found4 = as4(found);
+    if found4.as_deref() == Some(&whole[..]) {
+        let t = dump.f32(&key).map_err(|e| ("unreadable".to_string(), expected.clone(), e.to_string()))?;
+        let t =
+            crate::rows::cut(id, Tensor { shape: whole.clone(), data: t.data }, g, positions).map_err(|e| ("cannot cut".to_string(), expected.clone(), e))?;
+        let n = notes.rows_cut.entry(positions.to_vec()).or_insert((0, key.clone(), found.to_vec(), rows));
+        n.0 += 1;
+        return Ok(t);
+    }
+    if let Some(f4) = found4.filter(|f| f.len() == 4 && g.len() == 4 && (0..4).all(|a| a == ax || f[a] == g[a])) {
+        return Err((
+            format!("wrong number of rows ({}): neither the golden's {kept} nor the whole tap's {rows}", f4[ax]),
+            expected,
+            format!("the token axis is axis {ax}; {HOW}"),
+        ));
+    }
+    let (p, h) = shape_problem(id, found, &whole, view.prompt_rows);
+    Err((p, expected, format!("{h}; {HOW}")))
 }
 
 /// The golden shape with the meaning of its axes: `[1, 4, 9, 9] ([1, heads, tokens, kv_len])`.
