@@ -14,12 +14,14 @@ import re
 import struct
 from dataclasses import dataclass, field
 
+from . import layout
 from .errors import KitError
 
 # A header larger than this is not a taps file (qwen's largest golden header is ~70 KB).
 _MAX_HEADER = 64 << 20
 
 _STEP_KEY = re.compile(r"^s(\d+)/(.+)$")
+ROWS_PREFIX = "rows/"  # rows/s0/l_out-0: the positions the row-subset tap s0/l_out-0 keeps
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Golden:
     path: str
     entries: dict  # key -> Entry, e.g. "s0/Qcur-0.rope" -> Entry("F32", (1, 9, 4, 64))
     metadata: dict = field(default_factory=dict)
+    _rows: dict = field(default=None, repr=False)  # "s0/l_out-0" -> (0, 1, 63, ...), read on first use
 
     @classmethod
     def open(cls, path) -> "Golden":
@@ -93,6 +96,38 @@ class Golden:
         if e is None and tap == "result_output" and step in self.steps() and self.vocab():
             e = Entry("F32", (1, 1, 1, self.vocab()))
         return e
+
+    def rows(self, key: str):
+        """The positions a row-subset tap keeps (golden/README.md, "Row-subset taps": the long goldens
+        keep some token rows of a long prefill's taps, listed by the i32 tensor ``rows/{key}``), as a
+        tuple in ascending order; None for a whole tap."""
+        if self._rows is None:
+            keys = [k for k in self.entries if k.startswith(ROWS_PREFIX)]
+            self._rows = {}
+            if keys:
+                from safetensors import safe_open
+
+                with safe_open(self.path, framework="numpy") as f:
+                    for k in keys:
+                        pos = tuple(int(p) for p in f.get_tensor(k).reshape(-1))
+                        tap = k[len(ROWS_PREFIX):]
+                        want = self.entries.get(tap)
+                        m = _STEP_KEY.match(tap)
+                        if want is None or not m or len(want.shape) != 4:
+                            raise KitError(f"{self.path}: {k} lists rows of {tap}, which is not a 4-D tap of the golden")
+                        n = want.shape[layout.token_axis(m.group(2), want.shape)]
+                        if len(pos) != n or any(b <= a for a, b in zip(pos, pos[1:])) or (pos and pos[0] < 0):
+                            raise KitError(f"{self.path}: {k}: expected {n} ascending non-negative positions "
+                                           f"(the rows of {tap} {list(want.shape)}), found {list(pos)[:8]}")
+                        self._rows[tap] = pos
+        return self._rows.get(key)
+
+    def step_rows(self, step: int):
+        """Rows (tokens) of a whole tap at ``step``: the prompt's length at the prefill, 1 after."""
+        if step > 0:
+            return 1
+        e = self.entries.get("tokens")
+        return e.shape[0] if e else None
 
     def step_keys(self) -> list:
         """Every ``s{k}/{tap}`` a complete dump holds (incl. implied decode-step logits), natural order."""

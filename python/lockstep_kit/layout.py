@@ -19,6 +19,15 @@ _LAST_ROW = re.compile(r"^(ffn_inp|ffn_norm|norm-\d+\.rms_norm\.1|ffn_gate|ffn_u
 _ALWAYS_LAST_ROW = ("norm", "result_norm", "result_output")
 
 
+def token_axis(tap: str, shape) -> int:
+    """The token axis of a 4-D tap, as lockstep's (src/checks/taps.rs ``token_axis``): 1 for
+    ``[1, tokens, heads, head_dim]`` (after RoPE), else 2 (``[1, 1, tokens, width]``, ``[1, heads, tokens, kv]``)."""
+    name, _, stage = tap.partition(".")
+    fam = re.sub(r"-\d+$", "", name)
+    rope_like = stage == "rope" or (fam in ("Qcur", "Kcur", "Vcur") and not stage and len(shape) == 4 and shape[1] != 1)
+    return 1 if rope_like else 2
+
+
 def layer_of(tap: str):
     """"Qcur-12.rope" -> 12; "result_norm" -> None."""
     m = _LAYER.search(tap)

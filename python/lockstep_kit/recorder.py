@@ -3,6 +3,7 @@
     rec = Recorder(golden="golden/taps/tiny-qwen2/exact/fox.safetensors")
     rec.set_tokens(prompt_ids)
     rec.record(0, "embd", x)          # x: [T, W] or [1, 1, T, W], numpy or torch, any float dtype
+                                       # (a row-subset tap of a long golden: whole, stored as its kept rows)
     rec.save("dump.safetensors")       # f32 safetensors, written atomically
 
 Without a golden nothing is checked but the names' form (``s{step}/{tap}``) and the dtype.
@@ -43,6 +44,14 @@ class Recorder:
         if self.golden is None:
             return True
         return self.golden.expected(int(step), tap) is not None
+
+    def positions(self, step: int, tap: str):
+        """The token positions the golden keeps of ``s{step}/{tap}`` when it is a row-subset tap (the long
+        goldens), as a tuple; None for a whole tap or without a golden. ``record`` takes the whole tap
+        (and keeps these rows) or only these rows, in this order."""
+        if self.golden is None:
+            return None
+        return self.golden.rows(f"s{int(step)}/{tap}")
 
     def missing(self) -> list:
         """Golden keys (``s{k}/{tap}``, incl. each decode step's logits) not recorded yet, in order."""
@@ -159,10 +168,33 @@ class Recorder:
             return arr
         if layout.fits_by_squeeze(arr.shape, want):
             return arr.reshape(want)
+        positions = g.rows(key)
+        if positions is not None:
+            return self._cut_rows(step, tap, key, arr, want, positions)
         h = layout.hint(tap, step, arr.shape, want, self._layers)
         self._problem(
             f"{key}: expected shape {list(want)} ({expected.dtype} in the golden), found {list(arr.shape)} "
             f"{arr.dtype}" + (f": {h}" if h else "")
+        )
+        return arr
+
+    def _cut_rows(self, step, tap, key, arr, want, positions):
+        """A row-subset tap (golden/README.md, "Row-subset taps") recorded whole: the golden's rows of it,
+        in the golden's shape. The kit stores the kept rows only (the dump stays as small as the golden:
+        a whole kq of a 1,046-token prefill is 61 MB); lockstep compare would cut a whole tap the same way."""
+        ax = layout.token_axis(tap, want)
+        rows = self.golden.step_rows(step)
+        whole = list(want)
+        whole[ax] = rows if rows is not None else -1
+        if rows is not None and layout.fits_by_squeeze(arr.shape, whole):
+            return np.ascontiguousarray(np.take(arr.reshape(whole), list(positions), axis=ax))
+        shown = ", ".join(map(str, positions)) if len(positions) <= 8 else (
+            f"{', '.join(map(str, positions[:5]))}, … ({len(positions) - 6} more), {positions[-1]}")
+        self._problem(
+            f"{key}: the golden keeps the {len(positions)} rows at positions {shown} of this tap: expected "
+            f"{list(want)} (those rows) or {whole} (the whole tap, which the kit cuts to those rows), found "
+            f"{list(arr.shape)} {arr.dtype}: record the whole tap (token axis {ax}), or only those rows in "
+            f"ascending order (Recorder.positions(step, tap) lists them)"
         )
         return arr
 

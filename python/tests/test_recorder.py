@@ -257,3 +257,60 @@ def test_torch_tensors_are_accepted():
     np.testing.assert_array_equal(r.tensors["s0/embd"][0, 0], x.detach().float().numpy()[0])
     r.set_tokens(torch.tensor(r.golden_tokens().tolist()))
     assert r.tokens.tolist() == r.golden_tokens().tolist()
+
+
+# -- row-subset taps (the long goldens keep some token rows of a long prefill's taps) --------------------
+LONG = golden_taps("smollm2-135m/exact/long")  # 1,134 prompt tokens; W=576, H=9
+LONG_T = 1134
+KEPT_L_OUT = (0, 1, 63, 64, 79, 80, 81, 127, 128, 255, 256, 511, 512, 513, 767, 1023, 1133)
+
+
+def test_a_whole_row_subset_tap_is_stored_as_the_golden_rows():
+    r = rec(golden=LONG)
+    assert r.positions(0, "l_out-0") == KEPT_L_OUT and r.positions(0, "kq-0") == (79, 80, 511, 512)
+    assert r.positions(1, "l_out-0") is None and r.positions(0, "l_out-29") is None
+    x = np.arange(LONG_T, dtype=np.float64)[:, None] * np.ones((1, 576))  # row p holds p
+    r.record(0, "l_out-0", x)  # [T, W]: the whole tap, size-1 axes dropped
+    got = r.tensors["s0/l_out-0"]
+    assert got.shape == (1, 1, 17, 576) and got.dtype == np.float32
+    assert tuple(int(v) for v in got[0, 0, :, 0]) == KEPT_L_OUT and np.all(got[0, 0, :, 575] == got[0, 0, :, 0])
+    kq = np.arange(LONG_T, dtype=np.float32)[None, None, :, None] + np.zeros((1, 9, 1, LONG_T), np.float32)
+    kq[:, 3] += 10000  # head 3 stays head 3
+    r.record(0, "kq-0", kq)
+    got = r.tensors["s0/kq-0"]
+    assert got.shape == (1, 9, 4, LONG_T)
+    assert got[0, 0, :, 7].tolist() == [79, 80, 511, 512] and got[0, 3, :, 0].tolist() == [10079, 10080, 10511, 10512]
+    r.record(0, "embd", np.ones((17, 576)))  # the kept rows themselves are taken as they are
+    assert r.tensors["s0/embd"].shape == (1, 1, 17, 576) and r.warnings == []
+
+
+def test_a_row_count_neither_whole_nor_kept_is_refused():
+    msg = err(rec(golden=LONG).record, 0, "l_out-1", z(1, 1, 1000, 576))
+    for needle in ("s0/l_out-1", "17 rows at positions 0, 1, 63, 64, 79, … (11 more), 1133", "[1, 1, 17, 576] (those rows)",
+                   f"[1, 1, {LONG_T}, 576] (the whole tap", "found [1, 1, 1000, 576]", "Recorder.positions"):
+        assert needle in msg, msg
+    msg = err(rec(golden=LONG).record, 0, "kq_soft_max-0", z(1, LONG_T, 9, LONG_T))  # tokens-first
+    assert f"[1, 9, {LONG_T}, {LONG_T}] (the whole tap" in msg, msg
+    r = rec(strict=False, golden=LONG)
+    with pytest.warns(UserWarning):
+        r.record(0, "l_out-1", z(1, 1, 1000, 576))
+    assert r.tensors["s0/l_out-1"].shape == (1, 1, 1000, 576) and len(r.warnings) == 1
+
+
+def test_malformed_rows_in_a_golden_are_a_clear_error(tmp_path):
+    from safetensors.numpy import save_file
+
+    p = tmp_path / "g.safetensors"
+    save_file({"s0/l_out-0": z(1, 1, 2, 4), "rows/s0/l_out-0": np.array([3, 1], np.int32),
+               "tokens": np.arange(5, dtype=np.int32)}, str(p))
+    msg = err(rec(golden=p).record, 0, "l_out-0", z(1, 1, 5, 4))
+    assert str(p) in msg and "rows/s0/l_out-0" in msg and "ascending" in msg, msg
+
+
+def test_diff_compares_a_whole_row_subset_tap_on_the_kept_rows():
+    from lockstep_kit.diff import compare
+
+    g = {"s0/l_out-0": np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4), "rows/s0/l_out-0": np.array([1, 3], np.int32)}
+    whole = np.full((1, 1, 5, 4), np.nan, np.float32)
+    whole[0, 0, [1, 3]] = g["s0/l_out-0"][0, 0]
+    assert compare({"s0/l_out-0": whole}, g) == [("s0/l_out-0", 0.0, 0.0)]
