@@ -27,4 +27,9 @@ pub trait Backend {
     /// here, so that it is not mistaken for a dequantization bug; a fault of the dequantization itself
     /// (crate::faults::Fault::Q4kMinSign) does, as at load.
     fn dequantize_rows(&self, file: &GgufFile, tensor: &str, rows: Range<usize>) -> anyhow::Result<Vec<f32>>;
+    /// Which arithmetic a forward pass of `t` tokens runs (what a speed figure measured), in words.
+    fn kernel_path(&self, t: usize) -> String {
+        let _ = t;
+        format!("{}: f32 reference", self.name())
+    }
 }

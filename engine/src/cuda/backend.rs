@@ -348,6 +348,13 @@ impl Backend for CudaBackend {
         self.forward_impl(tokens, None)?;
         self.pinned_logits()
     }
+    fn kernel_path(&self, t: usize) -> String {
+        match (t > MV_MAX_T, t == 1 && self.options.graphs) {
+            (true, _) => "f32 (exact tier): weights dequantized to f32 per matrix, cuBLAS SGEMM without TF32; attention_f32".into(),
+            (false, true) => "f32 (exact tier): fused quantized matvec kernels and attention_decode_f32, replayed as one CUDA graph per step".into(),
+            (false, false) => "f32 (exact tier): fused quantized matvec kernels".into(),
+        }
+    }
     /// The kernels' own dequantization, `dq16` (Gpu::dequant_rows), on the matrix as the GPU holds it:
     /// the bytes the matvecs read. Where the loader did not upload the file's bytes (an injected fault
     /// replaced the matrix) the file's bytes go through the same kernel; vectors (norm weights, biases)

@@ -20,6 +20,8 @@ pub struct BenchResult {
     pub samples_ts: Vec<f64>,
     pub avg_ts: f64,
     pub stddev_ts: f64,
+    /// Which arithmetic ran ([`Backend::kernel_path`]).
+    pub path: String,
 }
 
 /// What the table's leading columns say about the run.
@@ -62,7 +64,7 @@ fn stats(test: String, n_prompt: usize, n_gen: usize, samples_ts: Vec<f64>) -> B
     let n = samples_ts.len() as f64;
     let avg = samples_ts.iter().sum::<f64>() / n;
     let var = if samples_ts.len() > 1 { samples_ts.iter().map(|x| (x - avg).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
-    BenchResult { test, n_prompt, n_gen, samples_ts, avg_ts: avg, stddev_ts: var.sqrt() }
+    BenchResult { test, n_prompt, n_gen, samples_ts, avg_ts: avg, stddev_ts: var.sqrt(), path: String::new() }
 }
 
 /// `pp{n}`: prefill of n tokens, `reps` timed runs after one warm-up.
@@ -79,7 +81,7 @@ pub fn prompt(b: &mut dyn Backend, n: usize, reps: usize, n_vocab: usize) -> Res
         }
     }
     b.reset();
-    Ok(stats(format!("pp{n}"), n, 0, samples))
+    Ok(BenchResult { path: b.kernel_path(n), ..stats(format!("pp{n}"), n, 0, samples) })
 }
 
 /// `tg{n}`: n single-token decode steps from an empty cache, `reps` timed runs after one warm-up.
@@ -98,7 +100,7 @@ pub fn generate(b: &mut dyn Backend, n: usize, reps: usize, n_vocab: usize) -> R
         }
     }
     b.reset();
-    Ok(stats(format!("tg{n}"), 0, n, samples))
+    Ok(BenchResult { path: b.kernel_path(1), ..stats(format!("tg{n}"), 0, n, samples) })
 }
 
 /// llama-bench's markdown table.
@@ -108,6 +110,9 @@ pub fn table(m: &BenchModel, results: &[BenchResult]) -> String {
     let mut s = String::from("| model | size | params | backend | test | t/s |\n| --- | ---: | ---: | --- | ---: | ---: |\n");
     for r in results {
         s.push_str(&format!("| {} | {} | {} | {} | {} | {:.2} ± {:.2} |\n", m.model, size, params, m.backend, r.test, r.avg_ts, r.stddev_ts));
+    }
+    for r in results.iter().filter(|r| !r.path.is_empty()) {
+        s.push_str(&format!("{}: {}\n", r.test, r.path));
     }
     s
 }
@@ -121,7 +126,7 @@ pub fn json(m: &BenchModel, results: &[BenchResult]) -> serde_json::Value {
                 serde_json::json!({
                     "model_type": m.model, "model_size": m.size_bytes, "model_n_params": m.n_params,
                     "backend": m.backend, "test": r.test, "n_prompt": r.n_prompt, "n_gen": r.n_gen,
-                    "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts,
+                    "avg_ts": r.avg_ts, "stddev_ts": r.stddev_ts, "samples_ts": r.samples_ts, "path": r.path,
                 })
             })
             .collect(),
