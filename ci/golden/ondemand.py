@@ -39,7 +39,7 @@ from export import THREADS, log
 DEFAULT_STEPS = 5            # steps with taps, the prefill included: as the committed goldens
 FAULT_ENV = "LOCKSTEP_ONDEMAND_FAULT"   # tests only: "kill-before-rename" kills this process (SIGKILL)
                                         # once the entry is complete in its partial directory
-NOISE_ARCHS = ("qwen2", "llama")   # what tests/outside_engine/numpy_engine.py evaluates in f64
+NOISE_ARCHS = ("qwen2", "llama", "gemma3")   # what tests/outside_engine/numpy_engine.py evaluates in f64
 
 
 class UsageError(Exception):

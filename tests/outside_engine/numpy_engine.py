@@ -1,7 +1,7 @@
-"""An independent "outside engine" for qwen2 and llama GGUF models, in plain NumPy.
+"""An independent "outside engine" for qwen2, llama and gemma3 GGUF models, in plain NumPy.
 
 It shares no code with engine/ and was written from golden/README.md, the GGUF metadata and llama.cpp's
-graph for qwen2/llama, so that `lockstep compare` can be tried the way an outside engine author uses it:
+graph for qwen2/llama/gemma3 (gemma3: golden/README.md, "gemma3's taps"), so that `lockstep compare` can be tried the way an outside engine author uses it:
 run the golden's prompt (step 0 = prefill of `tokens`), then teacher-forced single-token decode steps
 (step k is fed `continuation[k-1]`) with this engine's own KV cache, and dump every tap the golden holds.
 
@@ -39,10 +39,18 @@ import gguf  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-SUPPORTED_ARCHS = ("qwen2", "llama")
-# llama.cpp's rope type per architecture: qwen2 rotates (i, i + d/2) (NeoX), llama adjacent (2i, 2i+1)
-# ("normal"; the GGUF converter permutes llama's Q/K rows so that this matches HF's rotate_half).
-NEOX_ROPE = {"qwen2": True, "llama": False}
+SUPPORTED_ARCHS = ("qwen2", "llama", "gemma3")
+# The planted bugs are written into the qwen2/llama layer loop only.
+BUG_ARCHS = ("qwen2", "llama")
+# llama.cpp's rope type per architecture: qwen2 and gemma3 rotate (i, i + d/2) (NeoX), llama adjacent
+# (2i, 2i+1) ("normal"; the GGUF converter permutes llama's Q/K rows so that this matches HF's rotate_half).
+NEOX_ROPE = {"qwen2": True, "llama": False, "gemma3": True}
+# gemma3 (llama.cpp's load_hparams for LLM_ARCH_GEMMA3): with a sliding window, every sixth layer is global
+# (layer L slides when L % 6 < 5) and the sliding layers rotate with base 10000 (the file's rope.freq_base is
+# the global layers'); queries are scaled by 1/sqrt(head_dim) before q·k (not for the 27B model, whose scale
+# is 1/sqrt(n_embd / n_head): refused below).
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_ROPE_BASE_SWA = 10000.0
 
 
 class EngineError(Exception):
@@ -62,7 +70,7 @@ class Bug:
     layer: int | None
     tap: str  # tap name without the `s{step}/` prefix
     class_id: str  # CONTEXT.md's stable class id
-    archs: tuple[str, ...] = SUPPORTED_ARCHS
+    archs: tuple[str, ...] = BUG_ARCHS
     # The model ids the bug applies to (None: every model of `archs`).
     models: tuple[str, ...] | None = None
     # The golden prompt that shows it (None: any; `long` for bugs that need > 80 positions).
@@ -136,6 +144,15 @@ class Config:
     eps: float
     rope_base: float
     rope_dims: int
+    # gemma3 only (defaults: none)
+    sliding_window: int = 0  # a query at p sees keys p - window + 1 ..= p on sliding layers
+    swa_pattern: int = 0  # layer L slides when swa_pattern > 0 and L % swa_pattern < swa_pattern - 1
+    rope_base_swa: float = 0.0  # RoPE base of the sliding layers
+    attn_scale: float = 0.0  # query scale before q·k (0: 1/sqrt(head_dim) applied to the scores)
+    embd_scale: float = 0.0  # embeddings times this (0: none)
+
+    def slides(self, layer: int) -> bool:
+        return self.sliding_window > 0 and self.swa_pattern > 0 and layer % self.swa_pattern < self.swa_pattern - 1
 
 
 def _field(reader: gguf.GGUFReader, key: str, path: Path, default=None):
@@ -234,6 +251,20 @@ class Model:
             rope_base=float(_field(reader, f"{arch}.rope.freq_base", self.path, 10000.0)),
             rope_dims=int(_field(reader, f"{arch}.rope.dimension_count", self.path, head_dim)),
         )
+        if arch == "gemma3":
+            n_layer = self.cfg.n_layer
+            if _field(reader, "gemma3.final_logit_softcapping", self.path, 0.0):
+                raise EngineError(f"{self.path}: final logit soft-capping not supported")
+            if n_layer == 62:  # llama.cpp's LLM_TYPE_27B: another query scale
+                raise EngineError(f"{self.path}: gemma3 27B (62 layers) not supported")
+            window = int(_field(reader, "gemma3.attention.sliding_window", self.path, 0))
+            self.cfg.sliding_window = window
+            self.cfg.swa_pattern = GEMMA3_SWA_PATTERN if window > 0 else 0
+            self.cfg.rope_base_swa = GEMMA3_ROPE_BASE_SWA
+            self.cfg.attn_scale = 1.0 / float(np.sqrt(head_dim))
+            self.cfg.embd_scale = float(np.sqrt(n_embd))
+            if reader.fields.get("gemma3.rope.scaling.type") is not None:
+                raise EngineError(f"{self.path}: RoPE scaling not supported")
         if self.cfg.rope_dims != head_dim:
             raise EngineError(f"{self.path}: partial RoPE (rope.dimension_count {self.cfg.rope_dims} != head dim "
                               f"{head_dim}) not supported")
@@ -436,13 +467,13 @@ class Engine:
             out[:, i : i + n] = x @ buf[:n].T
         return out
 
-    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """x [T, heads, d] rotated at `positions` [T]."""
+    def rope(self, x: np.ndarray, positions: np.ndarray, base: float | None = None) -> np.ndarray:
+        """x [T, heads, d] rotated at `positions` [T] (base: the layer's, when not the model's)."""
         d = self.cfg.head_dim
         pos = positions.astype(np.float64)
         if self.bug == "positions_off_by_one":
             pos = pos + 1.0
-        inv_freq = self.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
+        inv_freq = (base or self.rope_base) ** (-np.arange(0, d, 2, dtype=np.float64) / d)  # [d/2]
         theta = pos[:, None] * inv_freq[None, :]  # [T, d/2]
         cos = np.cos(theta).astype(self.dt)[:, None, :]  # [T, 1, d/2]
         sin = np.sin(theta).astype(self.dt)[:, None, :]
@@ -465,11 +496,118 @@ class Engine:
             return self.dt(0.5) * g * (self.dt(1.0) + np.tanh(c * (g + self.dt(0.044715) * g * g * g)))
         return g / (self.dt(1.0) + np.exp(-g))
 
+    def gelu(self, g: np.ndarray) -> np.ndarray:
+        """GELU, tanh form (gemma3's gelu_pytorch_tanh; ggml's GELU)."""
+        c = self.dt(np.sqrt(2.0 / np.pi))
+        return self.dt(0.5) * g * (self.dt(1.0) + np.tanh(c * (g + self.dt(0.044715) * g * g * g)))
+
+    def attend(self, log: TapLog, L: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int,
+               scale: float, window: int = 0) -> np.ndarray:
+        """Writes k, v [T, Hkv, d] to the cache at p0..; q [T, H, d] attends (scores times `scale`, a causal
+        mask, and a sliding `window` when > 0); logs kq, kq_soft_max, kqv, kqv_out. Returns [T, H*d]."""
+        c = self.cfg
+        T = q.shape[0]
+        H, d = c.n_head, c.head_dim
+        positions = np.arange(p0, p0 + T)
+        kv_len = p0 + T
+        self.k_cache[L][p0 : p0 + T] = k
+        self.v_cache[L][p0 : p0 + T] = v
+        kv_of_head = np.arange(H) // self.group
+        Kh = self.k_cache[L][:kv_len].transpose(1, 0, 2)[kv_of_head]  # [H, kv, d]
+        Vh = self.v_cache[L][:kv_len].transpose(1, 0, 2)[kv_of_head]
+        kq = q.transpose(1, 0, 2) @ Kh.transpose(0, 2, 1)  # [H, T, kv], unmasked
+        log.add(f"kq-{L}", "mul_mat", kq[None])
+        keys = np.arange(kv_len)[None, :]
+        visible = keys <= positions[:, None]  # [T, kv]
+        if window > 0:
+            visible &= keys > positions[:, None] - window
+        s = np.where(visible[None], kq * self.dt(scale), -np.inf)
+        e = np.exp(s - np.max(s, axis=-1, keepdims=True))
+        prob = e / np.sum(e, axis=-1, keepdims=True)  # masked entries exactly 0
+        log.add(f"kq_soft_max-{L}", "soft_max", prob[None])
+        kqv = prob @ Vh  # [H, T, d]
+        log.add(f"kqv-{L}", "mul_mat", kqv[None])
+        merged = kqv.transpose(1, 0, 2).reshape(T, H * d)
+        log.add(f"kqv_out-{L}", "cont", _act(merged))
+        return merged
+
+    def step_gemma3(self, token_ids: np.ndarray, want=None) -> dict[str, np.ndarray]:
+        """One step of llama.cpp's gemma3 graph (golden/README.md, "gemma3's taps"): embeddings scaled by
+        sqrt(n_embd); per layer RMSNorm, Q/K/V, an RMSNorm of each Q and K head (own weights), RoPE (the
+        sliding layers' base), queries scaled by 1/sqrt(head_dim) before q·k (so `kq` holds scaled scores),
+        a sliding window on five of six layers, the output projection, a post-attention RMSNorm, the
+        residual (`sa_out`), the FFN with a GELU gate, a post-FFN RMSNorm, the residual (`l_out`). The RMSNorm
+        before `ffn_post_norm-L` is named `norm` without a layer, as llama.cpp names it."""
+        c = self.cfg
+        T = len(token_ids)
+        p0 = self.n_past
+        positions = np.arange(p0, p0 + T)
+        log = TapLog(want)
+        H, Hkv, d = c.n_head, c.n_head_kv, c.head_dim
+
+        def norm(x: np.ndarray, weight: str, name: str, layer_name: str) -> np.ndarray:
+            n = self.rms(x)
+            log.add(layer_name, "rms_norm", n if n.ndim == 4 else _act(n))
+            h = n * self.W(weight)
+            log.add(name, "mul", h if h.ndim == 4 else _act(h))
+            return h
+
+        x = np.asarray(self.m.w("token_embd.weight")[token_ids], dtype=self.dt)  # [T, E]
+        log.add("embd", "get_rows", _act(x))
+        x = x * self.dt(c.embd_scale)
+        log.add("inp_scaled", "scale", _act(x))
+        for L in range(c.n_layer):
+            p = f"blk.{L}."
+            h = norm(x, p + "attn_norm.weight", f"attn_norm-{L}", f"norm-{L}")
+            q = self.matmul(h, p + "attn_q.weight")  # [T, H*d]
+            log.add(f"Qcur-{L}", "mul_mat", _act(q))
+            q = norm(q.reshape(1, T, H, d), p + "attn_q_norm.weight", f"Qcur_normed-{L}", f"norm-{L}")[0]
+            slides = c.slides(L)
+            base = c.rope_base_swa if slides else c.rope_base
+            q = self.rope(q, positions, base)  # [T, H, d]
+            log.add(f"Qcur-{L}", "rope", q[None])
+            k = self.matmul(h, p + "attn_k.weight")
+            log.add(f"Kcur-{L}", "mul_mat", _act(k))
+            k = norm(k.reshape(1, T, Hkv, d), p + "attn_k_norm.weight", f"Kcur_normed-{L}", f"norm-{L}")[0]
+            k = self.rope(k, positions, base)
+            log.add(f"Kcur-{L}", "rope", k[None])
+            v = self.matmul(h, p + "attn_v.weight")
+            log.add(f"Vcur-{L}", "mul_mat", _act(v))
+            merged = self.attend(log, L, q * self.dt(c.attn_scale), k, v.reshape(T, Hkv, d), p0, 1.0,
+                                 c.sliding_window if slides else 0)
+            a = self.matmul(merged, p + "attn_output.weight")  # [T, E], unnamed in llama.cpp
+            resid = x
+            if L == c.n_layer - 1:  # llama.cpp keeps only the last token from here on in the last layer
+                a, resid = a[-1:], resid[-1:]
+            a = norm(a, p + "post_attention_norm.weight", f"attn_post_norm-{L}", f"norm-{L}")
+            sa = a + resid
+            log.add(f"sa_out-{L}", "add", _act(sa))
+            h = norm(sa, p + "ffn_norm.weight", f"ffn_norm-{L}", f"norm-{L}")
+            g = self.matmul(h, p + "ffn_gate.weight")  # [T, F]
+            log.add(f"ffn_gate-{L}", "mul_mat", _act(g))
+            u = self.matmul(h, p + "ffn_up.weight")
+            log.add(f"ffn_up-{L}", "mul_mat", _act(u))
+            gg = self.gelu(g) * u
+            log.add(f"ffn_geglu-{L}", "geglu", _act(gg))
+            f = self.matmul(gg, p + "ffn_down.weight")  # [T, E]
+            log.add(f"ffn_out-{L}", "mul_mat", _act(f))
+            f = norm(f, p + "post_ffw_norm.weight", f"ffn_post_norm-{L}", "norm")
+            x = f + sa
+            log.add(f"l_out-{L}", "add", _act(x))
+        x = x[-1:]
+        h = norm(x, "output_norm.weight", "result_norm", "norm")
+        logits = self.matmul(h, "output.weight")  # [1, vocab] (tied: token_embd)
+        log.add("result_output", "mul_mat", _act(logits))
+        self.n_past += T
+        return log.named()
+
     # --- one step ---------------------------------------------------------------------------------
 
     def step(self, token_ids: np.ndarray, want=None) -> dict[str, np.ndarray]:
         """Runs `token_ids` [T] at positions n_past.., appends to the KV cache; returns named taps (those
         whose llama.cpp name `want(name)` accepts; None: all)."""
+        if self.cfg.arch == "gemma3":
+            return self.step_gemma3(token_ids, want)
         c = self.cfg
         T = len(token_ids)
         p0 = self.n_past
@@ -575,11 +713,13 @@ class Engine:
         return log.named()
 
 
-def run(gguf_path, golden_path, dtype: str = "f32", bug: str | None = None, model: Model | None = None
-        ) -> dict[str, np.ndarray]:
+def run(gguf_path, golden_path, dtype: str = "f32", bug: str | None = None, model: Model | None = None,
+        whole_rows: bool = False) -> dict[str, np.ndarray]:
     """Runs the golden's prompt and teacher-forced decode steps; returns every tap the golden holds
     (`s{k}/{tap}`, golden shapes, float32), `s{k}/result_output` for every step, and `tokens` (int32).
-    `model` lets a caller reuse an already loaded Model of `gguf_path`."""
+    `model` lets a caller reuse an already loaded Model of `gguf_path`. A row-subset tap (the long
+    goldens) is cut to the golden's rows, or with `whole_rows` dumped whole (every row of the step), as an
+    engine that knows nothing of row subsets would: `lockstep compare` cuts it."""
     spec = read_golden(golden_path)
     m = model if model is not None else Model(gguf_path)
     eng = Engine(m, dtype=dtype, bug=bug)
@@ -596,14 +736,23 @@ def run(gguf_path, golden_path, dtype: str = "f32", bug: str | None = None, mode
         taps = eng.step(ids, want=lambda n, names=names: n in names or n == "result_output")
         for name, value in taps.items():
             key = f"s{k}/{name}"
-            if key in spec.rows:  # a row-subset tap: the rows the golden keeps
+            if key in spec.rows and not whole_rows:  # a row-subset tap: the rows the golden keeps
                 value = np.take(value, spec.rows[key], axis=token_axis(name, value.shape))
             if key in spec.shapes or name == "result_output":
                 out[key] = np.ascontiguousarray(value, dtype=np.float32)
     missing = [k for k in spec.shapes if k not in out]
     if missing:
         raise EngineError(f"{golden_path}: this engine produced no {missing[:5]} ({len(missing)} keys)")
-    bad = [(k, out[k].shape, spec.shapes[k]) for k in spec.shapes if out[k].shape != spec.shapes[k]]
+    def fits(k: str) -> bool:
+        if out[k].shape == spec.shapes[k]:
+            return True
+        if not (whole_rows and k in spec.rows):
+            return False
+        ax = token_axis(k.split("/", 1)[1], spec.shapes[k])
+        whole = list(spec.shapes[k])
+        whole[ax] = len(spec.tokens) if k.startswith("s0/") else 1
+        return list(out[k].shape) == whole
+    bad = [(k, out[k].shape, spec.shapes[k]) for k in spec.shapes if not fits(k)]
     if bad:
         raise EngineError(f"{golden_path}: shape mismatch (key, ours, golden): {bad[:5]}")
     return out
@@ -626,11 +775,13 @@ def save_dump(taps: dict[str, np.ndarray], path: str | os.PathLike) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--gguf", help="model file (qwen2 or llama)")
+    ap.add_argument("--gguf", help="model file (qwen2, llama or gemma3)")
     ap.add_argument("--golden", help="golden taps file (golden/taps/{model}/{tier}/{prompt}.safetensors)")
     ap.add_argument("--out", help="dump to write (f32 safetensors)")
     ap.add_argument("--dtype", choices=("f32", "f64"), default="f32")
     ap.add_argument("--bug", choices=sorted(BUGS), default=None, help="plant a bug")
+    ap.add_argument("--whole-rows", action="store_true",
+                    help="dump a long golden's row-subset taps whole (lockstep compare cuts them)")
     ap.add_argument("--list-bugs", action="store_true", help="print the planted bugs and where they should show")
     a = ap.parse_args(argv)
     if a.list_bugs:
@@ -642,7 +793,7 @@ def main(argv=None) -> int:
     if not (a.gguf and a.golden and a.out):
         ap.error("--gguf, --golden and --out are required")
     try:
-        taps = run(a.gguf, a.golden, dtype=a.dtype, bug=a.bug)
+        taps = run(a.gguf, a.golden, dtype=a.dtype, bug=a.bug, whole_rows=a.whole_rows)
         save_dump(taps, a.out)
     except EngineError as e:
         print(f"numpy_engine: error: {e}", file=sys.stderr)
