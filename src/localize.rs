@@ -435,15 +435,12 @@ pub fn refine(loc: &mut Localization, golden: &crate::golden::TapsFile, engine: 
         return;
     }
     let Some(layer) = d.layer else { return };
-    let residual_key = if layer == 0 { format!("s{}/embd", d.step) } else { format!("s{}/l_out-{}", d.step, layer - 1) };
     let key = format!("s{}/{}", d.step, d.tap);
-    let (Ok(g), Ok(r), Some(Ok(e))) = (golden.f32(&key), golden.f32(&residual_key), engine.tensor(&key)) else { return };
-    if e.data.len() != g.data.len() || r.data.len() < g.data.len() {
+    let Some((residual_key, without)) = crate::probe::attn_residual_dropped(golden, d.step, layer) else { return };
+    let Some(Ok(e)) = engine.tensor(&key) else { return };
+    if e.data.len() != without.len() {
         return;
     }
-    // The last layer keeps only the last row after attention: the residual's last rows line up.
-    let r = &r.data[r.data.len() - g.data.len()..];
-    let without: Vec<f32> = g.data.iter().zip(r).map(|(a, b)| a - b).collect();
     let dist = crate::metrics::tensor_errors(&e.data, &without).rel_l2;
     let why = loc.evidence.clone().unwrap_or_default();
     if dist < 1e-2 {

@@ -62,6 +62,20 @@ impl ClassProof {
     }
 }
 
+/// What an engine that drops the attention residual computes at `ffn_inp-{layer}` of `step`: llama.cpp's
+/// `ffn_inp` minus its residual input (`embd` at layer 0, else `l_out-(layer-1)`; the last layer keeps only
+/// the last rows after attention, which line up with the residual's last rows). Returns the residual's key
+/// and the prediction; None when the golden lacks either tap. The proof here and `localize::refine` both
+/// use it.
+pub fn attn_residual_dropped(golden: &TapsFile, step: usize, layer: usize) -> Option<(String, Vec<f32>)> {
+    let residual_key = if layer == 0 { format!("s{step}/embd") } else { format!("s{step}/l_out-{}", layer - 1) };
+    let g = golden.f32(&format!("s{step}/ffn_inp-{layer}")).ok()?;
+    let r = golden.f32(&residual_key).ok().filter(|r| r.data.len() >= g.data.len())?;
+    let r = &r.data[r.data.len() - g.data.len()..];
+    let without = g.data.iter().zip(r).map(|(a, b)| a - b).collect();
+    Some((residual_key, without))
+}
+
 /// A hypothesis: its description, the class it proves, and the tensor it predicts.
 struct Hypothesis {
     what: String,
@@ -186,10 +200,7 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
             }
         }
         ("ffn_inp", _, Some(l)) => {
-            let res = if l == 0 { g("embd".into()) } else { g(format!("l_out-{}", l - 1)) };
-            if let Some(r) = res.filter(|r| r.data.len() >= gold.data.len()) {
-                let r = &r.data[r.data.len() - gold.data.len()..];
-                let p = gold.data.iter().zip(r).map(|(a, b)| a - b).collect();
+            if let Some((_, p)) = attn_residual_dropped(golden, d.step, l).filter(|(_, p)| p.len() == gold.data.len()) {
                 hyps.push(Hypothesis {
                     what: "the attention residual dropped (llama.cpp's ffn_inp minus its residual input)".into(),
                     class: BugClass::ResidualAttn,
