@@ -36,6 +36,14 @@ def main():
             for r in load(f"{out}/lockstep-{mid}-{rnd}.json"):
                 per_test.setdefault(r["test"], {"llama": [], "lockstep": []})["lockstep"].append(r)
                 paths[r["test"]] = r.get("path", "")
+            # the shipped tier's prefill (TF32), against the same llama.cpp pp runs
+            tf32 = f"{out}/lockstep-tf32-{mid}-{rnd}.json"
+            for r in load(tf32) if os.path.exists(tf32) else []:
+                name = f"{r['test']} shipped-tier path"
+                per_test.setdefault(name, {"llama": [], "lockstep": []})["lockstep"].append(r)
+                paths[name] = r.get("path", "")
+        for name in [t for t in per_test if t.endswith(" shipped-tier path")]:
+            per_test[name]["llama"] = per_test[name.split(" ")[0]]["llama"]
         for test, runs in per_test.items():
             if not runs["llama"] or not runs["lockstep"]:
                 sys.exit(f"bench-vs-llamacpp: {mid} {test}: a side has no result")

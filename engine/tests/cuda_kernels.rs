@@ -186,6 +186,35 @@ fn linear_case(ty: GgmlType, scale: f32, xscale: f32) -> R {
     Ok(())
 }
 
+/// The prefill GEMM with TF32 math (the shipped tier's prefill path, CudaOptions::tf32): within
+/// TF32's rounding of the CPU product (inputs to 10-bit mantissas: ≈ 5e-4 each), and not the f32
+/// path's result bit for bit (so the tensor cores did run).
+fn linear_tf32_case() -> R {
+    let g = gpu()?;
+    let mut rng = ChaCha8Rng::seed_from_u64(4242);
+    let (ty, rows, cols, t) = (GgmlType::Q4_K, 96, 512, 37);
+    let bytes = random_weights(&mut rng, ty, rows, cols, 1.0);
+    let m = cpu_matrix(ty, &bytes, rows, cols);
+    let w = QMat::upload(&g, ty, rows, cols, &bytes, "test weight")?;
+    let scratch = g.alloc::<f32>(rows * cols, "scratch")?;
+    let x = randv(&mut rng, t * cols, 1.0);
+    let want = cpu::matmul(&m, &x);
+    let xd = g.upload(&x, "x")?;
+    let run = |tf32: bool| -> Result<Vec<f32>, Failed> {
+        g.set_tf32(tf32)?;
+        let y = g.alloc::<f32>(t * rows, "y")?;
+        g.linear(&w, ptr(&xd, &g.stream), t, ptr(&y, &g.stream), None, None, None, Some(&scratch))?;
+        Ok(g.download(&y, 0, t * rows)?)
+    };
+    let (tf32, f32) = (run(true)?, run(false)?);
+    check_close("linear Q4_K T=37 f32 math", &f32, &want, 1e-5)?;
+    check_close("linear Q4_K T=37 TF32 math", &tf32, &want, 2e-3)?;
+    if tf32 == f32 {
+        return Err("TF32 math gave the f32 path's result bit for bit: the tensor cores did not run".into());
+    }
+    Ok(())
+}
+
 /// The fused gate/up/SwiGLU matvec against two CPU matmuls and swiglu.
 fn swiglu_case(ty: GgmlType) -> R {
     let g = gpu()?;
@@ -631,6 +660,7 @@ fn main() {
         list.push(Trial::test(format!("dequant_rows_{ty}"), move || dequant_rows_case(ty)));
     }
     list.push(Trial::test("backend_dequantize_rows", backend_dequantize_rows_case));
+    list.push(Trial::test("linear_q4_k_tf32", linear_tf32_case));
     list.push(Trial::test("rmsnorm_and_add", rmsnorm_add_case));
     list.push(Trial::test("rmsnorm_f16sat", rmsnorm_f16sat_case));
     list.push(Trial::test("gelu_mul", gelu_mul_case));

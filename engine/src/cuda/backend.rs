@@ -30,11 +30,15 @@ pub struct CudaOptions {
     pub batch: usize,
     /// Capture single-token decode steps without taps as a CUDA graph.
     pub graphs: bool,
+    /// Prefill GEMMs on TF32 tensor cores ([`Gpu::set_tf32`]): for the shipped tier only, whose
+    /// llama.cpp reference rounds activations to 8 bits. Default: off (full f32), or on with
+    /// LOCKSTEP_CUDA_MATH=tf32.
+    pub tf32: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { max_ctx: 0, batch: 512, graphs: true }
+        Self { max_ctx: 0, batch: 512, graphs: true, tf32: std::env::var("LOCKSTEP_CUDA_MATH").is_ok_and(|v| v == "tf32") }
     }
 }
 
@@ -196,6 +200,7 @@ impl CudaBackend {
     pub fn load_with_fault(file: &GgufFile, options: CudaOptions, fault: Option<Fault>) -> Result<Self> {
         let mut config = ModelConfig::from_gguf(file)?;
         let gpu = Gpu::new()?;
+        gpu.set_tf32(options.tf32)?;
         let _lock = super::device::shared_lock();
         ensure!(config.head_dim % 2 == 0 && config.head_dim <= 256, "head dim {} unsupported by the CUDA attention kernel", config.head_dim);
         let weights = GpuWeights::load_with_fault(&gpu, file, &config, fault)?;
@@ -350,6 +355,9 @@ impl Backend for CudaBackend {
     }
     fn kernel_path(&self, t: usize) -> String {
         match (t > MV_MAX_T, t == 1 && self.options.graphs) {
+            (true, _) if self.options.tf32 => {
+                "TF32 tensor cores (shipped tier only): weights dequantized to f32 per matrix, cuBLAS SGEMM in TF32 math; attention_f32".into()
+            }
             (true, _) => "f32 (exact tier): weights dequantized to f32 per matrix, cuBLAS SGEMM without TF32; attention_f32".into(),
             (false, true) => "f32 (exact tier): fused quantized matvec kernels and attention_decode_f32, replayed as one CUDA graph per step".into(),
             (false, false) => "f32 (exact tier): fused quantized matvec kernels".into(),

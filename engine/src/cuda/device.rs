@@ -265,6 +265,16 @@ impl Gpu {
         })
     }
 
+    /// The prefill GEMMs' arithmetic: full f32 (the default; the exact tier needs it), or TF32 tensor
+    /// cores (inputs rounded to 10-bit mantissas, f32 accumulation: llama.cpp's shipped path rounds
+    /// its activations harder, to 8 bits, so the shipped tier may use this).
+    pub fn set_tf32(&self, on: bool) -> Result<()> {
+        use cudarc::cublas::sys::cublasMath_t::{CUBLAS_DEFAULT_MATH, CUBLAS_TF32_TENSOR_OP_MATH};
+        let mode = if on { CUBLAS_TF32_TENSOR_OP_MATH } else { CUBLAS_DEFAULT_MATH };
+        // SAFETY: the handle is this Gpu's (valid while it lives) and the mode a valid enum value.
+        unsafe { cudarc::cublas::sys::cublasSetMathMode(*self.blas.handle(), mode).result() }.map_err(|e| anyhow!("cublasSetMathMode: {e}"))
+    }
+
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().context("cuMemGetInfo")
