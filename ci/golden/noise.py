@@ -40,12 +40,22 @@ METHOD = ("distance of llama.cpp's tap from an f64 evaluation of the same graph 
 
 
 def token_axis(tap: str, shape: tuple[int, ...]) -> int:
-    """The token axis of a 4-D tap, as src/checks/taps.rs token_axis: 1 after RoPE
-    ([1, tokens, heads, head_dim]), else 2."""
-    fam = tap.split("-")[0].split(".")[0]
-    stage = tap.split(".", 1)[1] if "." in tap else None
-    rope_like = stage == "rope" or (fam in ("Qcur", "Kcur", "Vcur") and stage is None and len(shape) == 4 and shape[1] != 1)
-    return 1 if rope_like else 2
+    """The token axis of a 4-D tap (a row is one token), as src/checks/taps.rs `token_axis`: 2 for
+    activations [1, 1, tokens, width] and the heads-first kq, kq_soft_max, kqv [1, heads, tokens, ...]; 1 for
+    per-head taps [1, tokens, heads, head_dim]: after RoPE, and before it Q/K/V split into heads, gemma3's
+    Qcur_normed/Kcur_normed and each head's RMSNorm (norm-L.rms_norm.1/.2). Per-head taps are told by name
+    (.rope, *_normed) or by shape: tokens on axis 1 (> 1 at a prefill), or more than one row on axis 2 at a
+    decode step, which holds one token. `tap` is `name[-L][.stage]` or a key `s{step}/...` (without the
+    step, a prefill)."""
+    step_part, _, name = tap.rpartition("/")
+    step = int(step_part[1:]) if step_part.startswith("s") and step_part[1:].isdigit() else 0
+    head, _, stage = name.partition(".")
+    fam = head.rsplit("-", 1)[0] if head.rsplit("-", 1)[-1].isdigit() else head
+    if len(shape) != 4 or fam in ("kq", "kq_soft_max", "kqv"):
+        return 2
+    per_head_name = stage == "rope" or fam in ("Qcur_normed", "Kcur_normed")
+    per_head_shape = shape[1] != 1 or (step > 0 and shape[2] != 1)
+    return 1 if per_head_name or per_head_shape else 2
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
@@ -58,11 +68,10 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def tap_noise(key: str, golden: np.ndarray, ref: np.ndarray) -> dict:
-    tap = key.split("/", 1)[1]
     whole = rel_l2(golden, ref)
     row_max = whole
     if golden.ndim == 4:
-        ax = token_axis(tap, golden.shape)
+        ax = token_axis(key, golden.shape)
         g = np.moveaxis(golden.astype(np.float64), ax, 0).reshape(golden.shape[ax], -1)
         r = np.moveaxis(ref.astype(np.float64), ax, 0).reshape(golden.shape[ax], -1)
         row_max = max(rel_l2(r[i], g[i]) for i in range(g.shape[0]))

@@ -91,11 +91,21 @@ pub fn calibrated_limits(id: &TapId, golden: &TapsFile, tol: &Tolerances) -> Opt
     Some((floor.max(k * n.rel_l2), floor.max(k * n.row_max), format!("max({floor:.0e}, {k} × llama.cpp noise {:.1e})", n.rel_l2)))
 }
 
-/// The token axis of a 4-D tap: 1 for `[1, tokens, heads, head_dim]` (after RoPE), else 2.
+/// The token axis of a 4-D tap (a row is one token): 2 for activations `[1, 1, tokens, width]` and the
+/// heads-first attention taps `[1, heads, tokens, …]` (`kq`, `kq_soft_max`, `kqv`); 1 for per-head taps
+/// `[1, tokens, heads, head_dim]`: RoPE's output, and before it Q/K/V split into heads, gemma3's
+/// `Qcur_normed`/`Kcur_normed` and the RMSNorm of each head (`norm-L.rms_norm.1`/`.2`, same layout).
+/// Per-head taps are told by name (`.rope`, `*_normed`) or by shape: tokens on axis 1 (> 1 at a prefill),
+/// or more than one row on axis 2 at a decode step, which holds one token (a one-token prompt's
+/// `norm-L.rms_norm.1` `[1, 1, heads, head_dim]` is the one shape this cannot tell from `heads` tokens).
+/// ci/golden/noise.py's `token_axis` is the same rule: the noise records' `row_max` is over these rows.
 pub fn token_axis(id: &TapId, shape: &[usize]) -> usize {
-    let rope_like = id.stage.as_deref() == Some("rope")
-        || (matches!(id.family.as_str(), "Qcur" | "Kcur" | "Vcur") && id.stage.is_none() && shape.len() == 4 && shape[1] != 1);
-    if rope_like {
+    if shape.len() != 4 || matches!(id.family.as_str(), "kq" | "kq_soft_max" | "kqv") {
+        return 2;
+    }
+    let per_head_name = id.stage.as_deref() == Some("rope") || matches!(id.family.as_str(), "Qcur_normed" | "Kcur_normed");
+    let per_head_shape = shape[1] != 1 || (id.step > 0 && shape[2] != 1);
+    if per_head_name || per_head_shape {
         1
     } else {
         2
@@ -277,5 +287,41 @@ mod tests {
         let bad = Tensor { shape: vec![1, 3, 4, 1], data: g.data.clone() };
         let c = compare_one(&id, &bad, &g, 1e-5, 1e-5);
         assert!(c.problem.unwrap().contains("shape mismatch"));
+    }
+
+    /// gemma3-270m's shapes (6-token prompt, 4 query heads and 1 KV head of 256, width 640): every row is
+    /// one token. The same table is in tests/outside_engine (noise.py's `token_axis`).
+    #[test]
+    fn token_axis_is_per_token_for_gemma3_per_head_taps() {
+        let cases: [(&str, [usize; 4], usize); 16] = [
+            ("s0/Qcur_normed-0", [1, 6, 4, 256], 1),
+            ("s0/Kcur_normed-0", [1, 6, 1, 256], 1),
+            ("s0/norm-0.rms_norm.1", [1, 6, 4, 256], 1),
+            ("s0/norm-0.rms_norm.2", [1, 6, 1, 256], 1),
+            ("s0/Qcur-0.rope", [1, 6, 4, 256], 1),
+            ("s0/norm-0.rms_norm.0", [1, 1, 6, 640], 2),
+            ("s0/Qcur-0.mul_mat", [1, 1, 6, 1024], 2),
+            ("s0/kq_soft_max-0", [1, 4, 6, 6], 2),
+            ("s0/kqv-0", [1, 4, 6, 256], 2),
+            ("s0/norm.rms_norm.14", [1, 1, 6, 640], 2),
+            // Decode steps hold one token: a per-head tap's 4 heads on axis 2 are not 4 rows.
+            ("s1/Qcur_normed-0", [1, 1, 4, 256], 1),
+            ("s1/norm-0.rms_norm.1", [1, 1, 4, 256], 1),
+            ("s1/Qcur-0.rope", [1, 1, 4, 256], 1),
+            ("s1/kq-0", [1, 4, 1, 7], 2),
+            ("s1/l_out-0", [1, 1, 1, 640], 2),
+            // A one-token prompt: the name still says it.
+            ("s0/Qcur_normed-0", [1, 1, 4, 256], 1),
+        ];
+        for (key, shape, want) in cases {
+            assert_eq!(token_axis(&TapId::parse_key(key).unwrap(), &shape), want, "{key} {shape:?}");
+        }
+        // Per-token rows of a per-head tap: an error in one head of token 2 is token 2's.
+        let id = TapId::parse_key("s0/norm-0.rms_norm.1").unwrap();
+        let g = Tensor { shape: vec![1, 3, 2, 2], data: (0..12).map(|v| v as f32 + 1.0).collect() };
+        let mut e = g.clone();
+        e.data[2 * 4 + 3] += 1.0;
+        let c = compare_one(&id, &e, &g, 1.0, 1e-5);
+        assert_eq!((c.per_position.len(), c.bad_positions()), (3, vec![2]));
     }
 }

@@ -342,11 +342,19 @@ def read_golden(path: str | os.PathLike) -> GoldenSpec:
 
 
 def token_axis(tap: str, shape: tuple[int, ...]) -> int:
-    """The token axis of a 4-D tap (golden/README.md): 1 after RoPE ([1, tokens, heads, head_dim]), else 2."""
-    fam, _, stage = tap.partition(".")
-    fam = fam.rsplit("-", 1)[0]
-    rope_like = stage == "rope" or (fam in ("Qcur", "Kcur", "Vcur") and not stage and len(shape) == 4 and shape[1] != 1)
-    return 1 if rope_like else 2
+    """The token axis of a 4-D tap (golden/README.md; a row is one token): 2 for activations [1, 1, T, W]
+    and the heads-first kq, kq_soft_max, kqv; 1 for per-head taps [1, T, heads, head_dim] (after RoPE,
+    Q/K/V split into heads, gemma3's Qcur_normed/Kcur_normed and their RMSNorm), told by name or by shape
+    (tokens on axis 1, or several rows on axis 2 at a decode step, which holds one token). `tap` is a tap
+    name or a key `s{step}/...` (without the step: a prefill)."""
+    step_part, _, name = tap.rpartition("/")
+    step = int(step_part[1:]) if step_part.startswith("s") and step_part[1:].isdigit() else 0
+    head, _, stage = name.partition(".")
+    fam = head.rsplit("-", 1)[0] if head.rsplit("-", 1)[-1].isdigit() else head
+    if len(shape) != 4 or fam in ("kq", "kq_soft_max", "kqv"):
+        return 2
+    per_head_name = stage == "rope" or fam in ("Qcur_normed", "Kcur_normed")
+    return 1 if per_head_name or shape[1] != 1 or (step > 0 and shape[2] != 1) else 2
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -737,7 +745,7 @@ def run(gguf_path, golden_path, dtype: str = "f32", bug: str | None = None, mode
         for name, value in taps.items():
             key = f"s{k}/{name}"
             if key in spec.rows and not whole_rows:  # a row-subset tap: the rows the golden keeps
-                value = np.take(value, spec.rows[key], axis=token_axis(name, value.shape))
+                value = np.take(value, spec.rows[key], axis=token_axis(key, value.shape))
             if key in spec.shapes or name == "result_output":
                 out[key] = np.ascontiguousarray(value, dtype=np.float32)
     missing = [k for k in spec.shapes if k not in out]
@@ -748,7 +756,7 @@ def run(gguf_path, golden_path, dtype: str = "f32", bug: str | None = None, mode
             return True
         if not (whole_rows and k in spec.rows):
             return False
-        ax = token_axis(k.split("/", 1)[1], spec.shapes[k])
+        ax = token_axis(k, spec.shapes[k])
         whole = list(spec.shapes[k])
         whole[ax] = len(spec.tokens) if k.startswith("s0/") else 1
         return list(out[k].shape) == whole

@@ -194,6 +194,36 @@ def test_every_bug_has_a_realistic_class():
         assert b.class_id in ids, b
 
 
+# What a row is (one token), as src/checks/taps.rs `token_axis_is_per_token_for_gemma3_per_head_taps`
+# says it: gemma3-270m's shapes at a 6-token prefill and a decode step.
+TOKEN_AXIS_CASES = [
+    ("s0/Qcur_normed-0", (1, 6, 4, 256), 1), ("s0/Kcur_normed-0", (1, 6, 1, 256), 1),
+    ("s0/norm-0.rms_norm.1", (1, 6, 4, 256), 1), ("s0/norm-0.rms_norm.2", (1, 6, 1, 256), 1),
+    ("s0/Qcur-0.rope", (1, 6, 4, 256), 1), ("s0/norm-0.rms_norm.0", (1, 1, 6, 640), 2),
+    ("s0/Qcur-0.mul_mat", (1, 1, 6, 1024), 2), ("s0/kq_soft_max-0", (1, 4, 6, 6), 2),
+    ("s0/kqv-0", (1, 4, 6, 256), 2), ("s0/norm.rms_norm.14", (1, 1, 6, 640), 2),
+    ("s1/Qcur_normed-0", (1, 1, 4, 256), 1), ("s1/norm-0.rms_norm.1", (1, 1, 4, 256), 1),
+    ("s1/Qcur-0.rope", (1, 1, 4, 256), 1), ("s1/kq-0", (1, 4, 1, 7), 2), ("s1/l_out-0", (1, 1, 1, 640), 2),
+    ("s0/Qcur_normed-0", (1, 1, 4, 256), 1),
+]
+
+
+def test_token_axis_agrees_with_the_runner():
+    """The noise records' row_max (ci/golden/noise.py) and this engine's row cuts take the rows the runner
+    judges: per token, also for gemma3's per-head Q/K norms [1, T, heads, head_dim]."""
+    sys.path.insert(0, str(REPO / "ci" / "golden"))
+    import noise
+    for key, shape, axis in TOKEN_AXIS_CASES:
+        assert noise.token_axis(key, shape) == axis == numpy_engine.token_axis(key, shape), (key, shape)
+    # noise.py's row_max of a per-head tap is per token: one bad head of token 2 is token 2's row.
+    import numpy as np
+    g = np.arange(1.0, 1 + 3 * 2 * 2).reshape(1, 3, 2, 2)
+    r = g.copy()
+    r[0, 2, 1, 0] += 1.0
+    rec = noise.tap_noise("s0/norm-0.rms_norm.1", g, r)
+    assert rec["row_max"] == float(f"{1.0 / np.linalg.norm(g[0, 2]):.3e}"), rec
+
+
 def test_unknown_bug_and_bad_files_are_clear_errors(tmp_path):
     golden = REPO / "golden/taps/tiny-qwen2/exact/fox.safetensors"
     with pytest.raises(numpy_engine.EngineError, match="unknown bug"):
