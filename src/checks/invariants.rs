@@ -3,7 +3,8 @@
 //! - no NaN or Inf in any tap;
 //! - RoPE keeps each pair's norm, and its rotation angle is linear in the position (angle(p) = p·angle(1)
 //!   mod 2π), which is what makes q·k depend only on the position difference;
-//! - RMSNorm output (`norm-L`, before its weight) has unit mean square per row.
+//! - RMSNorm output (`norm-L`, before its weight) has unit mean square per row, up to eps: a row whose
+//!   input's mean square is comparable to or below eps is held to ms/(ms + eps) instead (`rms_unit`).
 
 use super::{CheckResult, Op, TapSource, Tolerances};
 use crate::error::Result;
@@ -35,7 +36,7 @@ impl Pairing {
     /// The pairing llama.cpp uses for an architecture, if known.
     pub fn for_arch(arch: &str) -> Option<Pairing> {
         match arch {
-            "qwen2" | "qwen3" | "phi3" | "gemma" | "gemma2" | "stablelm" | "gptneox" => Some(Pairing::Neox),
+            "qwen2" | "qwen3" | "phi3" | "gemma" | "gemma2" | "gemma3" | "stablelm" | "gptneox" => Some(Pairing::Neox),
             "llama" | "mistral" => Some(Pairing::Adjacent),
             _ => None,
         }
@@ -55,7 +56,6 @@ pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>, n_
 
     let (mut nonfinite, mut nonfinite_at) = (0usize, None);
     let (mut row_err, mut row_at, mut masked, mut masked_at, mut n_sm) = (0f64, String::new(), 0f64, String::new(), 0);
-    let (mut rms_err, mut rms_at, mut n_rms) = (0f64, String::new(), 0);
     let n_prompt = match n_prompt {
         Some(n) => Some(n),
         None => ids.iter().find(|t| t.step == 0 && t.family == "embd").and_then(|t| src.tensor(&t.key())).transpose()?.map(|t| rows(&t.shape)),
@@ -90,17 +90,6 @@ pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>, n_
                 }
             }
         }
-        if id.family == "norm" && t.shape.len() >= 2 {
-            n_rms += 1;
-            let w = *t.shape.last().unwrap();
-            for (r, row) in t.data.chunks_exact(w.max(1)).enumerate() {
-                let ms = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / w as f64;
-                if worse((ms - 1.0).abs(), rms_err) {
-                    rms_err = (ms - 1.0).abs();
-                    rms_at = format!("{} row {r}", id.key());
-                }
-            }
-        }
     }
     let mut res = vec![CheckResult::new("invariants:non_finite", "NaN/Inf elements in all taps", nonfinite as f64, Op::Le, lim("non_finite").value)
         .with_detail(nonfinite_at.map_or("none".into(), |k| format!("first in {k}")))];
@@ -119,14 +108,7 @@ pub fn check(src: &dyn TapSource, tol: &Tolerances, pairing: Option<Pairing>, n_
             }),
         );
     }
-    if n_rms > 0 {
-        let l = lim("rms_unit");
-        res.push(
-            CheckResult::new("invariants:rms_unit", "max |mean square − 1| of norm-L (before weight)", rms_err, Op::Le, l.value)
-                .with_detail(rms_at)
-                .with_reason(Some(l.reason)),
-        );
-    }
+    res.extend(rms_unit(src, &ids, lim("rms_unit"))?);
     res.extend(rope_checks(src, &ids, tol, pairing, n_prompt)?);
     Ok(res)
 }
@@ -149,6 +131,120 @@ fn with_storage(l: super::Limit, u: f64, factor: f64) -> super::Limit {
     super::Limit { value: l.value + extra, reason: format!("{} + {extra:.1e} for the dump's storage rounding (unit roundoff {u:.1e})", l.reason) }
 }
 
+/// The largest RMSNorm epsilon a row's shortfall from unit mean square is excused by: the largest
+/// `layer_norm_rms_epsilon` of the models lockstep knows (llama, smollm2: 1e-5; qwen2, gemma3: 1e-6).
+/// This check sees only the dump, not the model's metadata; a larger eps shows as a failure here, and the
+/// taps check judges the norm against llama.cpp's with the model's own eps anyway.
+pub const RMS_EPS_MAX: f64 = 1e-5;
+
+/// An RMSNorm output row's mean square: `ms/(ms + eps)` for an input of mean square `ms`, which is 1 only
+/// while `ms ≫ eps`. gemma3-270m's layer 14 FFN output for the BOS token has `ms` 6.8e-9, so its
+/// `norm.rms_norm.14` row 0 has mean square 6.8e-3, correctly. A row further than a tenth of the limit
+/// from 1 is therefore held to its input: the tap of the same step whose row is a positive multiple of it
+/// (found by value: taps are named per architecture, and gemma3's post-FFN norm carries no layer). Its
+/// deviation is then its distance from `[ms/(ms + RMS_EPS_MAX), 1]`: a row whose input's mean square is
+/// comparable to or below eps is exempt from unit mean square, one whose input is ≫ eps is not. The value
+/// is the largest deviation; the detail names the exempt rows with the eps each implies.
+fn rms_unit(src: &dyn TapSource, ids: &[TapId], l: super::Limit) -> Result<Option<CheckResult>> {
+    let (mut err, mut at, mut n) = (0f64, String::new(), 0usize);
+    // Rows held to ms/(ms + eps): count, and the one of the smallest input mean square.
+    let (mut n_exempt, mut example): (usize, Option<(f64, String)>) = (0, None);
+    let mut inputs = InputFinder::default();
+    for id in ids.iter().filter(|t| t.family == "norm") {
+        let t = src.tensor(&id.key()).expect("listed key")?;
+        if t.shape.len() < 2 {
+            continue;
+        }
+        n += 1;
+        let w = (*t.shape.last().unwrap()).max(1);
+        for (r, row) in t.data.chunks_exact(w).enumerate() {
+            let ms = mean_square(row);
+            let mut dev = (ms - 1.0).abs();
+            if dev > l.value / 10.0 {
+                if let Some((input, ms_in)) = inputs.find(src, ids, id, t.data.len(), w, r, row)? {
+                    let lo = ms_in / (ms_in + RMS_EPS_MAX);
+                    let dev_eps = if ms < lo { lo - ms } else { (ms - 1.0).max(0.0) };
+                    if dev_eps < dev {
+                        dev = dev_eps;
+                        n_exempt += 1;
+                        if example.as_ref().is_none_or(|(m, _)| ms_in < *m) {
+                            let eps = ms_in * (1.0 - ms) / ms;
+                            example = Some((ms_in, format!("{} row {r}: input {input} mean square {ms_in:.1e}, output {ms:.1e}, eps {eps:.1e}", id.key())));
+                        }
+                    }
+                }
+            }
+            if worse(dev, err) {
+                err = dev;
+                at = format!("{} row {r}", id.key());
+            }
+        }
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut detail = if at.is_empty() { "every row at 1".to_string() } else { format!("worst at {at}") };
+    if let Some((_, e)) = example {
+        detail.push_str(&format!(
+            "; {n_exempt} rows of input mean square comparable to eps held to ms/(ms + eps), eps ≤ {RMS_EPS_MAX:.0e} (smallest input: {e})"
+        ));
+    }
+    // The metric's name is kept for reports and snapshots; an exempt row's deviation is from
+    // ms/(ms + eps) (the detail names them).
+    Ok(Some(
+        CheckResult::new("invariants:rms_unit", "max |mean square − 1| of norm-L (before weight)", err, Op::Le, l.value)
+            .with_detail(detail)
+            .with_reason(Some(l.reason)),
+    ))
+}
+
+fn mean_square(row: &[f32]) -> f64 {
+    row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / row.len().max(1) as f64
+}
+
+/// Finds an RMSNorm row's input by value: RMSNorm only scales a row, so its input is the row of another
+/// tap of the same step (same element count, same row width) at cosine 1 with it. Weighted norm outputs
+/// (`attn_norm`, `Qcur_normed`, …: any family naming a norm) are not inputs and are skipped; so are taps
+/// more than one layer away (a layer-less norm, such as gemma3's `norm.rms_norm.L`, looks in every layer).
+#[derive(Default)]
+struct InputFinder {
+    step: Option<usize>,
+    /// This step's candidate taps, loaded on first use.
+    loaded: std::collections::HashMap<String, crate::golden::Tensor>,
+}
+
+impl InputFinder {
+    #[allow(clippy::too_many_arguments)]
+    fn find(&mut self, src: &dyn TapSource, ids: &[TapId], norm: &TapId, len: usize, w: usize, r: usize, row: &[f32]) -> Result<Option<(String, f64)>> {
+        if self.step != Some(norm.step) {
+            self.step = Some(norm.step);
+            self.loaded.clear();
+        }
+        let near = |c: &TapId| match (norm.layer, c.layer) {
+            (Some(l), Some(cl)) => cl == l || cl + 1 == l,
+            _ => true,
+        };
+        let norm_out = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        for c in ids.iter().filter(|c| c.step == norm.step && !c.family.contains("norm") && near(c)) {
+            let key = c.key();
+            if !self.loaded.contains_key(&key) {
+                let Some(t) = src.tensor(&key) else { continue };
+                self.loaded.insert(key.clone(), t?);
+            }
+            let t = &self.loaded[&key];
+            if t.data.len() != len {
+                continue;
+            }
+            let cand = &t.data[r * w..(r + 1) * w];
+            let (dot, n2) = cand.iter().zip(row).fold((0f64, 0f64), |(d, n), (&a, &b)| (d + a as f64 * b as f64, n + (a as f64).powi(2)));
+            if n2 > 0.0 && norm_out > 0.0 && dot / (n2.sqrt() * norm_out) > 1.0 - 1e-6 {
+                return Ok(Some((c.tap.clone(), n2 / w as f64)));
+            }
+        }
+        Ok(None)
+    }
+}
+
 fn rows(shape: &[usize]) -> usize {
     if shape.len() >= 2 {
         shape[shape.len() - 2]
@@ -163,7 +259,7 @@ fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Op
     // For each candidate pairing: (worst pair-norm error, where), (worst angle deviation, where).
     let mut best: Option<(Pairing, f64, String, f64, String)> = None;
     let mut any = false;
-    let has_bias = ids.iter().any(|t| matches!(t.family.as_str(), "Qcur" | "Kcur") && t.stage.as_deref() == Some("add"));
+    let inputs = rope_inputs(ids);
     let (mut u_rope, mut max_pos) = (0f64, 0usize);
     for &pairing in &candidates {
         let (mut norm_err, mut norm_at, mut ang_err, mut ang_at) = (0f64, String::new(), 0f64, String::new());
@@ -171,10 +267,9 @@ fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Op
         let mut theta1: std::collections::HashMap<(String, Option<usize>, usize, usize), f64> = Default::default();
         let mut angles: Vec<((String, Option<usize>, usize, usize), usize, f64, String)> = Vec::new();
         for id in ids.iter().filter(|t| t.stage.as_deref() == Some("rope")) {
-            // The tap just before RoPE: the bias add where the model has one (then the matmul alone is
-            // not RoPE's input), else the matmul.
-            let key_of = |stage: &str| format!("s{}/{}-{}.{stage}", id.step, id.family, id.layer.unwrap_or(0));
-            let pre_key = if has_bias { key_of("add") } else { key_of("mul_mat") };
+            // RoPE's input (`rope_inputs`): Q/K's bias add, its head norm or the projection itself.
+            let Some((family, stage)) = inputs.get(&id.family) else { continue };
+            let pre_key = format!("s{}/{family}-{}{}", id.step, id.layer.unwrap_or(0), stage.as_deref().map_or(String::new(), |s| format!(".{s}")));
             if src.tensor(&pre_key).is_none() {
                 continue;
             }
@@ -252,6 +347,30 @@ fn rope_checks(src: &dyn TapSource, ids: &[TapId], tol: &Tolerances, pairing: Op
     Ok(out)
 }
 
+/// RoPE's input for each rotated family (`Qcur`, `Kcur`): the last tap before `{F}-L.rope` in graph order
+/// among F's own taps and its head norm `{F}_normed`, as the dump holds them: qwen2 `Qcur-L.add` (the
+/// bias; the matmul alone is not RoPE's input), llama `Qcur-L.mul_mat`, gemma3 (and qwen3, olmo2)
+/// `Qcur_normed-L`, the RMSNorm of each head with its weight. Taken over every layer and step of the dump,
+/// so that a layer missing that tap is skipped rather than paired with an earlier one: a rotation of the
+/// un-normed projection is not what RoPE was given. Value: (family, stage) of the input.
+fn rope_inputs(ids: &[TapId]) -> std::collections::HashMap<String, (String, Option<String>)> {
+    let order = crate::tapname::GraphOrder::default();
+    let mut out: std::collections::HashMap<String, (String, Option<String>)> = Default::default();
+    for rotated in ids.iter().filter(|t| t.stage.as_deref() == Some("rope")).map(|t| t.family.clone()).collect::<std::collections::BTreeSet<_>>() {
+        let normed = format!("{rotated}_normed");
+        let chain = ids.iter().filter(|t| (t.family == rotated && t.stage.as_deref() != Some("rope")) || t.family == normed);
+        // Compared as taps of one layer: the within-layer rank alone decides.
+        let last = chain.max_by(|a, b| {
+            let at = |t: &TapId| TapId { step: 0, layer: Some(0), ..t.clone() };
+            order.cmp(&at(a), &at(b))
+        });
+        if let Some(t) = last {
+            out.insert(rotated, (t.family.clone(), t.stage.clone()));
+        }
+    }
+    out
+}
+
 /// Whether `v` is a worse (larger, or NaN) value than the worst so far; NaN stays worst.
 pub fn worse(v: f64, cur: f64) -> bool {
     !cur.is_nan() && (v.is_nan() || v > cur)
@@ -327,6 +446,81 @@ mod tests {
         m.0.insert("s0/Kcur-0.rope".into(), Tensor { shape: vec![1, tk, h, d], data: post });
         let r = check(&m, &Tolerances::new("exact"), Some(Pairing::Neox), None).unwrap();
         assert!(r.iter().any(|c| c.name == "invariants:rope_relative" && !c.passed), "{r:?}");
+    }
+
+    /// gemma3: RoPE rotates `Qcur_normed-L` (each head RMS-normed with its weight), not `Qcur-L.mul_mat`.
+    #[test]
+    fn rope_input_is_the_head_norm_where_the_dump_has_one() {
+        let (tk, h, d) = (3, 2, 8);
+        let proj: Vec<f32> = (0..tk * h * d).map(|i| ((i * 29 % 13) as f32 - 6.0) * 0.7).collect();
+        let normed: Vec<f32> = proj
+            .chunks_exact(d)
+            .flat_map(|head| {
+                let s = (head.iter().map(|v| v * v).sum::<f32>() / d as f32 + 1e-6).sqrt();
+                head.iter().enumerate().map(move |(i, v)| v / s * (1.0 + 0.1 * i as f32)).collect::<Vec<_>>()
+            })
+            .collect();
+        let mut post = normed.clone();
+        apply_rope(&mut post, tk, h, d, 0, 1e4, Pairing::Neox);
+        let mut m = MemTaps::default();
+        m.0.insert("s0/Qcur-0.mul_mat".into(), Tensor { shape: vec![1, 1, tk, h * d], data: proj });
+        m.0.insert("s0/Qcur_normed-0".into(), Tensor { shape: vec![1, tk, h, d], data: normed });
+        m.0.insert("s0/Qcur-0.rope".into(), Tensor { shape: vec![1, tk, h, d], data: post });
+        let r = check(&m, &Tolerances::new("exact"), Pairing::for_arch("gemma3"), None).unwrap();
+        let names: Vec<_> = r.iter().map(|c| (c.name.as_str(), c.passed)).collect();
+        assert_eq!(names, [("invariants:non_finite", true), ("invariants:rope_pair_norm", true), ("invariants:rope_relative", true)], "{r:?}");
+        // Paired with the projection (as before), the same correct taps fail.
+        m.0.remove("s0/Qcur_normed-0");
+        let r = check(&m, &Tolerances::new("exact"), Pairing::for_arch("gemma3"), None).unwrap();
+        assert!(r.iter().any(|c| c.name == "invariants:rope_pair_norm" && !c.passed), "{r:?}");
+        assert_eq!(rope_inputs(&[TapId::parse_key("s0/Qcur_normed-3").unwrap(), TapId::parse_key("s0/Qcur-3.rope").unwrap()])["Qcur"].0, "Qcur_normed");
+    }
+
+    /// An RMSNorm row whose input's mean square is below eps has mean square ms/(ms + eps), not 1.
+    #[test]
+    fn rms_rows_of_an_input_below_eps_are_held_to_ms_over_ms_plus_eps() {
+        let w = 8;
+        let eps = 1e-6f64;
+        // Row 0: the BOS token's tiny FFN output (ms 6.8e-9, as gemma3's layer 14); row 1: an ordinary one.
+        let input: Vec<f32> = (0..2 * w).map(|i| if i < w { 8.2e-5 * if i % 2 == 0 { 1.0 } else { -1.0 } } else { 0.5 + i as f32 * 0.1 }).collect();
+        let norm = |x: &[f32]| -> Vec<f32> {
+            x.chunks_exact(w)
+                .flat_map(|row| {
+                    let s = (mean_square(row) + eps).sqrt();
+                    row.iter().map(move |&v| (v as f64 / s) as f32).collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let out = norm(&input);
+        assert!(mean_square(&out[..w]) < 0.01);
+        let mut m = MemTaps::default();
+        m.0.insert("s0/ffn_out-14".into(), Tensor { shape: vec![1, 1, 2, w], data: input.clone() });
+        m.0.insert("s0/norm.rms_norm.14".into(), Tensor { shape: vec![1, 1, 2, w], data: out.clone() });
+        let tol = Tolerances::new("exact");
+        let rms = |m: &MemTaps| check(m, &tol, None, None).unwrap().into_iter().find(|c| c.name == "invariants:rms_unit").unwrap();
+        let ok = rms(&m);
+        assert!(ok.passed && ok.value < 1e-6, "{ok:?}");
+        let detail = ok.detail.unwrap();
+        assert!(
+            detail.contains("1 rows of input mean square comparable to eps") && detail.contains("input ffn_out-14") && detail.contains("eps 1.0e-6"),
+            "{detail}"
+        );
+        // Without its input the row is not excused.
+        let mut alone = m.clone();
+        alone.0.remove("s0/ffn_out-14");
+        assert!(!rms(&alone).passed);
+        // A row at half its input's scale is no eps effect: its input's mean square (0.25) is ≫ eps.
+        let mut half = out.clone();
+        half[w..].iter_mut().for_each(|v| *v *= 0.5_f32.sqrt());
+        let mut bad = m.clone();
+        bad.0.insert("s0/ffn_out-14".into(), Tensor { shape: vec![1, 1, 2, w], data: input.iter().map(|v| v * 0.5).collect() });
+        bad.0.insert("s0/norm.rms_norm.14".into(), Tensor { shape: vec![1, 1, 2, w], data: half });
+        let r = rms(&bad);
+        assert!(!r.passed && r.value > 0.49 && r.detail.as_deref().unwrap().starts_with("worst at s0/norm.rms_norm.14 row 1"), "{r:?}");
+        // A weighted norm output parallel to the row is never taken for its input.
+        let mut weighted = alone.clone();
+        weighted.0.insert("s0/ffn_post_norm-14".into(), Tensor { shape: vec![1, 1, 2, w], data: input });
+        assert!(!rms(&weighted).passed);
     }
 
     #[test]
