@@ -30,7 +30,19 @@ use std::time::{Duration, Instant};
 /// Steps with taps, the prefill included, when a request does not say (the committed goldens' count).
 pub const DEFAULT_STEPS: usize = 5;
 /// The exporter's files whose content is part of every key: a change in any of them makes new entries.
-const EXPORTER_SOURCES: [&str; 7] = ["requirements.txt", "capture.py", "export.py", "ondemand.py", "prompts.py", "ggufutil.py", "dequant.py"];
+/// Paths relative to ci/golden/; the noise records come from noise.py's f64 evaluation, the outside
+/// engine (which noise.py imports from there), so a change in either makes new entries too.
+const EXPORTER_SOURCES: [&str; 9] = [
+    "requirements.txt",
+    "capture.py",
+    "export.py",
+    "ondemand.py",
+    "prompts.py",
+    "ggufutil.py",
+    "dequant.py",
+    "noise.py",
+    "../../tests/outside_engine/numpy_engine.py",
+];
 /// Set to 1: suite cases and tests may build the golden venv when it is missing (they are reported
 /// ignored with the reason otherwise; `lockstep golden` always builds it).
 pub const BUILD_ENV: &str = "LOCKSTEP_ONDEMAND_BUILD";
@@ -599,6 +611,29 @@ mod tests {
         ] {
             assert_ne!(k, other);
         }
+    }
+
+    /// The version covers the f64 evaluation behind the noise records: a cached entry's noise is never
+    /// stale after noise.py or the outside engine change.
+    #[test]
+    fn exporter_version_covers_the_noise_evaluation() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ci").join("golden");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(root.path().join("tests").join("outside_engine")).unwrap();
+        for name in EXPORTER_SOURCES {
+            std::fs::write(dir.join(name), name).unwrap();
+        }
+        let v = exporter_version(&dir).unwrap();
+        assert_eq!(v, exporter_version(&dir).unwrap());
+        for changed in ["noise.py", "../../tests/outside_engine/numpy_engine.py", "capture.py"] {
+            std::fs::write(dir.join(changed), "changed").unwrap();
+            assert_ne!(exporter_version(&dir).unwrap(), v, "{changed}");
+            std::fs::write(dir.join(changed), changed).unwrap();
+            assert_eq!(exporter_version(&dir).unwrap(), v);
+        }
+        std::fs::remove_file(dir.join("noise.py")).unwrap();
+        assert!(format!("{:#}", exporter_version(&dir).unwrap_err()).contains("noise.py"));
     }
 
     #[test]
