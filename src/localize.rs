@@ -411,7 +411,10 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
         ("ffn_gate" | "ffn_up", _) => {
             Some((FfnWeight, "dequantization of this layer's FFN weight", format!("{at} fails; the same tap passes in earlier layers")))
         }
-        ("ffn_swiglu", _) => Some((Activation, "activation wrong (e.g. GELU instead of SiLU)", format!("{at} fails while ffn_gate and ffn_up pass"))),
+        // gemma3's gate is GELU (`ffn_geglu`): the same op with the other activation.
+        ("ffn_swiglu" | "ffn_geglu", _) => {
+            Some((Activation, "activation wrong (e.g. GELU instead of SiLU, or SiLU instead of GELU)", format!("{at} fails while ffn_gate and ffn_up pass")))
+        }
         ("ffn_out", _) if layer == Some(0) => {
             Some((FfnDown, "ffn_down projection dropped or transposed, or its dequantization", format!("{at} fails while ffn_swiglu passes")))
         }
