@@ -43,14 +43,22 @@ pub fn check(backend: &mut dyn Backend, prompt: &[u32], tol: &Tolerances, golden
         return Ok(vec![CheckResult::new("kv_cache", "prompt length", prompt.len() as f64, Op::Ge, 2.0).with_detail("needs a prompt of ≥ 2 tokens")]);
     }
     let n = prompt.len();
-    backend.reset();
-    let mut full = Recorder::new();
-    let logits_a = backend.forward(prompt, Some(&mut full))?;
-    backend.reset();
-    backend.forward(&prompt[..n - 1], None)?;
-    let mut inc = Recorder::new();
-    let logits_b = backend.forward(&prompt[n - 1..], Some(&mut inc))?;
-    backend.reset();
+    // Both passes in the backend's exact arithmetic: a faster prefill (CUDA's TF32 on the shipped
+    // tier) would differ from the decode step's f32 by its rounding, not by what the cache holds.
+    let fast = backend.set_fast_prefill(false)?;
+    let passes = (|| -> anyhow::Result<_> {
+        backend.reset();
+        let mut full = Recorder::new();
+        let logits_a = backend.forward(prompt, Some(&mut full))?;
+        backend.reset();
+        backend.forward(&prompt[..n - 1], None)?;
+        let mut inc = Recorder::new();
+        let logits_b = backend.forward(&prompt[n - 1..], Some(&mut inc))?;
+        backend.reset();
+        Ok((full, logits_a, inc, logits_b))
+    })();
+    backend.set_fast_prefill(fast)?;
+    let (full, logits_a, inc, logits_b) = passes?;
 
     let e0 = tensor_errors(&logits_b, &logits_a).rel_l2;
     let (mut worst, mut at, mut compared, mut unmatched) = (e0 / limit_of("result_output"), format!("logits ({e0:.1e})"), 0, Vec::new());

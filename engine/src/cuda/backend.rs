@@ -353,6 +353,10 @@ impl Backend for CudaBackend {
         self.forward_impl(tokens, None)?;
         self.pinned_logits()
     }
+    fn set_fast_prefill(&mut self, on: bool) -> Result<bool> {
+        self.gpu.set_tf32(on)?;
+        Ok(std::mem::replace(&mut self.options.tf32, on))
+    }
     fn kernel_path(&self, t: usize) -> String {
         match (t > MV_MAX_T, t == 1 && self.options.graphs) {
             (true, _) if self.options.tf32 => {
