@@ -104,6 +104,9 @@ BUGS: dict[str, Bug] = {
         Bug("gelu_instead_of_silu", "SwiGLU with GELU (tanh form) instead of SiLU", 0, 0, "ffn_swiglu-0",
             "activation"),
         Bug("positions_off_by_one", "RoPE positions start at 1 instead of 0", 0, 0, "Qcur-0.rope", "rope"),
+        # gemma3's gate is GELU (ffn_geglu): the slip the other way round.
+        Bug("silu_instead_of_gelu", "GeGLU with SiLU instead of GELU (gemma3)", 0, 0, "ffn_geglu-0", "activation",
+            archs=("gemma3",)),
         # A dequantization slip in one deep layer (qwen2.5-coder-0.5b: blk.2.ffn_down is the first Q4_K
         # ffn_down past layer 0). The real goldens keep layer 2's l_out only: the divergence must be
         # blamed on layer 2 as a whole, never on a formula the golden cannot show.
@@ -506,6 +509,8 @@ class Engine:
 
     def gelu(self, g: np.ndarray) -> np.ndarray:
         """GELU, tanh form (gemma3's gelu_pytorch_tanh; ggml's GELU)."""
+        if self.bug == "silu_instead_of_gelu":
+            return g / (self.dt(1.0) + np.exp(-g))
         c = self.dt(np.sqrt(2.0 / np.pi))
         return self.dt(0.5) * g * (self.dt(1.0) + np.tanh(c * (g + self.dt(0.044715) * g * g * g)))
 

@@ -7,7 +7,9 @@
 - a long golden's row-subset taps dumped whole: lockstep cuts them to the kept rows (clean passes, the
   80-position window is still found at position 80);
 - gemma3-270m (no committed golden): its exact on-demand golden from `lockstep golden` carries noise for
-  every tap (this engine in f64) and the engine passes every tap within it (needs the golden venv).
+  every tap (this engine in f64); llama.cpp's own taps fed back as a dump and this engine (f32, f64) pass
+  every check, and SiLU in place of its GELU gate is found at s0 ffn_geglu-0, class activation (needs the
+  golden venv).
 Tiny models always run (their exact goldens come from golden/models/tiny-*.q.gguf dequantized to F32:
 manifest `model_file`); the real models run when `lockstep fetch` has put them into the cache, and are
 skipped with the reason otherwise. The lockstep binary: $LOCKSTEP_BIN or target/release/lockstep.
@@ -277,7 +279,7 @@ def failed_checks(case: dict) -> set[str]:
 
 @pytest.fixture(scope="module")
 def gemma3_golden_verdict(tmp_path_factory):
-    """llama.cpp's own gemma3 taps judged as a dump: what lockstep cannot yet judge on gemma3 fails here."""
+    """llama.cpp's own gemma3 taps judged as a dump (its tokens and every tap of every step)."""
     d = gemma3_entry()
     tmp = tmp_path_factory.mktemp("gemma3-golden")
     from safetensors.numpy import load_file, save_file
@@ -286,13 +288,31 @@ def gemma3_golden_verdict(tmp_path_factory):
     return d, compare(tmp / "g.safetensors", f"cache:{d.name}", tmp)
 
 
+def checks_named(case: dict, prefix: str) -> list[dict]:
+    return [c for c in case.get("checks", []) if c["name"].startswith(prefix)]
+
+
+def test_gemma3_golden_fed_back_passes_every_check(gemma3_golden_verdict):
+    """lockstep knows gemma3's graph: llama.cpp's own taps pass every check, the invariants included (RoPE's
+    input is Qcur_normed/Kcur_normed; an RMSNorm row whose input's mean square is below eps, as layer 14's
+    FFN output for the BOS token, is held to ms/(ms + eps); rows of the per-head taps are tokens)."""
+    d, case = gemma3_golden_verdict
+    assert case["error"] is None and case["_exit"] == 0, summary(case)
+    assert case["passed"] is True and case["first_divergence"] is None and not failed_checks(case), summary(case)
+    inv = {c["name"]: c for c in checks_named(case, "invariants:")}
+    assert {"invariants:rms_unit", "invariants:rope_pair_norm", "invariants:rope_relative"} <= set(inv), sorted(inv)
+    assert "held to ms/(ms + eps)" in inv["invariants:rms_unit"]["detail"], inv["invariants:rms_unit"]
+    assert inv["invariants:rope_pair_norm"]["value"] < 1e-6, inv["invariants:rope_pair_norm"]
+    cov = case["coverage"]
+    assert cov["compared"] == cov["golden_taps"] > 2000, cov
+
+
 @pytest.mark.parametrize("dtype", ["f32", "f64"])
 def test_gemma3_on_demand_golden_is_reproduced_within_its_noise(dtype, gemma3_golden_verdict, tmp_path):
     """gemma3 (sliding-window attention, Q/K norms, GELU gate, embedding scale, post-norms) in this engine:
     the on-demand golden carries llama.cpp's noise for every tap (measured with this engine in f64), and the
-    engine's every tap and its logits are within the calibrated limits. It fails no check that llama.cpp's
-    own taps, judged the same way, do not fail."""
-    d, golden_case = gemma3_golden_verdict
+    engine passes every check: every tap and the logits within the calibrated limits, and the invariants."""
+    d, _ = gemma3_golden_verdict
     manifest = json.loads((d / "manifest.json").read_text())
     assert "noise_skipped" not in manifest, manifest.get("noise_skipped")
     rec = manifest["files"][0]
@@ -304,8 +324,23 @@ def test_gemma3_on_demand_golden_is_reproduced_within_its_noise(dtype, gemma3_go
     numpy_engine.save_dump(numpy_engine.run(m.path, d / "taps.safetensors", dtype=dtype, model=m), dump)
     case = compare(dump, f"cache:{d.name}", tmp_path)
     assert case["error"] is None, summary(case)
-    tap_checks = [c for c in case["checks"] if c["name"].startswith(("taps:", "logits:"))]
+    tap_checks = checks_named(case, "taps:") + checks_named(case, "logits:")
     assert len(tap_checks) > 20 and all(c["passed"] for c in tap_checks), summary(case)
-    assert case["first_divergence"] is None, summary(case)
-    assert failed_checks(case) <= failed_checks(golden_case), (
-        f"fails {failed_checks(case) - failed_checks(golden_case)}, which llama.cpp's own taps pass\n" + summary(case))
+    assert len(checks_named(case, "invariants:")) >= 6, summary(case)
+    assert case["passed"] is True and case["first_divergence"] is None and not failed_checks(case), summary(case)
+    assert case["_exit"] == 0, summary(case)
+
+
+def test_gemma3_silu_for_gelu_is_localized_as_the_activation(gemma3_golden_verdict, tmp_path):
+    """gemma3's gate is GELU (ffn_geglu): SiLU in its place is found at s0 ffn_geglu-0, class activation."""
+    d, _ = gemma3_golden_verdict
+    bug = "silu_instead_of_gelu"
+    want = numpy_engine.expected_localization(bug, "gemma3")
+    m = model_for("gemma3-270m/")
+    dump = tmp_path / "dump.safetensors"
+    numpy_engine.save_dump(numpy_engine.run(m.path, d / "taps.safetensors", dtype="f32", bug=bug, model=m), dump)
+    case = compare(dump, f"cache:{d.name}", tmp_path)
+    assert case["passed"] is False and case["_exit"] == 1, summary(case)
+    fd = case["first_divergence"] or {}
+    got = (fd.get("step"), fd.get("layer"), fd.get("tap"), case.get("likely_class_id"))
+    assert got == (want.step, want.layer, want.tap, want.class_id) == (0, 0, "ffn_geglu-0", "activation"), summary(case)
