@@ -1,11 +1,15 @@
-// Causal grouped-query attention, llama.cpp's non-flash path in one kernel per (head, query row).
-// CPU twins: engine/src/cpu/attention.rs (attn_scores, attn_softmax, attn_values).
+// Causal grouped-query attention, llama.cpp's non-flash path: one block per (head, tile of ATT_ROWS
+// query rows). CPU twins: engine/src/cpu/attention.rs (attn_scores, attn_softmax, attn_values).
 //
 // q: `[T][H][Dh]`; kc, vc: `[ctx][Hkv][Dh]` (this layer); kq, p: `[H][T][kv_len]`;
 // out: `[T][H·Dh]` (kqv_out). kv_len = pos[0] + T; row t sees positions 0 ..= pos[0] + t.
 // kq holds the unscaled scores; with full_scores = 0 the masked entries of kq are left unwritten
 // (nobody reads them: they exist only for the `kq` tap). Query head h reads KV head h / (H / Hkv).
-// blockDim.x: a multiple of 32, ≥ Dh. Dynamic shared memory: Dh floats.
+// The rows of a tile share every K and V row the block reads (the reason for tiles: one block per
+// row read each K row once per row, 271 us a layer for qwen's pp512 on the H200); each row's
+// arithmetic is the one-row kernel's, in the same order.
+// blockDim.x: a multiple of 32, ≥ Dh. Dynamic shared memory: ATT_ROWS·Dh floats (ATT_ROWS: from
+// Rust, cuda::ops::ATTN_ROWS).
 // fault: 0, or injected bug classes (engine/src/faults.rs), uniform per launch, bits named in Rust
 // (cuda::ops::AttnFault, passed to NVRTC): ATTN_NO_CAUSAL_MASK (every row sees all kv_len positions),
 // ATTN_SOFTMAX_NO_MAX (softmax without max subtraction), ATTN_GQA_MODULO (kv head h % Hkv).
@@ -16,71 +20,109 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
                                          float* __restrict__ p, float* __restrict__ out,
                                          const int* __restrict__ pos, int T, int H, int Hkv, int Dh,
                                          float scale, int full_scores, int fault, int window) {
-    extern __shared__ float qs[];
+    extern __shared__ float qs[];  // [ATT_ROWS][Dh]: the tile's q rows, later the value sums
     __shared__ float shf[32];
     __shared__ double shd[32];
-    int h = blockIdx.x, t = blockIdx.y;
+    int h = blockIdx.x, t0 = blockIdx.y * ATT_ROWS;
+    int rows = min(ATT_ROWS, T - t0);
     int n_past = pos[0];
     int kv_len = n_past + T;
-    int valid = (fault & ATTN_NO_CAUSAL_MASK) ? kv_len : n_past + t + 1;
-    int lo = window > 0 && valid > window ? valid - window : 0;  // first visible position
     int hk = (fault & ATTN_GQA_MODULO) ? h % Hkv : h / (H / Hkv);
     int kvd = Hkv * Dh;
-        const float* qr = q + ((long long)t * H + h) * Dh;
-    for (int d = threadIdx.x; d < Dh; d += blockDim.x) qs[d] = qr[d];
+    // per row: visible positions lo .. valid − 1, scores written for 0 .. n_scores − 1
+    int valid[ATT_ROWS], lo[ATT_ROWS], n_scores[ATT_ROWS];
+    int max_scores = 0, max_valid = 0;
+#pragma unroll
+    for (int r = 0; r < ATT_ROWS; r++) {
+        int t = t0 + r;
+        valid[r] = r < rows ? ((fault & ATTN_NO_CAUSAL_MASK) ? kv_len : n_past + t + 1) : 0;
+        lo[r] = window > 0 && valid[r] > window ? valid[r] - window : 0;
+        n_scores[r] = r < rows ? (full_scores ? kv_len : valid[r]) : 0;
+        max_scores = max(max_scores, n_scores[r]);
+        max_valid = max(max_valid, valid[r]);
+    }
+    for (int i = threadIdx.x; i < rows * Dh; i += blockDim.x) {
+        int r = i / Dh, d = i % Dh;
+        qs[i] = q[((long long)(t0 + r) * H + h) * Dh + d];
+    }
     __syncthreads();
-    long long row = ((long long)h * T + t) * kv_len;
-    float* kqr = kq + row;
-    float* pr = p + row;
-    int n_scores = full_scores ? kv_len : valid;
-    // scores: one thread per key position, q from shared memory, k rows read as float4 when aligned
+    long long row0 = ((long long)h * T + t0) * kv_len;  // row r of the tile at row0 + r·kv_len
+    // scores: one thread per key position, its K row read once for every row of the tile (float4
+    // chunks when aligned); each row's sum in the one-row kernel's order
     bool vec4 = (Dh & 3) == 0;
-    for (int j = threadIdx.x; j < n_scores; j += blockDim.x) {
+    for (int j = threadIdx.x; j < max_scores; j += blockDim.x) {
         const float* kr = kc + (long long)j * kvd + hk * Dh;
-        float s = 0.0f;
+        float s[ATT_ROWS];
+#pragma unroll
+        for (int r = 0; r < ATT_ROWS; r++) s[r] = 0.0f;
         if (vec4) {
             const float4* k4 = (const float4*)kr;
-#pragma unroll 4
             for (int d4 = 0; d4 < (Dh >> 2); d4++) {
                 float4 kv = k4[d4];
-                s += kv.x * qs[4 * d4] + kv.y * qs[4 * d4 + 1] + kv.z * qs[4 * d4 + 2] + kv.w * qs[4 * d4 + 3];
+#pragma unroll
+                for (int r = 0; r < ATT_ROWS; r++) {
+                    const float* qr = qs + r * Dh + 4 * d4;
+                    s[r] += kv.x * qr[0] + kv.y * qr[1] + kv.z * qr[2] + kv.w * qr[3];
+                }
             }
         } else {
-            for (int d = 0; d < Dh; d++) s += kr[d] * qs[d];
+            for (int d = 0; d < Dh; d++) {
+                float kd = kr[d];
+#pragma unroll
+                for (int r = 0; r < ATT_ROWS; r++) s[r] += kd * qs[r * Dh + d];
+            }
         }
-        kqr[j] = s;
+#pragma unroll
+        for (int r = 0; r < ATT_ROWS; r++)
+            if (j < n_scores[r]) kq[row0 + (long long)r * kv_len + j] = s[r];
     }
     __syncthreads();
-    // softmax over the visible positions: max subtracted, sum in f64
-    float m = -INFINITY;
-    for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, kqr[j] * scale);
-    m = block_max(m, shf);
-    if (fault & ATTN_SOFTMAX_NO_MAX) m = 0.0f;
-    double sum = 0.0;
-    for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) {
-        float e = expf(kqr[j] * scale - m);
-        pr[j] = e;
-        sum += (double)e;
+    // softmax of each row over its visible positions: max subtracted, sum in f64
+    for (int r = 0; r < rows; r++) {
+        const float* kqr = kq + row0 + (long long)r * kv_len;
+        float* pr = p + row0 + (long long)r * kv_len;
+        float m = -INFINITY;
+        for (int j = lo[r] + threadIdx.x; j < valid[r]; j += blockDim.x) m = fmaxf(m, kqr[j] * scale);
+        m = block_max(m, shf);
+        if (fault & ATTN_SOFTMAX_NO_MAX) m = 0.0f;
+        double sum = 0.0;
+        for (int j = lo[r] + threadIdx.x; j < valid[r]; j += blockDim.x) {
+            float e = expf(kqr[j] * scale - m);
+            pr[j] = e;
+            sum += (double)e;
+        }
+        sum = block_sum_d(sum, shd);
+        float inv = (float)(1.0 / sum);
+        for (int j = threadIdx.x; j < kv_len; j += blockDim.x) pr[j] = j >= lo[r] && j < valid[r] ? pr[j] * inv : 0.0f;
     }
-    sum = block_sum_d(sum, shd);
-    float inv = (float)(1.0 / sum);
-    for (int j = threadIdx.x; j < kv_len; j += blockDim.x) pr[j] = j >= lo && j < valid ? pr[j] * inv : 0.0f;
     __syncthreads();
-    // values: G groups of Dh threads, group g sums positions j ≡ g (mod G), then the groups are added
+    // values: G groups of Dh threads, group g sums positions j ≡ g (mod G) of each row (its V element
+    // read once for the tile), then the groups are added in order
     int G = blockDim.x / Dh;
     int g = threadIdx.x / Dh, e = threadIdx.x % Dh;
-    float acc = 0.0f;
+    float acc[ATT_ROWS];
+#pragma unroll
+    for (int r = 0; r < ATT_ROWS; r++) acc[r] = 0.0f;
     if (g < G) {
-#pragma unroll 4
-        for (int j = lo + g; j < valid; j += G) acc += pr[j] * vc[(long long)j * kvd + hk * Dh + e];
+        const float* pt = p + row0;
+        for (int j = g; j < max_valid; j += G) {
+            float v = vc[(long long)j * kvd + hk * Dh + e];
+#pragma unroll
+            for (int r = 0; r < ATT_ROWS; r++)
+                if (j >= lo[r] && j < valid[r]) acc[r] += pt[(long long)r * kv_len + j] * v;
+        }
     }
-    // reuse the q staging area: Dh floats per group would not fit, so accumulate group by group
+    // the q staging area holds the sums: group by group, in order
     __syncthreads();
     for (int gg = 0; gg < G; gg++) {
-        if (g == gg) qs[e] = (gg == 0) ? acc : qs[e] + acc;
+        if (g == gg)
+            for (int r = 0; r < rows; r++) qs[r * Dh + e] = (gg == 0) ? acc[r] : qs[r * Dh + e] + acc[r];
         __syncthreads();
     }
-    for (int d = threadIdx.x; d < Dh; d += blockDim.x) out[(long long)t * H * Dh + h * Dh + d] = qs[d];
+    for (int i = threadIdx.x; i < rows * Dh; i += blockDim.x) {
+        int r = i / Dh, d = i % Dh;
+        out[(long long)(t0 + r) * H * Dh + h * Dh + d] = qs[i];
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

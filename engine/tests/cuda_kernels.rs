@@ -490,9 +490,15 @@ fn rope_case(style: RopeStyle, n_rot: usize) -> R {
 
 /// attention_f32 against its CPU twins (with `fault`, their crate::faults variants).
 fn attention_case(dh: usize, qscale: f32, fault: Option<Fault>) -> R {
+    attention_rows_case(dh, qscale, fault, 5, 3)
+}
+
+/// attention_f32 with `t` query rows after `n_past` cached positions (the kernel takes rows in tiles
+/// of ATT_ROWS: several tiles and a partial last one when t > 8).
+fn attention_rows_case(dh: usize, qscale: f32, fault: Option<Fault>, t: usize, n_past: usize) -> R {
     let g = gpu()?;
-    let mut rng = ChaCha8Rng::seed_from_u64(31 + dh as u64);
-    let (t, n_past, h, hkv, ctx) = (5usize, 3usize, 6usize, 2usize, 16usize);
+    let mut rng = ChaCha8Rng::seed_from_u64(31 + dh as u64 + 1000 * t as u64);
+    let (h, hkv, ctx) = (6usize, 2usize, n_past + t + 8);
     let kv_len = n_past + t;
     let row = hkv * dh;
     let q = randv(&mut rng, t * h * dh, qscale);
@@ -676,6 +682,11 @@ fn main() {
     for f in [Fault::CausalMaskMissing, Fault::SoftmaxNoMax, Fault::GqaMapping, Fault::AttentionWindow(3), Fault::AttentionWindow(6)] {
         list.push(Trial::test(format!("attention_dh64_fault_{f:?}"), move || attention_case(64, 1.0, Some(f))));
     }
+    // several tiles of query rows, the last one partial, with and without a window and the mask fault
+    for (t, n_past, f) in [(21usize, 4usize, None), (37, 0, None), (19, 7, Some(Fault::AttentionWindow(6))), (12, 2, Some(Fault::CausalMaskMissing))] {
+        list.push(Trial::test(format!("attention_dh64_rows{t}_past{n_past}_fault_{f:?}"), move || attention_rows_case(64, 1.0, f, t, n_past)));
+    }
+    list.push(Trial::test("attention_dh40_rows13", move || attention_rows_case(40, 1.0, None, 13, 5)));
     let window = |n| Some(Fault::AttentionWindow(n));
     let qwen = |p: usize, ctx: usize, qscale: f32, fault: Option<Fault>| DecodeCase {
         dh: 64,

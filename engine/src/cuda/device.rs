@@ -164,7 +164,7 @@ pub fn kernel_constants() -> String {
     ] {
         s += &format!("#define GT_{name} {}\n", ty.to_u32());
     }
-    s += &format!("#define MV_MAX_T {}\n#define MV_RPW {}\n", super::ops::MV_MAX_T, super::ops::MV_RPW);
+    s += &format!("#define MV_MAX_T {}\n#define MV_RPW {}\n#define ATT_ROWS {}\n", super::ops::MV_MAX_T, super::ops::MV_RPW, super::ops::ATTN_ROWS);
     for (name, bit) in super::ops::AttnFault::BITS {
         s += &format!("#define {name} {bit}\n");
     }
@@ -439,7 +439,7 @@ mod tests {
     #[test]
     fn kernel_constants_define_what_the_sources_use_and_the_sources_do_not() {
         let c = super::kernel_constants();
-        for name in ["GT_Q4_K 12", "GT_Q6_K 14", "GT_F32 0", "MV_MAX_T 8", "MV_RPW 4", "ATTN_NO_CAUSAL_MASK 1", "ATTN_GQA_MODULO 4"] {
+        for name in ["GT_Q4_K 12", "GT_Q6_K 14", "GT_F32 0", "MV_MAX_T 8", "MV_RPW 4", "ATT_ROWS 8", "ATTN_NO_CAUSAL_MASK 1", "ATTN_GQA_MODULO 4"] {
             assert!(c.contains(&format!("#define {name}\n")), "{name} missing from:\n{c}");
         }
         // one home: no source defines them again

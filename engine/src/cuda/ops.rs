@@ -18,6 +18,8 @@ pub const MV_MAX_T: usize = 8;
 const BLOCK: u32 = 256;
 /// Most rows one warp of the staged decode matvec takes (quant.cu's MV_RPW).
 pub(super) const MV_RPW: usize = 4;
+/// Query rows one block of the prefill attention takes (attention.cu's ATT_ROWS).
+pub(super) const ATTN_ROWS: usize = 8;
 
 /// The formats the kernels dequantize.
 pub const SUPPORTED: [GgmlType; 8] =
@@ -436,7 +438,9 @@ impl Gpu {
             Arg::I(fault.bits()),
             fault.window_arg()?,
         ];
-        self.launch("attention_f32", (a.n_head as u32, a.t as u32, 1), BLOCK, (a.head_dim * 4) as u32, &args)
+        // one block per head and tile of ATTN_ROWS query rows (kernels/attention.cu)
+        let tiles = a.t.div_ceil(ATTN_ROWS) as u32;
+        self.launch("attention_f32", (a.n_head as u32, tiles, 1), BLOCK, (ATTN_ROWS * a.head_dim * 4) as u32, &args)
     }
 }
 
