@@ -139,12 +139,13 @@ pub const RMS_EPS_MAX: f64 = 1e-5;
 
 /// An RMSNorm output row's mean square: `ms/(ms + eps)` for an input of mean square `ms`, which is 1 only
 /// while `ms ≫ eps`. gemma3-270m's layer 14 FFN output for the BOS token has `ms` 6.8e-9, so its
-/// `norm.rms_norm.14` row 0 has mean square 6.8e-3, correctly. A row further than a tenth of the limit
-/// from 1 is therefore held to its input: the tap of the same step whose row is a positive multiple of it
-/// (found by value: taps are named per architecture, and gemma3's post-FFN norm carries no layer). Its
-/// deviation is then its distance from `[ms/(ms + RMS_EPS_MAX), 1]`: a row whose input's mean square is
-/// comparable to or below eps is exempt from unit mean square, one whose input is ≫ eps is not. The value
-/// is the largest deviation; the detail names the exempt rows with the eps each implies.
+/// `norm.rms_norm.14` row 0 has mean square 6.8e-3, correctly. A row further than the limit from 1 is
+/// therefore held to its input: the tap of the same step whose row is a positive multiple of it (found by
+/// value: taps are named per architecture, and gemma3's post-FFN norm carries no layer). Its deviation is
+/// then its distance from `[ms/(ms + RMS_EPS_MAX), 1]`: a row whose input's mean square is comparable to
+/// or below eps is exempt from unit mean square, one whose input is ≫ eps is not. Rows within the limit
+/// keep |mean square − 1| (so passing values do not change); the value is the largest deviation, and the
+/// detail names the exempt rows with the eps each implies.
 fn rms_unit(src: &dyn TapSource, ids: &[TapId], l: super::Limit) -> Result<Option<CheckResult>> {
     let (mut err, mut at, mut n) = (0f64, String::new(), 0usize);
     // Rows held to ms/(ms + eps): count, and the one of the smallest input mean square.
@@ -160,11 +161,11 @@ fn rms_unit(src: &dyn TapSource, ids: &[TapId], l: super::Limit) -> Result<Optio
         for (r, row) in t.data.chunks_exact(w).enumerate() {
             let ms = mean_square(row);
             let mut dev = (ms - 1.0).abs();
-            if dev > l.value / 10.0 {
+            if dev > l.value {
                 if let Some((input, ms_in)) = inputs.find(src, ids, id, t.data.len(), w, r, row)? {
                     let lo = ms_in / (ms_in + RMS_EPS_MAX);
                     let dev_eps = if ms < lo { lo - ms } else { (ms - 1.0).max(0.0) };
-                    if dev_eps < dev {
+                    if dev_eps <= l.value {
                         dev = dev_eps;
                         n_exempt += 1;
                         if example.as_ref().is_none_or(|(m, _)| ms_in < *m) {
