@@ -63,6 +63,14 @@ fn report_html_renders_in_headless_chromium() {
         "Attention: <code>s0/kq_soft_max-0</code>, head 1",
         "Provenance",
         "compare::synthetic/exact/fox::dump",
+        // each limit links to its reason, listed once after the cases
+        "href=\"#reason-1\"",
+        "<li id=\"reason-1\">",
+        // the failing case's difference panel carries every cell's values; the clean case's engine panel
+        // is its golden panel, drawn once and used again
+        "row 0 col 0: golden",
+        "<use href=\"#h1p0\"",
+        "Golden entries",
     ] {
         assert!(dom.contains(needle), "rendered DOM lacks {needle:?}:\n{}", &dom[..dom.len().min(3000)]);
     }

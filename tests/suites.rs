@@ -1,7 +1,9 @@
 //! Every case × backend of suites/*.toml as a libtest-mimic trial named `{suite}::{case}::{backend}`,
 //! filterable like any test and runnable under `cargo nextest` (`--partition` included). A backend
 //! that cannot run here is reported ignored with the reason, never passed. Each case's summary is an
-//! insta snapshot (tests/snapshots/), values rounded to their order of magnitude.
+//! insta snapshot (tests/snapshots/), values rounded to their order of magnitude. After the trials, each
+//! backend's report.html of the cases that ran (the default suite's page of `lockstep validate --backend
+//! B`) must stay within `report::html::BUDGET_BYTES`; a page over it fails the run.
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep::golden::{self, Manifest};
@@ -9,12 +11,15 @@ use lockstep::report::{self, CaseReport};
 use lockstep::suite::{self, Case, Suite};
 use lockstep::validate::{backend_available, Runner};
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 thread_local! {
     // Models and backends are loaded once per thread and reused by the trials that run on it.
     static RUNNER: RefCell<Runner> = RefCell::new(Runner::default());
 }
+
+/// Every case report of this run, for the report.html size budget.
+static REPORTS: Mutex<Vec<CaseReport>> = Mutex::new(Vec::new());
 
 fn main() {
     let mut args = Arguments::from_args();
@@ -24,7 +29,39 @@ fn main() {
         Ok(t) => t,
         Err(e) => vec![Trial::test("suites::load", move || Err(Failed::from(e)))],
     };
-    libtest_mimic::run(&args, trials).exit();
+    let conclusion = libtest_mimic::run(&args, trials);
+    if let Err(e) = report_budget() {
+        eprintln!("report.html budget: {e}");
+        std::process::exit(101);
+    }
+    conclusion.exit();
+}
+
+/// report.html of each backend's cases that ran, rendered as `lockstep validate --backend B` writes it,
+/// within the budget.
+fn report_budget() -> Result<(), String> {
+    let cases = std::mem::take(&mut *REPORTS.lock().unwrap_or_else(|e| e.into_inner()));
+    let manifest = Manifest::load(&golden::default_dir()).map_err(|e| e.to_string())?;
+    let budget = report::html::BUDGET_BYTES;
+    let mut over = Vec::new();
+    let mut backends: Vec<String> = cases.iter().map(|c| c.backend.clone()).collect();
+    backends.sort();
+    backends.dedup();
+    for b in backends {
+        let mine: Vec<CaseReport> = cases.iter().filter(|c| c.backend == b).cloned().collect();
+        let n = mine.len();
+        let provenance = report::Provenance::here(serde_json::Value::Object(manifest.provenance.clone()), lockstep::validate::gpu_name());
+        let html = report::html::render(&report::Report::new(provenance, mine)).map_err(|e| e.to_string())?;
+        println!("report.html of the {n} {b} cases that ran: {} bytes (budget {budget})", html.len());
+        if html.len() > budget {
+            over.push(format!("{b}: {} bytes for {n} cases", html.len()));
+        }
+    }
+    if over.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("over the budget of {budget} bytes: {}", over.join("; ")))
+    }
 }
 
 fn build() -> Result<Vec<Trial>, String> {
@@ -52,6 +89,7 @@ fn build() -> Result<Vec<Trial>, String> {
 fn run(s: &Suite, c: &Case, b: &str, manifest: Result<Arc<Manifest>, String>) -> Result<(), Failed> {
     let manifest = manifest.map_err(|e| Failed::from(format!("golden manifest: {e}")))?;
     let rep = RUNNER.with(|r| r.borrow_mut().run(&manifest, s, c, b));
+    REPORTS.lock().unwrap_or_else(|e| e.into_inner()).push(rep.clone());
     if let Some(reason) = &rep.ignored_reason {
         // Ran out of what it needs at run time (no model): not a pass.
         return Err(Failed::from(format!("cannot run here: {reason}")));
