@@ -39,23 +39,9 @@ METHOD = ("distance of llama.cpp's tap from an f64 evaluation of the same graph 
           "largest rel L2 of one token row")
 
 
-def token_axis(tap: str, shape: tuple[int, ...]) -> int:
-    """The token axis of a 4-D tap (a row is one token), as src/checks/taps.rs `token_axis`: 2 for
-    activations [1, 1, tokens, width] and the heads-first kq, kq_soft_max, kqv [1, heads, tokens, ...]; 1 for
-    per-head taps [1, tokens, heads, head_dim]: after RoPE, and before it Q/K/V split into heads, gemma3's
-    Qcur_normed/Kcur_normed and each head's RMSNorm (norm-L.rms_norm.1/.2). Per-head taps are told by name
-    (.rope, *_normed) or by shape: tokens on axis 1 (> 1 at a prefill), or more than one row on axis 2 at a
-    decode step, which holds one token. `tap` is `name[-L][.stage]` or a key `s{step}/...` (without the
-    step, a prefill)."""
-    step_part, _, name = tap.rpartition("/")
-    step = int(step_part[1:]) if step_part.startswith("s") and step_part[1:].isdigit() else 0
-    head, _, stage = name.partition(".")
-    fam = head.rsplit("-", 1)[0] if head.rsplit("-", 1)[-1].isdigit() else head
-    if len(shape) != 4 or fam in ("kq", "kq_soft_max", "kqv"):
-        return 2
-    per_head_name = stage == "rope" or fam in ("Qcur_normed", "Kcur_normed")
-    per_head_shape = shape[1] != 1 or (step > 0 and shape[2] != 1)
-    return 1 if per_head_name or per_head_shape else 2
+# The row axis of a tap (one token a row), the same rule the runner uses (src/checks/taps.rs
+# token_axis; tests/outside_engine checks the two agree): one home on the Python side.
+token_axis = numpy_engine.token_axis
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
