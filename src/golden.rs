@@ -139,8 +139,14 @@ impl Manifest {
     pub fn load(dir: &Path) -> Result<Manifest> {
         let path = dir.join("manifest.json");
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        Self::parse(dir, &text)
+    }
+
+    /// Parses the text of `dir/manifest.json` (as [`Self::load`] does after reading it; errors name that path).
+    pub fn parse(dir: &Path, text: &str) -> Result<Manifest> {
+        let path = dir.join("manifest.json");
         let bad = |reason: String| Error::Manifest { path: path.clone(), reason };
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let (list, provenance) = match value {
             serde_json::Value::Array(a) => (a, serde_json::Map::new()),
             serde_json::Value::Object(mut o) => {
@@ -155,7 +161,13 @@ impl Manifest {
         let files = list
             .into_iter()
             .enumerate()
-            .map(|(i, v)| serde_json::from_value(v).map_err(|e| bad(format!("files[{i}]: {e}"))))
+            .map(|(i, v)| {
+                let f: ManifestFile = serde_json::from_value(v).map_err(|e| bad(format!("files[{i}]: {e}")))?;
+                if f.n_layer == Some(0) {
+                    return Err(bad(format!("files[{i}] ({}): n_layer is 0; a model has at least one layer", f.path)));
+                }
+                Ok(f)
+            })
             .collect::<Result<Vec<ManifestFile>>>()?;
         Ok(Manifest { dir: dir.to_path_buf(), path, files, provenance })
     }

@@ -555,7 +555,7 @@ pub enum GgufError {
     BadAlignment { value: u64, offset: u64, found_type: &'static str },
     #[error("tensor {name:?}: {n_dims} dimensions at byte {offset} (ggml allows at most {MAX_DIMS})")]
     TooManyDims { name: String, n_dims: u32, offset: u64 },
-    #[error("tensor {name:?}: shape {ne:?} at byte {offset} overflows (element count or byte size beyond i64)")]
+    #[error("tensor {name:?}: shape {ne:?} at byte {offset} overflows (element count, row count or byte size beyond i64)")]
     ShapeOverflow { name: String, ne: Vec<u64>, offset: u64 },
     #[error("tensor {name:?}: unknown ggml type {ty} at byte {offset}")]
     UnknownTensorType { name: String, ty: u32, offset: u64 },
@@ -940,9 +940,13 @@ fn parse_header(buf: &[u8]) -> Result<Header, GgufError> {
         let ty_offset = c.pos as u64;
         let raw_ty = c.u32(&|| format!("type of tensor {name:?}"))?;
         let ty = GgmlType::from_u32(raw_ty).ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), ty: raw_ty, offset: ty_offset })?;
-        // ggml keeps ne as int64_t: every dimension, the element count and the byte size must fit i64.
-        let n_el = ne.iter().try_fold(1u64, |acc, &d| if d > i64::MAX as u64 { None } else { acc.checked_mul(d) }).filter(|&n| n <= i64::MAX as u64);
-        let Some(n_el) = n_el else {
+        // ggml keeps ne as int64_t: every dimension, the element count and the byte size must fit i64; so
+        // must the row count ne[1]·ne[2]·…, which a zero ne[0] would otherwise leave unchecked.
+        let product = |dims: &[u64]| {
+            let fits = |n: &u64| *n <= i64::MAX as u64;
+            dims.iter().try_fold(1u64, |acc, &d| if fits(&d) { acc.checked_mul(d) } else { None }).filter(fits)
+        };
+        let (Some(n_el), Some(_rows)) = (product(&ne), product(ne.get(1..).unwrap_or_default())) else {
             return Err(GgufError::ShapeOverflow { name, ne, offset: ne_offset });
         };
         let ne0 = ne.first().copied().unwrap_or(1);
