@@ -136,39 +136,57 @@ pub fn run_from_dump(dump: &NormalizedDump) -> Result<EngineRun<'_>> {
 
 /// `lockstep compare`: a dump against a golden entry of the manifest.
 pub fn compare_dump(manifest: &Manifest, dump_path: &std::path::Path, entry: &str, tol: Option<Tolerances>) -> Result<CaseReport> {
-    let f = manifest.find(entry)?;
-    let golden = manifest.open_taps(f)?;
-    // Read and check the dump against the golden before judging: a malformed dump is an error naming
-    // the tap and the layout, never a panic or a misleading verdict.
-    let (dump, coverage) = dump_check::load(dump_path, &golden)?;
-    let tier = f.tier.clone().unwrap_or_else(|| "exact".into());
-    let model = f.model.clone().unwrap_or_default();
-    let tol = tol.unwrap_or_else(|| Tolerances::new(&tier));
-    let arch = golden_arch(manifest, f);
-    let opt = Options {
-        tol: &tol,
-        pairing: Pairing::for_arch(&arch),
-        diversity: diversity_limits(manifest, &model, &tier)?,
-        max_step: None,
-        require_all_taps: false,
-    };
-    let mut case = CaseReport {
-        name: format!("compare::{}::dump", f.entry_name()),
-        suite: "compare".into(),
-        case: f.entry_name(),
-        model,
-        tier,
-        backend: "dump".into(),
-        golden_entry: Some(entry_for_report(f)),
-        coverage: Some(coverage),
-        ..Default::default()
-    };
-    let t0 = std::time::Instant::now();
-    let run = run_from_dump(&dump)?;
-    judge(&golden, &run, &opt, &mut case)?;
-    case.seconds = t0.elapsed().as_secs_f64();
-    case.finish();
-    Ok(case)
+    CompareGolden::open(manifest, entry)?.compare(dump_path, tol)
+}
+
+/// A golden entry opened for `lockstep compare`: what does not depend on the dump, read once (the
+/// fuzz target judges many dumps against one golden).
+pub struct CompareGolden<'m> {
+    file: &'m ManifestFile,
+    golden: TapsFile,
+    arch: String,
+    diversity: Option<diversity::Limits>,
+    report_entry: serde_json::Value,
+}
+
+impl<'m> CompareGolden<'m> {
+    /// Finds `entry` in the manifest and opens its taps file (sha256-checked).
+    pub fn open(manifest: &'m Manifest, entry: &str) -> Result<CompareGolden<'m>> {
+        let file = manifest.find(entry)?;
+        let golden = manifest.open_taps(file)?;
+        let (model, tier) = (file.model.clone().unwrap_or_default(), file.tier.clone().unwrap_or_else(|| "exact".into()));
+        let diversity = diversity_limits(manifest, &model, &tier)?;
+        Ok(CompareGolden { file, golden, arch: golden_arch(manifest, file), diversity, report_entry: entry_for_report(file) })
+    }
+
+    /// Judges the dump at `dump_path` against this golden.
+    pub fn compare(&self, dump_path: &std::path::Path, tol: Option<Tolerances>) -> Result<CaseReport> {
+        let f = self.file;
+        // Read and check the dump against the golden before judging: a malformed dump is an error naming
+        // the tap and the layout, never a panic or a misleading verdict.
+        let (dump, coverage) = dump_check::load(dump_path, &self.golden)?;
+        let tier = f.tier.clone().unwrap_or_else(|| "exact".into());
+        let model = f.model.clone().unwrap_or_default();
+        let tol = tol.unwrap_or_else(|| Tolerances::new(&tier));
+        let opt = Options { tol: &tol, pairing: Pairing::for_arch(&self.arch), diversity: self.diversity, max_step: None, require_all_taps: false };
+        let mut case = CaseReport {
+            name: format!("compare::{}::dump", f.entry_name()),
+            suite: "compare".into(),
+            case: f.entry_name(),
+            model,
+            tier,
+            backend: "dump".into(),
+            golden_entry: Some(self.report_entry.clone()),
+            coverage: Some(coverage),
+            ..Default::default()
+        };
+        let t0 = std::time::Instant::now();
+        let run = run_from_dump(&dump)?;
+        judge(&self.golden, &run, &opt, &mut case)?;
+        case.seconds = t0.elapsed().as_secs_f64();
+        case.finish();
+        Ok(case)
+    }
 }
 
 /// The architecture of the golden's model (GGUF `general.architecture`), which fixes llama.cpp's RoPE
