@@ -95,7 +95,10 @@ fn block_bf16(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn block_q4_0(b: &[u8], y: &mut [f32]) {
+// The block functions below are pub(crate) and #[inline(always)]: the CPU backend's matmul (cpu/matmul.rs)
+// calls them per block as it reads a row (one monomorphized loop per type).
+#[inline(always)]
+pub(crate) fn block_q4_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let qs = &b[2..18];
     for j in 0..16 {
@@ -104,7 +107,8 @@ fn block_q4_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn block_q4_1(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q4_1(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let m = f16_at(b, 2);
     let qs = &b[4..20];
@@ -114,7 +118,8 @@ fn block_q4_1(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn block_q5_0(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q5_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
     let qs = &b[6..22];
@@ -126,7 +131,8 @@ fn block_q5_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn block_q5_1(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q5_1(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let m = f16_at(b, 2);
     let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
@@ -139,14 +145,16 @@ fn block_q5_1(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn block_q8_0(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q8_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for (y, &q) in y.iter_mut().zip(&b[2..34]) {
         *y = (q as i8) as f32 * d;
     }
 }
 
-fn block_q2_k(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q2_k(b: &[u8], y: &mut [f32]) {
     let scales = &b[0..16];
     let qs = &b[16..80];
     let d = f16_at(b, 80);
@@ -166,7 +174,8 @@ fn block_q2_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn block_q3_k(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q3_k(b: &[u8], y: &mut [f32]) {
     let hmask = &b[0..32];
     let qs = &b[32..96];
     let sc = &b[96..108];
@@ -195,8 +204,9 @@ fn block_q3_k(b: &[u8], y: &mut [f32]) {
 }
 
 /// The 8 six-bit scales and 8 six-bit mins of Q4_K / Q5_K (ggml's `get_scale_min_k4`).
+/// (pub(crate): the CPU backend's AVX2 Q4_K dequantizer, cpu/blocks_avx2.rs, decodes them with it.)
 #[inline]
-fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub(crate) fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     let mut sc = [0u8; 8];
     let mut mn = [0u8; 8];
     for j in 0..4 {
@@ -208,7 +218,8 @@ fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
-fn block_q4_k(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q4_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
     let (sc, mn) = scale_min_k4(&b[4..16]);
@@ -227,7 +238,8 @@ fn block_q4_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn block_q5_k(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q5_k(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
     let (sc, mn) = scale_min_k4(&b[4..16]);
@@ -247,7 +259,8 @@ fn block_q5_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
-fn block_q6_k(b: &[u8], y: &mut [f32]) {
+#[inline(always)]
+pub(crate) fn block_q6_k(b: &[u8], y: &mut [f32]) {
     let ql = &b[0..128];
     let qh = &b[128..192];
     let scales = &b[192..208];

@@ -235,7 +235,8 @@ impl std::fmt::Display for Fault {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Loader faults: applied once, to the f32 weights (and the configuration) a buggy loader would make.
+// Loader faults: applied once, to the f32 weights (and the configuration) a buggy loader would make;
+// a weight the fault rewrites is made f32 first (cpu::weights::Weight::f32_mut), the others stay blocks.
 
 /// `m` (`[rows][cols]`) read with the wrong leading dimension: element (r, c) taken from
 /// `data[c·rows + r]`, i.e. the bytes read column-major. Same shape, wrong values.
@@ -254,34 +255,32 @@ pub fn corrupt_weights(fault: Fault, file: &GgufFile, cfg: &mut ModelConfig, w: 
     match fault {
         Fault::WeightTransposed => {
             for lw in &mut w.layers {
-                lw.wq = wrong_leading_dim(&lw.wq);
+                lw.wq = wrong_leading_dim(lw.wq.f32_mut()).into();
             }
         }
-        Fault::LmHeadTransposed => w.output = Some(wrong_leading_dim(w.lm_head())),
+        Fault::LmHeadTransposed => w.output = Some(wrong_leading_dim(&w.lm_head().to_f32()).into()),
         Fault::EmbeddingTransposed => {
             if w.output.is_none() {
                 // tied: the output head keeps reading the table correctly
                 w.output = Some(w.token_embd.clone());
             }
-            w.token_embd = wrong_leading_dim(&w.token_embd);
+            w.token_embd = wrong_leading_dim(w.token_embd.f32_mut()).into();
         }
         Fault::FfnSizeWrong => {
             // ffn_dim = n_embd: the first n_embd rows of gate/up, the first n_embd columns of down
             let f = cfg.n_embd.min(cfg.n_ff);
             for lw in &mut w.layers {
-                lw.w_gate.data.truncate(f * lw.w_gate.cols);
-                lw.w_gate.rows = f;
-                lw.w_up.data.truncate(f * lw.w_up.cols);
-                lw.w_up.rows = f;
-                let d = &lw.w_down;
+                lw.w_gate = lw.w_gate.first_rows(f);
+                lw.w_up = lw.w_up.first_rows(f);
+                let d = lw.w_down.f32_mut();
                 let data: Vec<f32> = (0..d.rows).flat_map(|r| d.row(r)[..f].to_vec()).collect();
-                lw.w_down = Matrix { rows: d.rows, cols: f, data };
+                lw.w_down = Matrix { rows: d.rows, cols: f, data }.into();
             }
             cfg.n_ff = f;
         }
         Fault::ProjectionDropped => {
             for lw in &mut w.layers {
-                lw.w_down.data.fill(0.0);
+                lw.w_down.f32_mut().data.fill(0.0);
             }
         }
         Fault::QkvBiasZeroed => {
@@ -312,21 +311,21 @@ pub fn corrupt_weights(fault: Fault, file: &GgufFile, cfg: &mut ModelConfig, w: 
 /// The f32 data of the weight named `name` in GGUF's naming, if the graph uses it.
 fn weight_mut<'a>(w: &'a mut Weights, name: &str) -> Option<&'a mut Vec<f32>> {
     match name {
-        "token_embd.weight" => return Some(&mut w.token_embd.data),
-        "output.weight" => return w.output.as_mut().map(|m| &mut m.data),
+        "token_embd.weight" => return Some(&mut w.token_embd.f32_mut().data),
+        "output.weight" => return w.output.as_mut().map(|m| &mut m.f32_mut().data),
         _ => {}
     }
     let rest = name.strip_prefix("blk.")?;
     let (l, t) = rest.split_once('.')?;
     let lw = w.layers.get_mut(l.parse::<usize>().ok()?)?;
     Some(match t {
-        "attn_q.weight" => &mut lw.wq.data,
-        "attn_k.weight" => &mut lw.wk.data,
-        "attn_v.weight" => &mut lw.wv.data,
-        "attn_output.weight" => &mut lw.wo.data,
-        "ffn_gate.weight" => &mut lw.w_gate.data,
-        "ffn_up.weight" => &mut lw.w_up.data,
-        "ffn_down.weight" => &mut lw.w_down.data,
+        "attn_q.weight" => &mut lw.wq.f32_mut().data,
+        "attn_k.weight" => &mut lw.wk.f32_mut().data,
+        "attn_v.weight" => &mut lw.wv.f32_mut().data,
+        "attn_output.weight" => &mut lw.wo.f32_mut().data,
+        "ffn_gate.weight" => &mut lw.w_gate.f32_mut().data,
+        "ffn_up.weight" => &mut lw.w_up.f32_mut().data,
+        "ffn_down.weight" => &mut lw.w_down.f32_mut().data,
         _ => return None,
     })
 }

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::{dot, gemm_order, softmax_row};
+use super::ops::{softmax_row, Matrix};
 
 /// Keys and values of every layer for the positions seen so far.
 #[derive(Debug, Clone)]
@@ -65,18 +65,16 @@ impl AttnDims {
 /// `kq[h][t][j] = Σ_d K[j][h/g][d] · Q[t][h][d]` with g = H/Hkv (ggml_mul_mat broadcasting the
 /// KV head over its group of query heads). q: `[T][H][Dh]`, k: `[kv_len][Hkv][Dh]`.
 /// Returns `[H][T][kv_len]`, unscaled and unmasked (every cached position, like llama.cpp's kq).
+/// Each score is one [`super::ops::dot`] (ggml_vec_dot_f32's order), computed by [`super::matmul::dots`].
 pub fn attn_scores(q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
     let (t_n, kv, hd) = (d.n_tokens, d.kv_len(), d.head_dim);
     let group = d.n_head / d.n_head_kv;
     let mut kq = vec![0.0f32; d.n_head * t_n * kv];
     kq.par_chunks_mut(t_n * kv).enumerate().for_each(|(h, out)| {
         let hk = h / group;
-        for t in 0..t_n {
+        for (t, orow) in out.chunks_exact_mut(kv).enumerate() {
             let qv = &q[(t * d.n_head + h) * hd..(t * d.n_head + h + 1) * hd];
-            for j in 0..kv {
-                let kr = &k[(j * d.n_head_kv + hk) * hd..(j * d.n_head_kv + hk + 1) * hd];
-                out[t * kv + j] = dot(kr, qv);
-            }
+            super::matmul::dots(qv, k, d.n_head_kv * hd, hk * hd, orow);
         }
     });
     kq
@@ -98,33 +96,42 @@ pub fn attn_softmax(kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
 /// `kqv_out` layout `[T][H·Dh]`. p: `[H][T][kv_len]`, v: `[kv_len][Hkv][Dh]`.
 /// Like llama.cpp's non-flash path (V cached transposed, `ggml_mul_mat(v, kq)`), each output is one
 /// dot product over positions; both operands are zero-padded to a multiple of 32 positions, as the
-/// padded cache view is, so the dot products sum in ggml's order ([`gemm_order`]).
+/// padded cache view is, so the dot products sum in ggml's order ([`super::ops::gemm_order`]): per query head,
+/// a matmul of `V[h/g]ᵀ` (`[Dh][kv_pad]`) with its padded probabilities (`[T][kv_pad]`).
 pub fn attn_values(p: &[f32], v: &[f32], d: &AttnDims) -> Vec<f32> {
     let (t_n, kv, hd, nh, nkv) = (d.n_tokens, d.kv_len(), d.head_dim, d.n_head, d.n_head_kv);
     let group = nh / nkv;
     let kv_pad = kv.div_ceil(32) * 32;
-    // vt: [Hkv][Dh][kv_pad]
-    let mut vt = vec![0.0f32; nkv * hd * kv_pad];
-    for j in 0..kv {
-        for hk in 0..nkv {
-            for e in 0..hd {
-                vt[(hk * hd + e) * kv_pad + j] = v[(j * nkv + hk) * hd + e];
+    // vt[hk]: [Dh][kv_pad]
+    let vt: Vec<Matrix> = (0..nkv)
+        .map(|hk| {
+            let mut data = vec![0.0f32; hd * kv_pad];
+            for j in 0..kv {
+                for e in 0..hd {
+                    data[e * kv_pad + j] = v[(j * nkv + hk) * hd + e];
+                }
             }
+            Matrix { rows: hd, cols: kv_pad, data }
+        })
+        .collect();
+    // ggml_mul_mat(v [kv][Dh], kq [kv][T]): m = Dh, k = the padded cache view, n = T
+    let heads: Vec<Vec<f32>> = (0..nh)
+        .into_par_iter()
+        .map(|h| {
+            // ph: [T][kv_pad]
+            let mut ph = vec![0.0f32; t_n * kv_pad];
+            for (t, row) in ph.chunks_exact_mut(kv_pad).enumerate() {
+                row[..kv].copy_from_slice(&p[(h * t_n + t) * kv..(h * t_n + t + 1) * kv]);
+            }
+            super::matmul::matmul_f32_serial(&vt[h / group], &ph) // [T][Dh]
+        })
+        .collect();
+    let mut out = vec![0.0f32; t_n * nh * hd];
+    for (h, y) in heads.iter().enumerate() {
+        for t in 0..t_n {
+            out[(t * nh + h) * hd..(t * nh + h + 1) * hd].copy_from_slice(&y[t * hd..(t + 1) * hd]);
         }
     }
-    // ggml_mul_mat(v [kv][Dh], kq [kv][T]): m = Dh, k = the padded cache view, n = T
-    let dotf = gemm_order(hd, kv_pad, t_n);
-    let mut out = vec![0.0f32; t_n * nh * hd];
-    out.par_chunks_mut(nh * hd).enumerate().for_each(|(t, orow)| {
-        let mut pr = vec![0.0f32; kv_pad];
-        for h in 0..nh {
-            let hk = h / group;
-            pr[..kv].copy_from_slice(&p[(h * t_n + t) * kv..(h * t_n + t + 1) * kv]);
-            for (e, o) in orow[h * hd..(h + 1) * hd].iter_mut().enumerate() {
-                *o = dotf(&vt[(hk * hd + e) * kv_pad..(hk * hd + e + 1) * kv_pad], &pr);
-            }
-        }
-    });
     out
 }
 

@@ -1,5 +1,5 @@
-//! The f32 CPU reference backend: weights dequantized once at load, every activation in f32,
-//! a KV cache in f32, and llama.cpp's graph (llama / qwen2) computed op by op, each op a small named
+//! The f32 CPU reference backend: weights kept as the file stores them and dequantized to f32 as a
+//! matmul reads them ([`matmul`], [`weights`]), every activation in f32, a KV cache in f32, and llama.cpp's graph (llama / qwen2) computed op by op, each op a small named
 //! function in [`ops`] or [`attention`] so that a fault injector can hook it.
 //!
 //! Taps leave in llama.cpp's graph order with golden/README.md's names: `embd`; per layer L
@@ -10,6 +10,9 @@
 //! `l_out-L`; then `norm`, `result_norm`, `result_output`.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod blocks_avx2;
+pub mod matmul;
 pub mod ops;
 pub mod weights;
 
@@ -21,8 +24,7 @@ use crate::faults::{self, Fault};
 use crate::gguf::GgufFile;
 use crate::taps::{act, key, TapInfo, TapSink};
 use attention::{AttnDims, KvCache};
-use ops::Matrix;
-use weights::Weights;
+use weights::{Weight, Weights};
 
 /// Settings of the CPU backend.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,7 +49,7 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// Reads the configuration from `file` and dequantizes every weight to f32.
+    /// Reads the configuration from `file` and its weights (block formats kept as blocks, [`weights`]).
     pub fn load(file: &GgufFile, options: EngineOptions) -> Result<Self> {
         Self::load_with_fault(file, options, None)
     }
@@ -122,7 +124,8 @@ impl Backend for CpuBackend {
         self.last_logits = self.forward_impl(tokens, None)?;
         Ok(&self.last_logits)
     }
-    /// The loader's dequantization (weights.rs: crate::dequant's block functions) on the rows' bytes.
+    /// The matmul's dequantization (matmul::dequantize_into: the AVX2 dequantizers where they run,
+    /// else crate::dequant's block functions) on the rows' bytes.
     fn dequantize_rows(&self, file: &GgufFile, tensor: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let t = file.tensor(tensor).with_context(|| format!("{}: no tensor {tensor}", file.display_name()))?;
         match self.fault {
@@ -132,7 +135,12 @@ impl Backend for CpuBackend {
                 faults::dequant_q4k_min_sign(crate::dequant::rows_bytes(file, t, rows)?, n)
                     .with_context(|| format!("{}: {tensor} (q4k-min-sign)", file.display_name()))
             }
-            _ => Ok(crate::dequant::dequantize_rows(file, t, rows)?),
+            _ => {
+                let bytes = crate::dequant::rows_bytes(file, t, rows.clone())?;
+                let mut out = vec![0.0f32; rows.len() * t.row_len() as usize];
+                matmul::dequantize_into(t.ty, bytes, &mut out).with_context(|| format!("{}: {tensor}", file.display_name()))?;
+                Ok(out)
+            }
         }
     }
 }
@@ -195,7 +203,7 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
     let n_past = cache.len;
 
     // x: [T][D]
-    let mut x = ops::embedding(&w.token_embd, tokens)?;
+    let mut x = embedding(&w.token_embd, tokens)?;
     taps.emit("embd", None, None, act(t_n, d), &x);
 
     // rows carried after attention: all T, except in the last layer (llama.cpp's inp_out_ids)
@@ -229,7 +237,7 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
         let kqv_out = ex.par(|| faults::attn_values(ex.fault, &p, vc, &dims));
         taps.emit_with("kqv", li, None, [1, cfg.n_head, t_n, cfg.head_dim], || attention::heads_first(&kqv_out, t_n, cfg.n_head, cfg.head_dim).into());
         taps.emit("kqv_out", li, None, act(t_n, cfg.q_dim()), &kqv_out);
-        let mut o = ex.par(|| ops::matmul(&lw.wo, &kqv_out));
+        let mut o = ex.par(|| matmul::matmul(&lw.wo, &kqv_out));
         if cfg.arch.names_attn_out() {
             taps.emit("attn_out", li, None, act(t_n, d), &o);
         }
@@ -247,13 +255,13 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
         taps.emit("norm", li, Some("rms_norm.1"), act(rows, d), &n1);
         let f = ops::mul_rows(&n1, &lw.ffn_norm);
         taps.emit("ffn_norm", li, None, act(rows, d), &f);
-        let g = ex.par(|| ops::matmul(&lw.w_gate, &f));
+        let g = ex.par(|| matmul::matmul(&lw.w_gate, &f));
         taps.emit("ffn_gate", li, None, act(rows, cfg.n_ff), &g);
-        let u = ex.par(|| ops::matmul(&lw.w_up, &f));
+        let u = ex.par(|| matmul::matmul(&lw.w_up, &f));
         taps.emit("ffn_up", li, None, act(rows, cfg.n_ff), &u);
         let s = faults::swiglu(ex.fault, &g, &u);
         taps.emit("ffn_swiglu", li, None, act(rows, cfg.n_ff), &s);
-        let down = ex.par(|| ops::matmul(&lw.w_down, &s));
+        let down = ex.par(|| matmul::matmul(&lw.w_down, &s));
         taps.emit("ffn_out", li, None, act(rows, d), &down);
         x = ops::add(&down, &h);
         taps.emit("l_out", li, None, act(rows, d), &x);
@@ -268,7 +276,7 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
     taps.emit("norm", None, None, act(1, d), &n);
     let r = ops::mul_rows(&n, &w.output_norm);
     taps.emit("result_norm", None, None, act(1, d), &r);
-    let logits = ex.par(|| ops::matmul(w.lm_head(), &r));
+    let logits = ex.par(|| matmul::matmul(w.lm_head(), &r));
     taps.emit("result_output", None, None, act(1, cfg.n_vocab), &logits);
     Ok(logits)
 }
@@ -281,19 +289,19 @@ fn project(
     ex: Exec<'_>,
     name: &str,
     l: usize,
-    w: &Matrix,
+    w: &Weight,
     bias: Option<&[f32]>,
     a: &[f32],
     t_n: usize,
     rotated: bool,
 ) -> Result<Vec<f32>> {
-    let mut y = ex.par(|| ops::matmul(w, a));
-    let shape = act(t_n, w.rows);
+    let mut y = ex.par(|| matmul::matmul(w, a));
+    let shape = act(t_n, w.rows());
     let several = rotated || bias.is_some();
     taps.emit(name, Some(l), several.then_some("mul_mat"), shape, &y);
     if let Some(b) = bias {
-        if b.len() != w.rows {
-            bail!("{name}-{l}: bias has {} values for {} outputs", b.len(), w.rows);
+        if b.len() != w.rows() {
+            bail!("{name}-{l}: bias has {} values for {} outputs", b.len(), w.rows());
         }
         ops::add_bias(&mut y, b);
         taps.emit(name, Some(l), Some("add"), shape, &y);
@@ -309,4 +317,21 @@ fn rotate(taps: &mut Taps<'_>, ex: Exec<'_>, cfg: &ModelConfig, name: &str, l: u
     faults::rope(ex.fault, &mut x, &positions, heads, cfg.head_dim, cfg.n_rot, cfg.rope_base, cfg.rope_style);
     taps.emit(name, Some(l), Some("rope"), [1, t_n, heads, cfg.head_dim], &x);
     x
+}
+
+/// Embedding lookup (ggml_get_rows, as [`ops::embedding`]): the rows of `table` (`[V][D]`) for each
+/// token, dequantized. Errors on an id outside the vocabulary.
+fn embedding(table: &Weight, tokens: &[u32]) -> Result<Vec<f32>> {
+    match table {
+        Weight::F32(m) => ops::embedding(m, tokens),
+        Weight::Blocks(_) => {
+            let d = table.cols();
+            let mut out = vec![0.0f32; tokens.len() * d];
+            for (&tok, row) in tokens.iter().zip(out.chunks_exact_mut(d)) {
+                ensure!((tok as usize) < table.rows(), "token id {tok} is outside the vocabulary ({} rows)", table.rows());
+                table.row_into(tok as usize, row);
+            }
+            Ok(out)
+        }
+    }
 }

@@ -7,8 +7,6 @@
 //!
 //! Every function here is a hook point for the fault injector: keep them small and named.
 
-use rayon::prelude::*;
-
 pub use crate::config::RopeStyle;
 
 /// A row-major f32 matrix `[rows][cols]`: GGUF's `ne = [cols, rows]` (ne0 contiguous) read as is.
@@ -49,7 +47,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+pub(super) fn has_avx2_fma() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
@@ -62,7 +60,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     const STEP: usize = 32; // GGML_F32_STEP: GGML_F32_ARR = 4 vectors of GGML_F32_EPR = 8 lanes
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -111,7 +109,7 @@ unsafe fn dot_gemm_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn dot_gemm_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot_gemm_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for i in 0..8 {
@@ -133,35 +131,10 @@ pub fn gemm_order(m: usize, k: usize, n: usize) -> fn(&[f32], &[f32]) -> f32 {
 }
 
 /// `y[t] = W x[t]` for each of the `T` rows of `x`.
-/// x: `[T][W.cols]`, returns `[T][W.rows]`. Parallel over blocks of output rows, so each weight row
-/// is read once per call whatever `T` is.
+/// x: `[T][W.cols]`, returns `[T][W.rows]`: each output one dot product in the order of
+/// [`gemm_order`] (super::matmul computes them in tiles, bit for bit the same).
 pub fn matmul(w: &Matrix, x: &[f32]) -> Vec<f32> {
-    let (n_in, n_out) = (w.cols, w.rows);
-    assert_eq!(x.len() % n_in, 0, "matmul: input length {} is not a multiple of {n_in}", x.len());
-    let t = x.len() / n_in;
-    // yt: `[W.rows][T]` (transposed so that each parallel task writes a contiguous block)
-    let mut yt = vec![0.0f32; n_out * t];
-    let dotf = gemm_order(n_out, n_in, t);
-    const ROWS_PER_TASK: usize = 16;
-    yt.par_chunks_mut(ROWS_PER_TASK * t).enumerate().for_each(|(blk, out)| {
-        let r0 = blk * ROWS_PER_TASK;
-        for (i, orow) in out.chunks_mut(t).enumerate() {
-            let wr = w.row(r0 + i);
-            for (ti, o) in orow.iter_mut().enumerate() {
-                *o = dotf(wr, &x[ti * n_in..(ti + 1) * n_in]);
-            }
-        }
-    });
-    if t == 1 {
-        return yt;
-    }
-    let mut y = vec![0.0f32; t * n_out];
-    for r in 0..n_out {
-        for ti in 0..t {
-            y[ti * n_out + r] = yt[r * t + ti];
-        }
-    }
-    y
+    super::matmul::matmul_f32(w, x)
 }
 
 /// RMSNorm without the weight (ggml_rms_norm): `x / sqrt(mean(x²) + eps)` per row of `width`.
