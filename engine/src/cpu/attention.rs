@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::ops::{softmax_row, Matrix};
+use super::ops::{softmax_row_into, Matrix};
 
 /// Keys and values of every layer for the positions seen so far.
 #[derive(Debug, Clone)]
@@ -80,6 +80,22 @@ pub fn attn_scores(q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
     kq
 }
 
+/// [`attn_scores`] for the causal positions only: row t holds `kq[h][t][j]` for `j ≤ n_past + t`,
+/// bit for bit the same, and 0 at the masked positions, which the causal softmax never reads.
+pub fn attn_scores_causal(q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
+    let (t_n, kv, hd) = (d.n_tokens, d.kv_len(), d.head_dim);
+    let group = d.n_head / d.n_head_kv;
+    let mut kq = vec![0.0f32; d.n_head * t_n * kv];
+    kq.par_chunks_mut(t_n * kv).enumerate().for_each(|(h, out)| {
+        let hk = h / group;
+        for (t, orow) in out.chunks_exact_mut(kv).enumerate() {
+            let qv = &q[(t * d.n_head + h) * hd..(t * d.n_head + h + 1) * hd];
+            super::matmul::dots(qv, k, d.n_head_kv * hd, hk * hd, &mut orow[..d.n_past + t + 1]);
+        }
+    });
+    kq
+}
+
 /// Causal softmax of `[H][T][kv_len]` scores: row t (position n_past + t) sees positions
 /// `0..=n_past + t`; later positions get probability 0.
 pub fn attn_softmax(kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
@@ -87,7 +103,7 @@ pub fn attn_softmax(kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
     let mut out = vec![0.0f32; kq.len()];
     out.par_chunks_mut(kv).zip(kq.par_chunks(kv)).enumerate().for_each(|(row, (o, s))| {
         let t = row % d.n_tokens;
-        o.copy_from_slice(&softmax_row(s, scale, d.n_past + t + 1));
+        softmax_row_into(s, scale, d.n_past + t + 1, o);
     });
     out
 }
@@ -160,6 +176,21 @@ mod tests {
         let p = vec![1.0; 4];
         let v = vec![3.0, 7.0];
         assert_eq!(attn_values(&p, &v, &d), vec![3.0, 3.0, 7.0, 7.0]);
+    }
+
+    #[test]
+    fn causal_scores_equal_the_full_ones_where_unmasked() {
+        // H=4, Hkv=2, Dh=64, a batch of 5 after 3 cached positions
+        let d = AttnDims { n_tokens: 5, n_past: 3, n_head: 4, n_head_kv: 2, head_dim: 64 };
+        let val = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 13.0;
+        let q: Vec<f32> = (0..5 * 4 * 64).map(val).collect();
+        let k: Vec<f32> = (0..8 * 2 * 64).map(|i| val(i + 7)).collect();
+        let (full, causal) = (attn_scores(&q, &k, &d), attn_scores_causal(&q, &k, &d));
+        for (r, (fr, cr)) in full.chunks(8).zip(causal.chunks(8)).enumerate() {
+            let n = d.n_past + r % 5 + 1;
+            assert_eq!(fr[..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), cr[..n].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "row {r}");
+            assert_eq!(attn_softmax(&full, 0.125, &d)[r * 8..(r + 1) * 8], attn_softmax(&causal, 0.125, &d)[r * 8..(r + 1) * 8]);
+        }
     }
 
     #[test]

@@ -189,10 +189,16 @@ fn transpose(yt: Vec<f32>, rows: usize, t: usize) -> Vec<f32> {
     if t == 1 {
         return yt;
     }
+    // in 32 × 32 blocks, so that both sides stay in cache
+    const B: usize = 32;
     let mut y = vec![0.0f32; t * rows];
-    for r in 0..rows {
-        for ti in 0..t {
-            y[ti * rows + r] = yt[r * t + ti];
+    for r0 in (0..rows).step_by(B) {
+        for t0 in (0..t).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for ti in t0..(t0 + B).min(t) {
+                    y[ti * rows + r] = yt[r * t + ti];
+                }
+            }
         }
     }
     y

@@ -186,6 +186,11 @@ impl Taps<'_> {
         }
     }
 
+    /// Whether the sink wants `name-layer.stage`.
+    fn wants(&self, name: &str, layer: Option<usize>, stage: Option<&str>) -> bool {
+        self.sink.as_deref().is_some_and(|sink| sink.wants(&key(name, layer, stage)))
+    }
+
     /// Layer-isolated mode: a replacement for `l_out-L`, if the sink gives one.
     fn replace(&mut self, layer: usize, shape: [usize; 4]) -> Result<Option<Vec<f32>>> {
         match self.sink.as_deref_mut() {
@@ -229,7 +234,14 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
         let (kc, vc) = attention::kv_read(cache, l, kv_len);
         let stale = faults::kv_stale(ex.fault, cache, n_past, &k, &v);
         let (kc, vc) = stale.as_ref().map_or((kc, vc), |(a, b)| (&a[..], &b[..]));
-        let kq = ex.par(|| faults::attn_scores(ex.fault, &q, kc, &dims));
+        // The scores of masked positions (later in the batch) are read only by the kq tap and by the
+        // causal-mask-missing fault; without either, only the causal ones are computed (the same values).
+        let masked_read = taps.wants("kq", li, None) || matches!(ex.fault, Some(Fault::CausalMaskMissing));
+        let kq = if masked_read || ex.fault.is_some() {
+            ex.par(|| faults::attn_scores(ex.fault, &q, kc, &dims))
+        } else {
+            ex.par(|| attention::attn_scores_causal(&q, kc, &dims))
+        };
         taps.emit("kq", li, None, [1, cfg.n_head, t_n, kv_len], &kq);
         let scale = faults::softmax_scale(ex.fault, cfg.head_dim);
         let p = ex.par(|| faults::attn_softmax(ex.fault, &kq, scale, &dims));

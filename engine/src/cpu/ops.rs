@@ -210,22 +210,33 @@ pub fn rope(x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, n
 /// exponentials summed in f64, then multiplied by the f32 inverse of the sum.
 /// `n_valid`: entries at index ≥ n_valid are masked (−∞) and come out 0 (the causal mask).
 pub fn softmax_row(x: &[f32], scale: f32, n_valid: usize) -> Vec<f32> {
-    let w: Vec<f32> = x.iter().enumerate().map(|(j, &v)| if j < n_valid { v * scale } else { f32::NEG_INFINITY }).collect();
-    let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut y = vec![0.0f32; x.len()];
+    softmax_row_into(x, scale, n_valid, &mut y);
+    y
+}
+
+/// [`softmax_row`] into `y` (`x.len()` values); masked entries of `x` are not read.
+pub fn softmax_row_into(x: &[f32], scale: f32, n_valid: usize, y: &mut [f32]) {
+    let n_valid = n_valid.min(x.len());
+    let (valid, masked) = y.split_at_mut(n_valid);
+    // the masked entries are −∞: they never raise the maximum (f32::max ignores NaN either way)
+    let mut max = f32::NEG_INFINITY;
+    for (w, &v) in valid.iter_mut().zip(x) {
+        *w = v * scale;
+        max = max.max(*w);
+    }
     let mut sum = 0.0f64;
-    let mut y: Vec<f32> = w
-        .iter()
-        .map(|&v| {
-            let e = if v == f32::NEG_INFINITY { 0.0 } else { (v - max).exp() };
-            sum += e as f64;
-            e
-        })
-        .collect();
+    for w in valid.iter_mut() {
+        let e = if *w == f32::NEG_INFINITY { 0.0 } else { (*w - max).exp() };
+        sum += e as f64;
+        *w = e;
+    }
     let inv = (1.0 / sum) as f32;
-    for v in &mut y {
+    for v in valid.iter_mut() {
         *v *= inv;
     }
-    y
+    // a masked entry's exponential is 0, times the inverse as every other (NaN when the sum is 0 or NaN)
+    masked.fill(0.0 * inv);
 }
 
 /// SwiGLU (ggml_swiglu): `silu(gate) · up`, silu(x) = x / (1 + e^(−x)).
@@ -333,6 +344,46 @@ mod tests {
         assert_eq!(y, vec![0.5, 0.5, 0.0]);
         let y = softmax_row(&[0.0, 2.0f32.ln() * 2.0], 0.5, 2);
         assert!((y[0] - 1.0 / 3.0).abs() < 1e-6 && (y[1] - 2.0 / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_into_is_the_allocating_softmax_bit_for_bit() {
+        // the softmax as first written (a Vec per step), kept here as the reference
+        fn reference(x: &[f32], scale: f32, n_valid: usize) -> Vec<f32> {
+            let w: Vec<f32> = x.iter().enumerate().map(|(j, &v)| if j < n_valid { v * scale } else { f32::NEG_INFINITY }).collect();
+            let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f64;
+            let mut y: Vec<f32> = w
+                .iter()
+                .map(|&v| {
+                    let e = if v == f32::NEG_INFINITY { 0.0 } else { (v - max).exp() };
+                    sum += e as f64;
+                    e
+                })
+                .collect();
+            let inv = (1.0 / sum) as f32;
+            for v in &mut y {
+                *v *= inv;
+            }
+            y
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let rows: [&[f32]; 5] = [
+            &[1.0, -3.5, 80.0, 2.0, 7.0],
+            &[f32::NEG_INFINITY; 5],
+            &[f32::NAN, 1.0, 2.0, f32::NAN, 0.0],
+            &[f32::NAN; 5],
+            &[1e30, -1e30, f32::INFINITY, 0.0, 1.0],
+        ];
+        for x in rows {
+            for n_valid in 1..=5 {
+                for scale in [1.0f32, 0.125, 1e-3] {
+                    let mut y = vec![0.0f32; 5];
+                    softmax_row_into(x, scale, n_valid, &mut y);
+                    assert_eq!(bits(&y), bits(&reference(x, scale, n_valid)), "{x:?} n_valid {n_valid} scale {scale}");
+                }
+            }
+        }
     }
 
     #[test]
