@@ -8,6 +8,7 @@ use crate::error::Result;
 use crate::golden::{Manifest, ManifestFile, TapsFile};
 use crate::localize;
 use crate::report::{CaseReport, Heatmap};
+use crate::vocab::Tier;
 
 /// Everything the engine produced for one golden: its taps, logits per continuation step (teacher-forced
 /// on the golden's tokens), its prompt ids and its greedy continuation.
@@ -96,10 +97,16 @@ fn logits_storage_tolerance(run: &EngineRun, tol: &Tolerances) -> Tolerances {
     tol
 }
 
+/// A golden record's tier; a record without one (or with a name lockstep does not know) is judged as
+/// the exact tier, the stricter limits.
+fn record_tier(f: &ManifestFile) -> Tier {
+    f.tier.as_deref().and_then(Tier::from_name).unwrap_or(Tier::Exact)
+}
+
 /// Diversity limits from every golden continuation of `model` and `tier` in the manifest.
-pub fn diversity_limits(manifest: &Manifest, model: &str, tier: &str) -> Result<Option<diversity::Limits>> {
+pub fn diversity_limits(manifest: &Manifest, model: &str, tier: Tier) -> Result<Option<diversity::Limits>> {
     let mut stats = Vec::new();
-    for f in manifest.taps_files().filter(|f| f.model.as_deref() == Some(model) && f.tier.as_deref() == Some(tier)) {
+    for f in manifest.taps_files().filter(|f| f.model.as_deref() == Some(model) && f.tier.as_deref() == Some(tier.name())) {
         let t = manifest.open_taps(f)?;
         let Some(cont) = t.token_ids("continuation")? else { continue };
         let gl = logits::load_golden(&t)?;
@@ -154,8 +161,7 @@ impl<'m> CompareGolden<'m> {
     pub fn open(manifest: &'m Manifest, entry: &str) -> Result<CompareGolden<'m>> {
         let file = manifest.find(entry)?;
         let golden = manifest.open_taps(file)?;
-        let (model, tier) = (file.model.clone().unwrap_or_default(), file.tier.clone().unwrap_or_else(|| "exact".into()));
-        let diversity = diversity_limits(manifest, &model, &tier)?;
+        let diversity = diversity_limits(manifest, &file.model.clone().unwrap_or_default(), record_tier(file))?;
         Ok(CompareGolden { file, golden, arch: golden_arch(manifest, file), diversity, report_entry: entry_for_report(file) })
     }
 
@@ -165,9 +171,9 @@ impl<'m> CompareGolden<'m> {
         // Read and check the dump against the golden before judging: a malformed dump is an error naming
         // the tap and the layout, never a panic or a misleading verdict.
         let (dump, coverage) = dump_check::load(dump_path, &self.golden)?;
-        let tier = f.tier.clone().unwrap_or_else(|| "exact".into());
+        let tier = record_tier(f);
         let model = f.model.clone().unwrap_or_default();
-        let tol = tol.unwrap_or_else(|| Tolerances::new(&tier));
+        let tol = tol.unwrap_or_else(|| Tolerances::new(tier));
         let opt = Options { tol: &tol, pairing: Pairing::for_arch(&self.arch), diversity: self.diversity, max_step: None, require_all_taps: false };
         let mut case = CaseReport {
             name: format!("compare::{}::dump", f.entry_name()),

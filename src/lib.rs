@@ -24,3 +24,4 @@ pub mod suite;
 pub mod synth;
 pub mod tapname;
 pub mod validate;
+pub mod vocab;

@@ -1,83 +1,15 @@
 //! Localization: the first divergence in graph order, the taps just upstream that still pass, the likely
-//! bug class (patterns of ../shared/BUGS.md), and the error-growth profile of each tap family.
+//! bug class ([`BugClass`], docs/bug-classes.md), and the error-growth profile of each tap family.
 
 use crate::checks::taps::TapComparison;
 use crate::checks::CheckResult;
+use crate::vocab::Check;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
-/// The bug classes the localizer can name: a stable id (in report.json as `likely_class_id`) and the
-/// description shown to users. They are the classes an engine author meets in practice: see
-/// suites/faults/README.md for the catalog, each with the fault that plants it in our own engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BugClass {
-    Tokenizer,
-    Embedding,
-    Rope,
-    QkvBias,
-    ProjectionWeight,
-    AttentionScores,
-    GqaMapping,
-    KvCache,
-    CausalMask,
-    SoftmaxScale,
-    AttnOutputProjection,
-    ResidualAttn,
-    RmsNorm,
-    NormWeight,
-    FfnSize,
-    FfnWeight,
-    Activation,
-    FfnDown,
-    ResidualFfn,
-    LmHead,
-    Overflow,
-    LayerData,
-    WrongShape,
-    Sampling,
-    DecodeKernel,
-    /// A weight format dequantized unlike gguf-py (the `dequant` check: direct evidence).
-    Dequantization,
-    /// Attention limited to the last N positions (a sliding window misapplied, a wrapping cache).
-    AttentionWindow,
-}
-
-impl BugClass {
-    /// The id written to reports (`rope`, `qkv_bias`, …).
-    pub fn id(self) -> &'static str {
-        use BugClass::*;
-        match self {
-            Tokenizer => "tokenizer",
-            Embedding => "embedding",
-            Rope => "rope",
-            QkvBias => "qkv_bias",
-            ProjectionWeight => "projection_weight",
-            AttentionScores => "attention_scores",
-            GqaMapping => "gqa_mapping",
-            KvCache => "kv_cache",
-            CausalMask => "causal_mask",
-            SoftmaxScale => "softmax_scale",
-            AttnOutputProjection => "attn_output_projection",
-            ResidualAttn => "residual_attn",
-            RmsNorm => "rms_norm",
-            NormWeight => "norm_weight",
-            FfnSize => "ffn_size",
-            FfnWeight => "ffn_weight",
-            Activation => "activation",
-            FfnDown => "ffn_down",
-            ResidualFfn => "residual_ffn",
-            LmHead => "lm_head",
-            Overflow => "overflow",
-            LayerData => "layer_data",
-            WrongShape => "wrong_shape",
-            Sampling => "sampling",
-            DecodeKernel => "decode_kernel",
-            AttentionWindow => "attention_window",
-            Dequantization => "dequantization",
-        }
-    }
-}
+/// The bug classes the localizer names: one type with the fault catalog and the fault suites (its id is
+/// report.json's `likely_class_id`; the list: docs/bug-classes.md).
+pub use lockstep_engine::faults::BugClass;
 
 /// Where the engine first stops agreeing.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -104,8 +36,8 @@ pub struct Localization {
     pub first_divergence: Option<Divergence>,
     pub upstream_passing: Vec<Upstream>,
     pub likely_class: Option<String>,
-    /// The class's stable id (`BugClass::id`).
-    pub likely_class_id: Option<String>,
+    /// The class (written as its stable id, `BugClass::id`).
+    pub likely_class_id: Option<BugClass>,
     /// Why that class: the pattern seen.
     pub evidence: Option<String>,
     /// family (with stage) → [(layer, max rel L2 over steps)], layers ascending.
@@ -125,15 +57,14 @@ pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>, n_layer: Option
     }
     let Some(i) = cmps.iter().position(|c| c.failed()) else { return loc };
     let c = &cmps[i];
-    let (metric, value) = match &c.errors {
-        Some(e) if e.rel_l2 > c.limit || e.rel_l2.is_nan() => ("rel_l2".to_string(), e.rel_l2),
+    let (metric, value, limit) = match &c.errors {
+        Some(e) if e.rel_l2 > c.limit || e.rel_l2.is_nan() => ("rel_l2".to_string(), e.rel_l2, c.limit),
         Some(_) => {
             let (row, v) = c.worst_row().unwrap_or((0, f64::NAN));
-            (format!("row_rel_l2 (position {row})"), v)
+            (format!("row_rel_l2 (position {row})"), v, c.row_limit)
         }
-        None => ("shape".to_string(), f64::NAN),
+        None => ("shape".to_string(), f64::NAN, c.limit),
     };
-    let limit = if metric.starts_with("row") { c.row_limit } else { c.limit };
     loc.first_divergence = Some(Divergence { step: c.id.step, layer: c.id.layer, tap: c.id.tap.clone(), metric, value, limit });
     loc.upstream_passing =
         cmps[..i].iter().rev().filter(|u| u.id.step == c.id.step && u.passed).take(3).map(|u| Upstream { key: u.key.clone(), rel_l2: u.rel_l2() }).collect();
@@ -168,7 +99,7 @@ pub fn localize(cmps: &[TapComparison], tokens_ok: Option<bool>, n_layer: Option
 impl Localization {
     fn set_class(&mut self, class: BugClass, what: &str, why: String) {
         self.likely_class = Some(what.into());
-        self.likely_class_id = Some(class.id().into());
+        self.likely_class_id = Some(class);
         self.evidence = Some(why);
     }
 }
@@ -214,7 +145,7 @@ pub fn use_isolated(rep: &mut crate::report::CaseReport) {
     }
     let chained = rep.first_divergence.as_ref().map_or(String::new(), |d| format!("the chained run first diverges at s{}/{}; ", d.step, d.tap));
     rep.likely_class = Some(LAYER_DATA_TEXT.into());
-    rep.likely_class_id = Some(BugClass::LayerData.id().into());
+    rep.likely_class_id = Some(BugClass::LayerData);
     rep.evidence = Some(format!(
         "{chained}fed llama.cpp's own input, layer {} is the first whose taps exceed their limits ({} at {:.1e}, {:.0}× its limit) while the layers before it agree",
         bad.layer, bad.worst_tap, bad.rel_l2, bad.ratio
@@ -434,7 +365,7 @@ fn classify(cmps: &[TapComparison], i: usize) -> Option<(BugClass, &'static str,
 /// engine's `ffn_inp` equal to llama.cpp's minus the residual input (`embd` or `l_out-(L-1)`).
 pub fn refine(loc: &mut Localization, golden: &crate::golden::TapsFile, engine: &dyn crate::checks::TapSource) {
     let Some(d) = &loc.first_divergence else { return };
-    if loc.likely_class_id.as_deref() != Some(BugClass::AttnOutputProjection.id()) || !d.tap.starts_with("ffn_inp-") {
+    if loc.likely_class_id != Some(BugClass::AttnOutputProjection) || !d.tap.starts_with("ffn_inp-") {
         return;
     }
     let Some(layer) = d.layer else { return };
@@ -484,13 +415,13 @@ fn fmt_positions(p: &[usize]) -> String {
 }
 
 /// When no tap names a class: the class of the first failing check that is not about taps (the
-/// sampler test, the KV-cache check), as BUGS.md's "where it shows" column names them.
+/// sampler test, the KV-cache check), as the class's `shows` names them (docs/bug-classes.md).
 /// A failing `dequant:{TYPE}` check is direct evidence (the backend's dequantization held to gguf-py's on
 /// the model's own blocks), so it comes first and the runner lets it outrank the taps' guess.
 pub fn class_from_checks(checks: &[CheckResult]) -> Option<(BugClass, &'static str, String)> {
-    if let Some(c) = checks.iter().find(|c| !c.passed && c.name.starts_with("dequant:")) {
+    if let Some(c) = checks.iter().find(|c| !c.passed && c.check == Some(Check::Dequant)) {
         // "dequantization of {TYPE}" for the formats lockstep's engine reads (the class text is static)
-        let what = match &c.name["dequant:".len()..] {
+        let what = match c.name.split_once(':').map_or("", |(_, ty)| ty) {
             "F32" => "dequantization of F32",
             "F16" => "dequantization of F16",
             "BF16" => "dequantization of BF16",
@@ -510,23 +441,72 @@ pub fn class_from_checks(checks: &[CheckResult]) -> Option<(BugClass, &'static s
     }
     // The graph-path check next: when it fails, the logits after the tapped steps (which the graph
     // computes) fail with it, and they say nothing about where.
-    let c = checks.iter().find(|c| !c.passed && c.name == "graph_decode").or_else(|| checks.iter().find(|c| !c.passed))?;
+    let c = checks.iter().find(|c| !c.passed && c.check == Some(Check::GraphDecode)).or_else(|| checks.iter().find(|c| !c.passed))?;
     let n = c.name.as_str();
-    if n.starts_with("sampler:") {
-        Some((
+    match c.check? {
+        Check::Sampler => Some((
             BugClass::Sampling,
             "sampling order (top-k, top-p, temperature)",
             format!("{n} fails: the engine's sampler does not draw from llama.cpp's distribution"),
-        ))
-    } else if n == "graph_decode" {
-        Some((
+        )),
+        Check::GraphDecode => Some((
             BugClass::DecodeKernel,
             "decode-only kernel (the graph path differs from the tapped path)",
             format!("{n} fails while every tap agrees: {}", c.detail.clone().unwrap_or_default()),
-        ))
-    } else if n.starts_with("kv_cache") {
-        Some((BugClass::KvCache, "KV cache (never written, wrong layout or stride)", format!("{n} fails while every tap agrees")))
-    } else {
-        None
+        )),
+        Check::KvCache => Some((BugClass::KvCache, "KV cache (never written, wrong layout or stride)", format!("{n} fails while every tap agrees"))),
+        _ => None,
+    }
+}
+
+/// docs/bug-classes.md: every [`BugClass`] with its id, description, where it shows and the catalog
+/// faults that plant it (a test holds the committed file to this text).
+pub fn bug_classes_markdown() -> String {
+    use lockstep_engine::faults::Fault;
+    let cell = |s: &str| s.replace('|', "\\|");
+    let mut s = String::from(
+        "# Bug classes\n\n\
+         The classes of bug lockstep's localizer names. A report gives the class of a failing case as\n\
+         `likely_class_id` (report.json) beside a sentence for people (`likely_class`, which may be more\n\
+         specific: \"dequantization of Q4_K\"). The localizer reads the pattern around the first divergence\n\
+         (src/localize.rs); each fault of the catalog (`lockstep faults`, engine/src/faults.rs) plants one\n\
+         class in lockstep's own engine, and tests/faults.rs checks that the class it names is the fault's\n\
+         (suites/faults/).\n\n\
+         Generated from `BugClass` (engine/src/faults.rs): after changing it, run\n\
+         `LOCKSTEP_UPDATE_DOCS=1 cargo test --release --lib bug_classes_doc`; the test fails while this file differs.\n\n\
+         | id | what goes wrong | where it shows first | catalog faults |\n\
+         |---|---|---|---|\n",
+    );
+    for c in BugClass::ALL {
+        let faults: Vec<String> = Fault::ALL.iter().filter(|f| f.class() == c).map(|f| format!("`{}`", f.name())).collect();
+        let faults = if faults.is_empty() { "—".to_string() } else { faults.join(", ") };
+        s += &format!("| `{}` | {} | {} | {faults} |\n", c.id(), cell(c.description()), cell(c.shows()));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bug_classes_doc() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/bug-classes.md");
+        let want = bug_classes_markdown();
+        if std::env::var_os("LOCKSTEP_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(have == want, "{} differs from BugClass (engine/src/faults.rs): LOCKSTEP_UPDATE_DOCS=1 cargo test --lib bug_classes_doc", path.display());
+    }
+
+    #[test]
+    fn class_ids_are_the_serde_spellings_and_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for c in BugClass::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.id());
+            assert_eq!(BugClass::from_id(c.id()), Some(c));
+            assert!(seen.insert(c.id()), "{} twice", c.id());
+        }
     }
 }

@@ -5,6 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use lockstep::golden::{self, Manifest};
 use lockstep::report::{table, Provenance, Report};
+use lockstep::vocab::{Backend, Tier};
+use lockstep_engine::faults::Fault;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -29,15 +31,16 @@ enum Cmd {
         /// Suite files (default: every suites/*.toml).
         #[arg(long = "suite")]
         suites: Vec<PathBuf>,
-        /// cpu, cuda or all (default: all that are available here).
-        #[arg(long, default_value = "all")]
-        backend: String,
+        /// Which backends (all: each case's own list, those not available here reported ignored).
+        #[arg(long, value_enum, default_value_t = Backends::All)]
+        backend: Backends,
         /// Where report.json, report.html and junit.xml go.
         #[arg(long, default_value = "reports/latest")]
         report: PathBuf,
-        /// Inject a known fault into the engine (a class of ../shared/BUGS.md).
-        #[arg(long)]
-        inject: Option<String>,
+        /// Inject a fault of the catalog into the engine (`lockstep faults`; the bug classes:
+        /// docs/bug-classes.md).
+        #[arg(long, value_enum)]
+        inject: Option<Inject>,
         /// Only cases whose `{suite}::{case}::{backend}` name contains this.
         #[arg(long)]
         filter: Option<String>,
@@ -74,8 +77,8 @@ enum Cmd {
         #[arg(long, value_name = "FILE.json")]
         chat: Option<PathBuf>,
         /// exact (F32 copy of the dequantized weights), shipped (the file as it is) or both.
-        #[arg(long, default_value = "exact", value_parser = ["exact", "shipped", "both"])]
-        tier: String,
+        #[arg(long, value_enum, default_value_t = Tiers::Exact)]
+        tier: Tiers,
         /// Steps with taps, the prefill included (5: the prefill and 4 decode steps).
         #[arg(long, default_value_t = lockstep::ondemand::DEFAULT_STEPS)]
         steps: usize,
@@ -121,16 +124,16 @@ enum Cmd {
     Inspect { file: PathBuf },
     /// Fetch a known model (or all) into the cache.
     Fetch { model: Option<String> },
-    /// List the injectable faults (the bug classes of BUGS.md) with a one-line description.
+    /// List the injectable faults with a one-line description and the bug class each plants
+    /// (docs/bug-classes.md).
     Faults,
     /// llama-bench style throughput: prompt processing (pp) and generation (tg) tokens per second.
     Bench {
         /// A known model id (`lockstep fetch` lists them) or a GGUF path.
         #[arg(long, default_value = "qwen2.5-coder-0.5b")]
         model: String,
-        /// cuda or cpu.
-        #[arg(long, default_value = "cuda")]
-        backend: String,
+        #[arg(long, value_enum, default_value_t = Backend::Cuda)]
+        backend: Backend,
         /// Prompt tokens of the pp test (0: skip it).
         #[arg(short = 'p', default_value_t = 512)]
         prompt: usize,
@@ -159,6 +162,48 @@ enum Cmd {
     },
 }
 
+/// `validate --backend`: one backend, or every case's own list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Backends {
+    Cpu,
+    Cuda,
+    All,
+}
+
+/// `golden --tier`: one tier or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Tiers {
+    Exact,
+    Shipped,
+    Both,
+}
+
+impl Tiers {
+    fn tiers(self) -> Vec<Tier> {
+        match self {
+            Tiers::Exact => vec![Tier::Exact],
+            Tiers::Shipped => vec![Tier::Shipped],
+            Tiers::Both => Tier::ALL.to_vec(),
+        }
+    }
+}
+
+/// `validate --inject`: a fault of the catalog, by its name (clap lists them with their descriptions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Inject(Fault);
+
+impl clap::ValueEnum for Inject {
+    fn value_variants<'a>() -> &'a [Self] {
+        static ALL: std::sync::OnceLock<Vec<Inject>> = std::sync::OnceLock::new();
+        ALL.get_or_init(|| Fault::ALL.into_iter().map(Inject).collect())
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let i = self.0.info();
+        Some(clap::builder::PossibleValue::new(i.name).help(i.description))
+    }
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
@@ -180,7 +225,7 @@ fn run(cli: Cli) -> Result<bool> {
         }
     }
     match cli.cmd {
-        Cmd::Validate { suites, backend, report, inject, filter, pin } => validate(suites, &backend, &report, inject, filter, pin),
+        Cmd::Validate { suites, backend, report, inject, filter, pin } => validate(suites, backend, &report, inject.map(|i| i.0), filter, pin),
         Cmd::Compare { dump, golden: entry, report } => {
             // An on-demand golden (cache:KEY, an entry's directory or file) has its own manifest.
             let (manifest, entry) = match lockstep::ondemand::resolve_entry(&entry)? {
@@ -231,13 +276,13 @@ fn run(cli: Cli) -> Result<bool> {
         Cmd::Dump { model, prompt, chat, steps, out } => engine_cli::dump(&model, &prompt, chat, steps, &out),
         Cmd::Inspect { file } => engine_cli::inspect(&file),
         Cmd::Fetch { model } => engine_cli::fetch(model.as_deref()),
-        Cmd::Bench { model, backend, prompt, gen, reps, json } => engine_cli::bench(&model, &backend, prompt, gen, reps, json.as_deref()),
+        Cmd::Bench { model, backend, prompt, gen, reps, json } => engine_cli::bench(&model, backend, prompt, gen, reps, json.as_deref()),
         Cmd::MergeShards { spec, out, ranks } => merge_shards(&spec, &out, &ranks),
-        Cmd::Golden { model, prompt, chat, tier, steps, taps, out } => golden_cmd(model, prompt, chat, &tier, steps, &taps, out.as_deref()),
+        Cmd::Golden { model, prompt, chat, tier, steps, taps, out } => golden_cmd(model, prompt, chat, tier, steps, &taps, out.as_deref()),
         Cmd::Faults => {
-            for f in lockstep_engine::faults::Fault::ALL {
+            for f in Fault::ALL {
                 let i = f.info();
-                println!("{:<24} {}  [shows: {}; model: {}]", i.name, i.description, i.shows, i.model);
+                println!("{:<24} {}  [class: {}; shows: {}; model: {}]", i.name, i.description, i.class, i.shows, i.model);
             }
             Ok(true)
         }
@@ -249,7 +294,7 @@ fn golden_cmd(
     model: String,
     prompt: Option<String>,
     chat: Option<PathBuf>,
-    tier: &str,
+    tier: Tiers,
     steps: usize,
     taps: &str,
     out: Option<&std::path::Path>,
@@ -260,7 +305,7 @@ fn golden_cmd(
         (None, Some(f)) => PromptSpec::Chat(ondemand::read_chat(&f)?),
         _ => bail!("give --prompt TEXT or --chat FILE.json"),
     };
-    let tiers = if tier == "both" { vec!["exact".to_string(), "shipped".to_string()] } else { vec![tier.to_string()] };
+    let tiers: Vec<String> = tier.tiers().iter().map(|t| t.name().to_string()).collect();
     let req = Request { model, prompt, tiers, steps, taps: Taps::parse(taps).context("--taps")? };
     let entries = ondemand::ensure(&req)?;
     for e in &entries {
@@ -298,23 +343,16 @@ fn merge_shards(spec: &std::path::Path, out: &std::path::Path, ranks: &[PathBuf]
     Ok(true)
 }
 
-fn validate(suites: Vec<PathBuf>, backend: &str, report: &std::path::Path, inject: Option<String>, filter: Option<String>, pin: bool) -> Result<bool> {
-    let fault = match inject {
-        None => None,
-        Some(name) => Some(lockstep_engine::faults::Fault::from_name(&name).with_context(|| {
-            let names: Vec<&str> = lockstep_engine::faults::Fault::ALL.iter().map(|f| f.name()).collect();
-            format!("--inject {name}: no such fault (`lockstep faults` lists them: {})", names.join(", "))
-        })?),
-    };
+fn validate(suites: Vec<PathBuf>, backend: Backends, report: &std::path::Path, fault: Option<Fault>, filter: Option<String>, pin: bool) -> Result<bool> {
     let suites = if suites.is_empty() {
         lockstep::suite::load_dir(&lockstep::suite::default_dir())?
     } else {
         suites.iter().map(|p| lockstep::suite::Suite::load(p)).collect::<Result<Vec<_>, _>>()?
     };
-    let backends: Option<Vec<String>> = match backend {
-        "all" => None,
-        b if lockstep::suite::BACKENDS.contains(&b) => Some(vec![b.to_string()]),
-        b => bail!("--backend {b}: expected cpu, cuda or all"),
+    let backends: Option<Vec<Backend>> = match backend {
+        Backends::All => None,
+        Backends::Cpu => Some(vec![Backend::Cpu]),
+        Backends::Cuda => Some(vec![Backend::Cuda]),
     };
     let manifest = Manifest::load(&golden::default_dir())?;
     let mut trials = lockstep::validate::trials(&suites, backends.as_deref());
@@ -328,7 +366,7 @@ fn validate(suites: Vec<PathBuf>, backend: &str, report: &std::path::Path, injec
     let mut cases = Vec::new();
     for (s, c, b) in &trials {
         bar.set_message(format!("{}::{}::{b}", s.name, c.name));
-        cases.push(runner.run(&manifest, s, c, b));
+        cases.push(runner.run(&manifest, s, c, *b));
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -412,8 +450,8 @@ mod engine_cli {
     }
 
     /// `lockstep bench`: the same measurement as engine/examples/bench.rs (lockstep_engine::cuda::bench).
-    pub fn bench(model: &str, backend: &str, p: usize, n: usize, r: usize, json: Option<&std::path::Path>) -> Result<bool> {
-        use lockstep_engine::backend::Backend;
+    pub fn bench(model: &str, backend: Backend, p: usize, n: usize, r: usize, json: Option<&std::path::Path>) -> Result<bool> {
+        use lockstep_engine::backend::Backend as Engine;
         use lockstep_engine::cuda::bench::{self, BenchModel};
         if r == 0 {
             bail!("-r 0: at least one repetition is needed");
@@ -421,17 +459,16 @@ mod engine_cli {
         let m = Model::open(model)?;
         let (file, cfg) = (&m.file, &m.config);
         let ctx = (p.max(n) + 16).min(cfg.n_ctx_train);
-        let (mut b, dev): (Box<dyn Backend>, String) = match backend {
-            "cuda" => {
+        let (mut b, dev): (Box<dyn Engine>, String) = match backend {
+            Backend::Cuda => {
                 let info = lockstep_engine::cuda::available().map_err(|e| anyhow::anyhow!("--backend cuda: no usable CUDA device ({e}); try --backend cpu"))?;
                 let opts = lockstep_engine::cuda::CudaOptions { max_ctx: ctx, batch: p.max(1), ..Default::default() };
                 (Box::new(lockstep_engine::cuda::CudaBackend::load(file, opts)?), format!("CUDA ({})", info.name))
             }
-            "cpu" => {
+            Backend::Cpu => {
                 let opts = lockstep_engine::cpu::EngineOptions { threads: 0, max_ctx: ctx };
                 (Box::new(lockstep_engine::cpu::CpuBackend::load(file, opts)?), "CPU".to_string())
             }
-            other => bail!("--backend {other}: expected cuda or cpu"),
         };
         let bm = BenchModel::of(file, cfg, dev);
         let results = bench::run(b.as_mut(), p, n, r, cfg.n_vocab)?;

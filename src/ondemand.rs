@@ -398,7 +398,7 @@ fn check_request(req: &Request) -> Result<()> {
     if req.steps == 0 {
         bail!("steps 0: at least 1 (the prefill)");
     }
-    if req.tiers.is_empty() || req.tiers.iter().any(|t| !crate::suite::TIERS.contains(&t.as_str())) {
+    if req.tiers.is_empty() || req.tiers.iter().any(|t| crate::vocab::Tier::from_name(t).is_none()) {
         bail!("tier {:?}: expected exact, shipped or both", req.tiers.join("+"));
     }
     Ok(())

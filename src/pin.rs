@@ -8,12 +8,13 @@
 //! the golden holds none of the first failing tap's inputs.
 
 use crate::golden::{Manifest, ManifestFile};
-use crate::localize::Divergence;
+use crate::localize::{BugClass, Divergence};
 use crate::ondemand::{self, Message, PromptSpec, Request, Taps};
 use crate::report::CaseReport;
 use crate::suite::{Case, Suite};
 use crate::tapname::TapId;
 use crate::validate::Runner;
+use crate::vocab::{Backend, Check};
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 /// The checks of a pinned run: those of the case that `compare::judge` runs (taps always). The others
 /// (kv_cache, isolated, diversity, sampler, anticheat) do not depend on the golden's taps and already ran.
-const PIN_CHECKS: [&str; 4] = ["tokens", "taps", "logits", "invariants"];
+const PIN_CHECKS: [Check; 4] = [Check::Tokens, Check::Taps, Check::Logits, Check::Invariants];
 
 /// A failing case judged again against a full-tap golden (`pinned` in report.json).
 #[derive(Debug, Clone, Serialize, Default)]
@@ -38,7 +39,7 @@ pub struct Pinned {
     pub passed: Option<bool>,
     pub first_divergence: Option<Divergence>,
     pub likely_class: Option<String>,
-    pub likely_class_id: Option<String>,
+    pub likely_class_id: Option<BugClass>,
     pub evidence: Option<String>,
     pub class_proof: Option<crate::probe::ClassProof>,
     /// Names of the checks that failed against the full-tap golden.
@@ -193,7 +194,7 @@ fn wants_pin(manifest: &Manifest, case: &Case, rep: &CaseReport) -> Result<Optio
             return Ok(None);
         }
         let why = format!("the golden keeps the tap families {} only", req.taps.arg());
-        return Ok(Some((why, Request { taps: Taps::All, tiers: vec![case.tier.clone()], ..req.clone() })));
+        return Ok(Some((why, Request { taps: Taps::All, tiers: vec![case.tier.name().to_string()], ..req.clone() })));
     }
     let f = manifest.find(&case.golden)?;
     let Some(why) = partial_taps(manifest, f) else { return Ok(None) };
@@ -202,7 +203,7 @@ fn wants_pin(manifest: &Manifest, case: &Case, rep: &CaseReport) -> Result<Optio
 
 /// Pins one case (see the module doc): None when it passed, did not run, or its golden is full-tap.
 /// Progress (the export) goes to stderr; `chat_dir` receives the chat files the commands name.
-pub fn pin_case(runner: &mut Runner, manifest: &Manifest, suite: &Suite, case: &Case, backend: &str, rep: &CaseReport, chat_dir: &Path) -> Option<Pinned> {
+pub fn pin_case(runner: &mut Runner, manifest: &Manifest, suite: &Suite, case: &Case, backend: Backend, rep: &CaseReport, chat_dir: &Path) -> Option<Pinned> {
     let t0 = std::time::Instant::now();
     let (why, req) = match wants_pin(manifest, case, rep) {
         Ok(Some(w)) => w,
@@ -245,8 +246,7 @@ pub fn pin_case(runner: &mut Runner, manifest: &Manifest, suite: &Suite, case: &
         p.unavailable = Some(format!("{}: lists no taps file", pin_manifest.path.display()));
         return done(p);
     };
-    let checks: Vec<String> =
-        case.checks.iter().filter(|c| PIN_CHECKS.contains(&c.as_str())).cloned().chain((!case.wants("taps")).then(|| "taps".to_string())).collect();
+    let checks: Vec<Check> = case.checks.iter().filter(|c| PIN_CHECKS.contains(c)).cloned().chain((!case.wants(Check::Taps)).then_some(Check::Taps)).collect();
     let pin_case = Case { on_demand: None, golden: file, checks, ..case.clone() };
     // The same runner: the same backend (already loaded) with the same injected fault, if any.
     let r = runner.run(&pin_manifest, suite, &pin_case, backend);
@@ -281,14 +281,14 @@ fn token_note(rep: &CaseReport, entry_dir: &Path) -> Option<String> {
 
 /// Pins every failing case of a run (the cases in the order of `trials`), writing each result into its
 /// report's `pinned`. Returns how many were pinned (a result had) and how many could not be.
-pub fn pin_all(runner: &mut Runner, manifest: &Manifest, trials: &[(&Suite, &Case, String)], reports: &mut [CaseReport], chat_dir: &Path) -> (usize, usize) {
+pub fn pin_all(runner: &mut Runner, manifest: &Manifest, trials: &[(&Suite, &Case, Backend)], reports: &mut [CaseReport], chat_dir: &Path) -> (usize, usize) {
     let (mut ok, mut not) = (0, 0);
     for ((suite, case, backend), rep) in trials.iter().zip(reports.iter_mut()) {
         if rep.passed || rep.ignored_reason.is_some() || rep.error.is_some() {
             continue;
         }
         eprintln!("lockstep validate --pin: {}", rep.name);
-        let p = pin_case(runner, manifest, suite, case, backend, rep, chat_dir);
+        let p = pin_case(runner, manifest, suite, case, *backend, rep, chat_dir);
         match &p {
             Some(p) if p.unavailable.is_none() => ok += 1,
             Some(_) => not += 1,

@@ -244,7 +244,7 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
         let h = &hyps[best];
         let why = format!("{}; {what} reproduces it to {dist:.1e}", loc.evidence.clone().unwrap_or_default());
         loc.likely_class = Some(h.class_text.into());
-        loc.likely_class_id = Some(h.class.id().into());
+        loc.likely_class_id = Some(h.class);
         loc.evidence = Some(why);
     }
     Some(ClassProof { verdict: if confirmed { "confirmed" } else { "suspected" }.into(), hypothesis: what, rel_l2: dist, baseline, tried })

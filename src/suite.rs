@@ -30,24 +30,19 @@
 
 use crate::checks::Tolerances;
 use crate::error::{Error, Result};
+use crate::vocab::{Backend, Check, Tier};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
-
-/// The checks a case may ask for.
-pub const CHECKS: &[&str] =
-    &["tokens", "taps", "logits", "invariants", "kv_cache", "isolated", "diversity", "diversity_sampled", "sampler", "anticheat", "dequant"];
-pub const BACKENDS: &[&str] = &["cpu", "cuda"];
-pub const TIERS: &[&str] = &["exact", "shipped"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TolToml {
     #[serde(default)]
-    tier: Option<String>,
+    tier: Option<Tier>,
     /// Only for this backend (a backend-specific limit overrides the shared one).
     #[serde(default)]
-    backend: Option<String>,
+    backend: Option<Backend>,
     key: String,
     limit: f64,
     reason: String,
@@ -57,7 +52,7 @@ struct TolToml {
 #[serde(deny_unknown_fields)]
 struct CaseToml {
     name: String,
-    tier: String,
+    tier: Tier,
     /// A manifest entry's name (a string) or an on-demand golden (a table, [`OnDemandToml`]).
     golden: toml::Value,
     #[serde(default)]
@@ -65,9 +60,9 @@ struct CaseToml {
     #[serde(default)]
     steps: Option<usize>,
     #[serde(default)]
-    backends: Option<Vec<String>>,
+    backends: Option<Vec<Backend>>,
     #[serde(default)]
-    checks: Option<Vec<String>>,
+    checks: Option<Vec<Check>>,
     #[serde(default)]
     tolerance: Vec<Spanned<TolToml>>,
 }
@@ -83,7 +78,7 @@ struct OnDemandToml {
     #[serde(default)]
     chat: Option<Vec<crate::ondemand::Message>>,
     #[serde(default)]
-    tier: Option<String>,
+    tier: Option<Tier>,
     #[serde(default)]
     steps: Option<usize>,
     #[serde(default)]
@@ -97,9 +92,9 @@ struct SuiteToml {
     suite: Option<String>,
     model: String,
     #[serde(default)]
-    backends: Option<Spanned<Vec<String>>>,
+    backends: Option<Spanned<Vec<Backend>>>,
     #[serde(default)]
-    checks: Option<Spanned<Vec<String>>>,
+    checks: Option<Spanned<Vec<Check>>>,
     #[serde(default)]
     tolerance: Vec<Spanned<TolToml>>,
     #[serde(default)]
@@ -111,29 +106,29 @@ struct SuiteToml {
 pub struct Case {
     pub name: String,
     pub model: String,
-    pub tier: String,
+    pub tier: Tier,
     /// The golden entry (`model/tier/prompt_id` or a path); for an on-demand case, a description of
     /// the request until the runner has the entry (`on_demand`).
     pub golden: String,
     /// The on-demand golden this case is judged against, created by the runner when missing.
     pub on_demand: Option<crate::ondemand::Request>,
     pub steps: Option<usize>,
-    pub backends: Vec<String>,
-    pub checks: Vec<String>,
+    pub backends: Vec<Backend>,
+    pub checks: Vec<Check>,
     /// The limits for each backend of `backends` (shared limits, then that backend's own).
-    pub tolerances: std::collections::BTreeMap<String, Tolerances>,
+    pub tolerances: std::collections::BTreeMap<Backend, Tolerances>,
     /// `file:line` of the case, for messages.
     pub location: String,
 }
 
 impl Case {
     /// The limits that hold for `backend`.
-    pub fn tolerances_for(&self, backend: &str) -> Option<&Tolerances> {
-        self.tolerances.get(backend)
+    pub fn tolerances_for(&self, backend: impl std::borrow::Borrow<Backend>) -> Option<&Tolerances> {
+        self.tolerances.get(backend.borrow())
     }
 
-    pub fn wants(&self, check: &str) -> bool {
-        self.checks.iter().any(|c| c == check)
+    pub fn wants(&self, check: Check) -> bool {
+        self.checks.contains(&check)
     }
 }
 
@@ -165,21 +160,13 @@ impl Suite {
         };
         let raw: SuiteToml = toml::from_str(text).map_err(|e| err(e.span().map_or(0, |s| s.start), e.message().trim().to_string()))?;
         let name = raw.suite.clone().unwrap_or_else(|| path.file_stem().map_or("suite".into(), |s| s.to_string_lossy().into_owned()));
-        let check_list = |list: &[String], at: usize| -> Result<()> {
-            for c in list {
-                if !CHECKS.contains(&c.as_str()) {
-                    return Err(err(at, format!("unknown check {c:?}; known: {}", CHECKS.join(", "))));
-                }
+        // Names are checked by serde (`unknown variant`, at the value); graph_decode is a check's result,
+        // not something to ask for.
+        let check_list = |list: &[Check], at: usize| -> Result<()> {
+            match list.iter().find(|c| !Check::SUITE.contains(c)) {
+                Some(c) => Err(err(at, format!("check {c:?} is not asked for: it runs on CUDA whenever taps are checked", c = c.name()))),
+                None => Ok(()),
             }
-            Ok(())
-        };
-        let backend_list = |list: &[String], at: usize| -> Result<()> {
-            for b in list {
-                if !BACKENDS.contains(&b.as_str()) {
-                    return Err(err(at, format!("unknown backend {b:?}; known: {}", BACKENDS.join(", "))));
-                }
-            }
-            Ok(())
         };
         let tol_ok = |t: &Spanned<TolToml>| -> Result<()> {
             let v = t.get_ref();
@@ -189,65 +176,46 @@ impl Suite {
             if !v.limit.is_finite() || v.limit < 0.0 {
                 return Err(err(t.span().start, format!("tolerance {:?}: limit must be a finite number ≥ 0", v.key)));
             }
-            if v.tier.as_deref().is_some_and(|x| !TIERS.contains(&x)) {
-                return Err(err(t.span().start, format!("tolerance {:?}: tier must be one of {}", v.key, TIERS.join(", "))));
-            }
-            if v.backend.as_deref().is_some_and(|x| !BACKENDS.contains(&x)) {
-                return Err(err(t.span().start, format!("tolerance {:?}: backend must be one of {}", v.key, BACKENDS.join(", "))));
-            }
             Ok(())
         };
         for t in &raw.tolerance {
             tol_ok(t)?;
         }
-        let default_backends = raw.backends.as_ref().map_or_else(|| BACKENDS.iter().map(|s| s.to_string()).collect(), |b| b.get_ref().clone());
-        // Without a `checks` list: not anticheat (a minute-dependent prompt) nor diversity_sampled, and
-        // not dequant, which needs golden/dequant/{model} (registry and tiny models only).
-        let default_checks = raw.checks.as_ref().map_or_else(
-            || CHECKS.iter().filter(|c| !matches!(**c, "anticheat" | "diversity_sampled" | "dequant")).map(|s| s.to_string()).collect(),
-            |c| c.get_ref().clone(),
-        );
+        let default_backends = raw.backends.as_ref().map_or_else(|| Backend::ALL.to_vec(), |b| b.get_ref().clone());
+        let default_checks = raw.checks.as_ref().map_or_else(Check::suite_default, |c| c.get_ref().clone());
         check_list(&default_checks, raw.checks.as_ref().map_or(0, |c| c.span().start))?;
-        backend_list(&default_backends, raw.backends.as_ref().map_or(0, |b| b.span().start))?;
         let mut cases = Vec::new();
         for sc in &raw.case {
             let at = sc.span().start;
             let c = sc.get_ref();
-            if !TIERS.contains(&c.tier.as_str()) {
-                return Err(err(at, format!("case {:?}: tier {:?} must be one of {}", c.name, c.tier, TIERS.join(", "))));
-            }
             if cases.iter().any(|o: &Case| o.name == c.name) {
                 return Err(err(at, format!("case {:?} is defined twice", c.name)));
             }
             let checks = c.checks.clone().unwrap_or_else(|| default_checks.clone());
             check_list(&checks, at)?;
             let backends = c.backends.clone().unwrap_or_else(|| default_backends.clone());
-            backend_list(&backends, at)?;
             for t in &c.tolerance {
                 tol_ok(t)?;
             }
             let mut tolerances = std::collections::BTreeMap::new();
-            for b in &backends {
-                let mut tol = Tolerances::new(&c.tier);
+            for &b in &backends {
+                let mut tol = Tolerances::new(c.tier);
                 // Shared limits first, then the backend's own, each in file order (case after file).
                 for backend_specific in [false, true] {
                     for t in raw.tolerance.iter().chain(&c.tolerance).map(|t| t.get_ref()) {
-                        if t.backend.is_some() == backend_specific
-                            && t.backend.as_deref().is_none_or(|x| x == b)
-                            && t.tier.as_deref().is_none_or(|x| x == c.tier)
-                        {
+                        if t.backend.is_some() == backend_specific && t.backend.is_none_or(|x| x == b) && t.tier.is_none_or(|x| x == c.tier) {
                             tol.set(&t.key, t.limit, &t.reason);
                         }
                     }
                 }
-                tolerances.insert(b.clone(), tol);
+                tolerances.insert(b, tol);
             }
             let (line, _) = line_col(text, at);
             let model = c.model.clone().unwrap_or_else(|| raw.model.clone());
             let (golden, on_demand) = match &c.golden {
                 toml::Value::String(g) => (g.clone(), None),
                 toml::Value::Table(_) => {
-                    let req = on_demand_request(&c.golden, &model, &c.tier).map_err(|m| err(at, format!("case {:?}: golden: {m}", c.name)))?;
+                    let req = on_demand_request(&c.golden, &model, c.tier).map_err(|m| err(at, format!("case {:?}: golden: {m}", c.name)))?;
                     (format!("on demand: {}", req.describe()), Some(req))
                 }
                 other => {
@@ -260,7 +228,7 @@ impl Suite {
             cases.push(Case {
                 name: c.name.clone(),
                 model,
-                tier: c.tier.clone(),
+                tier: c.tier,
                 golden,
                 on_demand,
                 steps: c.steps,
@@ -278,7 +246,7 @@ impl Suite {
 }
 
 /// A case's `golden = { … }` table as a request for one tier, the case's.
-fn on_demand_request(value: &toml::Value, case_model: &str, case_tier: &str) -> std::result::Result<crate::ondemand::Request, String> {
+fn on_demand_request(value: &toml::Value, case_model: &str, case_tier: Tier) -> std::result::Result<crate::ondemand::Request, String> {
     use crate::ondemand::{PromptSpec, Request, Taps, DEFAULT_STEPS};
     let t: OnDemandToml = value.clone().try_into().map_err(|e: toml::de::Error| e.message().trim().to_string())?;
     let prompt = match (t.prompt, t.chat) {
@@ -287,15 +255,15 @@ fn on_demand_request(value: &toml::Value, case_model: &str, case_tier: &str) -> 
         (None, Some(_)) => return Err("chat has no messages".into()),
         _ => return Err("give exactly one of `prompt` (a text) and `chat` (a list of { role, content })".into()),
     };
-    if let Some(tier) = t.tier.filter(|x| x != case_tier) {
-        return Err(format!("tier {tier:?} differs from the case's tier {case_tier:?}"));
+    if let Some(tier) = t.tier.filter(|&x| x != case_tier) {
+        return Err(format!("tier \"{tier}\" differs from the case's tier \"{case_tier}\""));
     }
     let steps = t.steps.unwrap_or(DEFAULT_STEPS);
     if steps == 0 {
         return Err("steps must be at least 1 (the prefill)".into());
     }
     let taps = Taps::parse(t.taps.as_deref().unwrap_or("all")).map_err(|e| e.to_string())?;
-    Ok(Request { model: t.model.unwrap_or_else(|| case_model.to_string()), prompt, tiers: vec![case_tier.to_string()], steps, taps })
+    Ok(Request { model: t.model.unwrap_or_else(|| case_model.to_string()), prompt, tiers: vec![case_tier.name().to_string()], steps, taps })
 }
 
 /// The default suites directory: `$LOCKSTEP_SUITES` (the CLI's `--suites DIR`), else `suites/` of the
@@ -351,10 +319,11 @@ reason = "softmax rounding, measured 1.1e-5"
         // The cuda-only limit holds for cuda; cpu keeps the shared one.
         let s = Suite::parse(Path::new("suites/x.toml"), &text).unwrap();
         let c = &s.cases[0];
-        assert_eq!(c.tolerances_for("cuda").unwrap().get("taps.rel_l2:kq_soft_max").value, 5e-5);
-        assert_eq!(c.tolerances_for("cpu").unwrap().get("taps.rel_l2:kq_soft_max").value, 2e-5);
+        assert_eq!(c.tolerances_for(Backend::Cuda).unwrap().get("taps.rel_l2:kq_soft_max").value, 5e-5);
+        assert_eq!(c.tolerances_for(Backend::Cpu).unwrap().get("taps.rel_l2:kq_soft_max").value, 2e-5);
         let bad = text.replace("backend = \"cuda\"", "backend = \"tpu\"");
-        assert!(Suite::parse(Path::new("suites/x.toml"), &bad).unwrap_err().to_string().contains("backend must be one of"));
+        let e = Suite::parse(Path::new("suites/x.toml"), &bad).unwrap_err().to_string();
+        assert!(e.contains("unknown variant `tpu`, expected `cpu` or `cuda`"), "{e}");
     }
 
     #[test]
@@ -362,12 +331,12 @@ reason = "softmax rounding, measured 1.1e-5"
         let s = Suite::parse(Path::new("suites/x.toml"), GOOD).unwrap();
         assert_eq!(s.name, "x");
         let c = &s.cases[0];
-        assert_eq!((c.model.as_str(), c.backends.as_slice(), c.steps), ("tiny-qwen2", &["cpu".to_string()][..], Some(2)));
-        let tol = c.tolerances_for("cpu").unwrap();
+        assert_eq!((c.model.as_str(), c.backends.as_slice(), c.steps), ("tiny-qwen2", &[Backend::Cpu][..], Some(2)));
+        let tol = c.tolerances_for(Backend::Cpu).unwrap();
         assert_eq!(tol.get("taps.rel_l2:kq_soft_max").value, 2e-5);
         assert_eq!(tol.get("taps.rel_l2:kq").reason, "measured");
-        assert!(c.tolerances_for("cuda").is_none(), "cuda is not among the case's backends");
-        assert!(c.wants("taps") && !c.wants("anticheat"));
+        assert!(c.tolerances_for(Backend::Cuda).is_none(), "cuda is not among the case's backends");
+        assert!(c.wants(Check::Taps) && !c.wants(Check::Anticheat));
         assert_eq!(c.location, "suites/x.toml:11");
     }
 
@@ -408,8 +377,10 @@ reason = "softmax rounding, measured 1.1e-5"
             (GOOD.replace("steps = 2", "steps = \"two\""), 15, "invalid type"),
             (GOOD.replace("golden = \"tiny-qwen2/exact/fox\"", "golden = \"tiny-qwen2/exact/fox\"\ncolour = 3"), 15, "unknown field"),
             (GOOD.replace("reason = \"measured\"", "reason = \"\""), 5, "reason"),
-            (GOOD.replace("tier = \"exact\"\ngolden", "tier = \"exactish\"\ngolden"), 11, "tier"),
-            (GOOD.replace("backends = [\"cpu\"]", "backends = [\"tpu\"]"), 3, "unknown backend"),
+            (GOOD.replace("tier = \"exact\"\ngolden", "tier = \"exactish\"\ngolden"), 13, "unknown variant `exactish`, expected `exact` or `shipped`"),
+            (GOOD.replace("backends = [\"cpu\"]", "backends = [\"tpu\"]"), 3, "unknown variant `tpu`, expected `cpu` or `cuda`"),
+            (GOOD.replace("backends = [\"cpu\"]", "backends = [\"cpu\"]\nchecks = [\"taps\", \"graph_decode\"]"), 4, "not asked for"),
+            (GOOD.replace("backends = [\"cpu\"]", "backends = [\"cpu\"]\nchecks = [\"tapz\"]"), 4, "unknown variant `tapz`"),
             (GOOD.replace("[[case]]", "[[case]"), 11, ""),
         ];
         for (text, line, needle) in cases {

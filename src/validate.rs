@@ -9,6 +9,7 @@ use crate::compare::{self, EngineRun, Options};
 use crate::golden::{Manifest, ManifestFile, TapsFile};
 use crate::report::CaseReport;
 use crate::suite::{Case, Suite};
+use crate::vocab::{Backend as BackendName, Check};
 use anyhow::{anyhow, Context, Result};
 use lockstep_engine::backend::Backend;
 use lockstep_engine::chat::ChatMessage;
@@ -22,11 +23,10 @@ use std::path::PathBuf;
 pub const GEN_TOKENS: usize = 32;
 
 /// Whether a backend can run here: `Err(reason)` when it cannot.
-pub fn backend_available(name: &str) -> Result<(), String> {
+pub fn backend_available(name: BackendName) -> Result<(), String> {
     match name {
-        "cpu" => Ok(()),
-        "cuda" => lockstep_engine::cuda::device::available().map(|_| ()).map_err(|e| format!("no usable CUDA device: {e}")),
-        other => Err(format!("unknown backend {other:?}")),
+        BackendName::Cpu => Ok(()),
+        BackendName::Cuda => lockstep_engine::cuda::device::available().map(|_| ()).map_err(|e| format!("no usable CUDA device: {e}")),
     }
 }
 
@@ -58,16 +58,15 @@ pub fn model_path(manifest: &Manifest, entry: &ManifestFile, case: &Case) -> Res
 }
 
 /// Loads a backend for a model with `fault` injected (`--inject`; normally none).
-pub fn load_backend(name: &str, model: &Model, fault: Option<Fault>) -> Result<Box<dyn Backend>> {
+pub fn load_backend(name: BackendName, model: &Model, fault: Option<Fault>) -> Result<Box<dyn Backend>> {
     let opts = lockstep_engine::cpu::EngineOptions::default();
     match name {
-        "cpu" => Ok(Box::new(lockstep_engine::cpu::CpuBackend::load_with_fault(&model.file, opts, fault)?)),
-        "cuda" => Ok(Box::new(lockstep_engine::cuda::backend::CudaBackend::load_with_fault(
+        BackendName::Cpu => Ok(Box::new(lockstep_engine::cpu::CpuBackend::load_with_fault(&model.file, opts, fault)?)),
+        BackendName::Cuda => Ok(Box::new(lockstep_engine::cuda::backend::CudaBackend::load_with_fault(
             &model.file,
             lockstep_engine::cuda::backend::CudaOptions::from_engine(&opts),
             fault,
         )?)),
-        other => Err(anyhow!("unknown backend {other:?}")),
     }
 }
 
@@ -146,12 +145,13 @@ fn graph_agreement(
         .with_reason(Some(lim.reason)))
 }
 
-/// Runs one case on a loaded backend. `reference`: the clean CPU backend of the same model when
-/// `backend` is another backend, so check 9 can compare their generations token by token; `None`
-/// judges `backend`'s anti-cheat generation alone.
+/// Runs one case on a loaded backend (`which`: the one it is). `reference`: the clean CPU backend of the
+/// same model when `backend` is another backend, so check 9 can compare their generations token by
+/// token; `None` judges `backend`'s anti-cheat generation alone.
 pub fn run_case(
     suite: &Suite,
     case: &Case,
+    which: BackendName,
     backend: &mut dyn Backend,
     reference: Option<&mut dyn Backend>,
     model: &Model,
@@ -161,26 +161,25 @@ pub fn run_case(
     let entry = manifest.find(&case.golden)?;
     let golden = manifest.open_taps(entry)?;
     let mut rep = CaseReport {
-        name: format!("{}::{}::{}", suite.name, case.name, backend.name()),
+        name: format!("{}::{}::{which}", suite.name, case.name),
         suite: suite.name.clone(),
         case: case.name.clone(),
         model: case.model.clone(),
-        tier: case.tier.clone(),
-        backend: backend.name().into(),
+        tier: case.tier,
+        backend: which.name().into(),
         golden_entry: Some(compare::entry_for_report(entry)),
         ..Default::default()
     };
-    let tol: &Tolerances =
-        case.tolerances_for(backend.name()).ok_or_else(|| anyhow!("{}: case {} does not list backend {}", case.location, case.name, backend.name()))?;
+    let tol: &Tolerances = case.tolerances_for(which).ok_or_else(|| anyhow!("{}: case {} does not list backend {which}", case.location, case.name))?;
     let g_tokens = golden.token_ids("tokens")?.ok_or_else(|| anyhow!("{}: golden has no `tokens`", golden.path.display()))?;
     let cont = golden.token_ids("continuation")?.unwrap_or_default();
-    let engine_tokens = if case.wants("tokens") { Some(model.prompt_tokens(&prompt_of(entry)?).context("tokenizing the golden prompt")?) } else { None };
+    let engine_tokens = if case.wants(Check::Tokens) { Some(model.prompt_tokens(&prompt_of(entry)?).context("tokenizing the golden prompt")?) } else { None };
     let max_step = case.steps.unwrap_or(usize::MAX);
-    let want_taps = case.wants("taps") || case.wants("invariants");
+    let want_taps = case.wants(Check::Taps) || case.wants(Check::Invariants);
     let (taps, all_logits) = teacher_forced(backend, &golden, &g_tokens, &cont, if want_taps { max_step } else { 0 })?;
     let tapped_steps = golden.steps().into_iter().filter(|&k| k >= 1 && k <= max_step && want_taps).max().unwrap_or(0);
     let graph_check =
-        if backend.name() == "cuda" && tapped_steps > 0 { Some(graph_agreement(backend, &g_tokens, &cont, &all_logits, tapped_steps, tol)?) } else { None };
+        if which == BackendName::Cuda && tapped_steps > 0 { Some(graph_agreement(backend, &g_tokens, &cont, &all_logits, tapped_steps, tol)?) } else { None };
 
     // The engine's own greedy continuation: the teacher-forced argmaxes up to the first difference
     // (deterministic engine), then a free run from there.
@@ -194,56 +193,55 @@ pub fn run_case(
         }
     };
     // The pairing llama.cpp uses for the architecture named in the file, not the engine's own choice.
-    let pairing = Pairing::for_arch(&format!("{:?}", model.config.arch).to_lowercase());
-    let div_limits = if case.wants("diversity") || case.wants("diversity_sampled") || case.wants("anticheat") {
-        compare::diversity_limits(manifest, &case.model, &case.tier)?
+    let pairing = Pairing::for_arch(model.config.arch.name());
+    let div_limits = if case.wants(Check::Diversity) || case.wants(Check::DiversitySampled) || case.wants(Check::Anticheat) {
+        compare::diversity_limits(manifest, &case.model, case.tier)?
     } else {
         None
     };
     let opt = Options { tol, pairing, diversity: None, max_step: Some(max_step), require_all_taps: true };
-    let run = EngineRun { taps: &taps, logits: if case.wants("logits") { all_logits.clone() } else { Vec::new() }, tokens: engine_tokens, continuation: None };
+    let run =
+        EngineRun { taps: &taps, logits: if case.wants(Check::Logits) { all_logits.clone() } else { Vec::new() }, tokens: engine_tokens, continuation: None };
     let cmps = compare::judge(&golden, &run, &opt, &mut rep)?;
-    if !case.wants("taps") {
-        rep.checks.retain(|c| !c.name.starts_with("taps:"));
-    }
-    if !case.wants("invariants") {
-        rep.checks.retain(|c| !c.name.starts_with("invariants:"));
+    // judge runs the checks of a dump; those the case did not ask for go.
+    for unasked in [Check::Taps, Check::Invariants].into_iter().filter(|&c| !case.wants(c)) {
+        rep.checks.retain(|c| c.check != Some(unasked));
     }
     drop(cmps);
-    if let (Some(limits), true) = (&div_limits, case.wants("diversity")) {
+    if let (Some(limits), true) = (&div_limits, case.wants(Check::Diversity)) {
         let ent: Vec<f64> = greedy_logits.iter().map(|l| logits::coarse_entropy(l, 64)).collect();
         let s = diversity::stats(&greedy_gen, &ent);
         rep.checks.extend(diversity::check("greedy", &s, limits));
         rep.diversity = Some(s);
     }
-    if let (Some(limits), true) = (&div_limits, case.wants("diversity_sampled")) {
+    if let (Some(limits), true) = (&div_limits, case.wants(Check::DiversitySampled)) {
         let mut sampler = Sampler::new(SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 42 });
         let g = lockstep_engine::generate::generate(backend, &g_tokens, GEN_TOKENS, Some(&mut sampler), &|_| false, true)?;
         let ent: Vec<f64> = g.logits.unwrap_or_default().iter().map(|l| logits::coarse_entropy(l, 64)).collect();
         rep.checks.extend(diversity::check("sampled", &diversity::stats(&g.tokens, &ent), limits));
     }
     rep.checks.extend(graph_check);
-    if case.wants("dequant") {
+    if case.wants(Check::Dequant) {
         let g = checks::dequant::load(manifest, &case.model, &model.file)?;
         rep.checks.extend(checks::dequant::check(&*backend, &model.file, &g, tol)?);
     }
-    if case.wants("kv_cache") {
+    if case.wants(Check::KvCache) {
         rep.checks.extend(checks::kv_cache::check(backend, &g_tokens, tol, Some(&golden))?);
     }
-    if case.wants("isolated") {
+    if case.wants(Check::Isolated) {
         let steps = max_step.min(golden.steps().last().copied().unwrap_or(0));
         let (r, layers) = checks::isolated::check(backend, &golden, &g_tokens, &cont, steps, tol)?;
         rep.checks.extend(r);
         rep.isolated_layers = layers;
         crate::localize::use_isolated(&mut rep);
     }
-    if case.wants("sampler") {
+    if case.wants(Check::Sampler) {
         let params = SamplerParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: checks::sampler::SEED };
         let mut s = Sampler::with_fault(params, model.fault);
         let dist = distribution_with_fault(&checks::sampler::fixed_logits(), &params, model.fault);
         rep.checks.extend(checks::sampler::check(|l| s.sample(l), Some(dist), tol));
     }
-    if case.wants("anticheat") {
+    if case.wants(Check::Anticheat) {
         // One prompt (one minute) for both backends: their generations are compared token by token.
         let (word, prompt) = checks::anticheat::prompt_now();
         let ids = model.prompt_tokens(&Prompt::Chat(vec![ChatMessage::new("user", prompt)]))?;
@@ -272,7 +270,7 @@ pub fn run_case(
                 rep.class_proof = None;
             }
             rep.likely_class = Some(what.into());
-            rep.likely_class_id = Some(class.id().into());
+            rep.likely_class_id = Some(class);
             rep.evidence = Some(why);
         }
     }
@@ -289,9 +287,9 @@ fn anticheat_generation(backend: &mut dyn Backend, model: &Model, ids: &[u32]) -
     Ok(checks::anticheat::Output { backend: backend.name().into(), text: tk.decode(&g.tokens), tokens: g.tokens, step_entropies: ent })
 }
 
-/// A loaded backend's cache key: the model file, the backend's name and whether the runner's fault
-/// is injected into it (check 9's CPU reference never is).
-type BackendKey = (PathBuf, String, bool);
+/// A loaded backend's cache key: the model file, the backend and whether the runner's fault is injected
+/// into it (check 9's CPU reference never is).
+type BackendKey = (PathBuf, BackendName, bool);
 
 /// Loads models and backends once and runs cases on them. Not `Send`: backends stay on one thread.
 #[derive(Default)]
@@ -306,13 +304,13 @@ impl Runner {
     /// Runs one case on one backend; a backend or model that cannot be had here gives an ignored case
     /// with the reason, an error while running gives a failed case carrying the error. A case naming an
     /// on-demand golden is judged against that golden's cache entry, exported first when missing.
-    pub fn run(&mut self, manifest: &Manifest, suite: &Suite, case: &Case, backend: &str) -> CaseReport {
+    pub fn run(&mut self, manifest: &Manifest, suite: &Suite, case: &Case, backend: BackendName) -> CaseReport {
         let Some(req) = &case.on_demand else { return self.run_with(manifest, suite, case, backend) };
         let name = format!("{}::{}::{}", suite.name, case.name, backend);
         // Without the golden venv (and the entry not cached), the case is ignored with the reason rather
         // than building the venv (~5 minutes) unasked: $LOCKSTEP_ONDEMAND_BUILD=1 allows that.
         if let Err(reason) = backend_available(backend).and_then(|_| crate::ondemand::availability(req)) {
-            return CaseReport::ignored(&name, &suite.name, &case.name, &case.model, &case.tier, backend, &reason);
+            return CaseReport::ignored(&name, &suite.name, &case.name, &case.model, case.tier, backend.name(), &reason);
         }
         match resolve_on_demand(req, case) {
             Ok((m, c)) => self.run_with(&m, suite, &c, backend),
@@ -320,9 +318,9 @@ impl Runner {
         }
     }
 
-    fn run_with(&mut self, manifest: &Manifest, suite: &Suite, case: &Case, backend: &str) -> CaseReport {
+    fn run_with(&mut self, manifest: &Manifest, suite: &Suite, case: &Case, backend: BackendName) -> CaseReport {
         let name = format!("{}::{}::{}", suite.name, case.name, backend);
-        let ignored = |reason: String| CaseReport::ignored(&name, &suite.name, &case.name, &case.model, &case.tier, backend, &reason);
+        let ignored = |reason: String| CaseReport::ignored(&name, &suite.name, &case.name, &case.model, case.tier, backend.name(), &reason);
         if let Err(reason) = backend_available(backend) {
             return ignored(reason);
         }
@@ -347,8 +345,8 @@ impl Runner {
         };
         // Check 9 wants the backend's generation equal to the CPU backend's: a clean CPU backend of the
         // same model (the cpu trials' own one when no fault is injected) generates too.
-        let reference = if case.wants("anticheat") && backend != "cpu" {
-            match self.load(&path, "cpu", &model, None) {
+        let reference = if case.wants(Check::Anticheat) && backend != BackendName::Cpu {
+            match self.load(&path, BackendName::Cpu, &model, None) {
                 Ok(k) => Some(k),
                 Err(e) => return failed(&name, suite, case, backend, format!("{e:#}")),
             }
@@ -360,17 +358,17 @@ impl Runner {
                 // Distinct keys: the backend is not "cpu".
                 let [b, r] = self.backends.get_disjoint_mut([&key, rk]);
                 let (b, r) = (b.expect("loaded above"), r.expect("loaded above"));
-                run_case(suite, case, b.as_mut(), Some(r.as_mut()), &model, manifest)
+                run_case(suite, case, backend, b.as_mut(), Some(r.as_mut()), &model, manifest)
             }
-            None => run_case(suite, case, self.backends.get_mut(&key).expect("loaded above").as_mut(), None, &model, manifest),
+            None => run_case(suite, case, backend, self.backends.get_mut(&key).expect("loaded above").as_mut(), None, &model, manifest),
         };
         result.unwrap_or_else(|e| failed(&name, suite, case, backend, format!("{e:#}")))
     }
 
     /// The cache key of backend `name` for the model at `path` with `fault` injected, loading it on
     /// first use.
-    fn load(&mut self, path: &std::path::Path, name: &str, model: &Model, fault: Option<Fault>) -> Result<BackendKey> {
-        let key = (path.to_path_buf(), name.to_string(), fault.is_some());
+    fn load(&mut self, path: &std::path::Path, name: BackendName, model: &Model, fault: Option<Fault>) -> Result<BackendKey> {
+        let key = (path.to_path_buf(), name, fault.is_some());
         if !self.backends.contains_key(&key) {
             let b = load_backend(name, model, fault).with_context(|| format!("loading {} on {name}", path.display()))?;
             self.backends.insert(key.clone(), b);
@@ -383,21 +381,21 @@ impl Runner {
 /// entry's manifest, and the case naming that entry.
 pub fn resolve_on_demand(req: &crate::ondemand::Request, case: &Case) -> Result<(Manifest, Case)> {
     let entries = crate::ondemand::ensure(req)?;
-    let entry = entries.iter().find(|e| e.tier == case.tier).ok_or_else(|| anyhow!("no {} entry among the exported ones", case.tier))?;
+    let entry = entries.iter().find(|e| e.tier == case.tier.name()).ok_or_else(|| anyhow!("no {} entry among the exported ones", case.tier))?;
     let manifest = Manifest::load(&entry.dir)?;
     let file = manifest.taps_files().next().ok_or_else(|| anyhow!("{}: lists no taps file", manifest.path.display()))?;
     let case = Case { golden: file.path.clone(), ..case.clone() };
     Ok((manifest, case))
 }
 
-fn failed(name: &str, suite: &Suite, case: &Case, backend: &str, error: String) -> CaseReport {
+fn failed(name: &str, suite: &Suite, case: &Case, backend: BackendName, error: String) -> CaseReport {
     let mut r = CaseReport {
         name: name.into(),
         suite: suite.name.clone(),
         case: case.name.clone(),
         model: case.model.clone(),
-        tier: case.tier.clone(),
-        backend: backend.into(),
+        tier: case.tier,
+        backend: backend.name().into(),
         error: Some(error),
         ..Default::default()
     };
@@ -406,13 +404,13 @@ fn failed(name: &str, suite: &Suite, case: &Case, backend: &str, error: String) 
 }
 
 /// Every (suite, case, backend) of `suites`, restricted to `backends` (None: each case's own list).
-pub fn trials<'a>(suites: &'a [Suite], backends: Option<&[String]>) -> Vec<(&'a Suite, &'a Case, String)> {
+pub fn trials<'a>(suites: &'a [Suite], backends: Option<&[BackendName]>) -> Vec<(&'a Suite, &'a Case, BackendName)> {
     let mut out = Vec::new();
     for s in suites {
         for c in &s.cases {
-            for b in &c.backends {
-                if backends.is_none_or(|bs| bs.contains(b)) {
-                    out.push((s, c, b.clone()));
+            for &b in &c.backends {
+                if backends.is_none_or(|bs| bs.contains(&b)) {
+                    out.push((s, c, b));
                 }
             }
         }

@@ -1,4 +1,4 @@
-//! Fault injection: every bug class of ../shared/BUGS.md, injected into our own engine
+//! Fault injection: every bug class (docs/bug-classes.md), injected into our own engine
 //! (engine/src/faults.rs), must make the default suite's case fail and be localized where
 //! suites/faults/{fault}.toml says; the clean engine must pass the same cases (no false alarm).
 //!
@@ -24,8 +24,8 @@
 //! step = 0                         # the first divergence (step, layer, tap), when a tap shows it
 //! layer = 0
 //! tap = "Qcur-0.rope"
-//! class = "RoPE pairing or base"   # the likely class (src/localize.rs)
-//! reason = "..."                   # why, when this differs from BUGS.md's "where it shows"
+//! class = "rope"                   # the likely class's id (docs/bug-classes.md): the fault's own class
+//! reason = "..."                   # why, when this differs from where the class shows
 //! ```
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -33,7 +33,8 @@ use lockstep::golden::{self, Manifest};
 use lockstep::report::CaseReport;
 use lockstep::suite::{self, Case, Suite};
 use lockstep::validate::{backend_available, run_case, Runner};
-use lockstep_engine::faults::{Factor, Fault};
+use lockstep::vocab::Backend;
+use lockstep_engine::faults::{BugClass, Factor, Fault};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -58,7 +59,7 @@ struct Expect {
     #[serde(default)]
     tap: Option<String>,
     #[serde(default)]
-    class: Option<String>,
+    class: Option<BugClass>,
     #[serde(default)]
     reason: Option<String>,
 }
@@ -82,7 +83,7 @@ struct Outcome {
     /// `s{step}/{tap}`, the dump key of the first divergence; None when no tap diverges.
     first_divergence: Option<String>,
     likely_class: Option<String>,
-    likely_class_id: Option<String>,
+    likely_class_id: Option<BugClass>,
     failed_checks: Vec<String>,
     problems: Vec<String>,
 }
@@ -104,8 +105,12 @@ fn load_faults() -> Result<Vec<(PathBuf, FaultFile)>, String> {
     for p in paths {
         let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         let f: FaultFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
-        if Fault::from_name(&f.fault).is_none() {
+        let Some(fault) = Fault::from_name(&f.fault) else {
             return Err(format!("{}: unknown fault {:?}", p.display(), f.fault));
+        };
+        // One class per fault: the file's expectation is the catalog's class.
+        if let Some(c) = f.trial.iter().filter_map(|e| e.class).find(|&c| c != fault.class()) {
+            return Err(format!("{}: class {c} differs from the catalog's class of {} ({}, engine/src/faults.rs)", p.display(), f.fault, fault.class()));
         }
         out.push((p, f));
     }
@@ -139,13 +144,13 @@ fn find_case(suite_name: &str, case: &str) -> Result<(Suite, Case), String> {
     Ok((s, c))
 }
 
-fn run_once(manifest: &Manifest, s: &Suite, c: &Case, backend: &str, fault: Option<Fault>) -> CaseReport {
+fn run_once(manifest: &Manifest, s: &Suite, c: &Case, backend: Backend, fault: Option<Fault>) -> CaseReport {
     let mut r = Runner::default();
     r.fault = fault;
     r.run(manifest, s, c, backend)
 }
 
-fn judge(fault: &str, backend: &str, e: &Expect, rep: &CaseReport) -> Outcome {
+fn judge(fault: &str, backend: Backend, e: &Expect, rep: &CaseReport) -> Outcome {
     let failed: Vec<String> = rep.failed_checks().map(|c| c.name.clone()).collect();
     let mut problems = Vec::new();
     if let Some(err) = &rep.error {
@@ -179,20 +184,26 @@ fn judge(fault: &str, backend: &str, e: &Expect, rep: &CaseReport) -> Outcome {
         localized = false;
         problems.push(format!("expected no tap to diverge, got {got_text}"));
     }
-    let class_named = e.class.as_ref().is_none_or(|c| rep.likely_class.as_deref() == Some(c.as_str()));
+    let class_named = e.class.is_none_or(|c| rep.likely_class_id == Some(c));
     if !class_named {
-        problems.push(format!("likely class {}, expected {}", rep.likely_class.as_deref().unwrap_or("none"), e.class.as_deref().unwrap_or("none")));
+        let id = |c: Option<BugClass>| c.map_or("none", BugClass::id);
+        problems.push(format!(
+            "likely class {} ({}), expected {}",
+            id(rep.likely_class_id),
+            rep.likely_class.as_deref().unwrap_or("no class named"),
+            id(e.class)
+        ));
     }
     Outcome {
         fault: fault.into(),
-        backend: backend.into(),
+        backend: backend.name().into(),
         suite_case: format!("{}::{}", e.suite, e.case),
         detected,
         localized: detected && localized,
         class_named: detected && class_named,
         first_divergence: got,
         likely_class: rep.likely_class.clone(),
-        likely_class_id: rep.likely_class_id.clone(),
+        likely_class_id: rep.likely_class_id,
         failed_checks: failed,
         problems,
     }
@@ -227,7 +238,7 @@ fn list_or_none(v: &[String]) -> String {
 
 type Shared = Arc<Mutex<Vec<Outcome>>>;
 
-fn fault_trial(manifest: &Manifest, ff: &FaultFile, backend: &str, out: &Shared) -> Result<(), Failed> {
+fn fault_trial(manifest: &Manifest, ff: &FaultFile, backend: Backend, out: &Shared) -> Result<(), Failed> {
     let fault = Fault::from_name(&ff.fault).expect("checked at load");
     let mut msgs = Vec::new();
     for e in &ff.trial {
@@ -265,7 +276,7 @@ fn fault_trial(manifest: &Manifest, ff: &FaultFile, backend: &str, out: &Shared)
     }
 }
 
-fn clean_trial(manifest: &Manifest, suite_name: &str, case: &str, backend: &str, repeats: usize) -> Result<(), Failed> {
+fn clean_trial(manifest: &Manifest, suite_name: &str, case: &str, backend: Backend, repeats: usize) -> Result<(), Failed> {
     let (s, c) = find_case(suite_name, case)?;
     // One runner: the model loads once, the case runs `repeats` times on the same backend.
     let mut r = Runner::default();
@@ -296,7 +307,7 @@ fn probe(
     fault: Fault,
 ) -> Result<CaseReport, String> {
     backend.fault = Some(fault);
-    let rep = run_case(s, c, backend, None, model, manifest).map_err(|e| format!("{e:#}"));
+    let rep = run_case(s, c, Backend::Cpu, backend, None, model, manifest).map_err(|e| format!("{e:#}"));
     backend.fault = None;
     rep
 }
@@ -340,7 +351,7 @@ fn sensitivity(manifest: &Manifest, suite_name: &str, case: &str) -> Result<(Str
     let path = lockstep::validate::model_path(manifest, entry, &c).map_err(|e| format!("{e:#}"))?;
     let model = lockstep_engine::model::Model::open_path(path).map_err(|e| format!("{e:#}"))?;
     let mut b = lockstep_engine::cpu::CpuBackend::load(&model.file, Default::default()).map_err(|e| format!("{e:#}"))?;
-    let clean = run_case(&s, &c, &mut b, None, &model, manifest).map_err(|e| format!("{e:#}"))?;
+    let clean = run_case(&s, &c, Backend::Cpu, &mut b, None, &model, manifest).map_err(|e| format!("{e:#}"))?;
     if !clean.passed {
         return Err(format!("{suite_name}::{case}: the clean engine fails, no sensitivity to measure").into());
     }
@@ -410,7 +421,7 @@ fn main() {
                 clean_cases.push((e.suite.clone(), e.case.clone()));
             }
         }
-        for backend in ["cpu", "cuda"] {
+        for backend in Backend::ALL {
             let (m, ff2, out) = (manifest.clone(), ff.clone(), outcomes.clone());
             let t = Trial::test(format!("fault::{}::{backend}", ff.fault), move || fault_trial(&m, &ff2, backend, &out));
             let missing = missing_models(ff.trial.iter().map(|e| e.suite.clone()));
@@ -424,14 +435,14 @@ fn main() {
         }
     }
     for (s, c) in clean_cases {
-        for backend in ["cpu", "cuda"] {
+        for backend in Backend::ALL {
             let m = manifest.clone();
             let (s2, c2) = (s.clone(), c.clone());
             // Real models are slow on this project's 2-core CPU runner: there they get 2 repeats in
             // `cargo test` (20 on CUDA); LOCKSTEP_CLEAN_REPEATS=20 runs the full 20 anywhere.
             let repeats = match std::env::var("LOCKSTEP_CLEAN_REPEATS").ok().and_then(|v| v.parse().ok()) {
                 Some(n) => n,
-                None if s.starts_with("tiny") || backend == "cuda" => CLEAN_REPEATS,
+                None if s.starts_with("tiny") || backend == Backend::Cuda => CLEAN_REPEATS,
                 None => 2,
             };
             let t = Trial::test(format!("clean::{s}::{c}::{backend}"), move || clean_trial(&m, &s2, &c2, backend, repeats));

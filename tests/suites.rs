@@ -10,6 +10,7 @@ use lockstep::golden::{self, Manifest};
 use lockstep::report::{self, CaseReport};
 use lockstep::suite::{self, Case, Suite};
 use lockstep::validate::{backend_available, Runner};
+use lockstep::vocab::Backend;
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
@@ -70,12 +71,12 @@ fn build() -> Result<Vec<Trial>, String> {
     let mut trials = Vec::new();
     for s in &suites {
         for c in &s.cases {
-            for b in &c.backends {
+            for &b in &c.backends {
                 let name = format!("{}::{}::{b}", s.name, c.name);
                 // An on-demand golden needs the golden venv (or its entry already in the cache).
                 let unavailable = backend_available(b).err().or_else(|| c.on_demand.as_ref().and_then(|r| lockstep::ondemand::availability(r).err()));
-                let (s, c, b, m) = (s.clone(), c.clone(), b.clone(), manifest.clone());
-                let t = Trial::test(name, move || run(&s, &c, &b, m));
+                let (s, c, m) = (s.clone(), c.clone(), manifest.clone());
+                let t = Trial::test(name, move || run(&s, &c, b, m));
                 trials.push(match unavailable {
                     Some(reason) => t.with_kind(format!("ignored: {reason}")).with_ignored_flag(true),
                     None => t,
@@ -86,7 +87,7 @@ fn build() -> Result<Vec<Trial>, String> {
     Ok(trials)
 }
 
-fn run(s: &Suite, c: &Case, b: &str, manifest: Result<Arc<Manifest>, String>) -> Result<(), Failed> {
+fn run(s: &Suite, c: &Case, b: Backend, manifest: Result<Arc<Manifest>, String>) -> Result<(), Failed> {
     let manifest = manifest.map_err(|e| Failed::from(format!("golden manifest: {e}")))?;
     let rep = RUNNER.with(|r| r.borrow_mut().run(&manifest, s, c, b));
     REPORTS.lock().unwrap_or_else(|e| e.into_inner()).push(rep.clone());

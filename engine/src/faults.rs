@@ -1,5 +1,5 @@
-//! Fault injection: each bug class of ../shared/BUGS.md as a named [`Fault`] that one run of the
-//! engine can switch on, so that lockstep's own tests prove the suite detects the class and names
+//! Fault injection: each bug class ([`BugClass`], docs/bug-classes.md) as a named [`Fault`] that one run
+//! of the engine can switch on, so that lockstep's own tests prove the suite detects the class and names
 //! where it shows (suites/faults/, tests/faults.rs).
 //!
 //! Architecture invariants:
@@ -34,10 +34,184 @@ impl PartialEq for Factor {
 }
 impl Eq for Factor {}
 
-/// One bug class of BUGS.md, injected on purpose.
+/// A class of bug an engine author meets in practice: what lockstep's localizer names (report.json's
+/// `likely_class_id` is [`BugClass::id`]) and what each catalog [`Fault`] plants. The list with each
+/// class's description, where it shows and its faults: docs/bug-classes.md (checked against this enum by
+/// a test of the runner, src/localize.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BugClass {
+    Tokenizer,
+    Embedding,
+    Rope,
+    QkvBias,
+    ProjectionWeight,
+    AttentionScores,
+    GqaMapping,
+    KvCache,
+    CausalMask,
+    SoftmaxScale,
+    AttnOutputProjection,
+    ResidualAttn,
+    RmsNorm,
+    NormWeight,
+    FfnSize,
+    FfnWeight,
+    Activation,
+    FfnDown,
+    ResidualFfn,
+    LmHead,
+    Overflow,
+    LayerData,
+    WrongShape,
+    Sampling,
+    DecodeKernel,
+    /// A weight format dequantized unlike gguf-py (the `dequant` check: direct evidence).
+    Dequantization,
+    /// Attention limited to the last N positions (a sliding window misapplied, a wrapping cache).
+    AttentionWindow,
+}
+
+impl BugClass {
+    /// Every class, in graph order (tokens first, sampling last), then those a check names directly.
+    pub const ALL: [BugClass; 27] = [
+        BugClass::Tokenizer,
+        BugClass::Embedding,
+        BugClass::RmsNorm,
+        BugClass::NormWeight,
+        BugClass::ProjectionWeight,
+        BugClass::QkvBias,
+        BugClass::Rope,
+        BugClass::AttentionScores,
+        BugClass::GqaMapping,
+        BugClass::KvCache,
+        BugClass::CausalMask,
+        BugClass::SoftmaxScale,
+        BugClass::AttentionWindow,
+        BugClass::AttnOutputProjection,
+        BugClass::ResidualAttn,
+        BugClass::FfnSize,
+        BugClass::FfnWeight,
+        BugClass::Activation,
+        BugClass::FfnDown,
+        BugClass::ResidualFfn,
+        BugClass::LmHead,
+        BugClass::Sampling,
+        BugClass::Overflow,
+        BugClass::LayerData,
+        BugClass::WrongShape,
+        BugClass::Dequantization,
+        BugClass::DecodeKernel,
+    ];
+
+    /// The stable id written to reports (`rope`, `qkv_bias`, …): the serde spelling.
+    pub fn id(self) -> &'static str {
+        self.about().0
+    }
+
+    /// What goes wrong in an engine with this bug, one line.
+    pub fn description(self) -> &'static str {
+        self.about().1
+    }
+
+    /// Where it shows first: the tap (llama.cpp's name) or the check.
+    pub fn shows(self) -> &'static str {
+        self.about().2
+    }
+
+    /// The class with this id, if one.
+    pub fn from_id(id: &str) -> Option<BugClass> {
+        BugClass::ALL.into_iter().find(|c| c.id() == id)
+    }
+
+    fn about(self) -> (&'static str, &'static str, &'static str) {
+        use BugClass::*;
+        match self {
+            Tokenizer => (
+                "tokenizer",
+                "the prompt's token ids differ from llama.cpp's: special tokens split into text pieces, the chat template wrong or skipped, a BOS added or dropped",
+                "check `tokens`, before any tensor",
+            ),
+            Embedding => ("embedding", "the embedding lookup reads the wrong values (token_embd read column-wise, the wrong row)", "embd"),
+            RmsNorm => ("rms_norm", "RMSNorm computed wrong: the epsilon not the file's, or the formula", "norm-L.rms_norm.0 (the unweighted norm), layer 0"),
+            NormWeight => ("norm_weight", "a norm's weight ignored (taken as ones) or rescaled", "attn_norm-0, ffn_norm-0 or result_norm"),
+            ProjectionWeight => (
+                "projection_weight",
+                "a Q/K/V projection weight transposed, read with the wrong leading dimension, or dequantized wrong",
+                "Qcur-0.mul_mat (Kcur, Vcur), while attn_norm-0 agrees",
+            ),
+            QkvBias => ("qkv_bias", "the Q/K/V biases zeroed or not loaded (qwen2's are large)", "Qcur-0.add, Kcur-0.add (pre-RoPE)"),
+            Rope => (
+                "rope",
+                "RoPE rotates the wrong pairs (adjacent on a NeoX model), with the wrong base, or at shifted positions",
+                "Qcur-0.rope, Kcur-0.rope at positions ≥ 1 (position 0 is not rotated)",
+            ),
+            AttentionScores => ("attention_scores", "the attention scores differ while Q and K agree: the K layout, the head mapping or the cache", "kq-0"),
+            GqaMapping => (
+                "gqa_mapping",
+                "query heads read the wrong KV head (q_head % n_kv instead of q_head / (n_head / n_kv))",
+                "kq-0 or kqv-0: some heads agree, the others differ",
+            ),
+            KvCache => (
+                "kv_cache",
+                "the KV cache never written, or with the wrong layout or stride: decode steps read the wrong positions",
+                "kq-0 at decode step 1 while the prefill agrees; check `kv_cache`",
+            ),
+            CausalMask => ("causal_mask", "no causal mask: prefill rows attend to later positions", "kq_soft_max-0, every row but the last"),
+            SoftmaxScale => ("softmax_scale", "the softmax scale wrong (1/d instead of 1/√d, or none), or the softmax itself", "kq_soft_max-0 while kq-0 agrees"),
+            AttentionWindow => (
+                "attention_window",
+                "attention limited to the last N positions: a sliding window misapplied, a KV cache that wraps at N",
+                "kq_soft_max-0 from position N on (long-context goldens)",
+            ),
+            AttnOutputProjection => (
+                "attn_output_projection",
+                "the attention output projection dropped, transposed or dequantized wrong",
+                "kqv_out-0 / attn_out-0, or ffn_inp-0 where the model has no attn_out tap",
+            ),
+            ResidualAttn => ("residual_attn", "the attention output not added back to the residual stream", "ffn_inp-0 while attn_out-0 agrees"),
+            FfnSize => ("ffn_size", "the FFN width taken from the wrong dimension (n_embd instead of feed_forward_length)", "ffn_gate-0 / ffn_up-0 (their shape)"),
+            FfnWeight => ("ffn_weight", "an FFN gate or up weight transposed or dequantized wrong", "ffn_gate / ffn_up while ffn_norm agrees"),
+            Activation => (
+                "activation",
+                "the wrong activation in the gated FFN (GELU instead of SiLU, or SiLU instead of gemma3's GELU)",
+                "ffn_swiglu-0 (gemma3: ffn_geglu-0) while ffn_gate-0 and ffn_up-0 agree",
+            ),
+            FfnDown => ("ffn_down", "the ffn_down projection dropped, transposed or dequantized wrong", "ffn_out while ffn_swiglu agrees"),
+            ResidualFfn => ("residual_ffn", "the FFN output not added back to the residual stream", "l_out while ffn_out agrees"),
+            LmHead => ("lm_head", "the output head's dimensions swapped, or a padded vocabulary not masked", "result_output, the only tensor that differs"),
+            Sampling => ("sampling", "sampling in the wrong order or over the wrong set (top-k, top-p, temperature)", "check `sampler`"),
+            Overflow => ("overflow", "NaN or Inf: an f16 accumulation overflows, a softmax without max subtraction", "the first tap holding NaN or Inf; check `invariants:non_finite`"),
+            LayerData => (
+                "layer_data",
+                "a fault inside one layer with no formula to blame: an activation outlier overflowing a narrow (f16) accumulator, or that layer's weights",
+                "the first failing tap of a layer > 0 while the layers before agree; check `isolated`",
+            ),
+            WrongShape => ("wrong_shape", "a tensor of the wrong shape", "the first tap of the wrong shape"),
+            Dequantization => (
+                "dequantization",
+                "a weight format dequantized unlike gguf-py (e.g. the sign of a Q4_K block minimum)",
+                "check `dequant:{TYPE}` (tensor and block), then the first product using that weight",
+            ),
+            DecodeKernel => (
+                "decode_kernel",
+                "the production decode path (fused or graph kernels) differs from the tapped path",
+                "check `graph_decode` while every tap agrees",
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for BugClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.id())
+    }
+}
+
+/// One bug class ([`BugClass`]) planted on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    // Found in that engine (BUGS.md, first table)
+    // Found in the engine that motivated lockstep (docs/bug-classes.md)
     WeightTransposed,
     LmHeadTransposed,
     EmbeddingTransposed,
@@ -50,7 +224,7 @@ pub enum Fault {
     SamplerOrder,
     QkvBiasZeroed,
     RopeAdjacent,
-    // Suspected there, or common elsewhere (second table)
+    // Suspected there, or common elsewhere
     RopeBase,
     GqaMapping,
     CausalMaskMissing,
@@ -78,8 +252,10 @@ pub struct FaultInfo {
     pub name: &'static str,
     /// One line: what the engine does wrong.
     pub description: &'static str,
-    /// BUGS.md's "where it shows".
+    /// Where it shows (the class's [`BugClass::shows`], as our graph exports it).
     pub shows: &'static str,
+    /// The class the localizer is to name for it.
+    pub class: BugClass,
     /// The smallest golden model on which the class shows.
     pub model: &'static str,
 }
@@ -89,7 +265,7 @@ const QWEN: &str = "qwen2.5-coder-0.5b";
 const SMOLLM2: &str = "smollm2-135m";
 
 impl Fault {
-    /// Every class of BUGS.md, both tables, in its order.
+    /// Every catalog fault (the sensitivity probes are not).
     pub const ALL: [Fault; 24] = [
         Fault::WeightTransposed,
         Fault::LmHeadTransposed,
@@ -118,7 +294,7 @@ impl Fault {
     ];
 
     pub fn info(self) -> FaultInfo {
-        let i = |name, description, shows, model| FaultInfo { name, description, shows, model };
+        let i = |name, description, shows, model| FaultInfo { name, description, shows, class: self.class(), model };
         match self {
             Fault::WeightTransposed => i(
                 "weight-transposed",
@@ -201,6 +377,35 @@ impl Fault {
 
     pub fn name(self) -> &'static str {
         self.info().name
+    }
+
+    /// The class of bug the fault plants, as the localizer is to name it.
+    pub fn class(self) -> BugClass {
+        use BugClass as C;
+        match self {
+            Fault::WeightTransposed => C::ProjectionWeight,
+            Fault::LmHeadTransposed => C::LmHead,
+            Fault::EmbeddingTransposed => C::Embedding,
+            Fault::FfnSizeWrong => C::FfnSize,
+            Fault::ProjectionDropped => C::FfnDown,
+            Fault::KvCacheNotWritten => C::KvCache,
+            Fault::Q4kMinSign => C::Dequantization,
+            Fault::SpecialTokensSplit | Fault::ChatTemplateSkipped => C::Tokenizer,
+            Fault::SamplerOrder => C::Sampling,
+            Fault::QkvBiasZeroed => C::QkvBias,
+            Fault::RopeAdjacent | Fault::RopeBase | Fault::RopeBaseScaled(_) => C::Rope,
+            Fault::GqaMapping => C::GqaMapping,
+            Fault::CausalMaskMissing => C::CausalMask,
+            Fault::SoftmaxScale => C::SoftmaxScale,
+            Fault::SoftmaxNoMax => C::Overflow,
+            Fault::RmsNormEps | Fault::RmsEpsScaled(_) => C::RmsNorm,
+            Fault::NormWeightIgnored => C::NormWeight,
+            Fault::GeluActivation => C::Activation,
+            Fault::ResidualDropped => C::ResidualAttn,
+            // An f16 accumulator saturating on qwen's activation outlier: a layer-data fault (no NaN).
+            Fault::F16Accumulation => C::LayerData,
+            Fault::AttentionWindow(_) => C::AttentionWindow,
+        }
     }
 
     /// The catalog fault with this name ([`Fault::ALL`] only; the probes have no name to inject).

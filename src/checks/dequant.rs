@@ -305,7 +305,7 @@ mod tests {
     }
 
     fn exact() -> Tolerances {
-        let mut t = Tolerances::new("exact");
+        let mut t = Tolerances::new(crate::vocab::Tier::Exact);
         t.set("dequant.block_rel", 0.0, "bit-exact");
         t
     }
@@ -348,9 +348,9 @@ mod tests {
         let case = suite.cases.iter().find(|c| c.name == "exact-haiku").unwrap();
         let mut runner = crate::validate::Runner::default();
         runner.fault = Some(Fault::Q4kMinSign);
-        let rep = runner.run(&manifest(), &suite, case, "cpu");
+        let rep = runner.run(&manifest(), &suite, case, crate::vocab::Backend::Cpu);
         assert!(rep.error.is_none() && !rep.passed, "{:?}", rep.error);
-        assert_eq!(rep.likely_class_id.as_deref(), Some("dequantization"), "{:?}", rep.evidence);
+        assert_eq!(rep.likely_class_id, Some(crate::localize::BugClass::Dequantization), "{:?}", rep.evidence);
         assert_eq!(rep.likely_class.as_deref(), Some("dequantization of Q4_K"));
         let ev = rep.evidence.as_deref().unwrap();
         assert!(ev.starts_with("dequant:Q4_K fails: dequantization of Q4_K differs: tensor blk.0.attn_k.weight, block 0"), "{ev}");

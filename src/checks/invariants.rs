@@ -422,7 +422,7 @@ mod tests {
 
     #[test]
     fn rope_invariants_hold_for_rope_and_catch_a_wrong_pairing() {
-        let tol = Tolerances::new("exact");
+        let tol = Tolerances::new(crate::vocab::Tier::Exact);
         let ok = check(&rope_taps(Pairing::Neox, 1e6), &tol, Some(Pairing::Neox), None).unwrap();
         assert!(ok.iter().all(|c| c.passed), "{ok:?}");
         assert!(ok.iter().any(|c| c.name == "invariants:rope_relative"));
@@ -445,7 +445,7 @@ mod tests {
         let mut m = MemTaps::default();
         m.0.insert("s0/Kcur-0.mul_mat".into(), Tensor { shape: vec![1, 1, tk, d], data: pre });
         m.0.insert("s0/Kcur-0.rope".into(), Tensor { shape: vec![1, tk, h, d], data: post });
-        let r = check(&m, &Tolerances::new("exact"), Some(Pairing::Neox), None).unwrap();
+        let r = check(&m, &Tolerances::new(crate::vocab::Tier::Exact), Some(Pairing::Neox), None).unwrap();
         assert!(r.iter().any(|c| c.name == "invariants:rope_relative" && !c.passed), "{r:?}");
     }
 
@@ -467,12 +467,12 @@ mod tests {
         m.0.insert("s0/Qcur-0.mul_mat".into(), Tensor { shape: vec![1, 1, tk, h * d], data: proj });
         m.0.insert("s0/Qcur_normed-0".into(), Tensor { shape: vec![1, tk, h, d], data: normed });
         m.0.insert("s0/Qcur-0.rope".into(), Tensor { shape: vec![1, tk, h, d], data: post });
-        let r = check(&m, &Tolerances::new("exact"), Pairing::for_arch("gemma3"), None).unwrap();
+        let r = check(&m, &Tolerances::new(crate::vocab::Tier::Exact), Pairing::for_arch("gemma3"), None).unwrap();
         let names: Vec<_> = r.iter().map(|c| (c.name.as_str(), c.passed)).collect();
         assert_eq!(names, [("invariants:non_finite", true), ("invariants:rope_pair_norm", true), ("invariants:rope_relative", true)], "{r:?}");
         // Paired with the projection (as before), the same correct taps fail.
         m.0.remove("s0/Qcur_normed-0");
-        let r = check(&m, &Tolerances::new("exact"), Pairing::for_arch("gemma3"), None).unwrap();
+        let r = check(&m, &Tolerances::new(crate::vocab::Tier::Exact), Pairing::for_arch("gemma3"), None).unwrap();
         assert!(r.iter().any(|c| c.name == "invariants:rope_pair_norm" && !c.passed), "{r:?}");
         assert_eq!(rope_inputs(&[TapId::parse_key("s0/Qcur_normed-3").unwrap(), TapId::parse_key("s0/Qcur-3.rope").unwrap()])["Qcur"].0, "Qcur_normed");
     }
@@ -497,7 +497,7 @@ mod tests {
         let mut m = MemTaps::default();
         m.0.insert("s0/ffn_out-14".into(), Tensor { shape: vec![1, 1, 2, w], data: input.clone() });
         m.0.insert("s0/norm.rms_norm.14".into(), Tensor { shape: vec![1, 1, 2, w], data: out.clone() });
-        let tol = Tolerances::new("exact");
+        let tol = Tolerances::new(crate::vocab::Tier::Exact);
         let rms = |m: &MemTaps| check(m, &tol, None, None).unwrap().into_iter().find(|c| c.name == "invariants:rms_unit").unwrap();
         let ok = rms(&m);
         assert!(ok.passed && ok.value < 1e-6, "{ok:?}");
@@ -530,7 +530,7 @@ mod tests {
         let mut m = MemTaps::default();
         m.0.insert("s0/kq_soft_max-0".into(), Tensor { shape: vec![1, 1, 2, 2], data: vec![1.0, 0.0, 0.4, 0.6] });
         m.0.insert("s0/norm-0.rms_norm.0".into(), Tensor { shape: vec![1, 1, 1, 2], data: vec![1.0, -1.0] });
-        let tol = Tolerances::new("exact");
+        let tol = Tolerances::new(crate::vocab::Tier::Exact);
         assert!(check(&m, &tol, None, None).unwrap().iter().all(|c| c.passed));
         // A missing causal mask: row 0 attends to position 1.
         m.0.insert("s0/kq_soft_max-0".into(), Tensor { shape: vec![1, 1, 2, 2], data: vec![0.5, 0.5, 0.4, 0.6] });

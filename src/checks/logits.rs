@@ -159,7 +159,7 @@ pub fn check(engine: &[Vec<f32>], golden: &[GoldenStep], continuation: &[u32], t
             .with_detail(format!("worst at step {rank_at}"))
             .with_reason(Some(r_l.reason)),
     ];
-    res.push(continuation_check(engine, golden, continuation, tol.tier == "shipped"));
+    res.push(continuation_check(engine, golden, continuation, tol.tier == crate::vocab::Tier::Shipped));
     res
 }
 
@@ -214,7 +214,7 @@ mod tests {
                 _ => unreachable!(),
             })
             .collect();
-        let r = check(&same, &g, &cont, &Tolerances::new("exact"));
+        let r = check(&same, &g, &cont, &Tolerances::new(crate::vocab::Tier::Exact));
         assert!(r.iter().all(|c| c.passed), "{r:?}");
     }
 

@@ -25,6 +25,7 @@ pub mod taps;
 pub mod tokens;
 
 use crate::golden::Tensor;
+use crate::vocab::{Check, Tier};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -51,8 +52,12 @@ impl std::fmt::Display for Op {
 }
 
 /// One verdict.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckResult {
+    /// The check it belongs to, from its name (one mapping: [`Check::of_result`]); None for a name no
+    /// check makes. Not in report.json, whose `name` says it.
+    #[serde(skip)]
+    pub check: Option<Check>,
     /// `taps:Qcur.rope`, `logits`, `invariants:softmax_rows`, …
     pub name: String,
     pub metric: String,
@@ -76,7 +81,8 @@ impl CheckResult {
             Op::Ge => value >= limit,
             Op::Eq => value == limit,
         };
-        CheckResult { name: name.into(), metric: metric.into(), value, limit, op, passed, reason: None, detail: None }
+        let name = name.into();
+        CheckResult { check: Check::of_result(&name), name, metric: metric.into(), value, limit, op, passed, reason: None, detail: None }
     }
     pub fn with_detail(mut self, d: impl Into<String>) -> Self {
         self.detail = Some(d.into());
@@ -100,12 +106,12 @@ pub struct Limit {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Tolerances {
     pub map: HashMap<String, Limit>,
-    pub tier: String,
+    pub tier: Tier,
 }
 
 impl Tolerances {
-    pub fn new(tier: &str) -> Self {
-        Tolerances { map: HashMap::new(), tier: tier.to_string() }
+    pub fn new(tier: Tier) -> Self {
+        Tolerances { map: HashMap::new(), tier }
     }
     pub fn set(&mut self, key: &str, value: f64, reason: &str) {
         self.map.insert(key.to_string(), Limit { value, reason: reason.to_string() });
@@ -122,14 +128,14 @@ impl Tolerances {
             }
             return self.get(base);
         }
-        default_limit(&self.tier, key)
+        default_limit(self.tier, key)
     }
 }
 
 /// Built-in limits, used where a suite sets none. Each carries its reason.
-pub fn default_limit(tier: &str, key: &str) -> Limit {
+pub fn default_limit(tier: Tier, key: &str) -> Limit {
     let l = |v: f64, r: &str| Limit { value: v, reason: r.to_string() };
-    let exact = tier != "shipped";
+    let exact = tier == Tier::Exact;
     match key {
         "taps.noise_k" if exact => l(20.0, "k x llama.cpp's own noise per tap (and its inputs'): correct engines measured up to 9.7x (HF transformers, torch f32), k = 20 keeps 2x (golden/README.md, Tolerances)"),
         "taps.noise_k" => l(3.0, "shipped tier: engines that do not quantize activations measured 1.0x llama.cpp's noise, one that does ~1.4x; k = 3 keeps 2x"),
@@ -214,11 +220,41 @@ mod tests {
         assert!(CheckResult::new("a", "m", 1e-6, Op::Le, 1e-5).passed);
         assert!(!CheckResult::new("a", "m", f64::NAN, Op::Le, 1e-5).passed);
         assert!(!CheckResult::new("a", "m", 0.5, Op::Ge, 0.9).passed);
-        let mut t = Tolerances::new("exact");
+        let mut t = Tolerances::new(Tier::Exact);
         assert_eq!(t.get("taps.rel_l2:kq").value, 1e-5);
         t.set("taps.rel_l2:kq", 2e-5, "measured");
         assert_eq!(t.get("taps.rel_l2:kq").value, 2e-5);
         assert_eq!(t.get("taps.rel_l2:Qcur.rope").value, 1e-5);
-        assert!(Tolerances::new("shipped").get("taps.rel_l2").value > 1e-3);
+        assert!(Tolerances::new(Tier::Shipped).get("taps.rel_l2").value > 1e-3);
+    }
+
+    #[test]
+    fn every_result_name_belongs_to_its_check() {
+        use Check::*;
+        for (name, check) in [
+            ("tokens", Some(Tokens)),
+            ("taps:Qcur.rope", Some(Taps)),
+            ("taps:not_produced", Some(Taps)),
+            ("logits", Some(Logits)),
+            ("logits:kl", Some(Logits)),
+            ("continuation", Some(Logits)),
+            ("invariants:rope_relative", Some(Invariants)),
+            ("kv_cache", Some(KvCache)),
+            ("kv_cache:shapes", Some(KvCache)),
+            ("isolated", Some(Isolated)),
+            ("isolated:shapes", Some(Isolated)),
+            ("diversity:greedy:distinct1", Some(Diversity)),
+            ("diversity:sampled:entropy", Some(DiversitySampled)),
+            ("diversity:anticheat:entropy", Some(Anticheat)),
+            ("anticheat:agree:cpu-cuda", Some(Anticheat)),
+            ("sampler:chi_square", Some(Sampler)),
+            ("dequant:Q4_K", Some(Dequant)),
+            ("graph_decode", Some(GraphDecode)),
+            ("tapsy", None),
+            ("a", None),
+        ] {
+            assert_eq!(Check::of_result(name), check, "{name}");
+            assert_eq!(CheckResult::new(name, "m", 0.0, Op::Le, 1.0).check, check, "{name}");
+        }
     }
 }

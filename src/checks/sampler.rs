@@ -140,7 +140,7 @@ mod tests {
 
     #[test]
     fn a_correct_sampler_passes_and_wrong_ones_fail() {
-        let tol = Tolerances::new("exact");
+        let tol = Tolerances::new(crate::vocab::Tier::Exact);
         let want = reference_distribution(&fixed_logits(), &PARAMS);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(SEED);
         let r = check(|_| draw_from(&want, &mut rng), Some(want.clone()), &tol);

@@ -9,6 +9,7 @@
 
 use super::{CaseReport, Heatmap, Report};
 use crate::error::{Error, Result};
+use crate::vocab::Check;
 use minijinja::{context, AutoEscape, Environment, Value};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -156,7 +157,7 @@ pub fn growth_svg(c: &CaseReport) -> String {
     // The taps check's limit as a dashed line, when it is a rel L2 (with calibrated goldens each tap has its
     // own limit and the check's value is error / limit: no single line then).
     if let Some(limit) =
-        c.checks.iter().find(|k| k.name.starts_with("taps:") && k.metric.starts_with("rel")).map(|k| k.limit).filter(|l| l.is_finite() && *l > 0.0)
+        c.checks.iter().find(|k| k.check == Some(Check::Taps) && k.metric.starts_with("rel")).map(|k| k.limit).filter(|l| l.is_finite() && *l > 0.0)
     {
         let yy = y(limit);
         let _ = write!(
@@ -328,7 +329,12 @@ fn cells_by_shade(shades: &[u8], cols: usize, red: bool) -> String {
 
 /// Diversity statistics against their limits, as horizontal bars.
 pub fn diversity_svg(c: &CaseReport) -> String {
-    let rows: Vec<_> = c.checks.iter().filter(|k| k.name.starts_with("diversity:")).collect();
+    // The diversity statistics of every generation (greedy, sampled, the anti-cheat's): `diversity:{run}:{stat}`.
+    let rows: Vec<_> = c
+        .checks
+        .iter()
+        .filter(|k| matches!(k.check, Some(Check::Diversity | Check::DiversitySampled | Check::Anticheat)) && k.name.starts_with("diversity:"))
+        .collect();
     if rows.is_empty() {
         return String::new();
     }

@@ -54,7 +54,8 @@ pub mod table;
 use crate::checks::diversity::Stats;
 use crate::checks::isolated::LayerError;
 use crate::checks::CheckResult;
-use crate::localize::{Divergence, Localization, Upstream};
+use crate::localize::{BugClass, Divergence, Localization, Upstream};
+use crate::vocab::{Check, Tier};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,7 +77,8 @@ pub struct CaseReport {
     pub suite: String,
     pub case: String,
     pub model: String,
-    pub tier: String,
+    pub tier: Tier,
+    /// `cpu`, `cuda` ([`crate::vocab::Backend`]) or `dump` (`lockstep compare`).
     pub backend: String,
     pub passed: bool,
     pub ignored_reason: Option<String>,
@@ -85,8 +87,8 @@ pub struct CaseReport {
     pub first_divergence: Option<Divergence>,
     pub upstream_passing: Vec<Upstream>,
     pub likely_class: Option<String>,
-    /// The class's stable id (`localize::BugClass::id`: `rope`, `qkv_bias`, …).
-    pub likely_class_id: Option<String>,
+    /// The class, written as its stable id (`rope`, `qkv_bias`, …; docs/bug-classes.md).
+    pub likely_class_id: Option<BugClass>,
     pub evidence: Option<String>,
     /// The suspected bug re-applied to llama.cpp's own inputs: does it reproduce the engine's tensor?
     pub class_proof: Option<crate::probe::ClassProof>,
@@ -104,13 +106,13 @@ pub struct CaseReport {
 }
 
 impl CaseReport {
-    pub fn ignored(name: &str, suite: &str, case: &str, model: &str, tier: &str, backend: &str, reason: &str) -> Self {
+    pub fn ignored(name: &str, suite: &str, case: &str, model: &str, tier: Tier, backend: &str, reason: &str) -> Self {
         CaseReport {
             name: name.into(),
             suite: suite.into(),
             case: case.into(),
             model: model.into(),
-            tier: tier.into(),
+            tier,
             backend: backend.into(),
             ignored_reason: Some(reason.into()),
             ..Default::default()
@@ -213,7 +215,7 @@ pub fn summary(c: &CaseReport) -> serde_json::Value {
         .checks
         .iter()
         .map(|k| {
-            if k.name.starts_with("anticheat") || k.name.starts_with("diversity:anticheat") {
+            if k.check == Some(Check::Anticheat) {
                 // The anti-cheat prompt changes every minute (and so does the text generated from it, its
                 // diversity figures and the length the backends agree over): only what was checked is stable.
                 serde_json::json!({"name": k.name, "metric": k.metric, "value": "[runtime]"})
