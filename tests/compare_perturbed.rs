@@ -136,7 +136,7 @@ fn an_unknown_entry_and_a_corrupt_golden_are_clear_errors() {
     assert!(e.contains("fox.safetensors") && e.contains("ci/regenerate-golden"), "{e}");
 }
 
-/// The likely class follows the pattern around the first divergence (../shared/BUGS.md).
+/// The likely class follows the pattern around the first divergence (docs/bug-classes.md).
 #[test]
 fn likely_classes_from_patterns() {
     let dir = tempfile::tempdir().unwrap();

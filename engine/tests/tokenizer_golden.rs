@@ -179,7 +179,7 @@ fn chat_smollm2_135m() {
     check_chat(MODELS[1]);
 }
 
-/// "<|im_start|>" must be one token with parse_special on, and text without it (BUGS.md: special
+/// "<|im_start|>" must be one token with parse_special on, and text without it (docs/bug-classes.md, tokenizer: special
 /// tokens split into text).
 #[test]
 fn im_start_is_one_token_only_when_parsing_specials() {

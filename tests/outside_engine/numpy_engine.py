@@ -11,7 +11,7 @@ Precision modes:
        evaluation of the same graph" used to estimate llama.cpp's own rounding noise).
 
 Planted bugs (`bug=NAME`, see BUGS) turn this correct engine into a realistically wrong one, each a class
-of ../shared/BUGS.md, with the step/layer/tap/class lockstep is expected to name.
+of docs/bug-classes.md, with the step/layer/tap/class lockstep is expected to name.
 
 CLI:  python numpy_engine.py --gguf M.gguf --golden G.safetensors --out dump.safetensors [--dtype f64]
                              [--bug NAME] [--list-bugs]
