@@ -45,8 +45,7 @@ pub fn matmul_f32(w: &Matrix, x: &[f32]) -> Vec<f32> {
 
 /// [`matmul_f32`] on the calling thread only (for callers that are parallel themselves).
 pub fn matmul_f32_serial(w: &Matrix, x: &[f32]) -> Vec<f32> {
-    let (yt, t) = products(Src::F32(w), w.rows, w.cols, x, false);
-    transpose(yt, w.rows, t)
+    products(Src::F32(w), w.rows, w.cols, x, false)
 }
 
 /// `out[j] = dot(b[j·stride + offset ..][..a.len()], a)` for each j, in [`super::ops::dot`]'s order
@@ -160,51 +159,53 @@ fn rows_per_task(rows: usize, cols: usize, t: usize) -> usize {
 }
 
 fn matmul_impl(src: Src<'_>, n_out: usize, n_in: usize, x: &[f32]) -> Vec<f32> {
-    let (yt, t) = products(src, n_out, n_in, x, true);
-    transpose(yt, n_out, t)
+    products(src, n_out, n_in, x, true)
 }
 
-/// Every product `yt[r][t]` (`[W.rows][T]`: each task writes a contiguous block), in parallel tasks
-/// of rows or on the calling thread; and T.
-fn products(src: Src<'_>, n_out: usize, n_in: usize, x: &[f32], parallel: bool) -> (Vec<f32>, usize) {
+/// Every product `y[t][r]` (`[T][W.rows]`), in parallel tasks of rows or on the calling thread.
+fn products(src: Src<'_>, n_out: usize, n_in: usize, x: &[f32], parallel: bool) -> Vec<f32> {
     assert!(n_in > 0 && x.len().is_multiple_of(n_in), "matmul: input length {} is not a multiple of {n_in}", x.len());
     let t = x.len() / n_in;
     // Which order ggml sums in (ops::gemm_order): tinyBLAS for n ≥ 2, k % 8 == 0, m % 4 == 0.
     let gemm = t >= 2 && n_in.is_multiple_of(8) && n_out.is_multiple_of(4);
-    let mut yt = vec![0.0f32; n_out * t];
+    let mut y = vec![0.0f32; n_out * t];
     if n_out == 0 || t == 0 {
-        return (yt, t);
+        return y;
     }
-    if parallel {
-        let rpt = rows_per_task(n_out, n_in, t);
-        yt.par_chunks_mut(rpt * t).enumerate().for_each(|(blk, out)| task(src, blk * rpt, n_in, x, t, gemm, out));
-    } else {
-        task(src, 0, n_in, x, t, gemm, &mut yt);
+    if !parallel {
+        task(src, 0, n_in, x, t, gemm, &mut y);
+        return y;
     }
-    (yt, t)
-}
-
-/// `[rows][T]` → `[T][rows]`
-fn transpose(yt: Vec<f32>, rows: usize, t: usize) -> Vec<f32> {
+    let rpt = rows_per_task(n_out, n_in, t);
     if t == 1 {
-        return yt;
+        y.par_chunks_mut(rpt).enumerate().for_each(|(blk, out)| task(src, blk * rpt, n_in, x, t, gemm, out));
+        return y;
     }
-    // in 32 × 32 blocks, so that both sides stay in cache
-    const B: usize = 32;
-    let mut y = vec![0.0f32; t * rows];
-    for r0 in (0..rows).step_by(B) {
-        for t0 in (0..t).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for ti in t0..(t0 + B).min(t) {
-                    y[ti * rows + r] = yt[r * t + ti];
-                }
-            }
+    // Several tokens: task b owns rows b·rpt .. of every token, i.e. one slice of each row of y;
+    // it computes them into a local `[T][rows]` block and copies them out.
+    let n_tasks = n_out.div_ceil(rpt);
+    let mut stripes: Vec<Vec<&mut [f32]>> = (0..n_tasks).map(|_| Vec::with_capacity(t)).collect();
+    for row in y.chunks_mut(n_out) {
+        let mut rest = row;
+        for s in stripes.iter_mut() {
+            let len = rpt.min(rest.len());
+            let (a, b) = std::mem::take(&mut rest).split_at_mut(len);
+            s.push(a);
+            rest = b;
         }
     }
+    stripes.into_par_iter().enumerate().for_each(|(blk, cols)| {
+        let n = cols[0].len();
+        let mut local = vec![0.0f32; t * n];
+        task(src, blk * rpt, n_in, x, t, gemm, &mut local);
+        for (c, l) in cols.into_iter().zip(local.chunks_exact(n)) {
+            c.copy_from_slice(l);
+        }
+    });
     y
 }
 
-/// One task: rows `r0 .. r0 + out.len() / t` of W times every token, into `out` (`[rows][T]`).
+/// One task: rows `r0 .. r0 + out.len() / t` of W times every token, into `out` (`[T][rows]`).
 fn task(src: Src<'_>, r0: usize, k: usize, x: &[f32], t: usize, gemm: bool, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -241,8 +242,8 @@ fn task_body<const SIMD: bool>(src: Src<'_>, r0: usize, k: usize, x: &[f32], t: 
     if gemm {
         gemm_tiles::<SIMD>(w, k, x, t, out);
     } else {
-        for (i, orow) in out.chunks_exact_mut(t).enumerate() {
-            for (ti, o) in orow.iter_mut().enumerate() {
+        for (ti, orow) in out.chunks_exact_mut(n).enumerate() {
+            for (i, o) in orow.iter_mut().enumerate() {
                 *o = vec_dot::<SIMD>(&w[i * k..(i + 1) * k], &x[ti * k..(ti + 1) * k]);
             }
         }
@@ -459,8 +460,9 @@ const MR: usize = 4;
 /// Tokens of a tile.
 const NR: usize = 3;
 
-/// `out[i][j] = dot_gemm(w row i, x row j)` for every row of `w` (`[n][k]`) and token of `x`
-/// (`[T][k]`), `k % 8 == 0`: tiles of `MR × NR` outputs over token blocks that stay in cache.
+/// `out[j][i] = dot_gemm(w row i, x row j)` for every row of `w` (`[n][k]`) and token of `x`
+/// (`[T][k]`), `k % 8 == 0`, `out` `[T][n]`: tiles of `MR × NR` outputs over token blocks that stay
+/// in cache.
 fn gemm_tiles<const SIMD: bool>(w: &[f32], k: usize, x: &[f32], t: usize, out: &mut [f32]) {
     let n = w.len() / k;
     // tokens per block: about 128 KiB of x
@@ -478,20 +480,22 @@ fn gemm_tiles<const SIMD: bool>(w: &[f32], k: usize, x: &[f32], t: usize, out: &
                 while j + NR <= t1 {
                     let c = tile::<SIMD, MR, NR>(a, [xr(j), xr(j + 1), xr(j + 2)]);
                     for (ii, row) in c.iter().enumerate() {
-                        out[(i + ii) * t + j..(i + ii) * t + j + NR].copy_from_slice(row);
+                        for (jj, v) in row.iter().enumerate() {
+                            out[(j + jj) * n + i + ii] = *v;
+                        }
                     }
                     j += NR;
                 }
                 for j in j..t1 {
                     let c = tile::<SIMD, MR, 1>(a, [xr(j)]);
                     for (ii, row) in c.iter().enumerate() {
-                        out[(i + ii) * t + j] = row[0];
+                        out[j * n + i + ii] = row[0];
                     }
                 }
                 i += MR;
             } else {
                 for j in t0..t1 {
-                    out[i * t + j] = tile::<SIMD, 1, 1>([wr(i)], [xr(j)])[0][0];
+                    out[j * n + i] = tile::<SIMD, 1, 1>([wr(i)], [xr(j)])[0][0];
                 }
                 i += 1;
             }
@@ -766,11 +770,10 @@ mod tests {
                 let q = Weight::Blocks(QMatrix::from_bytes(ty, rows, cols, bytes).unwrap());
                 let x = values(cols * t, 3);
                 assert_eq!(matmul(&q, &x), reference(&f, &x), "{ty} {rows}x{cols}, T={t}");
-                let mut yt = vec![0.0f32; rows * t];
+                let mut y = vec![0.0f32; rows * t]; // [T][rows]
                 let Weight::Blocks(qm) = &q else { unreachable!() };
                 let gemm = t >= 2 && rows.is_multiple_of(4);
-                task_body::<false>(Src::Blocks(qm), 0, cols, &x, t, gemm, &mut yt);
-                let y: Vec<f32> = (0..t * rows).map(|i| yt[(i % rows) * t + i / rows]).collect();
+                task_body::<false>(Src::Blocks(qm), 0, cols, &x, t, gemm, &mut y);
                 assert_eq!(y, reference_portable(&f, &x), "portable {ty} {rows}x{cols}, T={t}");
             }
         }
@@ -810,14 +813,8 @@ mod tests {
     fn matmul_impl_portable(w: &Matrix, x: &[f32]) -> Vec<f32> {
         let t = x.len() / w.cols;
         let gemm = t >= 2 && w.cols.is_multiple_of(8) && w.rows.is_multiple_of(4);
-        let mut yt = vec![0.0f32; w.rows * t];
-        task_body::<false>(Src::F32(w), 0, w.cols, x, t, gemm, &mut yt);
-        let mut y = vec![0.0f32; t * w.rows];
-        for r in 0..w.rows {
-            for ti in 0..t {
-                y[ti * w.rows + r] = yt[r * t + ti];
-            }
-        }
+        let mut y = vec![0.0f32; w.rows * t]; // [T][rows]
+        task_body::<false>(Src::F32(w), 0, w.cols, x, t, gemm, &mut y);
         y
     }
 
