@@ -70,6 +70,26 @@ pub fn load_backend(name: BackendName, model: &Model, fault: Option<Fault>) -> R
     }
 }
 
+/// Whether a case of `tier` runs the backend's faster prefill arithmetic (`Backend::set_fast_prefill`;
+/// CUDA: TF32 tensor cores for the prefill GEMMs). The shipped tier's limits were measured against
+/// llama.cpp running the quantized file with quantized activations (per-tensor gaps of 1–3e-2), and
+/// TF32 passes the shipped suites on the H200 (10/10, 2026-11-29); the exact tier's limits reject it
+/// (qwen exact-haiku s0 Qcur-0.mul_mat: 9.3e-5 against 2e-6). LOCKSTEP_CUDA_MATH=f32 or =tf32 forces
+/// one arithmetic for every case (tf32 on an exact case shows the limits catching it).
+pub fn fast_prefill_for(tier: crate::vocab::Tier) -> Result<bool> {
+    fast_prefill_policy(std::env::var("LOCKSTEP_CUDA_MATH").ok().as_deref(), tier)
+}
+
+/// [`fast_prefill_for`] with LOCKSTEP_CUDA_MATH's value given.
+fn fast_prefill_policy(math: Option<&str>, tier: crate::vocab::Tier) -> Result<bool> {
+    match math {
+        None | Some("" | "auto") => Ok(tier == crate::vocab::Tier::Shipped),
+        Some("f32") => Ok(false),
+        Some("tf32") => Ok(true),
+        Some(other) => Err(anyhow!("LOCKSTEP_CUDA_MATH={other}: expected auto (TF32 prefill on the shipped tier only), f32 or tf32")),
+    }
+}
+
 /// The golden's prompt as the engine's [`Prompt`].
 pub fn prompt_of(entry: &ManifestFile) -> Result<Prompt> {
     let p = entry.prompt.as_ref().ok_or_else(|| anyhow!("{}: manifest entry has no prompt", entry.path))?;
@@ -173,6 +193,8 @@ pub fn run_case(
     let tol: &Tolerances = case.tolerances_for(which).ok_or_else(|| anyhow!("{}: case {} does not list backend {which}", case.location, case.name))?;
     let g_tokens = golden.token_ids("tokens")?.ok_or_else(|| anyhow!("{}: golden has no `tokens`", golden.path.display()))?;
     let cont = golden.token_ids("continuation")?.unwrap_or_default();
+    backend.set_fast_prefill(fast_prefill_for(case.tier)?)?;
+    rep.arithmetic = Some(backend.kernel_path(g_tokens.len()));
     let engine_tokens = if case.wants(Check::Tokens) { Some(model.prompt_tokens(&prompt_of(entry)?).context("tokenizing the golden prompt")?) } else { None };
     let max_step = case.steps.unwrap_or(usize::MAX);
     let want_taps = case.wants(Check::Taps) || case.wants(Check::Invariants);
@@ -416,4 +438,24 @@ pub fn trials<'a>(suites: &'a [Suite], backends: Option<&[BackendName]>) -> Vec<
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fast_prefill_policy;
+    use crate::vocab::Tier;
+
+    #[test]
+    fn tf32_prefill_runs_on_the_shipped_tier_only_unless_forced() {
+        for auto in [None, Some(""), Some("auto")] {
+            assert!(fast_prefill_policy(auto, Tier::Shipped).unwrap());
+            assert!(!fast_prefill_policy(auto, Tier::Exact).unwrap());
+        }
+        for tier in Tier::ALL {
+            assert!(!fast_prefill_policy(Some("f32"), tier).unwrap());
+            assert!(fast_prefill_policy(Some("tf32"), tier).unwrap());
+        }
+        let e = fast_prefill_policy(Some("bf16"), Tier::Exact).unwrap_err().to_string();
+        assert!(e.contains("LOCKSTEP_CUDA_MATH=bf16") && e.contains("tf32"), "{e}");
+    }
 }
