@@ -64,7 +64,19 @@ pub fn judge(golden: &TapsFile, run: &EngineRun, opt: &Options, case: &mut CaseR
     }
     // The prompt's length places decode steps' positions (invariants, class proofs).
     let n_prompt = golden.token_ids("tokens")?.map(|t| t.len());
-    case.checks.extend(checks::invariants::check(run.taps, opt.tol, opt.pairing, n_prompt)?);
+    // llama.cpp's graph (the golden's taps) says which tap RoPE rotates; invariants that cannot run on
+    // this dump are listed as not checked, with the reason.
+    let graph = golden.taps();
+    let inv = checks::invariants::check(run.taps, opt.tol, &checks::invariants::ModelFacts { pairing: opt.pairing, n_prompt, graph: Some(&graph) })?;
+    case.checks.extend(inv.results);
+    for nr in inv.not_run {
+        let cov = case.coverage.get_or_insert_with(Default::default);
+        let note = format!("not run: {}", nr.reason);
+        if !cov.notes.contains(&note) {
+            cov.notes.push(note);
+        }
+        cov.not_checked.push(nr.name);
+    }
     if let (Some(limits), Some(gen)) = (&opt.diversity, &run.continuation) {
         let ent: Vec<f64> = run.logits.iter().take(gen.len()).map(|l| logits::coarse_entropy(l, 64)).collect();
         let s = diversity::stats(gen, &ent);
@@ -152,6 +164,8 @@ pub struct CompareGolden<'m> {
     file: &'m ManifestFile,
     golden: TapsFile,
     arch: String,
+    /// The model's RMSNorm eps and where it was read, when its file is here.
+    rms_eps: Option<(f64, String)>,
     diversity: Option<diversity::Limits>,
     report_entry: serde_json::Value,
 }
@@ -162,7 +176,9 @@ impl<'m> CompareGolden<'m> {
         let file = manifest.find(entry)?;
         let golden = manifest.open_taps(file)?;
         let diversity = diversity_limits(manifest, &file.model.clone().unwrap_or_default(), record_tier(file))?;
-        Ok(CompareGolden { file, golden, arch: golden_arch(manifest, file), diversity, report_entry: entry_for_report(file) })
+        let arch = golden_arch(manifest, file);
+        let rms_eps = golden_rms_eps(manifest, file, &arch);
+        Ok(CompareGolden { file, golden, arch, rms_eps, diversity, report_entry: entry_for_report(file) })
     }
 
     /// Judges the dump at `dump_path` against this golden.
@@ -173,7 +189,10 @@ impl<'m> CompareGolden<'m> {
         let (dump, coverage) = dump_check::load(dump_path, &self.golden)?;
         let tier = record_tier(f);
         let model = f.model.clone().unwrap_or_default();
-        let tol = tol.unwrap_or_else(|| Tolerances::new(tier));
+        let mut tol = tol.unwrap_or_else(|| Tolerances::new(tier));
+        if let (Some((eps, from)), false) = (&self.rms_eps, tol.map.contains_key(checks::invariants::RMS_EPS_KEY)) {
+            tol.set(checks::invariants::RMS_EPS_KEY, *eps, &format!("the model's layer_norm_rms_epsilon ({from})"));
+        }
         let opt = Options { tol: &tol, pairing: Pairing::for_arch(&self.arch), diversity: self.diversity, max_step: None, require_all_taps: false };
         let mut case = CaseReport {
             name: format!("compare::{}::dump", f.entry_name()),
@@ -203,11 +222,7 @@ fn golden_arch(manifest: &Manifest, f: &ManifestFile) -> String {
     if let Some(a) = f.extra.get("arch").and_then(|v| v.as_str()).filter(|a| !a.is_empty()) {
         return a.to_string();
     }
-    let file = f.model_file.as_deref().map(|mf| match mf.strip_suffix(" (cache)") {
-        Some(name) => lockstep_engine::fetch::cache_dir().join("models").join(name),
-        None => manifest.dir.join(mf),
-    });
-    if let Some(p) = file.filter(|p| p.is_file()) {
+    if let Some(p) = model_file(manifest, f) {
         if let Some(a) = lockstep_engine::gguf::GgufFile::open(&p).ok().and_then(|g| g.meta_str("general.architecture").ok().map(str::to_string)) {
             return a;
         }
@@ -220,6 +235,26 @@ fn golden_arch(manifest: &Manifest, f: &ManifestFile) -> String {
     } else {
         String::new()
     }
+}
+
+/// The model file llama.cpp ran, when it is here (`model_file`: relative to the manifest, an absolute
+/// path, or `{id}.gguf (cache)`).
+fn model_file(manifest: &Manifest, f: &ManifestFile) -> Option<std::path::PathBuf> {
+    let file = f.model_file.as_deref().map(|mf| match mf.strip_suffix(" (cache)") {
+        Some(name) => lockstep_engine::fetch::cache_dir().join("models").join(name),
+        None => manifest.dir.join(mf),
+    });
+    file.filter(|p| p.is_file())
+}
+
+/// The model's RMSNorm eps (`{arch}.attention.layer_norm_rms_epsilon` of the model file llama.cpp ran) and
+/// the file it was read from; None when the file is not here (the `rms_unit` invariant then holds rows to
+/// a bound on eps).
+fn golden_rms_eps(manifest: &Manifest, f: &ManifestFile, arch: &str) -> Option<(f64, String)> {
+    let p = model_file(manifest, f).filter(|_| !arch.is_empty())?;
+    let eps = lockstep_engine::gguf::GgufFile::open(&p).ok()?.meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon")).ok()?;
+    let name = p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
+    (eps.is_finite() && eps >= 0.0).then(|| (eps, format!("{arch}.attention.layer_norm_rms_epsilon of {name}")))
 }
 
 #[cfg(test)]

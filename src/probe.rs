@@ -10,14 +10,15 @@
 //! Hypotheses, by the tap that diverges first:
 //! | tap | hypotheses (each applied to the golden's input of the op) |
 //! |---|---|
-//! | `{Q,K}cur-L.rope` | the other RoPE pairing; base 1e4 or 1e6 instead of the model's; positions ±1; no RoPE |
+//! | `{Q,K}cur-L.rope` (input: `{Q,K}cur_normed-L` where the graph has it) | the other RoPE pairing; base 1e4 or 1e6 instead of the model's; positions ±1; no RoPE |
 //! | `{Q,K,V}cur-L.add` | bias dropped; bias added twice |
 //! | `kq-L` (prefill) | KV head `h % n_kv` instead of `h / (n_head / n_kv)` |
 //! | `kq-L` (decode) | the new K never written (its score 0); the cache read one slot off |
 //! | `kq_soft_max-L` | scale 1/d or none instead of 1/√d; causal window +1 or −1; no mask |
-//! | `norm-L.rms_norm.*`, `norm` | RMSNorm eps 1e-5, 1e-6 or 0 instead of the model's |
+//! | `norm-L.rms_norm.*`, `norm`, gemma3's `norm.rms_norm.L` (input `ffn_out-L`) | RMSNorm eps 1e-5, 1e-6 or 0 instead of the model's |
 //! | `attn_norm`, `ffn_norm`, `result_norm` | the norm's weight ignored |
 //! | `ffn_swiglu-L` | GELU (tanh or erf) instead of SiLU in the gate |
+//! | `ffn_geglu-L` (gemma3) | SiLU, or GELU's erf form, instead of GELU (tanh form) in the gate |
 //! | `ffn_inp-L`, `l_out-L` | the residual add dropped |
 
 use crate::checks::invariants::Pairing;
@@ -100,7 +101,9 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
     let mut hyps: Vec<Hypothesis> = Vec::new();
     match (id.family.as_str(), id.stage.as_deref(), l) {
         ("Qcur" | "Kcur", Some("rope"), Some(l)) => {
-            let pre = ["add", "mul_mat"].iter().find_map(|s| g(format!("{}-{l}.{s}", id.family)));
+            // RoPE's input: the head norm where the graph has one (gemma3 `Qcur_normed-L`), else the bias
+            // add (qwen2), else the projection (llama).
+            let pre = g(format!("{}_normed-{l}", id.family)).or_else(|| ["add", "mul_mat"].iter().find_map(|s| g(format!("{}-{l}.{s}", id.family))));
             if let Some(pre) = pre.filter(|p| p.data.len() == gold.data.len()) {
                 let pos0 = if d.step == 0 { 0 } else { n_prompt.unwrap_or(0) + d.step - 1 };
                 hyps.extend(rope_hypotheses(&pre, &gold, pairing, pos0));
@@ -157,6 +160,15 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
                 hyps.extend(eps_hypotheses(&x, &gold));
             }
         }
+        // gemma3's post-FFN norm carries no layer (`norm.rms_norm.L`): its input is `ffn_out-L`.
+        ("norm", Some(stage), None)
+            if stage.strip_prefix("rms_norm.").and_then(|k| k.parse::<usize>().ok()).is_some_and(|k| g(format!("ffn_out-{k}")).is_some()) =>
+        {
+            let k = stage.strip_prefix("rms_norm.").and_then(|k| k.parse::<usize>().ok()).unwrap_or_default();
+            if let Some(x) = g(format!("ffn_out-{k}")) {
+                hyps.extend(eps_hypotheses(&x, &gold));
+            }
+        }
         ("norm", None, None) => {
             let last = golden.taps().iter().filter(|t| t.step == d.step && t.family == "l_out").filter_map(|t| t.layer).max();
             if let Some(x) = last.and_then(|ll| g(format!("l_out-{ll}"))) {
@@ -184,18 +196,10 @@ pub fn prove(loc: &mut Localization, golden: &TapsFile, engine: &dyn TapSource, 
                 });
             }
         }
-        ("ffn_swiglu", _, Some(l)) => {
+        ("ffn_swiglu" | "ffn_geglu", _, Some(l)) => {
             if let (Some(gate), Some(up)) = (g(format!("ffn_gate-{l}")), g(format!("ffn_up-{l}"))) {
                 if gate.data.len() == gold.data.len() && up.data.len() == gold.data.len() {
-                    for (name, f) in [("GELU (tanh)", gelu_tanh as fn(f64) -> f64), ("GELU (erf)", gelu_erf)] {
-                        let p = gate.data.iter().zip(&up.data).map(|(&a, &b)| (f(a as f64) * b as f64) as f32).collect();
-                        hyps.push(Hypothesis {
-                            what: format!("{name} instead of SiLU on llama.cpp's ffn_gate-{l}"),
-                            class: BugClass::Activation,
-                            class_text: "activation wrong (e.g. GELU instead of SiLU)",
-                            predicted: p,
-                        });
-                    }
+                    hyps.extend(gated_activation_hypotheses(&id.family, l, &gate.data, &up.data));
                 }
             }
         }
@@ -499,6 +503,29 @@ fn eps_hypotheses(x: &Tensor, norm: &Tensor) -> Vec<Hypothesis> {
         .collect()
 }
 
+/// The gated FFN's activation swapped for another on llama.cpp's own gate and up (`act(gate) · up`):
+/// `ffn_swiglu` (qwen2, llama: SiLU) tries GELU, tanh and erf forms; `ffn_geglu` (gemma3: GELU, tanh form)
+/// tries SiLU and the erf form of GELU.
+fn gated_activation_hypotheses(family: &str, layer: usize, gate: &[f32], up: &[f32]) -> Vec<Hypothesis> {
+    let (model_act, others): (&str, Vec<(&str, fn(f64) -> f64)>) = match family {
+        "ffn_geglu" => ("GELU (tanh)", vec![("SiLU", silu), ("GELU (erf)", gelu_erf)]),
+        _ => ("SiLU", vec![("GELU (tanh)", gelu_tanh), ("GELU (erf)", gelu_erf)]),
+    };
+    others
+        .into_iter()
+        .map(|(name, f)| Hypothesis {
+            what: format!("{name} instead of {model_act} on llama.cpp's ffn_gate-{layer}"),
+            class: BugClass::Activation,
+            class_text: "activation wrong (e.g. GELU instead of SiLU, or SiLU instead of GELU)",
+            predicted: gate.iter().zip(up).map(|(&a, &b)| (f(a as f64) * b as f64) as f32).collect(),
+        })
+        .collect()
+}
+
+fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
 fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
 }
@@ -515,6 +542,7 @@ fn gelu_erf(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::localize::Divergence;
 
     fn t(shape: &[usize], data: Vec<f32>) -> Tensor {
         Tensor { shape: shape.to_vec(), data }
@@ -545,6 +573,64 @@ mod tests {
         let best = hyps.iter().min_by(|a, b| tensor_errors(&wide, &a.predicted).rel_l2.total_cmp(&tensor_errors(&wide, &b.predicted).rel_l2)).unwrap();
         assert_eq!(best.class, BugClass::CausalMask);
         assert!(best.what.contains("too wide"));
+    }
+
+    /// A golden of one gated FFN (`ffn_gate-0`, `ffn_up-0` and `{family}-0` = act(gate) · up) and the
+    /// class proof for an engine whose `{family}-0` is `engine_act(gate) · up`.
+    fn prove_gate(family: &str, golden_act: fn(f64) -> f64, engine: impl Fn(f64, f64) -> f64) -> (Localization, Option<ClassProof>) {
+        let n = 2 * 48;
+        let gate: Vec<f32> = (0..n).map(|i| ((i * 37 % 29) as f32 - 14.0) / 5.0).collect();
+        let up: Vec<f32> = (0..n).map(|i| ((i * 11 % 13) as f32 - 6.0) / 4.0 + 0.05).collect();
+        let act = |f: &dyn Fn(f64, f64) -> f64| -> Vec<f32> { gate.iter().zip(&up).map(|(&g, &u)| f(g as f64, u as f64) as f32).collect() };
+        let shape = vec![1, 1, 2, 48];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("golden.safetensors");
+        let tap = format!("s0/{family}-0");
+        let f32s = vec![
+            ("s0/ffn_gate-0".to_string(), shape.clone(), gate.clone()),
+            ("s0/ffn_up-0".to_string(), shape.clone(), up.clone()),
+            (tap.clone(), shape.clone(), act(&|g, u| golden_act(g) * u)),
+        ];
+        crate::golden::write_safetensors(&path, &f32s, &[]).unwrap();
+        let golden = TapsFile::open(&path).unwrap();
+        let mut eng = crate::checks::MemTaps::default();
+        eng.0.insert(tap, Tensor { shape, data: act(&engine) });
+        let mut loc = Localization {
+            first_divergence: Some(Divergence { step: 0, layer: Some(0), tap: format!("{family}-0"), metric: "rel_l2".into(), value: 1.0, limit: 1e-5 }),
+            likely_class_id: Some(BugClass::Activation),
+            ..Default::default()
+        };
+        let proof = prove(&mut loc, &golden, &eng, None, None);
+        (loc, proof)
+    }
+
+    #[test]
+    fn silu_for_gelu_in_gemma3s_geglu_is_proven_an_activation_bug() {
+        // gemma3: GELU (tanh form) gate; the engine uses SiLU.
+        let (loc, p) = prove_gate("ffn_geglu", gelu_tanh, |g, u| silu(g) * u);
+        let p = p.expect("hypotheses for ffn_geglu");
+        assert!(p.confirmed() && p.hypothesis == "SiLU instead of GELU (tanh) on llama.cpp's ffn_gate-0", "{p:?}");
+        assert!(p.rel_l2 < 1e-6 && p.baseline > 0.05, "{p:?}");
+        assert_eq!(loc.likely_class_id, Some(BugClass::Activation));
+        assert!(loc.evidence.unwrap().contains("SiLU instead of GELU (tanh)"));
+        // The erf form of GELU is proven as such.
+        let (_, p) = prove_gate("ffn_geglu", gelu_tanh, |g, u| gelu_erf(g) * u);
+        let p = p.unwrap();
+        assert!(p.confirmed() && p.hypothesis.starts_with("GELU (erf) instead of GELU (tanh)"), "{p:?}");
+        // A right activation with a wrong up (scaled by 1.5) is no activation bug: suspected only.
+        let (loc, p) = prove_gate("ffn_geglu", gelu_tanh, |g, u| gelu_tanh(g) * u * 1.5);
+        let p = p.unwrap();
+        assert!(!p.confirmed() && p.rel_l2 > 0.1, "{p:?}");
+        assert!(loc.evidence.is_none(), "{loc:?}");
+    }
+
+    #[test]
+    fn gelu_for_silu_in_swiglu_is_proven_an_activation_bug() {
+        let (_, p) = prove_gate("ffn_swiglu", silu, |g, u| gelu_tanh(g) * u);
+        let p = p.unwrap();
+        assert!(p.confirmed() && p.hypothesis == "GELU (tanh) instead of SiLU on llama.cpp's ffn_gate-0", "{p:?}");
+        // The hypotheses are the other activations only: the model's own is never among them.
+        assert!(p.tried.iter().all(|(w, _)| !w.starts_with("SiLU")), "{:?}", p.tried);
     }
 
     #[test]
