@@ -6,22 +6,25 @@
 //! - A fault is on only when a caller passes it explicitly ([`crate::cpu::CpuBackend::load_with_fault`],
 //!   [`crate::model::Model::fault`], [`crate::sampler::Sampler::with_fault`], `lockstep validate
 //!   --inject NAME`). No environment variable, file or default turns one on.
-//! - Off costs one `match` on an `Option` per op call: the clean path calls the very same op functions.
+//! - A fault is resolved once ([`crate::fault_plan`]): into the forward pass's settings
+//!   ([`crate::fault_plan::OpParams`]) and the loader's tensor changes ([`crate::fault_plan::WeightPlan`]),
+//!   which the CPU and the CUDA backend both consume. Off, the settings are the model's own and the
+//!   clean path calls the very same op functions (one branch per op).
 //! - Each fault changes the operation where its class lives: loader faults corrupt the weights as a
 //!   buggy loader would (at load, once), op faults replace one op of the graph by its buggy twin
-//!   (below), the tokenizer faults change the model's prompt path, the sampler fault the sampler.
+//!   (below) or change its argument, the tokenizer faults change the model's prompt path, the
+//!   sampler fault the sampler.
 //!
 //! The buggy twins live here rather than inside cpu/ops.rs so that the reference ops stay readable;
 //! each is the reference op with the one mistake of its class, and each is called from the same
-//! place of the graph (cpu/mod.rs) as the op it replaces.
+//! place of the graph (cpu/mod.rs) as the op it replaces. The CUDA kernels' faulty paths are tested
+//! against them (engine/tests/cuda_kernels.rs).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use crate::config::{ModelConfig, RopeStyle};
 use crate::cpu::attention::{self, AttnDims, KvCache};
 use crate::cpu::ops::{self, Matrix};
-use crate::cpu::weights::Weights;
-use crate::gguf::{GgmlType, GgufFile};
+use crate::fault_plan::{AttnFault, OpParams};
 
 /// A multiplicative factor for the sensitivity probes, compared bit for bit (so that [`Fault`] is `Eq`).
 #[derive(Debug, Clone, Copy)]
@@ -440,8 +443,8 @@ impl std::fmt::Display for Fault {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Loader faults: applied once, to the f32 weights (and the configuration) a buggy loader would make;
-// a weight the fault rewrites is made f32 first (cpu::weights::Weight::f32_mut), the others stay blocks.
+// Loader faults: what a buggy loader computes. Which tensor each fault changes, and how, is planned
+// in crate::fault_plan (WeightPlan, Change), which both backends' loaders apply.
 
 /// `m` (`[rows][cols]`) read with the wrong leading dimension: element (r, c) taken from
 /// `data[c·rows + r]`, i.e. the bytes read column-major. Same shape, wrong values.
@@ -453,86 +456,6 @@ pub(crate) fn wrong_leading_dim(m: &Matrix) -> Matrix {
         }
     }
     Matrix { rows: m.rows, cols: m.cols, data }
-}
-
-/// Applies a loader fault to freshly loaded weights. `file` is read again only by the Q4_K fault.
-pub fn corrupt_weights(fault: Fault, file: &GgufFile, cfg: &mut ModelConfig, w: &mut Weights) -> Result<()> {
-    match fault {
-        Fault::WeightTransposed => {
-            for lw in &mut w.layers {
-                lw.wq = wrong_leading_dim(lw.wq.f32_mut()).into();
-            }
-        }
-        Fault::LmHeadTransposed => w.output = Some(wrong_leading_dim(&w.lm_head().to_f32()).into()),
-        Fault::EmbeddingTransposed => {
-            if w.output.is_none() {
-                // tied: the output head keeps reading the table correctly
-                w.output = Some(w.token_embd.clone());
-            }
-            w.token_embd = wrong_leading_dim(w.token_embd.f32_mut()).into();
-        }
-        Fault::FfnSizeWrong => {
-            // ffn_dim = n_embd: the first n_embd rows of gate/up, the first n_embd columns of down
-            let f = cfg.n_embd.min(cfg.n_ff);
-            for lw in &mut w.layers {
-                lw.w_gate = lw.w_gate.first_rows(f);
-                lw.w_up = lw.w_up.first_rows(f);
-                let d = lw.w_down.f32_mut();
-                let data: Vec<f32> = (0..d.rows).flat_map(|r| d.row(r)[..f].to_vec()).collect();
-                lw.w_down = Matrix { rows: d.rows, cols: f, data }.into();
-            }
-            cfg.n_ff = f;
-        }
-        Fault::ProjectionDropped => {
-            for lw in &mut w.layers {
-                lw.w_down.f32_mut().data.fill(0.0);
-            }
-        }
-        Fault::QkvBiasZeroed => {
-            for lw in &mut w.layers {
-                for b in [&mut lw.bq, &mut lw.bk, &mut lw.bv].into_iter().flatten() {
-                    b.fill(0.0);
-                }
-            }
-        }
-        Fault::NormWeightIgnored => {
-            for lw in &mut w.layers {
-                lw.attn_norm.fill(1.0);
-            }
-        }
-        Fault::Q4kMinSign => {
-            for t in file.tensors.iter().filter(|t| t.ty == GgmlType::Q4_K) {
-                if let Some(dst) = weight_mut(w, &t.name) {
-                    *dst =
-                        dequant_q4k_min_sign(file.tensor_data(t), dst.len()).with_context(|| format!("{}: {} (q4k-min-sign)", file.display_name(), t.name))?;
-                }
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
-/// The f32 data of the weight named `name` in GGUF's naming, if the graph uses it.
-fn weight_mut<'a>(w: &'a mut Weights, name: &str) -> Option<&'a mut Vec<f32>> {
-    match name {
-        "token_embd.weight" => return Some(&mut w.token_embd.f32_mut().data),
-        "output.weight" => return w.output.as_mut().map(|m| &mut m.f32_mut().data),
-        _ => {}
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (l, t) = rest.split_once('.')?;
-    let lw = w.layers.get_mut(l.parse::<usize>().ok()?)?;
-    Some(match t {
-        "attn_q.weight" => &mut lw.wq.f32_mut().data,
-        "attn_k.weight" => &mut lw.wk.f32_mut().data,
-        "attn_v.weight" => &mut lw.wv.f32_mut().data,
-        "attn_output.weight" => &mut lw.wo.f32_mut().data,
-        "ffn_gate.weight" => &mut lw.w_gate.f32_mut().data,
-        "ffn_up.weight" => &mut lw.w_up.f32_mut().data,
-        "ffn_down.weight" => &mut lw.w_down.f32_mut().data,
-        _ => return None,
-    })
 }
 
 /// Q4_K blocks (256 values in 144 bytes: d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of
@@ -570,15 +493,18 @@ pub fn dequant_q4k_min_sign(bytes: &[u8], n: usize) -> Result<Vec<f32>> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Op faults: each function is the op the CPU graph calls, with the fault's mistake when it is on.
+// Op faults: each function is an op of the CPU graph (cpu/mod.rs) under the pass's settings
+// (crate::fault_plan::OpParams), with its fault's mistake when the settings say so; with the
+// model's own settings it calls the reference op. Faults that only change an op's argument (the
+// epsilon's value, RoPE's base and pairing, the softmax scale) need no twin: the graph passes
+// OpParams' value to the reference op.
 
-/// RMSNorm (ops::rmsnorm) with the wrong epsilon, or with its Σx² accumulated in f16.
-pub fn rmsnorm(fault: Option<Fault>, x: &[f32], width: usize, eps: f32) -> Vec<f32> {
-    match fault {
-        Some(Fault::RmsNormEps) => ops::rmsnorm(x, width, 1e-5),
-        Some(Fault::RmsEpsScaled(f)) => ops::rmsnorm(x, width, (eps as f64 * f.0) as f32),
-        Some(Fault::F16Accumulation) => rmsnorm_f16_sum(x, width, eps),
-        _ => ops::rmsnorm(x, width, eps),
+/// RMSNorm (ops::rmsnorm) with epsilon `eps`, its Σx² accumulated in f16 when `f16_sum`.
+pub fn norm(x: &[f32], width: usize, eps: f32, f16_sum: bool) -> Vec<f32> {
+    if f16_sum {
+        rmsnorm_f16_sum(x, width, eps)
+    } else {
+        ops::rmsnorm(x, width, eps)
     }
 }
 
@@ -602,35 +528,20 @@ fn rmsnorm_f16_sum(x: &[f32], width: usize, eps: f32) -> Vec<f32> {
     y
 }
 
-/// RoPE (ops::rope) with the wrong pairing or base.
-#[allow(clippy::too_many_arguments)]
-pub fn rope(fault: Option<Fault>, x: &mut [f32], positions: &[usize], heads: usize, head_dim: usize, n_rot: usize, base: f32, style: RopeStyle) {
-    let (base, style) = match fault {
-        Some(Fault::RopeAdjacent) => (base, RopeStyle::Normal),
-        Some(Fault::RopeBase) => (1e4, style),
-        Some(Fault::RopeBaseScaled(f)) => ((base as f64 * f.0) as f32, style),
-        _ => (base, style),
-    };
-    ops::rope(x, positions, heads, head_dim, n_rot, base, style);
-}
-
-/// KV-cache read (attention::kv_read). With [`Fault::KvCacheNotWritten`], the positions written by
-/// earlier calls read as zeros: the returned owned copy holds zeros for `0..n_past` then the batch's
-/// own rows `k`, `v` (`[T][Hkv·Dh]`).
-pub fn kv_stale(fault: Option<Fault>, cache: &KvCache, n_past: usize, k: &[f32], v: &[f32]) -> Option<(Vec<f32>, Vec<f32>)> {
-    if fault != Some(Fault::KvCacheNotWritten) {
-        return None;
-    }
+/// The KV-cache read of [`OpParams::kv_stale`] (kv-cache-not-written): the positions written by
+/// earlier calls read as zeros. An owned copy of zeros for `0..n_past`, then the batch's own rows `k`,
+/// `v` (`[T][Hkv·Dh]`), in place of attention::kv_read's.
+pub fn kv_stale(cache: &KvCache, n_past: usize, k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let mut kc = vec![0.0f32; n_past * cache.row];
     let mut vc = kc.clone();
     kc.extend_from_slice(k);
     vc.extend_from_slice(v);
-    Some((kc, vc))
+    (kc, vc)
 }
 
-/// Attention scores (attention::attn_scores), or with the modulo GQA mapping.
-pub fn attn_scores(fault: Option<Fault>, q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
-    if fault != Some(Fault::GqaMapping) {
+/// Every attention score (attention::attn_scores), or with the modulo GQA mapping.
+pub fn scores(f: AttnFault, q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
+    if !f.gqa_modulo {
         return attention::attn_scores(q, k, d);
     }
     let (t_n, kv, hd) = (d.n_tokens, d.kv_len(), d.head_dim);
@@ -648,30 +559,24 @@ pub fn attn_scores(fault: Option<Fault>, q: &[f32], k: &[f32], d: &AttnDims) -> 
     kq
 }
 
-/// Softmax scale: 1/√Dh, or 1/Dh with [`Fault::SoftmaxScale`].
-pub fn softmax_scale(fault: Option<Fault>, head_dim: usize) -> f32 {
-    match fault {
-        Some(Fault::SoftmaxScale) => 1.0 / head_dim as f32,
-        _ => 1.0 / (head_dim as f32).sqrt(),
-    }
-}
-
 /// Causal softmax (attention::attn_softmax), or without the mask, or without max subtraction, or
 /// limited to the last N positions.
-pub fn attn_softmax(fault: Option<Fault>, kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
+pub fn softmax(f: AttnFault, kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
+    if !(f.no_causal_mask || f.softmax_no_max || f.window > 0) {
+        return attention::attn_softmax(kq, scale, d);
+    }
     let kv = d.kv_len();
     let row = |r: usize, s: &[f32]| -> Vec<f32> {
         let causal = d.n_past + r % d.n_tokens + 1;
-        match fault {
-            Some(Fault::CausalMaskMissing) => ops::softmax_row(s, scale, kv),
-            Some(Fault::AttentionWindow(n)) => softmax_row_window(s, scale, causal, n as usize),
-            _ => softmax_row_no_max(s, scale, causal),
+        if f.no_causal_mask {
+            ops::softmax_row(s, scale, kv)
+        } else if f.window > 0 {
+            softmax_row_window(s, scale, causal, f.window as usize)
+        } else {
+            softmax_row_no_max(s, scale, causal)
         }
     };
-    match fault {
-        Some(Fault::CausalMaskMissing | Fault::SoftmaxNoMax | Fault::AttentionWindow(_)) => kq.chunks(kv).enumerate().flat_map(|(r, s)| row(r, s)).collect(),
-        _ => attention::attn_softmax(kq, scale, d),
-    }
+    kq.chunks(kv).enumerate().flat_map(|(r, s)| row(r, s)).collect()
 }
 
 /// ops::softmax_row over positions `causal − window .. causal` only (all of `0..causal` when it is
@@ -703,8 +608,8 @@ fn softmax_row_no_max(x: &[f32], scale: f32, n_valid: usize) -> Vec<f32> {
 }
 
 /// Weighted values (attention::attn_values), or with the modulo GQA mapping.
-pub fn attn_values(fault: Option<Fault>, p: &[f32], v: &[f32], d: &AttnDims) -> Vec<f32> {
-    if fault != Some(Fault::GqaMapping) {
+pub fn values(f: AttnFault, p: &[f32], v: &[f32], d: &AttnDims) -> Vec<f32> {
+    if !f.gqa_modulo {
         return attention::attn_values(p, v, d);
     }
     let (t_n, kv, hd, nh, nkv) = (d.n_tokens, d.kv_len(), d.head_dim, d.n_head, d.n_head_kv);
@@ -720,22 +625,43 @@ pub fn attn_values(fault: Option<Fault>, p: &[f32], v: &[f32], d: &AttnDims) -> 
     out
 }
 
-/// Residual add after attention (ops::add), or the attention output alone.
-pub fn residual(fault: Option<Fault>, o: &[f32], x: &[f32]) -> Vec<f32> {
-    match fault {
-        Some(Fault::ResidualDropped) => o.to_vec(),
-        _ => ops::add(o, x),
-    }
-}
-
-/// SwiGLU (ops::swiglu), or GELU(gate)·up.
-pub fn swiglu(fault: Option<Fault>, gate: &[f32], up: &[f32]) -> Vec<f32> {
-    if fault != Some(Fault::GeluActivation) {
+/// The gated FFN's activation: SwiGLU (ops::swiglu), or GELU(gate)·up when `gelu`.
+pub fn activation(gelu: bool, gate: &[f32], up: &[f32]) -> Vec<f32> {
+    if !gelu {
         return ops::swiglu(gate, up);
     }
     // tanh approximation of GELU, as ggml_gelu
     const C: f32 = 0.797_884_6; // √(2/π)
     gate.iter().zip(up).map(|(&g, &u)| 0.5 * g * (1.0 + (C * (g + 0.044715 * g * g * g)).tanh()) * u).collect()
+}
+
+// The ops above with a fault named directly, resolved by OpParams as the graph resolves it: the CPU
+// twins of the faulty kernels in engine/tests/cuda_kernels.rs.
+
+/// [`norm`] under `fault` for a model whose epsilon is `eps`.
+pub fn rmsnorm(fault: Option<Fault>, x: &[f32], width: usize, eps: f32) -> Vec<f32> {
+    let (eps, f16_sum) = OpParams::rmsnorm(eps, fault);
+    norm(x, width, eps, f16_sum)
+}
+
+/// [`scores`] under `fault`.
+pub fn attn_scores(fault: Option<Fault>, q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
+    scores(AttnFault::of(fault), q, k, d)
+}
+
+/// [`softmax`] under `fault`.
+pub fn attn_softmax(fault: Option<Fault>, kq: &[f32], scale: f32, d: &AttnDims) -> Vec<f32> {
+    softmax(AttnFault::of(fault), kq, scale, d)
+}
+
+/// [`values`] under `fault`.
+pub fn attn_values(fault: Option<Fault>, p: &[f32], v: &[f32], d: &AttnDims) -> Vec<f32> {
+    values(AttnFault::of(fault), p, v, d)
+}
+
+/// [`activation`] under `fault`.
+pub fn swiglu(fault: Option<Fault>, gate: &[f32], up: &[f32]) -> Vec<f32> {
+    activation(OpParams::gelu(fault), gate, up)
 }
 
 /// The prompt text with the chat template skipped: the messages' contents, one per line.

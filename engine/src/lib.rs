@@ -18,6 +18,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dequant;
 pub mod dump;
+pub mod fault_plan;
 pub mod faults;
 pub mod fetch;
 pub mod generate;

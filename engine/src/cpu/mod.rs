@@ -20,6 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
+use crate::fault_plan::{OpParams, WeightPlan};
 use crate::faults::{self, Fault};
 use crate::gguf::GgufFile;
 use crate::taps::{act, key, TapInfo, TapSink};
@@ -42,7 +43,9 @@ pub struct CpuBackend {
     pub options: EngineOptions,
     cache: KvCache,
     pool: Pool,
-    /// An injected bug class (crate::faults); `None` unless a caller asked for one explicitly.
+    /// An injected bug class (crate::faults); `None` unless a caller asked for one explicitly. Its
+    /// loader changes were applied at load; its op settings are resolved for each forward pass
+    /// ([`OpParams`]), so an op fault may also be set after loading.
     pub fault: Option<Fault>,
     /// `[V]`: the logits of the last [`Backend::step`]
     last_logits: Vec<f32>,
@@ -62,13 +65,12 @@ impl CpuBackend {
             0 => caller_pool().map_or(Pool::Global, Pool::Caller),
             n => Pool::Own(rayon::ThreadPoolBuilder::new().num_threads(n).build().context("building the thread pool")?),
         };
-        let mut weights = match pool.get() {
-            Some(p) => p.install(|| Weights::load(file, &config))?,
-            None => Weights::load(file, &config)?,
+        let plan = WeightPlan::new(file, &config, fault);
+        let weights = match pool.get() {
+            Some(p) => p.install(|| Weights::load_planned(file, &plan))?,
+            None => Weights::load_planned(file, &plan)?,
         };
-        if let Some(f) = fault {
-            faults::corrupt_weights(f, file, &mut config, &mut weights)?;
-        }
+        config.n_ff = plan.n_ff;
         let cache = KvCache::new(config.n_layer, config.kv_dim());
         Ok(Self { config, weights, options, cache, pool, fault, last_logits: Vec::new() })
     }
@@ -87,7 +89,7 @@ impl CpuBackend {
         let n_past = self.cache.len;
         ensure!(n_past + tokens.len() <= self.max_ctx(), "forward: {} + {} positions exceed the context of {}", n_past, tokens.len(), self.max_ctx());
         let mut taps = Taps { sink };
-        let ex = Exec { pool: self.pool.get(), fault: self.fault };
+        let ex = Exec { pool: self.pool.get(), op: OpParams::new(&self.config, self.fault) };
         let out = forward_layers(&self.config, &self.weights, &mut self.cache, tokens, &mut taps, ex);
         match out {
             Ok(logits) => {
@@ -128,20 +130,14 @@ impl Backend for CpuBackend {
     /// else crate::dequant's block functions) on the rows' bytes.
     fn dequantize_rows(&self, file: &GgufFile, tensor: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>> {
         let t = file.tensor(tensor).with_context(|| format!("{}: no tensor {tensor}", file.display_name()))?;
-        match self.fault {
-            // faults::corrupt_weights dequantizes every Q4_K tensor with this at load
-            Some(Fault::Q4kMinSign) if t.ty == crate::gguf::GgmlType::Q4_K => {
-                let n = rows.len() * t.row_len() as usize;
-                faults::dequant_q4k_min_sign(crate::dequant::rows_bytes(file, t, rows)?, n)
-                    .with_context(|| format!("{}: {tensor} (q4k-min-sign)", file.display_name()))
-            }
-            _ => {
-                let bytes = crate::dequant::rows_bytes(file, t, rows.clone())?;
-                let mut out = vec![0.0f32; rows.len() * t.row_len() as usize];
-                matmul::dequantize_into(t.ty, bytes, &mut out).with_context(|| format!("{}: {tensor}", file.display_name()))?;
-                Ok(out)
-            }
+        // the loader replaced what the fault's dequantization changes (WeightPlan, Change::Q4kMinSign)
+        if let Some(rows) = crate::fault_plan::faulty_dequant_rows(self.fault, file, t, rows.clone()) {
+            return rows;
         }
+        let bytes = crate::dequant::rows_bytes(file, t, rows.clone())?;
+        let mut out = vec![0.0f32; rows.len() * t.row_len() as usize];
+        matmul::dequantize_into(t.ty, bytes, &mut out).with_context(|| format!("{}: {tensor}", file.display_name()))?;
+        Ok(out)
     }
 }
 
@@ -190,8 +186,8 @@ fn caller_pool() -> Option<&'static rayon::ThreadPool> {
 #[derive(Clone, Copy)]
 struct Exec<'p> {
     pool: Option<&'p rayon::ThreadPool>,
-    /// The injected fault, checked by the ops it concerns (crate::faults).
-    fault: Option<Fault>,
+    /// The pass's op settings (crate::fault_plan): the model's own, or an injected fault's.
+    op: OpParams,
 }
 
 impl Exec<'_> {
@@ -256,7 +252,7 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
         let last = l + 1 == cfg.n_layer;
         let li = Some(l);
         // attention block
-        let n0 = faults::rmsnorm(ex.fault, &x, d, cfg.rms_eps);
+        let n0 = faults::norm(&x, d, ex.op.eps, ex.op.f16_sum);
         taps.emit("norm", li, Some("rms_norm.0"), act(t_n, d), &n0);
         let a = ops::mul_rows(&n0, &lw.attn_norm);
         taps.emit("attn_norm", li, None, act(t_n, d), &a);
@@ -271,21 +267,21 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
         let dims = AttnDims { n_tokens: t_n, n_past, n_head: cfg.n_head, n_head_kv: cfg.n_head_kv, head_dim: cfg.head_dim };
         let kv_len = dims.kv_len();
         let (kc, vc) = attention::kv_read(cache, l, kv_len);
-        let stale = faults::kv_stale(ex.fault, cache, n_past, &k, &v);
+        let stale = ex.op.kv_stale.then(|| faults::kv_stale(cache, n_past, &k, &v));
         let (kc, vc) = stale.as_ref().map_or((kc, vc), |(a, b)| (&a[..], &b[..]));
         // The scores of masked positions (later in the batch) are read only by the kq tap and by the
         // causal-mask-missing fault; without either, only the causal ones are computed (the same values).
-        let masked_read = taps.wants("kq", li, None) || matches!(ex.fault, Some(Fault::CausalMaskMissing));
-        let kq = if masked_read || ex.fault.is_some() {
-            ex.par(|| faults::attn_scores(ex.fault, &q, kc, &dims))
+        let attn = ex.op.attn;
+        let masked_read = taps.wants("kq", li, None) || attn.no_causal_mask;
+        let kq = if masked_read || attn.gqa_modulo {
+            ex.par(|| faults::scores(attn, &q, kc, &dims))
         } else {
             ex.par(|| attention::attn_scores_causal(&q, kc, &dims))
         };
         taps.emit("kq", li, None, [1, cfg.n_head, t_n, kv_len], &kq);
-        let scale = faults::softmax_scale(ex.fault, cfg.head_dim);
-        let p = ex.par(|| faults::attn_softmax(ex.fault, &kq, scale, &dims));
+        let p = ex.par(|| faults::softmax(attn, &kq, ex.op.scale, &dims));
         taps.emit("kq_soft_max", li, None, [1, cfg.n_head, t_n, kv_len], &p);
-        let kqv_out = ex.par(|| faults::attn_values(ex.fault, &p, vc, &dims));
+        let kqv_out = ex.par(|| faults::values(attn, &p, vc, &dims));
         taps.emit_with("kqv", li, None, [1, cfg.n_head, t_n, cfg.head_dim], || attention::heads_first(&kqv_out, t_n, cfg.n_head, cfg.head_dim).into());
         taps.emit("kqv_out", li, None, act(t_n, cfg.q_dim()), &kqv_out);
         let mut o = ex.par(|| matmul::matmul(&lw.wo, &kqv_out));
@@ -298,11 +294,12 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
             x.drain(..(t_n - 1) * d);
             rows = 1;
         }
-        let h = faults::residual(ex.fault, &o, &x);
+        // residual-dropped: the attention output alone
+        let h = if ex.op.residual { ops::add(&o, &x) } else { o };
         taps.emit("ffn_inp", li, None, act(rows, d), &h);
 
         // feed-forward block
-        let n1 = faults::rmsnorm(ex.fault, &h, d, cfg.rms_eps);
+        let n1 = faults::norm(&h, d, ex.op.eps, ex.op.f16_sum);
         taps.emit("norm", li, Some("rms_norm.1"), act(rows, d), &n1);
         let f = ops::mul_rows(&n1, &lw.ffn_norm);
         taps.emit("ffn_norm", li, None, act(rows, d), &f);
@@ -310,7 +307,7 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
         taps.emit("ffn_gate", li, None, act(rows, cfg.n_ff), &g);
         let u = ex.par(|| matmul::matmul(&lw.w_up, &f));
         taps.emit("ffn_up", li, None, act(rows, cfg.n_ff), &u);
-        let s = faults::swiglu(ex.fault, &g, &u);
+        let s = faults::activation(ex.op.gelu, &g, &u);
         taps.emit("ffn_swiglu", li, None, act(rows, cfg.n_ff), &s);
         let down = ex.par(|| matmul::matmul(&lw.w_down, &s));
         taps.emit("ffn_out", li, None, act(rows, d), &down);
@@ -323,7 +320,7 @@ fn forward_layers(cfg: &ModelConfig, w: &Weights, cache: &mut KvCache, tokens: &
 
     // output head on the last row
     let x_last = &x[(rows - 1) * d..];
-    let n = faults::rmsnorm(ex.fault, x_last, d, cfg.rms_eps);
+    let n = faults::norm(x_last, d, ex.op.eps, ex.op.f16_sum);
     taps.emit("norm", None, None, act(1, d), &n);
     let r = ops::mul_rows(&n, &w.output_norm);
     taps.emit("result_norm", None, None, act(1, d), &r);
@@ -365,7 +362,7 @@ fn project(
 fn rotate(taps: &mut Taps<'_>, ex: Exec<'_>, cfg: &ModelConfig, name: &str, l: usize, mut x: Vec<f32>, n_past: usize, heads: usize) -> Vec<f32> {
     let t_n = x.len() / (heads * cfg.head_dim);
     let positions: Vec<usize> = (n_past..n_past + t_n).collect();
-    faults::rope(ex.fault, &mut x, &positions, heads, cfg.head_dim, cfg.n_rot, cfg.rope_base, cfg.rope_style);
+    ops::rope(&mut x, &positions, heads, cfg.head_dim, cfg.n_rot, ex.op.rope_base, ex.op.rope_style());
     taps.emit(name, Some(l), Some("rope"), [1, t_n, heads, cfg.head_dim], &x);
     x
 }

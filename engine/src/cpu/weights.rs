@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::ops::Matrix;
 use crate::config::ModelConfig;
+use crate::fault_plan::{LayerTensor, Slot, TensorSpec, WeightPlan};
 use crate::gguf::{GgmlType, GgufFile};
 
 /// The bytes the block-format weights are read from: the model file mapped again (read-only), or,
@@ -90,7 +91,7 @@ impl QMatrix {
 /// A weight matrix `[rows][cols]` as the CPU backend holds it.
 #[derive(Debug, Clone)]
 pub enum Weight {
-    /// f32 values: F32/F16/BF16 tensors, and matrices a loader fault rewrote (crate::faults).
+    /// f32 values: F32/F16/BF16 tensors, and matrices a loader fault rewrote (crate::fault_plan).
     F32(Matrix),
     /// GGML blocks as stored in the file, dequantized as they are read.
     Blocks(QMatrix),
@@ -134,6 +135,14 @@ impl Weight {
                 data.par_chunks_mut(q.cols).enumerate().for_each(|(r, out)| q.dequantize_rows_into(r, r + 1, out));
                 Matrix { rows: q.rows, cols: q.cols, data }
             }
+        }
+    }
+
+    /// The matrix in f32, dequantized if it is blocks.
+    pub fn into_f32(self) -> Matrix {
+        match self {
+            Weight::F32(m) => m,
+            Weight::Blocks(_) => self.to_f32(),
         }
     }
 
@@ -212,40 +221,19 @@ impl Weights {
     /// Loads every tensor the graph uses, checking each shape against `cfg`: 2-D tensors in a block
     /// format stay blocks (in the file, mapped), the others are converted to f32 (in parallel).
     pub fn load(file: &GgufFile, cfg: &ModelConfig) -> Result<Weights> {
+        Self::load_planned(file, &WeightPlan::new(file, cfg, None))
+    }
+
+    /// Loads the tensors of `plan` (crate::fault_plan), each checked against its planned shape, and
+    /// applies the plan's loader-fault changes ([`TensorSpec::corrupt`]).
+    pub fn load_planned(file: &GgufFile, plan: &WeightPlan) -> Result<Weights> {
         let fname = file.display_name();
-        // (name, expected ne) for every tensor, loaded in parallel, then moved into place.
-        let mut wanted: Vec<(String, Vec<usize>)> =
-            vec![("token_embd.weight".into(), vec![cfg.n_embd, cfg.n_vocab]), ("output_norm.weight".into(), vec![cfg.n_embd])];
-        if !cfg.tied_embeddings {
-            wanted.push(("output.weight".into(), vec![cfg.n_embd, cfg.n_vocab]));
-        }
-        let (d, f, q, kv) = (cfg.n_embd, cfg.n_ff, cfg.q_dim(), cfg.kv_dim());
-        for l in 0..cfg.n_layer {
-            let b = |s: &str| format!("blk.{l}.{s}");
-            wanted.push((b("attn_norm.weight"), vec![d]));
-            wanted.push((b("attn_q.weight"), vec![d, q]));
-            wanted.push((b("attn_k.weight"), vec![d, kv]));
-            wanted.push((b("attn_v.weight"), vec![d, kv]));
-            if cfg.qkv_bias {
-                wanted.push((b("attn_q.bias"), vec![q]));
-                wanted.push((b("attn_k.bias"), vec![kv]));
-                wanted.push((b("attn_v.bias"), vec![kv]));
-            }
-            wanted.push((b("attn_output.weight"), vec![q, d]));
-            wanted.push((b("ffn_norm.weight"), vec![d]));
-            wanted.push((b("ffn_gate.weight"), vec![d, f]));
-            wanted.push((b("ffn_up.weight"), vec![d, f]));
-            wanted.push((b("ffn_down.weight"), vec![f, d]));
-        }
-        let loaded: Vec<(String, Vec<usize>, Loaded)> = wanted
-            .into_par_iter()
-            .map(|(name, ne)| {
-                let info = file.tensor(&name).with_context(|| format!("{fname}: missing tensor {name}"))?;
-                let got: Vec<usize> = info.ne.iter().map(|&v| v as usize).collect();
-                if got != ne {
-                    bail!("{fname}: tensor {name} has ne {got:?}, the metadata implies {ne:?}");
-                }
-                let n: usize = ne.iter().product();
+        let loaded: Vec<(&TensorSpec, Loaded)> = plan
+            .tensors
+            .par_iter()
+            .map(|spec| {
+                let (name, ne) = (&spec.name, &spec.ne);
+                let info = spec.find(file)?;
                 if ne.len() == 2 && info.ty.block_size() > 1 {
                     // Kept as blocks: check now what dequantizing would check (a supported type,
                     // whole blocks per row, the byte count), so that reading a row cannot fail later.
@@ -253,75 +241,84 @@ impl Weights {
                     let row_bytes = crate::dequant::bytes_needed(info.ty, ne[0]).with_context(|| format!("{fname}: {name}"))?;
                     let data = file.tensor_data(info);
                     ensure!(data.len() == row_bytes * ne[1], "{fname}: {name} holds {} bytes, {} expected", data.len(), row_bytes * ne[1]);
-                    return Ok((name, ne, Loaded::Blocks(info.ty, info.offset as usize, row_bytes)));
+                    return Ok((spec, Loaded::Blocks(info.ty, info.offset as usize, row_bytes)));
                 }
                 let data = crate::dequant::dequantize_tensor(file, info).with_context(|| format!("{fname}: dequantizing {name}"))?;
+                let n: usize = ne.iter().product();
                 if data.len() != n {
                     bail!("{fname}: {name} dequantized to {} values, expected {:?}", data.len(), ne);
                 }
-                Ok((name, ne, Loaded::F32(data)))
+                Ok((spec, Loaded::F32(data)))
             })
             .collect::<Result<_>>()?;
-        let store = if loaded.iter().any(|(_, _, l)| matches!(l, Loaded::Blocks(..))) { Some(Arc::new(Store::of(file)?)) } else { None };
-        let mut t = Taker { map: loaded.into_iter().map(|(n, ne, d)| (n, (ne, d))).collect(), store, fname: &fname };
-        let token_embd = t.matrix("token_embd.weight")?;
-        let output = if cfg.tied_embeddings { None } else { Some(t.matrix("output.weight")?) };
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for l in 0..cfg.n_layer {
-            let b = |s: &str| format!("blk.{l}.{s}");
-            let mut bias = |s: &str| cfg.qkv_bias.then(|| t.vector(&b(s)));
-            let (bq, bk, bv) = (bias("attn_q.bias"), bias("attn_k.bias"), bias("attn_v.bias"));
+        let store = if loaded.iter().any(|(_, l)| matches!(l, Loaded::Blocks(..))) { Some(Arc::new(Store::of(file)?)) } else { None };
+        let mut t = Taker { map: loaded.into_iter().map(|(s, d)| (s.slot, (s, d))).collect(), store, file };
+        let token_embd = t.matrix(Slot::TokenEmbd)?;
+        let output = if t.has(Slot::Output) { Some(t.matrix(Slot::Output)?) } else { None };
+        let mut layers = Vec::with_capacity(plan.n_layer);
+        for l in 0..plan.n_layer {
+            use LayerTensor::*;
+            let b = |x| Slot::Layer(l, x);
+            let mut bias = |x| if t.has(b(x)) { t.vector(b(x)).map(Some) } else { Ok(None) };
+            let (bq, bk, bv) = (bias(BiasQ)?, bias(BiasK)?, bias(BiasV)?);
             layers.push(LayerWeights {
-                attn_norm: t.vector(&b("attn_norm.weight")),
-                wq: t.matrix(&b("attn_q.weight"))?,
-                wk: t.matrix(&b("attn_k.weight"))?,
-                wv: t.matrix(&b("attn_v.weight"))?,
+                attn_norm: t.vector(b(AttnNorm))?,
+                wq: t.matrix(b(Q))?,
+                wk: t.matrix(b(K))?,
+                wv: t.matrix(b(V))?,
                 bq,
                 bk,
                 bv,
-                wo: t.matrix(&b("attn_output.weight"))?,
-                ffn_norm: t.vector(&b("ffn_norm.weight")),
-                w_gate: t.matrix(&b("ffn_gate.weight"))?,
-                w_up: t.matrix(&b("ffn_up.weight"))?,
-                w_down: t.matrix(&b("ffn_down.weight"))?,
+                wo: t.matrix(b(AttnOutput))?,
+                ffn_norm: t.vector(b(FfnNorm))?,
+                w_gate: t.matrix(b(Gate))?,
+                w_up: t.matrix(b(Up))?,
+                w_down: t.matrix(b(Down))?,
             });
         }
-        let output_norm = t.vector("output_norm.weight");
+        let output_norm = t.vector(Slot::OutputNorm)?;
         Ok(Weights { token_embd, output_norm, output, layers })
     }
 }
 
-/// Moves the loaded tensors into place.
+/// Moves the loaded tensors into place, each with its planned change.
 struct Taker<'a> {
-    map: std::collections::HashMap<String, (Vec<usize>, Loaded)>,
+    map: std::collections::HashMap<Slot, (&'a TensorSpec, Loaded)>,
     store: Option<Arc<Store>>,
-    fname: &'a str,
+    file: &'a GgufFile,
 }
 
-impl Taker<'_> {
-    fn take(&mut self, name: &str) -> (Vec<usize>, Loaded) {
-        // Every name taken here was in `wanted`, and `load` returned early had any failed.
-        self.map.remove(name).unwrap_or_else(|| panic!("internal: tensor {name} was not loaded"))
+impl<'a> Taker<'a> {
+    fn has(&self, slot: Slot) -> bool {
+        self.map.contains_key(&slot)
+    }
+
+    fn take(&mut self, slot: Slot) -> (&'a TensorSpec, Loaded) {
+        // Every slot taken here was planned, and `load_planned` returned early had any failed.
+        self.map.remove(&slot).unwrap_or_else(|| panic!("internal: tensor {slot:?} was not loaded"))
     }
 
     /// A 2-D tensor `ne = [cols, rows]` as a `[rows][cols]` weight.
-    fn matrix(&mut self, name: &str) -> Result<Weight> {
-        let (ne, l) = self.take(name);
-        Ok(match l {
+    fn matrix(&mut self, slot: Slot) -> Result<Weight> {
+        let (spec, l) = self.take(slot);
+        let (name, ne) = (&spec.name, &spec.ne);
+        let w = match l {
             Loaded::F32(data) => Matrix { rows: ne[1], cols: ne[0], data }.into(),
             Loaded::Blocks(ty, offset, row_bytes) => {
                 let store = self.store.clone().expect("a store exists when a tensor is kept as blocks");
                 let end = offset + row_bytes * ne[1];
-                ensure!(end <= store.bytes().len(), "{}: {name} ends at byte {end}, past the end of the file", self.fname);
+                ensure!(end <= store.bytes().len(), "{}: {name} ends at byte {end}, past the end of the file", self.file.display_name());
                 Weight::Blocks(QMatrix { ty, rows: ne[1], cols: ne[0], store, offset, row_bytes })
             }
-        })
+        };
+        spec.corrupt(self.file, w)
     }
 
     /// A 1-D tensor (norm weight, bias), always loaded as f32.
-    fn vector(&mut self, name: &str) -> Vec<f32> {
-        match self.take(name).1 {
-            Loaded::F32(data) => data,
+    fn vector(&mut self, slot: Slot) -> Result<Vec<f32>> {
+        let (spec, l) = self.take(slot);
+        match l {
+            Loaded::F32(data) => spec.corrupt_values(self.file, data),
             Loaded::Blocks(..) => unreachable!("only 2-D tensors are kept as blocks"),
         }
     }

@@ -13,10 +13,11 @@ use cudarc::driver::{CudaGraph, CudaSlice, PinnedHostSlice};
 
 use super::attn_decode::{DecodeAttnArgs, DecodeTaps, DECODE_SMEM_SCORES};
 use super::device::{ptr, Gpu};
-use super::ops::{AttnArgs, AttnFault, Proj, RopeArgs, MV_MAX_T};
+use super::ops::{AttnArgs, Proj, RopeArgs, MV_MAX_T};
 use super::weights::{GpuLayer, GpuWeights, Vec32};
 use crate::backend::Backend;
-use crate::config::{ModelConfig, RopeStyle};
+use crate::config::ModelConfig;
+use crate::fault_plan::{OpParams, WeightPlan};
 use crate::faults::Fault;
 use crate::gguf::GgufFile;
 use crate::taps::{act, key, TapInfo, TapSink};
@@ -203,10 +204,9 @@ impl CudaBackend {
         gpu.set_tf32(options.tf32)?;
         let _lock = super::device::shared_lock();
         ensure!(config.head_dim % 2 == 0 && config.head_dim <= 256, "head dim {} unsupported by the CUDA attention kernel", config.head_dim);
-        let weights = GpuWeights::load_with_fault(&gpu, file, &config, fault)?;
-        if fault == Some(Fault::FfnSizeWrong) {
-            config.n_ff = super::weights::ffn_size_wrong(&config);
-        }
+        let plan = WeightPlan::new(file, &config, fault);
+        let weights = GpuWeights::load_planned(&gpu, file, &plan)?;
+        config.n_ff = plan.n_ff;
         let max_ctx = if options.max_ctx == 0 { config.n_ctx_train } else { options.max_ctx };
         let cache_n = config.n_layer * max_ctx * config.kv_dim();
         let kc = Buf::new(&gpu, cache_n, &format!("K cache ({max_ctx} positions)"))?;
@@ -280,7 +280,7 @@ impl CudaBackend {
             self.gpu.stream.memcpy_htod(pinned, &mut self.acts.params).context("copying the step parameters to the GPU")?;
         }
 
-        if self.fault == Some(Fault::KvCacheNotWritten) {
+        if OpParams::new(&self.config, self.fault).kv_stale {
             // the fault: positions of earlier calls read back as zeros (this batch's own rows are
             // written by rope_store below, before attention reads them)
             self.gpu.stream.memset_zeros(&mut self.kc.buf).context("kv-cache-not-written: zeroing the K cache")?;
@@ -378,9 +378,9 @@ impl Backend for CudaBackend {
         let (ne0, n_rows) = (t.row_len() as usize, t.n_rows() as usize);
         ensure!(rows.start <= rows.end && rows.end <= n_rows, "{tensor}: rows {rows:?} of {n_rows}");
         let n = rows.len() * ne0;
-        if self.fault == Some(Fault::Q4kMinSign) && t.ty == crate::gguf::GgmlType::Q4_K {
-            // weights.rs uploads each Q4_K matrix dequantized on the host by this, as F32
-            return crate::faults::dequant_q4k_min_sign(dequant::rows_bytes(file, t, rows)?, n).with_context(|| format!("{tensor} (q4k-min-sign)"));
+        // weights.rs uploaded what the fault's dequantization changes as F32 (WeightPlan, Change::Q4kMinSign)
+        if let Some(rows) = crate::fault_plan::faulty_dequant_rows(self.fault, file, t, rows.clone()) {
+            return rows;
         }
         if t.ne.len() == 1 {
             return Ok(dequant::dequantize_rows(file, t, rows)?);
@@ -468,52 +468,6 @@ impl Taps<'_> {
         match self.sink.as_deref_mut() {
             Some(sink) => crate::taps::layer_output_replacement(sink, layer, shape),
             None => Ok(None),
-        }
-    }
-}
-
-/// The forward pass's settings that an injected fault may change (crate::faults), resolved once
-/// per pass; with no fault they are the model's own.
-struct OpParams {
-    /// RMSNorm epsilon (rms-norm-eps, rms-eps-scaled)
-    eps: f32,
-    /// RMSNorm's Σx² saturating at f16's largest value (f16-accumulation)
-    f16_sum: bool,
-    /// base^(−2/n_rot), RoPE's angle step (rope-base, rope-base-scaled)
-    theta_scale: f32,
-    /// NeoX pairs (i, i + n_rot/2) for qwen2; adjacent pairs (2i, 2i + 1) else (rope-adjacent)
-    neox: bool,
-    /// softmax scale, 1/√Dh (softmax-scale)
-    scale: f32,
-    /// the attention kernels' fault bits and window
-    attn: AttnFault,
-    /// the residual additions (residual-dropped)
-    residual: bool,
-    /// GELU in place of SiLU in the gate (gelu-activation)
-    gelu: bool,
-}
-
-impl OpParams {
-    fn new(cfg: &ModelConfig, fault: Option<Fault>) -> Self {
-        let eps = match fault {
-            Some(Fault::RmsNormEps) => 1e-5,
-            Some(Fault::RmsEpsScaled(f)) => (cfg.rms_eps as f64 * f.0) as f32,
-            _ => cfg.rms_eps,
-        };
-        let rope_base = match fault {
-            Some(Fault::RopeBase) => 1e4,
-            Some(Fault::RopeBaseScaled(f)) => (cfg.rope_base as f64 * f.0) as f32,
-            _ => cfg.rope_base,
-        };
-        Self {
-            eps,
-            f16_sum: fault == Some(Fault::F16Accumulation),
-            theta_scale: rope_base.powf(-2.0 / cfg.n_rot as f32),
-            neox: cfg.rope_style == RopeStyle::Neox && fault != Some(Fault::RopeAdjacent),
-            scale: crate::faults::softmax_scale(fault, cfg.head_dim),
-            attn: AttnFault::of(fault),
-            residual: fault != Some(Fault::ResidualDropped),
-            gelu: fault == Some(Fault::GeluActivation),
         }
     }
 }

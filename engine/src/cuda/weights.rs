@@ -1,16 +1,19 @@
 //! The model's weights on the GPU, each matrix in its GGUF format (dequantized in registers by the
-//! kernels); norm weights and biases as f32. Shapes are checked against the configuration exactly
-//! as the CPU backend's loader does.
+//! kernels); norm weights and biases as f32. The tensors, their shapes and a loader fault's changes
+//! are the CPU backend's: one [`WeightPlan`] (crate::fault_plan).
 
-use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
 use cudarc::driver::CudaSlice;
 
 use super::device::{ptr, Gpu};
 use super::ops::QMat;
 use crate::config::ModelConfig;
 use crate::cpu::ops::Matrix;
-use crate::faults::{self, Fault};
-use crate::gguf::{GgmlType, GgufFile};
+use crate::cpu::weights::{QMatrix, Weight};
+use crate::fault_plan::{LayerTensor, Slot, WeightPlan};
+use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 
 /// An f32 vector on the GPU.
 pub struct Vec32 {
@@ -62,119 +65,75 @@ impl GpuWeights {
     }
 
     pub fn load(gpu: &Gpu, file: &GgufFile, cfg: &ModelConfig) -> Result<GpuWeights> {
-        Self::load_with_fault(gpu, file, cfg, None)
+        Self::load_planned(gpu, file, &WeightPlan::new(file, cfg, None))
     }
 
-    /// [`Self::load`] with a loader fault of crate::faults applied as the CPU loader applies it
-    /// (faults::corrupt_weights): an affected matrix is dequantized on the host, corrupted and
-    /// uploaded as F32. With `FfnSizeWrong` the caller sets `cfg.n_ff` to [`ffn_size_wrong`] after.
-    /// Other faults upload the file's bytes unchanged.
-    pub fn load_with_fault(gpu: &Gpu, file: &GgufFile, cfg: &ModelConfig, fault: Option<Fault>) -> Result<GpuWeights> {
+    /// Uploads the tensors of `plan` (crate::fault_plan), each checked against its planned shape. A
+    /// tensor the plan changes (a loader fault) is changed on the host by [`crate::fault_plan::TensorSpec::corrupt`], as
+    /// the CPU loader changes it, and uploaded as F32; the others upload the file's bytes unchanged.
+    pub fn load_planned(gpu: &Gpu, file: &GgufFile, plan: &WeightPlan) -> Result<GpuWeights> {
         let fname = file.display_name();
-        let ff_wrong = ffn_size_wrong(cfg);
-        let mat = |name: &str, cols: usize, rows: usize| -> Result<QMat> {
-            let info = file.tensor(name).with_context(|| format!("{fname}: missing tensor {name}"))?;
-            let ne: Vec<usize> = info.ne.iter().map(|&v| v as usize).collect();
-            if ne != [cols, rows] {
-                bail!("{fname}: tensor {name} has ne {ne:?}, the metadata implies {:?}", [cols, rows]);
+        let mut mats = HashMap::new();
+        let mut vecs = HashMap::new();
+        for spec in &plan.tensors {
+            let info = spec.find(file)?;
+            let what = format!("{fname}: {}", spec.name);
+            if let [cols, rows] = spec.ne[..] {
+                let m = match spec.change {
+                    None => QMat::upload(gpu, info.ty, rows, cols, file.tensor_data(info), &what)?,
+                    Some(_) => upload_f32(gpu, &spec.corrupt(file, host_matrix(file, info, rows, cols)?)?.into_f32(), &what)?,
+                };
+                mats.insert(spec.slot, m);
+            } else {
+                let data = crate::dequant::dequantize_tensor(file, info).with_context(|| format!("{fname}: dequantizing {}", spec.name))?;
+                let data = spec.corrupt_values(file, data)?;
+                let buf = gpu.upload(&data, &what)?;
+                let ptr = ptr(&buf, &gpu.stream);
+                vecs.insert(spec.slot, Vec32 { buf, ptr, len: data.len() });
             }
-            let what = format!("{fname}: {name}");
-            let dq = || -> Result<Matrix> {
-                let data = crate::dequant::dequantize_tensor(file, info).with_context(|| format!("{fname}: dequantizing {name}"))?;
-                Ok(Matrix { rows, cols, data })
-            };
-            let bad: Option<Matrix> = match fault {
-                Some(Fault::WeightTransposed) if name.ends_with(".attn_q.weight") => Some(faults::wrong_leading_dim(&dq()?)),
-                Some(Fault::ProjectionDropped) if name.ends_with(".ffn_down.weight") => Some(Matrix { rows, cols, data: vec![0.0; rows * cols] }),
-                Some(Fault::FfnSizeWrong) if name.ends_with(".ffn_gate.weight") || name.ends_with(".ffn_up.weight") => {
-                    // the first n_embd rows
-                    let mut m = dq()?;
-                    m.data.truncate(ff_wrong * cols);
-                    Some(Matrix { rows: ff_wrong, cols, data: m.data })
-                }
-                Some(Fault::FfnSizeWrong) if name.ends_with(".ffn_down.weight") => {
-                    // the first n_embd columns
-                    let m = dq()?;
-                    let data: Vec<f32> = (0..rows).flat_map(|r| m.data[r * cols..r * cols + ff_wrong].to_vec()).collect();
-                    Some(Matrix { rows, cols: ff_wrong, data })
-                }
-                Some(Fault::Q4kMinSign) if info.ty == GgmlType::Q4_K => {
-                    let data = faults::dequant_q4k_min_sign(file.tensor_data(info), rows * cols).with_context(|| format!("{what} (q4k-min-sign)"))?;
-                    Some(Matrix { rows, cols, data })
-                }
-                _ => None,
-            };
-            match bad {
-                Some(m) => upload_f32(gpu, &m, &what),
-                None => QMat::upload(gpu, info.ty, rows, cols, file.tensor_data(info), &what),
-            }
-        };
-        let vec = |name: &str, n: usize| -> Result<Vec32> {
-            let info = file.tensor(name).with_context(|| format!("{fname}: missing tensor {name}"))?;
-            let ne: Vec<usize> = info.ne.iter().map(|&v| v as usize).collect();
-            if ne != [n] {
-                bail!("{fname}: tensor {name} has ne {ne:?}, expected [{n}]");
-            }
-            let mut data = crate::dequant::dequantize_tensor(file, info).with_context(|| format!("{fname}: dequantizing {name}"))?;
-            match fault {
-                Some(Fault::QkvBiasZeroed) if name.ends_with("_q.bias") || name.ends_with("_k.bias") || name.ends_with("_v.bias") => data.fill(0.0),
-                Some(Fault::NormWeightIgnored) if name.ends_with(".attn_norm.weight") => data.fill(1.0),
-                _ => {}
-            }
-            let buf = gpu.upload(&data, &format!("{fname}: {name}"))?;
-            let ptr = ptr(&buf, &gpu.stream);
-            Ok(Vec32 { buf, ptr, len: n })
-        };
-        let (d, f, q, kv, v) = (cfg.n_embd, cfg.n_ff, cfg.q_dim(), cfg.kv_dim(), cfg.n_vocab);
-        let mut token_embd = mat("token_embd.weight", d, v)?;
-        let output_norm = vec("output_norm.weight", d)?;
-        let mut output = if cfg.tied_embeddings { None } else { Some(mat("output.weight", d, v)?) };
-        // the head faults: read [V][D] column-major (a tied head stays correct when only the
-        // embedding lookup is wrong, as in faults::corrupt_weights)
-        let head_name = if cfg.tied_embeddings { "token_embd.weight" } else { "output.weight" };
-        let wrong = |name: &str| -> Result<QMat> {
-            let info = file.tensor(name).with_context(|| format!("{fname}: missing tensor {name}"))?;
-            let data = crate::dequant::dequantize_tensor(file, info).with_context(|| format!("{fname}: dequantizing {name}"))?;
-            upload_f32(gpu, &faults::wrong_leading_dim(&Matrix { rows: v, cols: d, data }), &format!("{fname}: {name} (transposed)"))
-        };
-        match fault {
-            Some(Fault::LmHeadTransposed) => output = Some(wrong(head_name)?),
-            Some(Fault::EmbeddingTransposed) => {
-                if output.is_none() {
-                    output = Some(mat("token_embd.weight", d, v)?);
-                }
-                token_embd = wrong("token_embd.weight")?;
-            }
-            _ => {}
         }
-        let mut layers = Vec::with_capacity(cfg.n_layer);
-        for l in 0..cfg.n_layer {
-            let b = |s: &str| format!("blk.{l}.{s}");
-            let bias = |s: &str, n: usize| -> Result<Option<Vec32>> { cfg.qkv_bias.then(|| vec(&b(s), n)).transpose() };
-            let ff = if fault == Some(Fault::FfnSizeWrong) { ff_wrong } else { f };
+        let token_embd = take(&mut mats, Slot::TokenEmbd);
+        let output = mats.remove(&Slot::Output);
+        let output_norm = take(&mut vecs, Slot::OutputNorm);
+        let mut layers = Vec::with_capacity(plan.n_layer);
+        for l in 0..plan.n_layer {
+            use LayerTensor::*;
+            let b = |x| Slot::Layer(l, x);
             layers.push(GpuLayer {
-                attn_norm: vec(&b("attn_norm.weight"), d)?,
-                wq: mat(&b("attn_q.weight"), d, q)?,
-                wk: mat(&b("attn_k.weight"), d, kv)?,
-                wv: mat(&b("attn_v.weight"), d, kv)?,
-                bq: bias("attn_q.bias", q)?,
-                bk: bias("attn_k.bias", kv)?,
-                bv: bias("attn_v.bias", kv)?,
-                wo: mat(&b("attn_output.weight"), q, d)?,
-                ffn_norm: vec(&b("ffn_norm.weight"), d)?,
-                w_gate: mat(&b("ffn_gate.weight"), d, f)?,
-                w_up: mat(&b("ffn_up.weight"), d, f)?,
-                w_down: mat(&b("ffn_down.weight"), f, d)?,
+                attn_norm: take(&mut vecs, b(AttnNorm)),
+                wq: take(&mut mats, b(Q)),
+                wk: take(&mut mats, b(K)),
+                wv: take(&mut mats, b(V)),
+                bq: vecs.remove(&b(BiasQ)),
+                bk: vecs.remove(&b(BiasK)),
+                bv: vecs.remove(&b(BiasV)),
+                wo: take(&mut mats, b(AttnOutput)),
+                ffn_norm: take(&mut vecs, b(FfnNorm)),
+                w_gate: take(&mut mats, b(Gate)),
+                w_up: take(&mut mats, b(Up)),
+                w_down: take(&mut mats, b(Down)),
             });
-            debug_assert!(layers[l].w_gate.rows == ff && layers[l].w_down.cols == ff);
         }
         Ok(GpuWeights { token_embd, output_norm, output, layers })
     }
 }
 
-/// The FFN width of the ffn-size-wrong fault: n_embd (capped at the file's), as faults::corrupt_weights.
-pub fn ffn_size_wrong(cfg: &ModelConfig) -> usize {
-    cfg.n_embd.min(cfg.n_ff)
+/// The uploaded tensor of a planned slot.
+fn take<T>(map: &mut HashMap<Slot, T>, slot: Slot) -> T {
+    // every slot taken was planned, and load_planned returned early had any failed to load
+    map.remove(&slot).unwrap_or_else(|| panic!("internal: tensor {slot:?} was not loaded"))
+}
+
+/// The matrix `info` (`[rows][cols]`) on the host for a loader fault to change: a block format as
+/// its blocks (a copy of the file's bytes; [`crate::fault_plan::TensorSpec::corrupt`] dequantizes them where it
+/// rewrites values), other formats as f32.
+fn host_matrix(file: &GgufFile, info: &TensorInfo, rows: usize, cols: usize) -> Result<Weight> {
+    let what = || format!("{}: {}", file.display_name(), info.name);
+    if info.ty.block_size() > 1 {
+        return Ok(Weight::Blocks(QMatrix::from_bytes(info.ty, rows, cols, file.tensor_data(info).to_vec()).with_context(what)?));
+    }
+    let data = crate::dequant::dequantize_tensor(file, info).with_context(what)?;
+    Ok(Matrix { rows, cols, data }.into())
 }
 
 /// Uploads an f32 matrix `[rows][cols]` as an F32 [`QMat`] (a fault-corrupted weight).
