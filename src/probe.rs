@@ -507,16 +507,16 @@ fn eps_hypotheses(x: &Tensor, norm: &Tensor) -> Vec<Hypothesis> {
 /// `ffn_swiglu` (qwen2, llama: SiLU) tries GELU, tanh and erf forms; `ffn_geglu` (gemma3: GELU, tanh form)
 /// tries SiLU and the erf form of GELU.
 fn gated_activation_hypotheses(family: &str, layer: usize, gate: &[f32], up: &[f32]) -> Vec<Hypothesis> {
-    let (model_act, others): (&str, Vec<(&str, fn(f64) -> f64)>) = match family {
-        "ffn_geglu" => ("GELU (tanh)", vec![("SiLU", silu), ("GELU (erf)", gelu_erf)]),
-        _ => ("SiLU", vec![("GELU (tanh)", gelu_tanh), ("GELU (erf)", gelu_erf)]),
+    let (model_act, others, class_text): (&str, Vec<(&str, fn(f64) -> f64)>, &'static str) = match family {
+        "ffn_geglu" => ("GELU (tanh)", vec![("SiLU", silu), ("GELU (erf)", gelu_erf)], "activation wrong (e.g. SiLU instead of GELU)"),
+        _ => ("SiLU", vec![("GELU (tanh)", gelu_tanh), ("GELU (erf)", gelu_erf)], "activation wrong (e.g. GELU instead of SiLU)"),
     };
     others
         .into_iter()
         .map(|(name, f)| Hypothesis {
             what: format!("{name} instead of {model_act} on llama.cpp's ffn_gate-{layer}"),
             class: BugClass::Activation,
-            class_text: "activation wrong (e.g. GELU instead of SiLU, or SiLU instead of GELU)",
+            class_text,
             predicted: gate.iter().zip(up).map(|(&a, &b)| (f(a as f64) * b as f64) as f32).collect(),
         })
         .collect()
