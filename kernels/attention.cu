@@ -21,8 +21,6 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
                                          const int* __restrict__ pos, int T, int H, int Hkv, int Dh,
                                          float scale, int full_scores, int fault, int window) {
     extern __shared__ float qs[];  // [ATT_ROWS][Dh]: the tile's q rows, later the value sums
-    __shared__ float shf[32];
-    __shared__ double shd[32];
     int h = blockIdx.x, t0 = blockIdx.y * ATT_ROWS;
     int rows = min(ATT_ROWS, T - t0);
     int n_past = pos[0];
@@ -77,23 +75,32 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
             if (j < n_scores[r]) kq[row0 + (long long)r * kv_len + j] = s[r];
     }
     __syncthreads();
-    // softmax of each row over its visible positions: max subtracted, sum in f64
-    for (int r = 0; r < rows; r++) {
-        const float* kqr = kq + row0 + (long long)r * kv_len;
-        float* pr = p + row0 + (long long)r * kv_len;
-        float m = -INFINITY;
-        for (int j = lo[r] + threadIdx.x; j < valid[r]; j += blockDim.x) m = fmaxf(m, kqr[j] * scale);
-        m = block_max(m, shf);
-        if (fault & ATTN_SOFTMAX_NO_MAX) m = 0.0f;
-        double sum = 0.0;
-        for (int j = lo[r] + threadIdx.x; j < valid[r]; j += blockDim.x) {
-            float e = expf(kqr[j] * scale - m);
-            pr[j] = e;
-            sum += (double)e;
+    // softmax of each row over its visible positions, the rows in parallel, one warp a row (no block
+    // barrier per row: eight rows one after the other, two block reductions each, were the tile's
+    // longest phase): max subtracted, the sum in f64 (lanes' partial sums, then a shuffle tree)
+    {
+        int lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+        for (int r = threadIdx.x >> 5; r < rows; r += nw) {
+            // valid[r] and lo[r] recomputed: a runtime index would move those arrays to local memory
+            int vr = (fault & ATTN_NO_CAUSAL_MASK) ? kv_len : n_past + t0 + r + 1;
+            int lr = window > 0 && vr > window ? vr - window : 0;
+            const float* kqr = kq + row0 + (long long)r * kv_len;
+            float* pr = p + row0 + (long long)r * kv_len;
+            float m = -INFINITY;
+            for (int j = lr + lane; j < vr; j += 32) m = fmaxf(m, kqr[j] * scale);
+            m = warp_max(m);
+            if (fault & ATTN_SOFTMAX_NO_MAX) m = 0.0f;
+            double sum = 0.0;
+            for (int j = lr + lane; j < vr; j += 32) {
+                float e = expf(kqr[j] * scale - m);
+                pr[j] = e;
+                sum += (double)e;
+            }
+            sum = warp_sum_d(sum);
+            __syncwarp();  // each lane rescales entries other lanes wrote
+            float inv = (float)(1.0 / sum);
+            for (int j = lane; j < kv_len; j += 32) pr[j] = j >= lr && j < vr ? pr[j] * inv : 0.0f;
         }
-        sum = block_sum_d(sum, shd);
-        float inv = (float)(1.0 / sum);
-        for (int j = threadIdx.x; j < kv_len; j += blockDim.x) pr[j] = j >= lo[r] && j < valid[r] ? pr[j] * inv : 0.0f;
     }
     __syncthreads();
     // values: G groups of Dh threads, group g sums positions j ≡ g (mod G) of each row (its V element
@@ -105,6 +112,9 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
     for (int r = 0; r < ATT_ROWS; r++) acc[r] = 0.0f;
     if (g < G) {
         const float* pt = p + row0;
+        // unrolled so that several positions' V and p loads are in flight at once (each acc[r]
+        // still sums its positions in order)
+#pragma unroll 4
         for (int j = g; j < max_valid; j += G) {
             float v = vc[(long long)j * kvd + hk * Dh + e];
 #pragma unroll
