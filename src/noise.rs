@@ -48,10 +48,17 @@ pub fn direct_inputs(id: &TapId, n_layer_hint: Option<usize>) -> Vec<String> {
     }
 }
 
+/// The model depth a set of tap keys implies: the deepest layer they name plus one, saturating (a
+/// hand-made manifest may name any layer number, `l_out-18446744073709551615`); None when no key
+/// names a layer.
+pub fn depth_named<'a>(keys: impl Iterator<Item = &'a str>) -> Option<usize> {
+    keys.filter_map(|k| TapId::parse_key(k)?.layer).max().map(|l| l.saturating_add(1))
+}
+
 /// Each tap's effective noise: the largest raw noise of the tap and its direct inputs. `n_layer`: the
 /// model's layer count (else the deepest layer the noise records name).
 pub fn effective(raw: &HashMap<String, TapNoise>, n_layer: Option<usize>) -> HashMap<String, TapNoise> {
-    let n_layer = n_layer.or_else(|| raw.keys().filter_map(|k| TapId::parse_key(k)?.layer).max().map(|l| l + 1));
+    let n_layer = n_layer.or_else(|| depth_named(raw.keys().map(String::as_str)));
     raw.iter()
         .map(|(key, own)| {
             let Some(id) = TapId::parse_key(key) else { return (key.clone(), *own) };

@@ -21,6 +21,24 @@ fn manifest_with_zero_layers_is_refused() {
     assert!(e.contains("manifest.json") && e.contains("files[0]") && e.contains("n_layer is 0"), "{e}");
 }
 
+/// Target `manifest` (long run, after 8.9 million executions): a record without `n_layer` whose noise
+/// records name layer 2^64 − 1 (`s0/l_oukt-18446744073709551615`); the per-tap noise then took the
+/// model's depth as the deepest named layer plus one (src/noise.rs `effective`): add with overflow.
+/// Fixed there (`depth_named`): the deepest layer plus one saturates (in a release build the add
+/// wrapped to depth 0 instead).
+#[test]
+fn manifest_noise_naming_the_last_usize_layer_does_not_overflow() {
+    let text = std::fs::read_to_string(input("manifest-layer-usize-max.json")).unwrap();
+    let m = Manifest::parse(Path::new("golden-fuzz"), &text).expect("the record itself is well-formed");
+    let f = &m.files[0];
+    assert_eq!(f.n_layer, None);
+    let noise = f.noise();
+    assert!(noise.keys().any(|k| k.ends_with("-18446744073709551615")), "{noise:?}");
+    assert_eq!(lockstep::noise::depth_named(noise.keys().map(String::as_str)), Some(usize::MAX));
+    let eff = lockstep::noise::effective(&noise, f.n_layer);
+    assert_eq!(eff.len(), noise.len());
+}
+
 /// Target `gguf`: a tensor of shape ne = [0, 2^62, 4] has 0 elements, so its element count passed, but
 /// its row count ne[1]·ne[2] (`TensorInfo::n_rows`, used to slice rows for dequantization) overflowed.
 /// Fixed in the GGUF reader (engine/src/gguf.rs `parse_header`): the row count must fit i64 too.
