@@ -19,9 +19,44 @@ use crate::cpu::weights::Weight;
 use crate::faults::{dequant_q4k_min_sign, wrong_leading_dim, Fault};
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
 
-/// The attention kernels' fault switches, which the CPU twins read too ([`crate::faults::scores`]…).
-/// Defined beside the kernels' launch wrappers, where its bits are passed to NVRTC.
-pub use crate::cuda::ops::AttnFault;
+/// The bug classes the attention injects, uniform per launch: read by the CPU twins
+/// ([`crate::faults::scores`]…) and passed to the kernels as their `fault` bits (named ATTN_* for
+/// NVRTC by cuda::device::kernel_constants) and `window` argument (cuda::ops).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AttnFault {
+    /// Every row sees all kv_len positions ([`Fault::CausalMaskMissing`]).
+    pub no_causal_mask: bool,
+    /// Softmax without max subtraction ([`Fault::SoftmaxNoMax`]).
+    pub softmax_no_max: bool,
+    /// Query head h reads KV head `h % Hkv` ([`Fault::GqaMapping`]).
+    pub gqa_modulo: bool,
+    /// A row sees only its last N visible positions ([`Fault::AttentionWindow`]); 0 = no window.
+    pub window: u32,
+}
+
+impl AttnFault {
+    /// The kernels' bit names and values, the one home of both.
+    pub const BITS: [(&'static str, i32); 3] = [("ATTN_NO_CAUSAL_MASK", 1), ("ATTN_SOFTMAX_NO_MAX", 2), ("ATTN_GQA_MODULO", 4)];
+
+    /// What `fault` asks of the attention kernels (all off for any other fault, or none).
+    pub fn of(fault: Option<Fault>) -> Self {
+        Self {
+            no_causal_mask: fault == Some(Fault::CausalMaskMissing),
+            softmax_no_max: fault == Some(Fault::SoftmaxNoMax),
+            gqa_modulo: fault == Some(Fault::GqaMapping),
+            window: match fault {
+                Some(Fault::AttentionWindow(n)) => n,
+                _ => 0,
+            },
+        }
+    }
+
+    /// The kernels' `fault` argument.
+    pub fn bits(&self) -> i32 {
+        let [mask, max, gqa] = Self::BITS.map(|b| b.1);
+        (self.no_causal_mask as i32 * mask) | (self.softmax_no_max as i32 * max) | (self.gqa_modulo as i32 * gqa)
+    }
+}
 
 /// The forward pass's settings that an injected fault may change, resolved once per pass by
 /// [`OpParams::new`]; with no fault they are the model's own.
@@ -129,7 +164,29 @@ pub enum LayerTensor {
     Down,
 }
 
+impl Slot {
+    /// The slot the GGUF tensor `name` is read into by its own name (`blk.3.attn_q.weight` →
+    /// `Layer(3, Q)`); None for a tensor the graph does not read. (A tied model's untied output head
+    /// reads `token_embd.weight` too: that name maps to [`Slot::TokenEmbd`].)
+    pub fn of_gguf_name(name: &str) -> Option<Slot> {
+        match name {
+            "token_embd.weight" => return Some(Slot::TokenEmbd),
+            "output_norm.weight" => return Some(Slot::OutputNorm),
+            "output.weight" => return Some(Slot::Output),
+            _ => {}
+        }
+        let (l, t) = name.strip_prefix("blk.")?.split_once('.')?;
+        let layer = l.parse().ok()?;
+        LayerTensor::ALL.into_iter().find(|lt| lt.gguf_name() == t).map(|lt| Slot::Layer(layer, lt))
+    }
+}
+
 impl LayerTensor {
+    pub const ALL: [LayerTensor; 12] = {
+        use LayerTensor::*;
+        [AttnNorm, Q, K, V, BiasQ, BiasK, BiasV, AttnOutput, FfnNorm, Gate, Up, Down]
+    };
+
     /// The GGUF name after `blk.L.`.
     pub fn gguf_name(self) -> &'static str {
         use LayerTensor::*;
@@ -333,4 +390,24 @@ pub fn faulty_dequant_rows(fault: Option<Fault>, file: &GgufFile, t: &TensorInfo
             .and_then(|b| dequant_q4k_min_sign(b, n))
             .with_context(|| format!("{}: {} (q4k-min-sign)", file.display_name(), t.name)),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LayerTensor, Slot};
+
+    #[test]
+    fn slots_are_found_by_their_gguf_names() {
+        for l in [0, 7, 23] {
+            for t in LayerTensor::ALL {
+                assert_eq!(Slot::of_gguf_name(&format!("blk.{l}.{}", t.gguf_name())), Some(Slot::Layer(l, t)));
+            }
+        }
+        assert_eq!(Slot::of_gguf_name("token_embd.weight"), Some(Slot::TokenEmbd));
+        assert_eq!(Slot::of_gguf_name("output_norm.weight"), Some(Slot::OutputNorm));
+        assert_eq!(Slot::of_gguf_name("output.weight"), Some(Slot::Output));
+        for other in ["blk.x.attn_q.weight", "blk.3.attn_qkv.weight", "rope_freqs.weight", "blk.3"] {
+            assert_eq!(Slot::of_gguf_name(other), None, "{other}");
+        }
+    }
 }

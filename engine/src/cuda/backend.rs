@@ -407,23 +407,26 @@ impl Backend for CudaBackend {
 
 /// The matrix the GPU holds for the GGUF tensor `name`, if the graph uses one.
 fn resident<'w>(w: &'w GpuWeights, name: &str) -> Option<&'w super::ops::QMat> {
-    match name {
-        "token_embd.weight" => return Some(&w.token_embd),
-        "output.weight" => return w.output.as_ref(),
-        _ => {}
+    use crate::fault_plan::{LayerTensor as T, Slot};
+    match Slot::of_gguf_name(name)? {
+        Slot::TokenEmbd => Some(&w.token_embd),
+        Slot::Output => w.output.as_ref(),
+        Slot::OutputNorm => None,
+        Slot::Layer(l, t) => {
+            let lw = w.layers.get(l)?;
+            match t {
+                T::Q => Some(&lw.wq),
+                T::K => Some(&lw.wk),
+                T::V => Some(&lw.wv),
+                T::AttnOutput => Some(&lw.wo),
+                T::Gate => Some(&lw.w_gate),
+                T::Up => Some(&lw.w_up),
+                T::Down => Some(&lw.w_down),
+                // vectors are uploaded as f32 Vec32, not matrices
+                T::AttnNorm | T::FfnNorm | T::BiasQ | T::BiasK | T::BiasV => None,
+            }
+        }
     }
-    let (l, t) = name.strip_prefix("blk.")?.split_once('.')?;
-    let lw = w.layers.get(l.parse::<usize>().ok()?)?;
-    Some(match t {
-        "attn_q.weight" => &lw.wq,
-        "attn_k.weight" => &lw.wk,
-        "attn_v.weight" => &lw.wv,
-        "attn_output.weight" => &lw.wo,
-        "ffn_gate.weight" => &lw.w_gate,
-        "ffn_up.weight" => &lw.w_up,
-        "ffn_down.weight" => &lw.w_down,
-        _ => return None,
-    })
 }
 
 /// Hands tensors to the sink: only asked-for ones are copied back.

@@ -8,7 +8,6 @@ use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::CudaSlice;
 
 use super::device::{ptr, Arg, Gpu};
-use crate::faults::Fault;
 use crate::gguf::GgmlType;
 
 /// Most token rows the matrix-vector kernels take (quant.cu's MV_MAX_T); above it, prefill GEMMs go
@@ -506,43 +505,11 @@ pub struct RopeArgs {
     pub neox: bool,
 }
 
-/// The bug classes the attention kernels inject (crate::faults), uniform per launch: the kernels'
-/// `fault` bits (named ATTN_* for NVRTC by device::kernel_constants) and `window` argument.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AttnFault {
-    /// Every row sees all kv_len positions ([`Fault::CausalMaskMissing`]).
-    pub no_causal_mask: bool,
-    /// Softmax without max subtraction ([`Fault::SoftmaxNoMax`]).
-    pub softmax_no_max: bool,
-    /// Query head h reads KV head `h % Hkv` ([`Fault::GqaMapping`]).
-    pub gqa_modulo: bool,
-    /// A row sees only its last N visible positions ([`Fault::AttentionWindow`]); 0 = no window.
-    pub window: u32,
-}
+/// The attention fault's kernel arguments (its type and bits: crate::fault_plan, where both
+/// backends read it).
+pub use crate::fault_plan::AttnFault;
 
 impl AttnFault {
-    /// The kernels' bit names and values, the one home of both.
-    pub const BITS: [(&'static str, i32); 3] = [("ATTN_NO_CAUSAL_MASK", 1), ("ATTN_SOFTMAX_NO_MAX", 2), ("ATTN_GQA_MODULO", 4)];
-
-    /// What `fault` asks of the attention kernels (all off for any other fault, or none).
-    pub fn of(fault: Option<Fault>) -> Self {
-        Self {
-            no_causal_mask: fault == Some(Fault::CausalMaskMissing),
-            softmax_no_max: fault == Some(Fault::SoftmaxNoMax),
-            gqa_modulo: fault == Some(Fault::GqaMapping),
-            window: match fault {
-                Some(Fault::AttentionWindow(n)) => n,
-                _ => 0,
-            },
-        }
-    }
-
-    /// The kernels' `fault` argument.
-    pub fn bits(&self) -> i32 {
-        let [mask, max, gqa] = Self::BITS.map(|b| b.1);
-        (self.no_causal_mask as i32 * mask) | (self.softmax_no_max as i32 * max) | (self.gqa_modulo as i32 * gqa)
-    }
-
     /// The kernels' `window` argument (0: none).
     pub fn window_arg(&self) -> Result<Arg> {
         i(self.window as usize)
