@@ -573,10 +573,9 @@ mod tests {
         assert!(r.iter().any(|c| c.name == "invariants:rope_relative" && !c.passed), "{r:?}");
     }
 
-    /// gemma3: RoPE rotates `Qcur_normed-L` (each head RMS-normed with its weight), not `Qcur-L.mul_mat`.
-    #[test]
-    fn rope_input_is_the_head_norm_where_the_dump_has_one() {
-        let (tk, h, d) = (3, 2, 8);
+    /// A gemma3-like Q of `tk` tokens × `h` heads × `d`: its projection, each head RMS-normed with a
+    /// weight (`Qcur_normed`), and that rotated (NeoX pairs, base 1e4).
+    fn head_normed_rope(tk: usize, h: usize, d: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let proj: Vec<f32> = (0..tk * h * d).map(|i| ((i * 29 % 13) as f32 - 6.0) * 0.7).collect();
         let normed: Vec<f32> = proj
             .chunks_exact(d)
@@ -587,6 +586,14 @@ mod tests {
             .collect();
         let mut post = normed.clone();
         apply_rope(&mut post, tk, h, d, 0, 1e4, Pairing::Neox);
+        (proj, normed, post)
+    }
+
+    /// gemma3: RoPE rotates `Qcur_normed-L` (each head RMS-normed with its weight), not `Qcur-L.mul_mat`.
+    #[test]
+    fn rope_input_is_the_head_norm_where_the_dump_has_one() {
+        let (tk, h, d) = (3, 2, 8);
+        let (proj, normed, post) = head_normed_rope(tk, h, d);
         let mut m = MemTaps::default();
         m.0.insert("s0/Qcur-0.mul_mat".into(), Tensor { shape: vec![1, 1, tk, h * d], data: proj });
         m.0.insert("s0/Qcur_normed-0".into(), Tensor { shape: vec![1, tk, h, d], data: normed });
@@ -698,16 +705,7 @@ mod tests {
     #[test]
     fn rope_invariants_without_their_input_are_not_run() {
         let (tk, h, d) = (3, 2, 8);
-        let proj: Vec<f32> = (0..tk * h * d).map(|i| ((i * 29 % 13) as f32 - 6.0) * 0.7).collect();
-        let normed: Vec<f32> = proj
-            .chunks_exact(d)
-            .flat_map(|head| {
-                let s = (head.iter().map(|v| v * v).sum::<f32>() / d as f32 + 1e-6).sqrt();
-                head.iter().enumerate().map(move |(i, v)| v / s * (1.0 + 0.1 * i as f32)).collect::<Vec<_>>()
-            })
-            .collect();
-        let mut post = normed.clone();
-        apply_rope(&mut post, tk, h, d, 0, 1e4, Pairing::Neox);
+        let (proj, normed, post) = head_normed_rope(tk, h, d);
         let mut m = MemTaps::default();
         for l in 0..2 {
             m.0.insert(format!("s0/Qcur-{l}.mul_mat"), Tensor { shape: vec![1, 1, tk, h * d], data: proj.clone() });
