@@ -67,22 +67,17 @@ impl AttnDims {
 /// Returns `[H][T][kv_len]`, unscaled and unmasked (every cached position, like llama.cpp's kq).
 /// Each score is one [`super::ops::dot`] (ggml_vec_dot_f32's order), computed by [`super::matmul::dots`].
 pub fn attn_scores(q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
-    let (t_n, kv, hd) = (d.n_tokens, d.kv_len(), d.head_dim);
-    let group = d.n_head / d.n_head_kv;
-    let mut kq = vec![0.0f32; d.n_head * t_n * kv];
-    kq.par_chunks_mut(t_n * kv).enumerate().for_each(|(h, out)| {
-        let hk = h / group;
-        for (t, orow) in out.chunks_exact_mut(kv).enumerate() {
-            let qv = &q[(t * d.n_head + h) * hd..(t * d.n_head + h + 1) * hd];
-            super::matmul::dots(qv, k, d.n_head_kv * hd, hk * hd, orow);
-        }
-    });
-    kq
+    scores(q, k, d, false)
 }
 
 /// [`attn_scores`] for the causal positions only: row t holds `kq[h][t][j]` for `j ≤ n_past + t`,
 /// bit for bit the same, and 0 at the masked positions, which the causal softmax never reads.
 pub fn attn_scores_causal(q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
+    scores(q, k, d, true)
+}
+
+/// The scores of [`attn_scores`]; with `causal`, row t only up to position n_past + t (0 after).
+fn scores(q: &[f32], k: &[f32], d: &AttnDims, causal: bool) -> Vec<f32> {
     let (t_n, kv, hd) = (d.n_tokens, d.kv_len(), d.head_dim);
     let group = d.n_head / d.n_head_kv;
     let mut kq = vec![0.0f32; d.n_head * t_n * kv];
@@ -90,7 +85,8 @@ pub fn attn_scores_causal(q: &[f32], k: &[f32], d: &AttnDims) -> Vec<f32> {
         let hk = h / group;
         for (t, orow) in out.chunks_exact_mut(kv).enumerate() {
             let qv = &q[(t * d.n_head + h) * hd..(t * d.n_head + h + 1) * hd];
-            super::matmul::dots(qv, k, d.n_head_kv * hd, hk * hd, &mut orow[..d.n_past + t + 1]);
+            let n = if causal { d.n_past + t + 1 } else { kv };
+            super::matmul::dots(qv, k, d.n_head_kv * hd, hk * hd, &mut orow[..n]);
         }
     });
     kq
