@@ -82,12 +82,7 @@ pub fn fast_prefill_for(tier: crate::vocab::Tier) -> Result<bool> {
 
 /// [`fast_prefill_for`] with LOCKSTEP_CUDA_MATH's value given.
 fn fast_prefill_policy(math: Option<&str>, tier: crate::vocab::Tier) -> Result<bool> {
-    match math {
-        None | Some("" | "auto") => Ok(tier == crate::vocab::Tier::Shipped),
-        Some("f32") => Ok(false),
-        Some("tf32") => Ok(true),
-        Some(other) => Err(anyhow!("LOCKSTEP_CUDA_MATH={other}: expected auto (TF32 prefill on the shipped tier only), f32 or tf32")),
-    }
+    Ok(lockstep_engine::cuda::backend::prefill_math(math)?.unwrap_or(tier == crate::vocab::Tier::Shipped))
 }
 
 /// The golden's prompt as the engine's [`Prompt`].

@@ -39,7 +39,20 @@ pub struct CudaOptions {
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        Self { max_ctx: 0, batch: 512, graphs: true, tf32: std::env::var("LOCKSTEP_CUDA_MATH").is_ok_and(|v| v == "tf32") }
+        let tf32 = matches!(prefill_math(std::env::var("LOCKSTEP_CUDA_MATH").ok().as_deref()), Ok(Some(true)));
+        Self { max_ctx: 0, batch: 512, graphs: true, tf32 }
+    }
+}
+
+/// LOCKSTEP_CUDA_MATH's value read: `Some(true)` forces the TF32 prefill, `Some(false)` f32, `None`
+/// (unset, empty or `auto`) leaves it to the caller (validate: TF32 on the shipped tier only; a
+/// backend loaded directly: f32). Anything else is an error naming the accepted values.
+pub fn prefill_math(value: Option<&str>) -> Result<Option<bool>> {
+    match value {
+        None | Some("" | "auto") => Ok(None),
+        Some("f32") => Ok(Some(false)),
+        Some("tf32") => Ok(Some(true)),
+        Some(other) => anyhow::bail!("LOCKSTEP_CUDA_MATH={other}: expected auto (TF32 prefill on the shipped tier only), f32 or tf32"),
     }
 }
 
