@@ -160,6 +160,22 @@ fn graph_agreement(
         .with_reason(Some(lim.reason)))
 }
 
+/// The case's tolerances with `invariants.rms_eps` set to the model's own RMSNorm eps, from the model
+/// file's metadata (what llama.cpp ran: the exact tier's F32 copy keeps it), as `lockstep compare` sets
+/// it for an outside engine's dump; so `rms_unit` holds our engine's rows to the same eps. A suite's own
+/// value stays; a file without the key leaves the check its bound.
+fn with_model_eps<'t>(tol: &'t Tolerances, file: &lockstep_engine::gguf::GgufFile, arch: &str, model: &str) -> std::borrow::Cow<'t, Tolerances> {
+    let key = checks::invariants::RMS_EPS_KEY;
+    match file.meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon")) {
+        Ok(eps) if eps.is_finite() && eps >= 0.0 && !tol.map.contains_key(key) => {
+            let mut t = tol.clone();
+            t.set(key, eps, &format!("the model's layer_norm_rms_epsilon ({arch}.attention.layer_norm_rms_epsilon of {model})"));
+            std::borrow::Cow::Owned(t)
+        }
+        _ => std::borrow::Cow::Borrowed(tol),
+    }
+}
+
 /// Runs one case on a loaded backend (`which`: the one it is). `reference`: the clean CPU backend of the
 /// same model when `backend` is another backend, so check 9 can compare their generations token by
 /// token; `None` judges `backend`'s anti-cheat generation alone.
@@ -216,6 +232,7 @@ pub fn run_case(
     } else {
         None
     };
+    let tol = &*with_model_eps(tol, &model.file, model.config.arch.name(), &case.model);
     let opt = Options { tol, pairing, diversity: None, max_step: Some(max_step), require_all_taps: true };
     let run =
         EngineRun { taps: &taps, logits: if case.wants(Check::Logits) { all_logits.clone() } else { Vec::new() }, tokens: engine_tokens, continuation: None };
@@ -437,6 +454,23 @@ pub fn trials<'a>(suites: &'a [Suite], backends: Option<&[BackendName]>) -> Vec<
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rms_unit_gets_the_model_eps_unless_the_suite_sets_one() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("golden/models/tiny-qwen2.f32.gguf");
+        let file = lockstep_engine::gguf::GgufFile::open(&path).unwrap();
+        let want = file.meta_f64("qwen2.attention.layer_norm_rms_epsilon").unwrap();
+        let key = super::checks::invariants::RMS_EPS_KEY;
+        let tol = super::Tolerances::default();
+        let got = super::with_model_eps(&tol, &file, "qwen2", "tiny-qwen2");
+        assert_eq!(got.map.get(key).map(|l| l.value), Some(want));
+        assert!(got.map[key].reason.contains("qwen2.attention.layer_norm_rms_epsilon of tiny-qwen2"), "{}", got.map[key].reason);
+        let mut set = super::Tolerances::default();
+        set.set(key, 0.5, "the suite's");
+        assert_eq!(super::with_model_eps(&set, &file, "qwen2", "tiny-qwen2").map[key].value, 0.5);
+        // a name the file lacks: the check keeps its bound
+        assert!(!super::with_model_eps(&tol, &file, "llama", "tiny-qwen2").map.contains_key(key));
+    }
+
     use super::fast_prefill_policy;
     use crate::vocab::Tier;
 
