@@ -24,7 +24,11 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         u32 qs[4];
         ld16(b + 2, qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = small_int_f((B16(qs, j) >> sh) & 0xF, 8) * d;
+        for (int i = 0; i < 4; i++) {
+            u32 v = (qs[i] >> sh) & 0x0F0F0F0Fu;  // elements 4i .. 4i + 3, a byte each
+#pragma unroll
+            for (int k = 0; k < 4; k++) out[4 * i + k] = byte_int_f(v, k, 8) * d;
+        }
     } else if (TY == GT_Q4_1) {  // 20 bytes: f16 d, f16 m, qs[16]; x = q d + m
         const u8* b = row + (c >> 1) * 20;
         int sh = (c & 1) * 4;
@@ -32,7 +36,11 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         u32 qs[4];
         ld16(b + 4, qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = small_int_f((B16(qs, j) >> sh) & 0xF, 0) * d + m;
+        for (int i = 0; i < 4; i++) {
+            u32 v = (qs[i] >> sh) & 0x0F0F0F0Fu;
+#pragma unroll
+            for (int k = 0; k < 4; k++) out[4 * i + k] = byte_int_f(v, k, 0) * d + m;
+        }
     } else if (TY == GT_Q5_0) {  // 22 bytes: f16 d, qh[4], qs[16]; x = (q | bit<<4) - 16) d
         const u8* b = row + (c >> 1) * 22;
         int h = c & 1;
@@ -41,9 +49,11 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         u32 qs[4];
         ld16(b + 6, qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) {
-            u32 q = ((B16(qs, j) >> (4 * h)) & 0xF) | (((qh >> (j + 16 * h)) & 1) << 4);
-            out[j] = small_int_f(q, 16) * d;
+        for (int i = 0; i < 4; i++) {
+            // elements j = 4i .. 4i + 3: low nibbles (or high, second half), fifth bit j + 16h of qh
+            u32 v = ((qs[i] >> (4 * h)) & 0x0F0F0F0Fu) | spread4_bit4((qh >> (16 * h + 4 * i)) & 0xFu);
+#pragma unroll
+            for (int k = 0; k < 4; k++) out[4 * i + k] = byte_int_f(v, k, 16) * d;
         }
     } else if (TY == GT_Q8_0) {  // 34 bytes: f16 d, qs[32] (i8); x = q d
         const u8* b = row + (c >> 1) * 34;
@@ -51,7 +61,11 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         u32 qs[4];
         ld16(b + 2 + 16 * (c & 1), qs);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = small_int_f(B16(qs, j) ^ 0x80u, 128) * d;  // i8 + 128
+        for (int i = 0; i < 4; i++) {
+            u32 v = qs[i] ^ 0x80808080u;  // i8 + 128, a byte each
+#pragma unroll
+            for (int k = 0; k < 4; k++) out[4 * i + k] = byte_int_f(v, k, 128) * d;
+        }
     } else if (TY == GT_Q4_K) {  // 144 bytes: f16 d, f16 dmin, scales[12], qs[128]
         const u8* b = row + (c >> 4) * 144;
         int cc = c & 15, g = cc >> 2, sub = cc & 3;
@@ -71,7 +85,11 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         ld16(b + 16 + 32 * g + 16 * (sub & 1), q);
         int sh = 4 * (sub >> 1);
 #pragma unroll
-        for (int j = 0; j < 16; j++) out[j] = d1 * small_int_f((B16(q, j) >> sh) & 0xF, 0) - m1;
+        for (int i = 0; i < 4; i++) {
+            u32 v = (q[i] >> sh) & 0x0F0F0F0Fu;
+#pragma unroll
+            for (int k = 0; k < 4; k++) out[4 * i + k] = d1 * byte_int_f(v, k, 0) - m1;
+        }
     } else if (TY == GT_Q6_K) {  // 210 bytes: ql[128], qh[64], scales[16] (i8), f16 d
         const u8* b = row + (c >> 4) * 210;
         int cc = c & 15, n = cc >> 3, r = cc & 7, k = r >> 1, lh = r & 1;
@@ -83,9 +101,11 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         ld16(b + 128 + 32 * n + 16 * lh, qh);
         int shl = (k >> 1) * 4, shh = 2 * k;
 #pragma unroll
-        for (int j = 0; j < 16; j++) {
-            u32 q = ((B16(ql, j) >> shl) & 0xF) | (((B16(qh, j) >> shh) & 3) << 4);
-            out[j] = ds * small_int_f(q, 32);
+        for (int i = 0; i < 4; i++) {
+            // 4 low bits from ql, 2 high bits from qh, per byte (shl ≤ 4, shh ≤ 6: within the byte)
+            u32 v = ((ql[i] >> shl) & 0x0F0F0F0Fu) | (((qh[i] >> shh) & 0x03030303u) << 4);
+#pragma unroll
+            for (int e = 0; e < 4; e++) out[4 * i + e] = ds * byte_int_f(v, e, 32);
         }
     }
 }
