@@ -14,6 +14,8 @@ __device__ __forceinline__ float h2f(u16 h) {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+// host-check begin: from here to "host-check end", plain C++ that engine/tests/kernels_host.rs also
+// compiles for the CPU (with host versions of the CUDA intrinsics) to hold dq16 to the CPU twin.
 // Little-endian u16 from a 2-byte-aligned address (every block field the kernels read this way is).
 __device__ __forceinline__ u16 ld_u16(const u8* p) { return *(const u16*)p; }
 
@@ -41,6 +43,7 @@ __device__ __forceinline__ float byte_int_f(u32 w, int k, int off) {
 // Bits 0..3 of b moved to bit 4 of bytes 0..3 (the fifth bit of a Q5 word's four elements): the four
 // shifted copies of b do not overlap, so the product has no carries.
 __device__ __forceinline__ u32 spread4_bit4(u32 b) { return ((b * 0x00204081u) & 0x01010101u) << 4; }
+// host-check end
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

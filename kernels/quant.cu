@@ -5,6 +5,7 @@
 // Work is split in "chunks" of 16 consecutive elements of a row: half a block for the 32-element
 // formats, a sixteenth of a super-block for the k-quants, 16 plain values for F32/F16.
 
+// host-check begin (engine/tests/kernels_host.rs compiles dq16 for the CPU too)
 // Dequantizes chunk `c` (elements 16c .. 16c+15) of the row at `row` into `out`. For F32/F16,
 // elements at or past `ncols` come out 0; the block formats always have whole blocks.
 template <int TY>
@@ -109,6 +110,7 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         }
     }
 }
+// host-check end
 
 // MV_MAX_T (most token rows of a matvec) comes from Rust: cuda::ops::MV_MAX_T.
 
