@@ -71,16 +71,6 @@ __device__ double block_sum_d(double v, double* sh /* [32] */) {
     v = warp_sum_d(v);
     return v;
 }
-__device__ float block_max(float v, float* sh /* [32] */) {
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) sh[w] = v;
-    __syncthreads();
-    v = lane < nw ? sh[lane] : -INFINITY;
-    v = warp_max(v);
-    return v;
-}
 
 // RMSNorm scale of one row, 1 / sqrt(mean(x²) + eps), with the sum of squares in f64 over the block
 // (thread i takes elements i, i + blockDim.x, …): the same arithmetic in rmsnorm_f32 and in the fused
