@@ -190,8 +190,8 @@ impl<'m> CompareGolden<'m> {
         let tier = record_tier(f);
         let model = f.model.clone().unwrap_or_default();
         let mut tol = tol.unwrap_or_else(|| Tolerances::new(tier));
-        if let (Some((eps, from)), false) = (&self.rms_eps, tol.map.contains_key(checks::invariants::RMS_EPS_KEY)) {
-            tol.set(checks::invariants::RMS_EPS_KEY, *eps, &format!("the model's layer_norm_rms_epsilon ({from})"));
+        if let Some(eps) = &self.rms_eps {
+            checks::invariants::hold_to_model_eps(&mut tol, eps);
         }
         let opt = Options { tol: &tol, pairing: Pairing::for_arch(&self.arch), diversity: self.diversity, max_step: None, require_all_taps: false };
         let mut case = CaseReport {
@@ -252,9 +252,8 @@ fn model_file(manifest: &Manifest, f: &ManifestFile) -> Option<std::path::PathBu
 /// a bound on eps).
 fn golden_rms_eps(manifest: &Manifest, f: &ManifestFile, arch: &str) -> Option<(f64, String)> {
     let p = model_file(manifest, f).filter(|_| !arch.is_empty())?;
-    let eps = lockstep_engine::gguf::GgufFile::open(&p).ok()?.meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon")).ok()?;
     let name = p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
-    (eps.is_finite() && eps >= 0.0).then(|| (eps, format!("{arch}.attention.layer_norm_rms_epsilon of {name}")))
+    checks::invariants::model_rms_eps(&lockstep_engine::gguf::GgufFile::open(&p).ok()?, arch, &name)
 }
 
 #[cfg(test)]

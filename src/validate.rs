@@ -165,11 +165,10 @@ fn graph_agreement(
 /// it for an outside engine's dump; so `rms_unit` holds our engine's rows to the same eps. A suite's own
 /// value stays; a file without the key leaves the check its bound.
 fn with_model_eps<'t>(tol: &'t Tolerances, file: &lockstep_engine::gguf::GgufFile, arch: &str, model: &str) -> std::borrow::Cow<'t, Tolerances> {
-    let key = checks::invariants::RMS_EPS_KEY;
-    match file.meta_f64(&format!("{arch}.attention.layer_norm_rms_epsilon")) {
-        Ok(eps) if eps.is_finite() && eps >= 0.0 && !tol.map.contains_key(key) => {
+    match checks::invariants::model_rms_eps(file, arch, model) {
+        Some(eps) if !tol.map.contains_key(checks::invariants::RMS_EPS_KEY) => {
             let mut t = tol.clone();
-            t.set(key, eps, &format!("the model's layer_norm_rms_epsilon ({arch}.attention.layer_norm_rms_epsilon of {model})"));
+            checks::invariants::hold_to_model_eps(&mut t, &eps);
             std::borrow::Cow::Owned(t)
         }
         _ => std::borrow::Cow::Borrowed(tol),

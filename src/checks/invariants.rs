@@ -170,6 +170,23 @@ pub const RMS_EPS_MAX: f64 = 1e-5;
 /// falls back to the bound [`RMS_EPS_MAX`].
 pub const RMS_EPS_KEY: &str = "invariants.rms_eps";
 
+/// The model's own RMSNorm eps, `{arch}.attention.layer_norm_rms_epsilon` of `file` (`name`: how to
+/// call that file in the reason), and where it was read; None when the key is missing or not a
+/// finite eps ≥ 0.
+pub fn model_rms_eps(file: &lockstep_engine::gguf::GgufFile, arch: &str, name: &str) -> Option<(f64, String)> {
+    let key = format!("{arch}.attention.layer_norm_rms_epsilon");
+    let eps = file.meta_f64(&key).ok()?;
+    (eps.is_finite() && eps >= 0.0).then(|| (eps, format!("{key} of {name}")))
+}
+
+/// Holds `rms_unit` to the model's eps (from [`model_rms_eps`]) unless `tol` already sets [`RMS_EPS_KEY`]
+/// (a suite's or a caller's own value stays).
+pub fn hold_to_model_eps(tol: &mut Tolerances, (eps, from): &(f64, String)) {
+    if !tol.map.contains_key(RMS_EPS_KEY) {
+        tol.set(RMS_EPS_KEY, *eps, &format!("the model's layer_norm_rms_epsilon ({from})"));
+    }
+}
+
 /// The eps an RMSNorm row is held to: the model's own (a row of input mean square `ms_in` must have mean
 /// square `ms_in/(ms_in + eps)`), or, when unknown, only a bound (anything in `[ms_in/(ms_in + bound), 1]`).
 #[derive(Debug, Clone, PartialEq)]
