@@ -102,10 +102,14 @@ fn region<'a>(src: &'a str, file: &str) -> Result<&'a str, String> {
     Ok(&src[begin..begin + end])
 }
 
-/// A C++ compiler: CXX, else the first of c++, g++, clang++ that answers `--version`.
-fn compiler() -> Option<String> {
-    let candidates = std::env::var("CXX").ok().into_iter().chain(["c++", "g++", "clang++"].map(String::from));
-    candidates.into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+/// A C++ compiler: CXX, else the first of c++, g++, clang++ that answers `--version` (asked once).
+fn compiler() -> Option<&'static str> {
+    static CXX: OnceLock<Option<String>> = OnceLock::new();
+    CXX.get_or_init(|| {
+        let candidates = std::env::var("CXX").ok().into_iter().chain(["c++", "g++", "clang++"].map(String::from));
+        candidates.into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
+    })
+    .as_deref()
 }
 
 /// The compiled host program (built once), in a directory kept for the process.
@@ -122,7 +126,7 @@ fn host_program() -> &'static Result<PathBuf, String> {
         );
         let (cpp, exe) = (dir.join("dq16_host.cpp"), dir.join("dq16_host"));
         std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
-        let out = Command::new(&cxx).args(["-std=c++17", "-O1", "-ffp-contract=off", "-o"]).arg(&exe).arg(&cpp).output().map_err(|e| format!("{cxx}: {e}"))?;
+        let out = Command::new(cxx).args(["-std=c++17", "-O1", "-ffp-contract=off", "-o"]).arg(&exe).arg(&cpp).output().map_err(|e| format!("{cxx}: {e}"))?;
         if !out.status.success() {
             return Err(format!("{cxx} failed on the kernels' host-check text ({}):\n{}", cpp.display(), String::from_utf8_lossy(&out.stderr)));
         }
