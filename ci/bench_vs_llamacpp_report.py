@@ -36,9 +36,10 @@ def main():
             for r in load(f"{out}/lockstep-{mid}-{rnd}.json"):
                 per_test.setdefault(r["test"], {"llama": [], "lockstep": []})["lockstep"].append(r)
                 paths[r["test"]] = r.get("path", "")
-            # the shipped tier's prefill (TF32), against the same llama.cpp pp runs
-            tf32 = f"{out}/lockstep-tf32-{mid}-{rnd}.json"
-            for r in load(tf32) if os.path.exists(tf32) else []:
+            # the shipped tier's fast arithmetic (TF32 prefill, int8 decode), against the same
+            # llama.cpp runs
+            fast = f"{out}/lockstep-fast-{mid}-{rnd}.json"
+            for r in load(fast) if os.path.exists(fast) else []:
                 name = f"{r['test']} shipped-tier path"
                 per_test.setdefault(name, {"llama": [], "lockstep": []})["lockstep"].append(r)
                 paths[name] = r.get("path", "")

@@ -21,8 +21,11 @@ __device__ __forceinline__ u16 ld_u16(const u8* p) { return *(const u16*)p; }
 
 // 16 bytes from any address as 4 little-endian words: aligned 4-byte loads and funnel shifts, so a
 // lane issues 4 or 5 loads instead of 16 byte loads. Reads no byte past p + 15 rounded up to 4.
+// The aligned address is p minus its low bits, not p's bits masked through an integer: a pointer
+// rebuilt from an integer loses its address space, and the loads from a shared-memory staging area
+// became generic loads (LD instead of LDS, and LD instead of LDG from global memory) in the SASS.
 __device__ __forceinline__ void ld16(const u8* p, u32 out[4]) {
-    const u32* b = (const u32*)((unsigned long long)p & ~3ull);
+    const u32* b = (const u32*)(p - ((unsigned long long)p & 3));
     u32 sh = ((unsigned long long)p & 3) * 8;
     u32 w0 = b[0], w1 = b[1], w2 = b[2], w3 = b[3];
     u32 w4 = sh ? b[4] : 0u;

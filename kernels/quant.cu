@@ -110,6 +110,90 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         }
     }
 }
+
+// ---- int8 activations (the shipped tier's decode arithmetic, llama.cpp's MMVQ) ----
+// x is quantized per 32 values as llama.cpp's q8_1 does it: d8 = amax / 127, q8 = round(x / d8)
+// (q8 = 0 when amax = 0). A chunk c of 16 weights (dq16's chunk) then meets the four words u of
+// q8[16c .. 16c + 15], the scale d8 of its 32 and s16 = Σ of those 16 q8, and gives
+//   Σ_j dequantized w_j · (d8 · q8_j)
+// as integer dot products (dp4a) of the weights' integer values with q8, scaled once: the offsets
+// (Q4_0's 8, Q5_0's 16, Q6_K's 32) and Q4_1/Q4_K minimums come in through s16, exactly.
+// CPU twin: engine/src/cpu/ops.rs quantize_q8 (d8 · q8 per value) then a plain dot product.
+template <int TY>
+__device__ __forceinline__ float q8dot16(const u8* __restrict__ row, int c, const int u[4], float d8, int s16) {
+    int s = 0;
+    if (TY == GT_Q4_0) {  // x = (q - 8) d
+        const u8* b = row + (c >> 1) * 18;
+        int sh = (c & 1) * 4;
+        u32 qs[4];
+        ld16(b + 2, qs);
+#pragma unroll
+        for (int i = 0; i < 4; i++) s = __dp4a((int)((qs[i] >> sh) & 0x0F0F0F0Fu), u[i], s);
+        return h2f(ld_u16(b)) * d8 * (float)(s - 8 * s16);
+    } else if (TY == GT_Q4_1) {  // x = q d + m
+        const u8* b = row + (c >> 1) * 20;
+        int sh = (c & 1) * 4;
+        u32 qs[4];
+        ld16(b + 4, qs);
+#pragma unroll
+        for (int i = 0; i < 4; i++) s = __dp4a((int)((qs[i] >> sh) & 0x0F0F0F0Fu), u[i], s);
+        return d8 * (h2f(ld_u16(b)) * (float)s + h2f(ld_u16(b + 2)) * (float)s16);
+    } else if (TY == GT_Q5_0) {  // x = (q | bit<<4) - 16) d
+        const u8* b = row + (c >> 1) * 22;
+        int h = c & 1;
+        u32 qh = (u32)ld_u16(b + 2) | ((u32)ld_u16(b + 4) << 16);
+        u32 qs[4];
+        ld16(b + 6, qs);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            u32 v = ((qs[i] >> (4 * h)) & 0x0F0F0F0Fu) | spread4_bit4((qh >> (16 * h + 4 * i)) & 0xFu);
+            s = __dp4a((int)v, u[i], s);
+        }
+        return h2f(ld_u16(b)) * d8 * (float)(s - 16 * s16);
+    } else if (TY == GT_Q8_0) {  // x = q d, q signed
+        const u8* b = row + (c >> 1) * 34;
+        u32 qs[4];
+        ld16(b + 2 + 16 * (c & 1), qs);
+#pragma unroll
+        for (int i = 0; i < 4; i++) s = __dp4a((int)qs[i], u[i], s);
+        return h2f(ld_u16(b)) * d8 * (float)s;
+    } else if (TY == GT_Q4_K) {  // x = d·sc·q − dmin·mn
+        const u8* b = row + (c >> 4) * 144;
+        int cc = c & 15, g = cc >> 2, sub = cc & 3;
+        const u8* sc6 = b + 4;
+        int is = 2 * g + (sub >> 1);
+        int sc, mn;  // ggml's get_scale_min_k4
+        if (is < 4) {
+            sc = sc6[is] & 63;
+            mn = sc6[is + 4] & 63;
+        } else {
+            sc = (sc6[is + 4] & 0xF) | ((sc6[is - 4] >> 6) << 4);
+            mn = (sc6[is + 4] >> 4) | ((sc6[is] >> 6) << 4);
+        }
+        u32 q[4];
+        ld16(b + 16 + 32 * g + 16 * (sub & 1), q);
+        int sh = 4 * (sub >> 1);
+#pragma unroll
+        for (int i = 0; i < 4; i++) s = __dp4a((int)((q[i] >> sh) & 0x0F0F0F0Fu), u[i], s);
+        float d1 = h2f(ld_u16(b)) * (float)sc, m1 = h2f(ld_u16(b + 2)) * (float)mn;
+        return d8 * (d1 * (float)s - m1 * (float)s16);
+    } else if (TY == GT_Q6_K) {  // x = d·sc·(q − 32)
+        const u8* b = row + (c >> 4) * 210;
+        int cc = c & 15, n = cc >> 3, r = cc & 7, k = r >> 1, lh = r & 1;
+        const signed char* sc = (const signed char*)(b + 192);
+        u32 ql[4], qh[4];
+        ld16(b + 64 * n + (k & 1) * 32 + 16 * lh, ql);
+        ld16(b + 128 + 32 * n + 16 * lh, qh);
+        int shl = (k >> 1) * 4, shh = 2 * k;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            u32 v = ((ql[i] >> shl) & 0x0F0F0F0Fu) | (((qh[i] >> shh) & 0x03030303u) << 4);
+            s = __dp4a((int)v, u[i], s);
+        }
+        return h2f(ld_u16(b + 208)) * (float)sc[8 * n + lh + 2 * k] * d8 * (float)(s - 32 * s16);
+    }
+    return 0.0f;  // F32/F16: no integer form (the callers take only block formats)
+}
 // host-check end
 
 // MV_MAX_T (most token rows of a matvec) comes from Rust: cuda::ops::MV_MAX_T.
@@ -342,6 +426,47 @@ __device__ __forceinline__ void stage_x(float* xs, const float* __restrict__ x, 
     }
 }
 
+// x (RMS-normalised and scaled by norm_w as stage_x does it, when given) quantized to int8 per 32
+// values, for q8dot16 (the int8 section above), into the block's x area (x_area_bytes<true>):
+//   xq [n] i8: q8 = round(x / d8) (0 where amax = 0) | xd [n / 32] f32: d8 = amax / 127 |
+//   xs [n / 16] i32: Σ of each 16 q8.
+// n a multiple of 32. Each warp takes whole 32s (lane j its value j). Whole block.
+__device__ __forceinline__ void stage_x_q8(u8* area, const float* __restrict__ x, int n,
+                                           const float* __restrict__ norm_w, float eps, double* shd) {
+    float sc = norm_w ? row_rms_scale(x, n, eps, shd) : 1.0f;
+    signed char* xq = (signed char*)area;
+    float* xd = (float*)(area + n);
+    int* xs = (int*)(area + n + n / 8);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int b = warp; b < n / 32; b += blockDim.x >> 5) {
+        int i = 32 * b + lane;
+        float v = norm_w ? x[i] * sc * norm_w[i] : x[i];
+        float amax = warp_max(fabsf(v));
+        float d = amax / 127.0f;
+        int q = amax == 0.0f ? 0 : (int)roundf(v / d);
+        xq[i] = (signed char)q;
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);  // Σ over the 16
+        if (lane == 0) xd[b] = d;
+        if ((lane & 15) == 0) xs[2 * b + (lane >> 4)] = q;
+    }
+}
+
+// Bytes of a staged kernel's x area for `ncols` values, 16-byte rounded: f32 values, or the int8
+// form of stage_x_q8 (1 + 1/8 + 1/4 bytes a value). Rust's twin: ops.rs x_area_bytes.
+template <bool Q8>
+__device__ __forceinline__ int x_area_bytes(int ncols) {
+    return ((Q8 ? ncols + ncols / 8 + ncols / 4 : 4 * ncols) + 15) & ~15;
+}
+
+// Stages x into the x area in the kernel's arithmetic (f32, or int8 when Q8).
+template <bool Q8>
+__device__ __forceinline__ void stage_x_any(u8* area, const float* __restrict__ x, int n,
+                                            const float* __restrict__ norm_w, float eps, double* shd) {
+    if (Q8) stage_x_q8(area, x, n, norm_w, eps, shd);
+    else stage_x((float*)area, x, n, norm_w, eps, shd);
+}
+
 // Σ_j w[j] · x[j] over one chunk of 16 values, summed as matvec_impl sums a chunk.
 __device__ __forceinline__ float dot16(const float w[16], const float4* xv) {
     float s = 0.0f;
@@ -353,14 +478,28 @@ __device__ __forceinline__ float dot16(const float w[16], const float4* xv) {
     return s;
 }
 
-// Σ over local chunks c = lane, lane + 32, … < nc of dq16(span, c) · xs[16c ..]: one lane's share.
+// Chunk c of the int8 x (stage_x_q8's area xa, for ncols values) against chunk cw of the staged
+// weights `span`: q8dot16 with the chunk's four words of q8, its d8 and its Σ q8.
 template <int TY>
-__device__ __forceinline__ float dot_staged(const u8* span, int nc, const float* xs, int lane) {
+__device__ __forceinline__ float q8_chunk(const u8* span, int cw, const u8* xa, int ncols, int c) {
+    const int4 u4 = *(const int4*)(xa + 16 * c);
+    const int u[4] = {u4.x, u4.y, u4.z, u4.w};
+    return q8dot16<TY>(span, cw, u, ((const float*)(xa + ncols))[c >> 1], ((const int*)(xa + ncols + ncols / 8))[c]);
+}
+
+// Σ over local chunks c = lane, lane + 32, … < nc of dq16(span, c) · x chunk c (f32 x area), or of
+// q8_chunk (Q8): one lane's share. xa: the block's x area (stage_x_any<Q8>).
+template <int TY, bool Q8>
+__device__ __forceinline__ float dot_staged(const u8* span, int nc, const u8* xa, int ncols, int lane) {
     float acc = 0.0f;
     for (int c = lane; c < nc; c += 32) {
-        float w[16];
-        dq16<TY>(span, c, 0, w);
-        acc += dot16(w, (const float4*)(xs + 16 * c));
+        if constexpr (Q8) {
+            acc += q8_chunk<TY>(span, c, xa, ncols, c);
+        } else {
+            float w[16];
+            dq16<TY>(span, c, 0, w);
+            acc += dot16(w, (const float4*)((const float*)xa + 16 * c));
+        }
     }
     return acc;
 }
@@ -368,10 +507,10 @@ __device__ __forceinline__ float dot_staged(const u8* span, int nc, const float*
 // matvec_impl for T = 1 and a block format, staged. blockDim.x = 256: 8 warps. Either `wpr` warps
 // (1, 2, 4 or 8) share a row, each taking a run of ⌈blocks per row / wpr⌉ whole blocks, or (wpr = 1)
 // each warp takes `rpw` consecutive rows (1 to RPW_MAX; MV_RPW for matvec1s), reusing each x chunk
-// it loads for all of them. Dynamic shared memory: xs [ncols] floats (rounded up to 16 bytes), then
-// 8 · rpw staging areas of `span_cap` bytes. `block`: this block's index in the matrix.
-// MV_RPW comes from Rust: cuda::ops::MV_RPW.
-template <int TY, int RPW_MAX>
+// it loads for all of them. Dynamic shared memory: the x area (x_area_bytes<Q8>(ncols): f32 x, or
+// with Q8 its int8 form, stage_x_q8), then 8 · rpw staging areas of `span_cap` bytes. `block`: this
+// block's index in the matrix. MV_RPW comes from Rust: cuda::ops::MV_RPW.
+template <int TY, int RPW_MAX, bool Q8 = false>
 __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_bytes, int nrows, int ncols,
                                     const float* __restrict__ x, float* y, const float* __restrict__ bias,
                                     const float* res, float* __restrict__ y_raw, int wpr, int rpw, int span_cap,
@@ -385,8 +524,7 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
     int r0 = (block * (8 / wpr) + warp / wpr) * rpw;  // this warp's first row
     int nb = ncols / block_elems(TY), bpp = (nb + wpr - 1) / wpr;
     int b0 = part * bpp, nblk = max(0, min(nb, b0 + bpp) - b0);
-    float* xs = (float*)smem;
-    u8* area = smem + ((ncols * 4 + 15) & ~15) + warp * rpw * span_cap;
+    u8* area = smem + x_area_bytes<Q8>(ncols) + warp * rpw * span_cap;
     const u8* span[RPW_MAX];
 #pragma unroll
     for (int k = 0; k < RPW_MAX; k++) {
@@ -395,24 +533,30 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
             span[k] = stage_span(area + k * span_cap, W + (long long)(r0 + k) * row_bytes + (long long)b0 * BB, nblk * BB, lane);
     }
     pdl_wait();
-    stage_x(xs, x, ncols, norm_w, eps, shd);
+    stage_x_any<Q8>(smem, x, ncols, norm_w, eps, shd);
     cp_async_wait_all();
     __syncthreads();
     // Σ over this lane's chunks c (lane, lane + 32, …) of dq16(row k, c) · x chunk c, for each row
     float acc[RPW_MAX];
 #pragma unroll
     for (int k = 0; k < RPW_MAX; k++) acc[k] = 0.0f;
-    int nc = nblk * CPB;
-    const float* xp = xs + b0 * block_elems(TY);
+    int nc = nblk * CPB, c0 = b0 * CPB;  // c0: the run's first chunk in the row
+    const float* xp = (const float*)smem + b0 * block_elems(TY);
     for (int c = lane; c < nc; c += 32) {
-        const float4* x4 = (const float4*)(xp + 16 * c);
-        float4 xv[4] = {x4[0], x4[1], x4[2], x4[3]};
+        if constexpr (Q8) {
 #pragma unroll
-        for (int k = 0; k < RPW_MAX; k++) {
-            if (k < rpw && r0 + k < nrows) {
-                float w[16];
-                dq16<TY>(span[k], c, 0, w);
-                acc[k] += dot16(w, xv);
+            for (int k = 0; k < RPW_MAX; k++)
+                if (k < rpw && r0 + k < nrows) acc[k] += q8_chunk<TY>(span[k], c, smem, ncols, c0 + c);
+        } else {
+            const float4* x4 = (const float4*)(xp + 16 * c);
+            float4 xv[4] = {x4[0], x4[1], x4[2], x4[3]};
+#pragma unroll
+            for (int k = 0; k < RPW_MAX; k++) {
+                if (k < rpw && r0 + k < nrows) {
+                    float w[16];
+                    dq16<TY>(span[k], c, 0, w);
+                    acc[k] += dot16(w, xv);
+                }
             }
         }
     }
@@ -439,8 +583,8 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
 }
 
 // matvec_swiglu_impl for T = 1 and a block format, staged: one warp per row of G and U.
-// Dynamic shared memory: xs [ncols] floats (rounded up to 16 bytes), then 8 × 2 areas of span_cap.
-template <int TY>
+// Dynamic shared memory: the x area (x_area_bytes<Q8>), then 8 × 2 areas of span_cap.
+template <int TY, bool Q8 = false>
 __device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* __restrict__ U, long long row_bytes,
                                            int nrows, int ncols, const float* __restrict__ x,
                                            float* __restrict__ s_out, float* __restrict__ g_out,
@@ -453,8 +597,7 @@ __device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* _
     int r = blockIdx.x * 8 + warp;
     bool live = r < nrows;
     int nb = ncols / block_elems(TY);
-    float* xs = (float*)smem;
-    u8* area = smem + ((ncols * 4 + 15) & ~15) + 2 * warp * span_cap;
+    u8* area = smem + x_area_bytes<Q8>(ncols) + 2 * warp * span_cap;
     const u8* gs = area;
     const u8* us = area + span_cap;
     if (live) {
@@ -462,13 +605,23 @@ __device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* _
         us = stage_span(area + span_cap, U + (long long)r * row_bytes, nb * BB, lane);
     }
     pdl_wait();
-    stage_x(xs, x, ncols, norm_w, eps, shd);
+    stage_x_any<Q8>(smem, x, ncols, norm_w, eps, shd);
     cp_async_wait_all();
     __syncthreads();
     if (!live) return;
-    // one row after the other (both in one loop would spill at 48 registers)
-    float g = warp_sum(dot_staged<TY>(gs, nb * CPB, xs, lane));
-    float u = warp_sum(dot_staged<TY>(us, nb * CPB, xs, lane));
+    float g, u;
+    if constexpr (Q8) {  // both rows in one loop: each chunk's int8 x read once
+        float ag = 0.0f, au = 0.0f;
+        for (int c = lane; c < nb * CPB; c += 32) {
+            ag += q8_chunk<TY>(gs, c, smem, ncols, c);
+            au += q8_chunk<TY>(us, c, smem, ncols, c);
+        }
+        g = warp_sum(ag);
+        u = warp_sum(au);
+    } else {  // one row after the other (both in one loop would spill at 48 registers)
+        g = warp_sum(dot_staged<TY, Q8>(gs, nb * CPB, smem, ncols, lane));
+        u = warp_sum(dot_staged<TY, Q8>(us, nb * CPB, smem, ncols, lane));
+    }
     if (lane == 0) {
         if (g_out) g_out[r] = g;
         if (u_out) u_out[r] = u;
@@ -487,6 +640,18 @@ __device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* _
                                               int nr, int nc, const float* x, float* s, float* g, float* u, \
                                               int span_cap, const float* nw, float eps) {                 \
         matvec_swiglu1_staged_impl<TY>(G, U, rb, nr, nc, x, s, g, u, span_cap, nw, eps);                  \
+    }                                                                                                     \
+    /* the same two with int8 activations (the shipped tier's decode arithmetic) */                      \
+    extern "C" __global__ void __launch_bounds__(256, 4) matvec1q_##NAME(const u8* W, long long rb, int nr, int nc, \
+                                              const float* x, float* y, const float* b, const float* res, \
+                                              float* y_raw, int wpr, int rpw, int span_cap, const float* nw, \
+                                              float eps) {                                                 \
+        matvec1_staged_impl<TY, MV_RPW, true>(W, rb, nr, nc, x, y, b, res, y_raw, wpr, rpw, span_cap, nw, eps, blockIdx.x); \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256, 5) matvec_swiglu1q_##NAME(const u8* G, const u8* U, long long rb, \
+                                              int nr, int nc, const float* x, float* s, float* g, float* u, \
+                                              int span_cap, const float* nw, float eps) {                 \
+        matvec_swiglu1_staged_impl<TY, true>(G, U, rb, nr, nc, x, s, g, u, span_cap, nw, eps);            \
     }
 
 STAMP_STAGED(q4_0, GT_Q4_0)
@@ -500,14 +665,16 @@ STAMP_STAGED(q6_k, GT_Q6_K)
 // formats may differ): blocks [0, ⌈rows0 / 8⌉) take matrix 0, the next ⌈rows1 / 8⌉ matrix 1, the
 // rest matrix 2; one warp per row (wpr = rpw = 1), no residual. Each matrix: weights W_k (format
 // ty_k, a block format), rb_k bytes per row, rows_k rows; y_k = W_k x (+ bias_k), raw_k = W_k x
-// when given. Dynamic shared memory as matvec1s with span_cap ≥ each matrix's row span.
-template <int TY>
+// when given. Dynamic shared memory as matvec1s with span_cap ≥ each matrix's row span. Q8: x in
+// int8 (matvec1q_multi).
+template <int TY, bool Q8>
 __device__ __forceinline__ void matvec1_staged_seg(const u8* W, long long rb, int nr, int nc, const float* x,
                                                    float* y, const float* b, float* raw, int span_cap,
                                                    const float* nw, float eps, int block) {
-    matvec1_staged_impl<TY, 1>(W, rb, nr, nc, x, y, b, nullptr, raw, 1, 1, span_cap, nw, eps, block);
+    matvec1_staged_impl<TY, 1, Q8>(W, rb, nr, nc, x, y, b, nullptr, raw, 1, 1, span_cap, nw, eps, block);
 }
-extern "C" __global__ void __launch_bounds__(256, 4) matvec1s_multi(
+template <bool Q8>
+__device__ __forceinline__ void matvec1_multi_impl(
     const u8* W0, long long rb0, int rows0, int ty0, float* y0, const float* b0, float* raw0,
     const u8* W1, long long rb1, int rows1, int ty1, float* y1, const float* b1, float* raw1,
     const u8* W2, long long rb2, int rows2, int ty2, float* y2, const float* b2, float* raw2,
@@ -520,14 +687,25 @@ extern "C" __global__ void __launch_bounds__(256, 4) matvec1s_multi(
         blk -= n0; W = W1; rb = rb1; nr = rows1; ty = ty1; y = y1; b = b1; raw = raw1;
     }
     switch (ty) {  // uniform over the block
-        case GT_Q4_0: matvec1_staged_seg<GT_Q4_0>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
-        case GT_Q4_1: matvec1_staged_seg<GT_Q4_1>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
-        case GT_Q5_0: matvec1_staged_seg<GT_Q5_0>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
-        case GT_Q8_0: matvec1_staged_seg<GT_Q8_0>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
-        case GT_Q4_K: matvec1_staged_seg<GT_Q4_K>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
-        case GT_Q6_K: matvec1_staged_seg<GT_Q6_K>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q4_0: matvec1_staged_seg<GT_Q4_0, Q8>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q4_1: matvec1_staged_seg<GT_Q4_1, Q8>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q5_0: matvec1_staged_seg<GT_Q5_0, Q8>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q8_0: matvec1_staged_seg<GT_Q8_0, Q8>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q4_K: matvec1_staged_seg<GT_Q4_K, Q8>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
+        case GT_Q6_K: matvec1_staged_seg<GT_Q6_K, Q8>(W, rb, nr, ncols, x, y, b, raw, span_cap, nw, eps, blk); break;
     }
 }
+#define STAMP_MULTI(NAME, Q8)                                                                             \
+    extern "C" __global__ void __launch_bounds__(256, 4) NAME(                                           \
+        const u8* W0, long long rb0, int rows0, int ty0, float* y0, const float* b0, float* raw0,       \
+        const u8* W1, long long rb1, int rows1, int ty1, float* y1, const float* b1, float* raw1,       \
+        const u8* W2, long long rb2, int rows2, int ty2, float* y2, const float* b2, float* raw2,       \
+        int ncols, const float* x, int span_cap, const float* nw, float eps) {                          \
+        matvec1_multi_impl<Q8>(W0, rb0, rows0, ty0, y0, b0, raw0, W1, rb1, rows1, ty1, y1, b1, raw1,     \
+                               W2, rb2, rows2, ty2, y2, b2, raw2, ncols, x, span_cap, nw, eps);          \
+    }
+STAMP_MULTI(matvec1s_multi, false)
+STAMP_MULTI(matvec1q_multi, true)
 
 // out[r][16c + j] for every chunk of every row (the f32 scratch that cuBLAS reads at prefill).
 // Whole chunks of a row whose length is a multiple of 4 go out as four 16-byte stores (out is

@@ -70,19 +70,21 @@ pub fn load_backend(name: BackendName, model: &Model, fault: Option<Fault>) -> R
     }
 }
 
-/// Whether a case of `tier` runs the backend's faster prefill arithmetic (`Backend::set_fast_prefill`;
-/// CUDA: TF32 tensor cores for the prefill GEMMs). The shipped tier's limits were measured against
-/// llama.cpp running the quantized file with quantized activations (per-tensor gaps of 1–3e-2), and
-/// TF32 passes the shipped suites on the H200 (10/10, 2026-11-29); the exact tier's limits reject it
-/// (qwen exact-haiku s0 Qcur-0.mul_mat: 9.3e-5 against 2e-6). LOCKSTEP_CUDA_MATH=f32 or =tf32 forces
-/// one arithmetic for every case (tf32 on an exact case shows the limits catching it).
-pub fn fast_prefill_for(tier: crate::vocab::Tier) -> Result<bool> {
-    fast_prefill_policy(std::env::var("LOCKSTEP_CUDA_MATH").ok().as_deref(), tier)
+/// Whether a case of `tier` runs the backend's fast arithmetic (`Backend::set_fast_math`; CUDA: TF32
+/// tensor cores for the prefill GEMMs, and with LOCKSTEP_CUDA_MATH=fast int8 activations for the
+/// decode matvecs too, llama.cpp's own decode arithmetic on a quantized file). The shipped tier's
+/// limits were measured against llama.cpp running the quantized file with quantized activations
+/// (per-tensor gaps of 1–3e-2), and TF32 passes the shipped suites on the H200 (10/10, 2026-11-29);
+/// the exact tier's limits reject it (qwen exact-haiku s0 Qcur-0.mul_mat: 9.3e-5 against 2e-6).
+/// LOCKSTEP_CUDA_MATH=f32, =tf32 or =fast forces one arithmetic for every case (tf32 on an exact
+/// case shows the limits catching it).
+pub fn fast_math_for(tier: crate::vocab::Tier) -> Result<bool> {
+    fast_math_policy(std::env::var("LOCKSTEP_CUDA_MATH").ok().as_deref(), tier)
 }
 
-/// [`fast_prefill_for`] with LOCKSTEP_CUDA_MATH's value given.
-fn fast_prefill_policy(math: Option<&str>, tier: crate::vocab::Tier) -> Result<bool> {
-    Ok(lockstep_engine::cuda::backend::prefill_math(math)?.unwrap_or(tier == crate::vocab::Tier::Shipped))
+/// [`fast_math_for`] with LOCKSTEP_CUDA_MATH's value given.
+fn fast_math_policy(math: Option<&str>, tier: crate::vocab::Tier) -> Result<bool> {
+    Ok(lockstep_engine::cuda::backend::fast_math_setting(math)?.unwrap_or(tier == crate::vocab::Tier::Shipped))
 }
 
 /// The golden's prompt as the engine's [`Prompt`].
@@ -203,7 +205,7 @@ pub fn run_case(
     let tol: &Tolerances = case.tolerances_for(which).ok_or_else(|| anyhow!("{}: case {} does not list backend {which}", case.location, case.name))?;
     let g_tokens = golden.token_ids("tokens")?.ok_or_else(|| anyhow!("{}: golden has no `tokens`", golden.path.display()))?;
     let cont = golden.token_ids("continuation")?.unwrap_or_default();
-    backend.set_fast_prefill(fast_prefill_for(case.tier)?)?;
+    backend.set_fast_math(fast_math_for(case.tier)?)?;
     rep.arithmetic = Some(backend.kernel_path(g_tokens.len()));
     let engine_tokens = if case.wants(Check::Tokens) { Some(model.prompt_tokens(&prompt_of(entry)?).context("tokenizing the golden prompt")?) } else { None };
     let max_step = case.steps.unwrap_or(usize::MAX);
@@ -470,20 +472,21 @@ mod tests {
         assert!(!super::with_model_eps(&tol, &file, "llama", "tiny-qwen2").map.contains_key(key));
     }
 
-    use super::fast_prefill_policy;
+    use super::fast_math_policy;
     use crate::vocab::Tier;
 
     #[test]
-    fn tf32_prefill_runs_on_the_shipped_tier_only_unless_forced() {
+    fn fast_math_runs_on_the_shipped_tier_only_unless_forced() {
         for auto in [None, Some(""), Some("auto")] {
-            assert!(fast_prefill_policy(auto, Tier::Shipped).unwrap());
-            assert!(!fast_prefill_policy(auto, Tier::Exact).unwrap());
+            assert!(fast_math_policy(auto, Tier::Shipped).unwrap());
+            assert!(!fast_math_policy(auto, Tier::Exact).unwrap());
         }
         for tier in Tier::ALL {
-            assert!(!fast_prefill_policy(Some("f32"), tier).unwrap());
-            assert!(fast_prefill_policy(Some("tf32"), tier).unwrap());
+            assert!(!fast_math_policy(Some("f32"), tier).unwrap());
+            assert!(fast_math_policy(Some("fast"), tier).unwrap());
+            assert!(fast_math_policy(Some("tf32"), tier).unwrap());
         }
-        let e = fast_prefill_policy(Some("bf16"), Tier::Exact).unwrap_err().to_string();
-        assert!(e.contains("LOCKSTEP_CUDA_MATH=bf16") && e.contains("tf32"), "{e}");
+        let e = fast_math_policy(Some("bf16"), Tier::Exact).unwrap_err().to_string();
+        assert!(e.contains("LOCKSTEP_CUDA_MATH=bf16") && e.contains("fast"), "{e}");
     }
 }

@@ -27,11 +27,12 @@ pub trait Backend {
     /// here, so that it is not mistaken for a dequantization bug; a fault of the dequantization itself
     /// (crate::faults::Fault::Q4kMinSign) does, as at load.
     fn dequantize_rows(&self, file: &GgufFile, tensor: &str, rows: Range<usize>) -> anyhow::Result<Vec<f32>>;
-    /// Switches a faster, less exact prefill arithmetic on or off (CUDA: TF32 tensor cores for the
-    /// prefill GEMMs, allowed on the shipped tier only) and returns the previous setting. A check that
-    /// compares the backend's prefill with its own decode step (kv_cache) turns it off, so that it
-    /// tests the cache and not the two arithmetics. Backends with one arithmetic ignore it.
-    fn set_fast_prefill(&mut self, on: bool) -> anyhow::Result<bool> {
+    /// Switches a faster, less exact arithmetic on or off (CUDA: TF32 tensor cores for the prefill
+    /// GEMMs and int8 activations for the decode matvecs, allowed on the shipped tier only) and
+    /// returns the previous setting. A check that compares the backend's prefill with its own decode
+    /// step (kv_cache) turns it off, so that it tests the cache and not the two arithmetics. Backends
+    /// with one arithmetic ignore it.
+    fn set_fast_math(&mut self, on: bool) -> anyhow::Result<bool> {
         let _ = on;
         Ok(false)
     }

@@ -5,7 +5,7 @@
 
 mod cuda_common;
 
-use cuda_common::{check_close, trials};
+use cuda_common::{check_close, rel_l2, trials};
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep_engine::cpu::attention::{self as cpu_attn, AttnDims, KvCache};
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
@@ -271,6 +271,83 @@ fn fused_norm_case(ty: GgmlType) -> R {
         check_close(&format!("matvec+norm {ty} T={t} x scale {xs}"), &g.download(&y, 0, t * rows)?, &want, 1e-5)?;
         g.matvec_swiglu(&w1, &w2, p(&xd), t, p(&s), None, None, Some((p(&nd), eps)))?;
         check_close(&format!("swiglu+norm {ty} T={t} x scale {xs}"), &g.download(&s, 0, t * rows)?, &want_s, 1e-5)?;
+    }
+    Ok(())
+}
+
+/// The int8-activation decode kernels (the shipped tier's fast arithmetic, `Gpu::int8_decode`:
+/// quant.cu `matvec1q_*`, `matvec_swiglu1q_*`, `matvec1q_multi`) against their CPU twin, dequantized
+/// weights times `cpu::quantize_q8` of x, for every block format: a matvec with bias, residual and
+/// raw output at each width of cols_for, a tall one with the RMSNorm fused (several rows a warp),
+/// gate/up/SwiGLU, and Q/K/V in one launch. Each is also shown to differ from the f32 product (by
+/// more than 1e-4), so the int8 kernels did run.
+fn int8_decode_case(ty: GgmlType) -> R {
+    let mut g = gpu()?;
+    g.int8_decode = true;
+    let mut rng = ChaCha8Rng::seed_from_u64(4242 + ty.to_u32() as u64);
+    let p = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
+    let quantized_visible = |what: &str, got: &[f32], exact: &[f32]| -> R {
+        let d = rel_l2(got, exact);
+        if d < 1e-4 {
+            return Err(format!("{what}: int8 result within {d:.1e} of the f32 product: the int8 kernel did not run").into());
+        }
+        Ok(())
+    };
+    let eps = 1e-6f32;
+    for (i, cols) in cols_for(ty).into_iter().enumerate() {
+        let rows = if i == 1 { 8450 } else { 37 };
+        let bytes = random_weights(&mut rng, ty, rows, cols, 1.0);
+        let m = cpu_matrix(ty, &bytes, rows, cols);
+        let w = QMat::upload(&g, ty, rows, cols, &bytes, "w")?;
+        let x = randv(&mut rng, cols, 2.0);
+        let (bias, res) = (randv(&mut rng, rows, 1.0), randv(&mut rng, rows, 1.0));
+        let raw_want = cpu::matmul(&m, &cpu::quantize_q8(&x));
+        let mut want = raw_want.clone();
+        cpu::add_bias(&mut want, &bias);
+        let want = cpu::add(&want, &res);
+        let (xd, bd, rd) = (g.upload(&x, "x")?, g.upload(&bias, "bias")?, g.upload(&res, "res")?);
+        let (y, raw) = (g.alloc::<f32>(rows, "y")?, g.alloc::<f32>(rows, "raw")?);
+        g.matvec(&w, p(&xd), 1, p(&y), Some(p(&bd)), Some(p(&rd)), Some(p(&raw)), None)?;
+        let what = format!("int8 matvec {ty} {rows}x{cols}");
+        check_close(&what, &g.download(&y, 0, rows)?, &want, 1e-5)?;
+        let got_raw = g.download(&raw, 0, rows)?;
+        check_close(&format!("{what} raw"), &got_raw, &raw_want, 1e-5)?;
+        quantized_visible(&what, &got_raw, &cpu::matmul(&m, &x))?;
+        // with the RMSNorm fused
+        let nw = randv(&mut rng, cols, 2.0);
+        let xn = cpu::mul_rows(&cpu::rmsnorm(&x, cols, eps), &nw);
+        let nd = g.upload(&nw, "norm")?;
+        g.matvec(&w, p(&xd), 1, p(&y), None, None, None, Some((p(&nd), eps)))?;
+        check_close(&format!("{what} + norm"), &g.download(&y, 0, rows)?, &cpu::matmul(&m, &cpu::quantize_q8(&xn)), 1e-5)?;
+    }
+    // gate, up and SwiGLU, RMSNorm fused
+    let (rows, cols) = (45, cols_for(ty)[1]);
+    let (bg, bu) = (random_weights(&mut rng, ty, rows, cols, 1.0), random_weights(&mut rng, ty, rows, cols, 1.0));
+    let (mg, mu) = (cpu_matrix(ty, &bg, rows, cols), cpu_matrix(ty, &bu, rows, cols));
+    let (wg, wu) = (QMat::upload(&g, ty, rows, cols, &bg, "gate")?, QMat::upload(&g, ty, rows, cols, &bu, "up")?);
+    let (x, nw) = (randv(&mut rng, cols, 2.0), randv(&mut rng, cols, 2.0));
+    let xq = cpu::quantize_q8(&cpu::mul_rows(&cpu::rmsnorm(&x, cols, eps), &nw));
+    let (gw, uw) = (cpu::matmul(&mg, &xq), cpu::matmul(&mu, &xq));
+    let (xd, nd) = (g.upload(&x, "x")?, g.upload(&nw, "norm")?);
+    let (s, go, uo) = (g.alloc::<f32>(rows, "s")?, g.alloc::<f32>(rows, "g")?, g.alloc::<f32>(rows, "u")?);
+    g.matvec_swiglu(&wg, &wu, p(&xd), 1, p(&s), Some(p(&go)), Some(p(&uo)), Some((p(&nd), eps)))?;
+    check_close(&format!("int8 gate {ty}"), &g.download(&go, 0, rows)?, &gw, 1e-5)?;
+    check_close(&format!("int8 up {ty}"), &g.download(&uo, 0, rows)?, &uw, 1e-5)?;
+    check_close(&format!("int8 swiglu {ty}"), &g.download(&s, 0, rows)?, &cpu::swiglu(&gw, &uw), 1e-5)?;
+    // Q, K and V in one launch: this format, then Q8_0 and Q5_0 beside it
+    let specs = [(ty, 21usize), (GgmlType::Q8_0, 8), (GgmlType::Q5_0, 13)];
+    let mut mats = Vec::new();
+    for &(t, rows) in &specs {
+        let bytes = random_weights(&mut rng, t, rows, cols, 1.0);
+        let want = cpu::matmul(&cpu_matrix(t, &bytes, rows, cols), &xq);
+        mats.push((t, rows, QMat::upload(&g, t, rows, cols, &bytes, "w")?, g.alloc::<f32>(rows, "y")?, want));
+    }
+    let projs: Vec<Proj> = mats.iter().map(|(_, _, w, y, _)| Proj { w, y: p(y), bias: None, raw: None }).collect();
+    if !g.matvec_multi(&projs, p(&xd), Some((p(&nd), eps)))? {
+        return Err("int8 matvec_multi declined three block-format matrices".into());
+    }
+    for (t, rows, _, y, want) in &mats {
+        check_close(&format!("int8 multi {t} {rows} rows (with {ty})"), &g.download(y, 0, *rows)?, want, 1e-5)?;
     }
     Ok(())
 }
@@ -664,6 +741,9 @@ fn main() {
         list.push(Trial::test(format!("matvec_fused_norm_{ty}"), move || fused_norm_case(ty)));
         list.push(Trial::test(format!("matvec_tall_{ty}"), move || tall_matvec_case(ty)));
         list.push(Trial::test(format!("dequant_rows_{ty}"), move || dequant_rows_case(ty)));
+        if !matches!(ty, GgmlType::F32 | GgmlType::F16) {
+            list.push(Trial::test(format!("int8_decode_{ty}"), move || int8_decode_case(ty)));
+        }
     }
     list.push(Trial::test("backend_dequantize_rows", backend_dequantize_rows_case));
     list.push(Trial::test("linear_q4_k_tf32", linear_tf32_case));

@@ -220,6 +220,49 @@ fn graph_and_kv(path: PathBuf) -> R {
     Ok(())
 }
 
+/// The shipped tier's fast arithmetic with int8 decode (`CudaOptions::int8_decode`, then
+/// `set_fast_math`: TF32 prefill, int8-activation decode) on a
+/// prefill of 9 and 3 graph-replayed decode steps: every step's logits differ from the f32 run's
+/// (the fast kernels ran) but stay within 0.1 relative L2 (a sanity bound: the shipped suites hold
+/// the fast arithmetic to llama.cpp's); switched off, the same backend gives the f32 run's logits bit
+/// for bit, and on again its own fast ones (the captured decode graph follows the switch).
+fn fast_math_toggle(path: PathBuf) -> R {
+    let file = open(&path)?;
+    let run = |g: &mut CudaBackend| -> Result<Vec<Vec<f32>>, Failed> {
+        g.reset();
+        let p = prompt(12, g.config.n_vocab);
+        let mut out = vec![g.forward(&p[..9], None)?];
+        for &tok in &p[9..] {
+            out.push(g.forward(&[tok], None)?);
+        }
+        Ok(out)
+    };
+    let mut a = cuda(&file, 64)?;
+    let exact = run(&mut a)?;
+    let mut b = CudaBackend::load(&file, CudaOptions { max_ctx: 64, int8_decode: true, ..Default::default() }).map_err(|e| format!("{e:#}"))?;
+    if b.set_fast_math(true)? {
+        return Err("set_fast_math(true) said the fast arithmetic was already on".into());
+    }
+    let fast = run(&mut b)?;
+    for (i, (f, e)) in fast.iter().zip(&exact).enumerate() {
+        let d = rel_l2(f, e);
+        if d == 0.0 || d > 0.1 {
+            return Err(format!("step {i}: fast logits at {d:e} rel L2 of the f32 ones (expected in (0, 0.1])").into());
+        }
+    }
+    if !b.set_fast_math(false)? {
+        return Err("set_fast_math(false) said the fast arithmetic was off".into());
+    }
+    if run(&mut b)? != exact {
+        return Err("fast arithmetic switched off: logits differ from the f32 run's".into());
+    }
+    b.set_fast_math(true)?;
+    if run(&mut b)? != fast {
+        return Err("fast arithmetic switched on again: logits differ from its first run's".into());
+    }
+    Ok(())
+}
+
 fn bad_input(path: PathBuf) -> R {
     let file = open(&path)?;
     let mut g = cuda(&file, 8)?;
@@ -279,6 +322,10 @@ fn main() {
                 list.push(Trial::test(format!("{stem}_taps_and_greedy"), beside_others(move || taps_and_greedy(p1, 23, 24, 1e-5, 1e-5))));
                 list.push(Trial::test(format!("{stem}_graph_and_kv"), beside_others(move || graph_and_kv(p2))));
                 list.push(Trial::test(format!("{stem}_bad_input"), beside_others(move || bad_input(p3))));
+                if name.ends_with(".q.gguf") {
+                    let p4 = p.clone();
+                    list.push(Trial::test(format!("{stem}_fast_math_toggle"), beside_others(move || fast_math_toggle(p4))));
+                }
             }
             None => list.push(Trial::test(format!("{stem}_taps_and_greedy"), || Ok(())).with_ignored_flag(true)),
         }
@@ -292,7 +339,8 @@ fn main() {
         let stem = id.replace(['.', '-'], "_");
         match find_real(id) {
             Some(p) => {
-                let p2 = p.clone();
+                let (p2, p3) = (p.clone(), p.clone());
+                list.push(Trial::test(format!("{stem}_fast_math_toggle"), beside_others(move || fast_math_toggle(p3))));
                 // qwen's layer-0 attention scores reach ~8e3 (K biases of tens), where one f32 ulp is 5e-4:
                 // CUDA's summation order against the CPU's (ggml's) gave kq_soft_max-0 1.37e-5 rel L2 on
                 // the H100 (2026-11-26); the attention taps get 5e-5, every other tap keeps 1e-5.

@@ -43,9 +43,10 @@ pub fn check(backend: &mut dyn Backend, prompt: &[u32], tol: &Tolerances, golden
         return Ok(vec![CheckResult::new("kv_cache", "prompt length", prompt.len() as f64, Op::Ge, 2.0).with_detail("needs a prompt of ≥ 2 tokens")]);
     }
     let n = prompt.len();
-    // Both passes in the backend's exact arithmetic: a faster prefill (CUDA's TF32 on the shipped
-    // tier) would differ from the decode step's f32 by its rounding, not by what the cache holds.
-    let fast = backend.set_fast_prefill(false)?;
+    // Both passes in the backend's exact arithmetic: the fast one (CUDA's TF32 prefill and int8
+    // decode on the shipped tier) would differ between prefill and decode step by its rounding, not
+    // by what the cache holds.
+    let fast = backend.set_fast_math(false)?;
     let passes = (|| -> anyhow::Result<_> {
         backend.reset();
         let mut full = Recorder::new();
@@ -57,7 +58,7 @@ pub fn check(backend: &mut dyn Backend, prompt: &[u32], tol: &Tolerances, golden
         backend.reset();
         Ok((full, logits_a, inc, logits_b))
     })();
-    backend.set_fast_prefill(fast)?;
+    backend.set_fast_math(fast)?;
     let (full, logits_a, inc, logits_b) = passes?;
 
     let e0 = tensor_errors(&logits_b, &logits_a).rel_l2;

@@ -239,6 +239,22 @@ pub fn softmax_row_into(x: &[f32], scale: f32, n_valid: usize, y: &mut [f32]) {
     masked.fill(0.0 * inv);
 }
 
+/// Activations as the shipped tier's int8 decode sees them (the CPU twin of kernels/quant.cu
+/// stage_x_q8, llama.cpp's quantize_q8_1): per 32 values, `d = amax / 127`, `q = round(x / d)` (0 when
+/// amax is 0), and each value comes back as `d · q`. A dot product of dequantized weights with these
+/// is what the `matvec1q_*` kernels compute, up to the order of their f32 sums. `x.len()` must be
+/// a multiple of 32 (the block formats' rows are).
+pub fn quantize_q8(x: &[f32]) -> Vec<f32> {
+    assert!(x.len().is_multiple_of(32), "quantize_q8: {} values is not a multiple of 32", x.len());
+    x.chunks_exact(32)
+        .flat_map(|b| {
+            let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            b.iter().map(move |&v| if amax == 0.0 { 0.0 } else { (v / d).round() * d })
+        })
+        .collect()
+}
+
 /// SwiGLU (ggml_swiglu): `silu(gate) · up`, silu(x) = x / (1 + e^(−x)).
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
     assert_eq!(gate.len(), up.len(), "swiglu: gate {} vs up {}", gate.len(), up.len());
@@ -259,6 +275,32 @@ pub fn embedding(table: &Matrix, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// quantize_q8 keeps every value within half a step (amax / 254) of itself, hits ±amax exactly
+    /// (q = ±127), rounds halves away from zero as roundf does, and leaves an all-zero 32 at zero.
+    #[test]
+    fn quantize_q8_rounds_per_32_values() {
+        let mut x: Vec<f32> = (0..64).map(|i| (i as f32 - 20.0) * 0.37).collect();
+        x[32..].fill(0.0);
+        x[40] = -0.0;
+        let q = super::quantize_q8(&x);
+        let amax = x[..32].iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        for (i, (&a, &b)) in x[..32].iter().zip(&q[..32]).enumerate() {
+            assert!((a - b).abs() <= d / 2.0 * 1.0001, "{i}: {a} -> {b} (step {d})");
+            let k = b / d;
+            assert!((k - k.round()).abs() < 1e-3 && k.abs() <= 127.5, "{i}: {b} is not a multiple of {d} up to 127");
+        }
+        assert_eq!(q[0], -127.0 * d, "-amax maps to q = -127");
+        assert!(q[32..].iter().all(|&v| v == 0.0));
+        // 2.5 steps: half away from zero (3 steps), on both signs
+        let mut h = vec![0.0f32; 32];
+        h[0] = 127.0;
+        h[1] = 2.5;
+        h[2] = -2.5;
+        let qh = super::quantize_q8(&h);
+        assert_eq!((qh[1], qh[2]), (3.0, -3.0));
+    }
 
     fn naive_dot(a: &[f32], b: &[f32]) -> f64 {
         a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()

@@ -22,6 +22,10 @@ use crate::faults::Fault;
 use crate::gguf::GgufFile;
 use crate::taps::{act, key, TapInfo, TapSink};
 
+/// The fast decode step's matvecs in words (kernel_path).
+const INT8_DECODE: &str =
+    "fused quantized matvec kernels with x quantized to int8 per 32 values (llama.cpp's q8_1) and dp4a products of the weights' integer values";
+
 /// Settings of the CUDA backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CudaOptions {
@@ -31,28 +35,40 @@ pub struct CudaOptions {
     pub batch: usize,
     /// Capture single-token decode steps without taps as a CUDA graph.
     pub graphs: bool,
-    /// Prefill GEMMs on TF32 tensor cores ([`Gpu::set_tf32`]): for the shipped tier only, whose
-    /// llama.cpp reference rounds activations to 8 bits. Default: off (full f32), or on with
-    /// LOCKSTEP_CUDA_MATH=tf32.
-    pub tf32: bool,
+    /// The shipped tier's fast arithmetic, whose llama.cpp reference rounds activations to 8 bits:
+    /// prefill GEMMs on TF32 tensor cores ([`Gpu::set_tf32`]), and with `int8_decode` decode
+    /// matvecs with int8 activations too. Default: off (full f32); on with LOCKSTEP_CUDA_MATH=tf32
+    /// or =fast. `Backend::set_fast_math` switches it (validate: on for shipped-tier cases).
+    pub fast_math: bool,
+    /// Whether the fast arithmetic includes int8-activation decode matvecs ([`Gpu::int8_decode`]:
+    /// x quantized per 32 values as llama.cpp's q8_1, dp4a products, llama.cpp's own decode
+    /// arithmetic on a quantized file). Default: only with LOCKSTEP_CUDA_MATH=fast, for it has not
+    /// yet been run through the shipped suites on a GPU (its products were checked on the CPU only,
+    /// engine/tests/kernels_host.rs; engine/tests/cuda_kernels.rs and cuda_model.rs hold the kernels
+    /// on a GPU).
+    pub int8_decode: bool,
 }
 
 impl Default for CudaOptions {
     fn default() -> Self {
-        let tf32 = matches!(prefill_math(std::env::var("LOCKSTEP_CUDA_MATH").ok().as_deref()), Ok(Some(true)));
-        Self { max_ctx: 0, batch: 512, graphs: true, tf32 }
+        let math = std::env::var("LOCKSTEP_CUDA_MATH").ok();
+        let fast_math = matches!(fast_math_setting(math.as_deref()), Ok(Some(true)));
+        Self { max_ctx: 0, batch: 512, graphs: true, fast_math, int8_decode: math.as_deref() == Some("fast") }
     }
 }
 
-/// LOCKSTEP_CUDA_MATH's value read: `Some(true)` forces the TF32 prefill, `Some(false)` f32, `None`
-/// (unset, empty or `auto`) leaves it to the caller (validate: TF32 on the shipped tier only; a
-/// backend loaded directly: f32). Anything else is an error naming the accepted values.
-pub fn prefill_math(value: Option<&str>) -> Result<Option<bool>> {
+/// LOCKSTEP_CUDA_MATH's value read: `Some(true)` forces the fast arithmetic (`tf32`: TF32 prefill;
+/// `fast`: TF32 prefill and int8-activation decode), `Some(false)` f32, `None` (unset, empty or
+/// `auto`) leaves it to the caller (validate: the TF32 prefill on the shipped tier only; a backend
+/// loaded directly: f32). Anything else is an error naming the accepted values.
+pub fn fast_math_setting(value: Option<&str>) -> Result<Option<bool>> {
     match value {
         None | Some("" | "auto") => Ok(None),
         Some("f32") => Ok(Some(false)),
-        Some("tf32") => Ok(Some(true)),
-        Some(other) => anyhow::bail!("LOCKSTEP_CUDA_MATH={other}: expected auto (TF32 prefill on the shipped tier only), f32 or tf32"),
+        Some("fast" | "tf32") => Ok(Some(true)),
+        Some(other) => anyhow::bail!(
+            "LOCKSTEP_CUDA_MATH={other}: expected auto (TF32 prefill on the shipped tier only), f32, tf32 (TF32 prefill) or fast (TF32 prefill and int8-activation decode)"
+        ),
     }
 }
 
@@ -213,8 +229,9 @@ impl CudaBackend {
     /// pass to a buggy kernel or argument. `None` loads the very same weights and graph as [`Self::load`].
     pub fn load_with_fault(file: &GgufFile, options: CudaOptions, fault: Option<Fault>) -> Result<Self> {
         let mut config = ModelConfig::from_gguf(file)?;
-        let gpu = Gpu::new()?;
-        gpu.set_tf32(options.tf32)?;
+        let mut gpu = Gpu::new()?;
+        gpu.set_tf32(options.fast_math)?;
+        gpu.int8_decode = options.fast_math && options.int8_decode;
         let _lock = super::device::shared_lock();
         ensure!(config.head_dim % 2 == 0 && config.head_dim <= 256, "head dim {} unsupported by the CUDA attention kernel", config.head_dim);
         let plan = WeightPlan::new(file, &config, fault);
@@ -366,16 +383,28 @@ impl Backend for CudaBackend {
         self.forward_impl(tokens, None)?;
         self.pinned_logits()
     }
-    fn set_fast_prefill(&mut self, on: bool) -> Result<bool> {
+    fn set_fast_math(&mut self, on: bool) -> Result<bool> {
         self.gpu.set_tf32(on)?;
-        Ok(std::mem::replace(&mut self.options.tf32, on))
+        let int8 = on && self.options.int8_decode;
+        if self.gpu.int8_decode != int8 {
+            // the captured decode step launches the other kernels (freed under the shared lock, as
+            // every graph of a backend is: see Drop)
+            let _lock = super::device::shared_lock();
+            self.graph = None;
+            self.gpu.int8_decode = int8;
+        }
+        Ok(std::mem::replace(&mut self.options.fast_math, on))
     }
     fn kernel_path(&self, t: usize) -> String {
         match (t > MV_MAX_T, t == 1 && self.options.graphs) {
-            (true, _) if self.options.tf32 => {
+            (true, _) if self.options.fast_math => {
                 "TF32 tensor cores (shipped tier only): weights dequantized to f32 per matrix, cuBLAS SGEMM in TF32 math; attention_f32".into()
             }
             (true, _) => "f32 (exact tier): weights dequantized to f32 per matrix, cuBLAS SGEMM without TF32; attention_f32".into(),
+            (false, true) if self.gpu.int8_decode => {
+                format!("int8 activations (shipped tier only): {INT8_DECODE}, attention_decode_f32, replayed as one CUDA graph per step")
+            }
+            (false, false) if self.gpu.int8_decode && t == 1 => format!("int8 activations (shipped tier only): {INT8_DECODE}, attention_decode_f32"),
             (false, true) => "f32 (exact tier): fused quantized matvec kernels and attention_decode_f32, replayed as one CUDA graph per step".into(),
             (false, false) => "f32 (exact tier): fused quantized matvec kernels".into(),
         }

@@ -234,6 +234,11 @@ pub struct Gpu {
     /// Launch the PDL-aware kernels with programmatic dependent launch ([`Gpu::launch_pdl`]):
     /// compute capability 9.0 and up, unless LOCKSTEP_CUDA_PDL=0 (for comparing timings).
     pub pdl: bool,
+    /// Decode matvecs (T = 1) with int8 activations (quant.cu `matvec1q_*`: x quantized per 32
+    /// values as llama.cpp's q8_1, dp4a products): part of the shipped tier's fast arithmetic, off
+    /// by default (the exact tier needs f32 x). Set by the CUDA backend (CudaOptions::int8_decode).
+    /// A matrix whose staging would pass 48 KiB of shared memory keeps the unstaged f32 kernel.
+    pub int8_decode: bool,
 }
 
 impl Gpu {
@@ -262,6 +267,7 @@ impl Gpu {
             sync_each: std::env::var("LOCKSTEP_CUDA_SYNC").is_ok_and(|v| v == "1"),
             capturing: false,
             pdl: sh.info.compute_capability.0 >= 9 && !std::env::var("LOCKSTEP_CUDA_PDL").is_ok_and(|v| v == "0"),
+            int8_decode: false,
         })
     }
 

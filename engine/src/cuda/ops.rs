@@ -114,7 +114,7 @@ impl Gpu {
                     p(norm.map(|n| n.0)),
                     Arg::F(norm.map_or(0.0, |n| n.1)),
                 ];
-                let name = format!("matvec1s_{}", type_suffix(w.ty)?);
+                let name = format!("matvec1{}_{}", self.staged_kind(), type_suffix(w.ty)?);
                 let rows_per_block = 8 / plan.wpr * plan.rpw;
                 return self.launch_pdl(&name, (w.rows.div_ceil(rows_per_block) as u32, 1, 1), BLOCK, plan.smem, &args);
             }
@@ -160,7 +160,7 @@ impl Gpu {
         ensure!(x.is_multiple_of(16), "matvec_multi: x at {x:#x} is not 16-byte aligned (float4 loads)");
         // one warp per row: its staging area holds a whole row
         let span_cap = projs.iter().map(|p| staging_area(p.w.row_bytes)).max().unwrap_or(0);
-        let smem = staged_smem(cols, 8, span_cap);
+        let smem = staged_smem(x_area_bytes(cols, self.int8_decode), 8, span_cap);
         if smem > SMEM_NO_OPT_IN {
             return Ok(false);
         }
@@ -177,8 +177,18 @@ impl Gpu {
             }
         }
         args.extend([i(cols)?, Arg::P(x), i(span_cap)?, p(norm.map(|n| n.0)), Arg::F(norm.map_or(0.0, |n| n.1))]);
-        self.launch_pdl("matvec1s_multi", (blocks as u32, 1, 1), BLOCK, smem as u32, &args)?;
+        self.launch_pdl(&format!("matvec1{}_multi", self.staged_kind()), (blocks as u32, 1, 1), BLOCK, smem as u32, &args)?;
         Ok(true)
+    }
+
+    /// The letter of the staged decode kernels in use: `s` (f32 x, the exact arithmetic) or `q` (int8
+    /// x, [`Gpu::int8_decode`]).
+    fn staged_kind(&self) -> &'static str {
+        if self.int8_decode {
+            "q"
+        } else {
+            "s"
+        }
     }
 
     /// The launch plan of a staged decode kernel (quant.cu `matvec1s_*`, `matvec_swiglu1s_*`) for
@@ -200,7 +210,7 @@ impl Gpu {
         }
         // each area holds a run of ⌈blocks / wpr⌉ blocks
         let span_cap = staging_area(blocks.div_ceil(wpr) * block_bytes);
-        let smem = |rpw: usize| staged_smem(w.cols, 8 * areas * rpw, span_cap);
+        let smem = |rpw: usize| staged_smem(x_area_bytes(w.cols, self.int8_decode), 8 * areas * rpw, span_cap);
         while areas == 1 && wpr == 1 && rpw < MV_RPW && w.rows.div_ceil(16 * rpw) >= min_grid && smem(2 * rpw) <= SMEM_NO_OPT_IN {
             rpw *= 2;
         }
@@ -231,7 +241,7 @@ impl Gpu {
                     p(norm.map(|n| n.0)),
                     Arg::F(norm.map_or(0.0, |n| n.1)),
                 ];
-                let name = format!("matvec_swiglu1s_{}", type_suffix(g.ty)?);
+                let name = format!("matvec_swiglu1{}_{}", self.staged_kind(), type_suffix(g.ty)?);
                 return self.launch_pdl(&name, (g.rows.div_ceil(8) as u32, 1, 1), BLOCK, plan.smem, &args);
             }
         }
@@ -461,10 +471,16 @@ fn staging_area(bytes: usize) -> usize {
     (bytes + 15).div_ceil(16) * 16
 }
 
-/// Dynamic shared memory of a staged decode kernel: x as `cols` f32 (rounded up to 16 bytes),
+/// Bytes of a staged decode kernel's x area (quant.cu x_area_bytes): `cols` f32 values, or their
+/// int8 form (1 byte a value, an f32 scale per 32, an i32 sum per 16), rounded up to 16 bytes.
+fn x_area_bytes(cols: usize, int8: bool) -> usize {
+    (if int8 { cols + cols / 8 + cols / 4 } else { cols * 4 }).div_ceil(16) * 16
+}
+
+/// Dynamic shared memory of a staged decode kernel: the x area of `x_bytes` ([`x_area_bytes`]),
 /// then `areas` staging areas of `span_cap` bytes.
-fn staged_smem(cols: usize, areas: usize, span_cap: usize) -> usize {
-    (cols * 4).div_ceil(16) * 16 + areas * span_cap
+fn staged_smem(x_bytes: usize, areas: usize, span_cap: usize) -> usize {
+    x_bytes + areas * span_cap
 }
 
 /// How a staged decode kernel is launched ([`Gpu::staged_plan`]).
