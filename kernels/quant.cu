@@ -6,6 +6,43 @@
 // formats, a sixteenth of a super-block for the k-quants, 16 plain values for F32/F16.
 
 // host-check begin (engine/tests/kernels_host.rs compiles dq16 for the CPU too)
+// Scale and min of Q4_K sub-block `is` (0..7) from the 12 packed bytes at `s` (ggml's
+// get_scale_min_k4): 6 bits each, the high two of sub-blocks 4..7 in the top bits of bytes 0..7.
+__device__ __forceinline__ void q4k_scale_min(const u8* s, int is, int& sc, int& mn) {
+    if (is < 4) {
+        sc = s[is] & 63;
+        mn = s[is + 4] & 63;
+    } else {
+        sc = (s[is + 4] & 0xF) | ((s[is - 4] >> 6) << 4);
+        mn = (s[is + 4] >> 4) | ((s[is] >> 6) << 4);
+    }
+}
+
+// Half h (0, 1) of the Q5_0 block at `b` as four words of 5-bit values (0..31, a byte each): the
+// elements j = 4i .. 4i + 3 of word i take the low nibbles (the high ones for h = 1) of qs and
+// bit j + 16h of qh as their fifth bit.
+__device__ __forceinline__ void q5_0_words(const u8* b, int h, u32 v[4]) {
+    u32 qh = (u32)ld_u16(b + 2) | ((u32)ld_u16(b + 4) << 16);
+    u32 qs[4];
+    ld16(b + 6, qs);
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = ((qs[i] >> (4 * h)) & 0x0F0F0F0Fu) | spread4_bit4((qh >> (16 * h + 4 * i)) & 0xFu);
+}
+
+// Chunk cc (0..15) of the Q6_K super-block at `b` as four words of 6-bit values (0..63, a byte each:
+// 4 low bits from ql, 2 high bits from qh; shl ≤ 4, shh ≤ 6 keep them within the byte); returns the
+// index of the chunk's scale in scales[16].
+__device__ __forceinline__ int q6k_words(const u8* b, int cc, u32 v[4]) {
+    int n = cc >> 3, r = cc & 7, k = r >> 1, lh = r & 1;
+    u32 ql[4], qh[4];
+    ld16(b + 64 * n + (k & 1) * 32 + 16 * lh, ql);
+    ld16(b + 128 + 32 * n + 16 * lh, qh);
+    int shl = (k >> 1) * 4, shh = 2 * k;
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = ((ql[i] >> shl) & 0x0F0F0F0Fu) | (((qh[i] >> shh) & 0x03030303u) << 4);
+    return 8 * n + lh + 2 * k;
+}
+
 // Dequantizes chunk `c` (elements 16c .. 16c+15) of the row at `row` into `out`. For F32/F16,
 // elements at or past `ncols` come out 0; the block formats always have whole blocks.
 template <int TY>
@@ -44,18 +81,13 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         }
     } else if (TY == GT_Q5_0) {  // 22 bytes: f16 d, qh[4], qs[16]; x = (q | bit<<4) - 16) d
         const u8* b = row + (c >> 1) * 22;
-        int h = c & 1;
         float d = h2f(ld_u16(b));
-        u32 qh = (u32)ld_u16(b + 2) | ((u32)ld_u16(b + 4) << 16);
-        u32 qs[4];
-        ld16(b + 6, qs);
+        u32 v[4];
+        q5_0_words(b, c & 1, v);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            // elements j = 4i .. 4i + 3: low nibbles (or high, second half), fifth bit j + 16h of qh
-            u32 v = ((qs[i] >> (4 * h)) & 0x0F0F0F0Fu) | spread4_bit4((qh >> (16 * h + 4 * i)) & 0xFu);
+        for (int i = 0; i < 4; i++)
 #pragma unroll
-            for (int k = 0; k < 4; k++) out[4 * i + k] = byte_int_f(v, k, 16) * d;
-        }
+            for (int k = 0; k < 4; k++) out[4 * i + k] = byte_int_f(v[i], k, 16) * d;
     } else if (TY == GT_Q8_0) {  // 34 bytes: f16 d, qs[32] (i8); x = q d
         const u8* b = row + (c >> 1) * 34;
         float d = h2f(ld_u16(b));
@@ -71,16 +103,8 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         const u8* b = row + (c >> 4) * 144;
         int cc = c & 15, g = cc >> 2, sub = cc & 3;
         float d = h2f(ld_u16(b)), dmin = h2f(ld_u16(b + 2));
-        const u8* s = b + 4;
-        int is = 2 * g + (sub >> 1);
-        int sc, mn;  // ggml's get_scale_min_k4
-        if (is < 4) {
-            sc = s[is] & 63;
-            mn = s[is + 4] & 63;
-        } else {
-            sc = (s[is + 4] & 0xF) | ((s[is - 4] >> 6) << 4);
-            mn = (s[is + 4] >> 4) | ((s[is] >> 6) << 4);
-        }
+        int sc, mn;
+        q4k_scale_min(b + 4, 2 * g + (sub >> 1), sc, mn);
         float d1 = d * (float)sc, m1 = dmin * (float)mn;
         u32 q[4];
         ld16(b + 16 + 32 * g + 16 * (sub & 1), q);
@@ -93,21 +117,13 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
         }
     } else if (TY == GT_Q6_K) {  // 210 bytes: ql[128], qh[64], scales[16] (i8), f16 d
         const u8* b = row + (c >> 4) * 210;
-        int cc = c & 15, n = cc >> 3, r = cc & 7, k = r >> 1, lh = r & 1;
-        float d = h2f(ld_u16(b + 208));
-        const signed char* sc = (const signed char*)(b + 192);
-        float ds = d * (float)sc[8 * n + lh + 2 * k];
-        u32 ql[4], qh[4];
-        ld16(b + 64 * n + (k & 1) * 32 + 16 * lh, ql);
-        ld16(b + 128 + 32 * n + 16 * lh, qh);
-        int shl = (k >> 1) * 4, shh = 2 * k;
+        u32 v[4];
+        int is = q6k_words(b, c & 15, v);
+        float ds = h2f(ld_u16(b + 208)) * (float)((const signed char*)(b + 192))[is];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            // 4 low bits from ql, 2 high bits from qh, per byte (shl ≤ 4, shh ≤ 6: within the byte)
-            u32 v = ((ql[i] >> shl) & 0x0F0F0F0Fu) | (((qh[i] >> shh) & 0x03030303u) << 4);
+        for (int i = 0; i < 4; i++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) out[4 * i + e] = ds * byte_int_f(v, e, 32);
-        }
+            for (int e = 0; e < 4; e++) out[4 * i + e] = ds * byte_int_f(v[i], e, 32);
     }
 }
 
@@ -119,36 +135,33 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
 // as integer dot products (dp4a) of the weights' integer values with q8, scaled once: the offsets
 // (Q4_0's 8, Q5_0's 16, Q6_K's 32) and Q4_1/Q4_K minimums come in through s16, exactly.
 // CPU twin: engine/src/cpu/ops.rs quantize_q8 (d8 · q8 per value) then a plain dot product.
+// Σ q·u over the 16 nibbles at bits sh..sh+3 of the 16 bytes at p (Q4_0, Q4_1, Q4_K), q8 words u.
+__device__ __forceinline__ int dp4a_nibbles(const u8* p, int sh, const int u[4]) {
+    u32 qs[4];
+    ld16(p, qs);
+    int s = 0;
+#pragma unroll
+    for (int i = 0; i < 4; i++) s = __dp4a((int)((qs[i] >> sh) & 0x0F0F0F0Fu), u[i], s);
+    return s;
+}
+
 template <int TY>
 __device__ __forceinline__ float q8dot16(const u8* __restrict__ row, int c, const int u[4], float d8, int s16) {
     int s = 0;
     if (TY == GT_Q4_0) {  // x = (q - 8) d
         const u8* b = row + (c >> 1) * 18;
-        int sh = (c & 1) * 4;
-        u32 qs[4];
-        ld16(b + 2, qs);
-#pragma unroll
-        for (int i = 0; i < 4; i++) s = __dp4a((int)((qs[i] >> sh) & 0x0F0F0F0Fu), u[i], s);
+        s = dp4a_nibbles(b + 2, (c & 1) * 4, u);
         return h2f(ld_u16(b)) * d8 * (float)(s - 8 * s16);
     } else if (TY == GT_Q4_1) {  // x = q d + m
         const u8* b = row + (c >> 1) * 20;
-        int sh = (c & 1) * 4;
-        u32 qs[4];
-        ld16(b + 4, qs);
-#pragma unroll
-        for (int i = 0; i < 4; i++) s = __dp4a((int)((qs[i] >> sh) & 0x0F0F0F0Fu), u[i], s);
+        s = dp4a_nibbles(b + 4, (c & 1) * 4, u);
         return d8 * (h2f(ld_u16(b)) * (float)s + h2f(ld_u16(b + 2)) * (float)s16);
     } else if (TY == GT_Q5_0) {  // x = (q | bit<<4) - 16) d
         const u8* b = row + (c >> 1) * 22;
-        int h = c & 1;
-        u32 qh = (u32)ld_u16(b + 2) | ((u32)ld_u16(b + 4) << 16);
-        u32 qs[4];
-        ld16(b + 6, qs);
+        u32 v[4];
+        q5_0_words(b, c & 1, v);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            u32 v = ((qs[i] >> (4 * h)) & 0x0F0F0F0Fu) | spread4_bit4((qh >> (16 * h + 4 * i)) & 0xFu);
-            s = __dp4a((int)v, u[i], s);
-        }
+        for (int i = 0; i < 4; i++) s = __dp4a((int)v[i], u[i], s);
         return h2f(ld_u16(b)) * d8 * (float)(s - 16 * s16);
     } else if (TY == GT_Q8_0) {  // x = q d, q signed
         const u8* b = row + (c >> 1) * 34;
@@ -160,37 +173,18 @@ __device__ __forceinline__ float q8dot16(const u8* __restrict__ row, int c, cons
     } else if (TY == GT_Q4_K) {  // x = d·sc·q − dmin·mn
         const u8* b = row + (c >> 4) * 144;
         int cc = c & 15, g = cc >> 2, sub = cc & 3;
-        const u8* sc6 = b + 4;
-        int is = 2 * g + (sub >> 1);
-        int sc, mn;  // ggml's get_scale_min_k4
-        if (is < 4) {
-            sc = sc6[is] & 63;
-            mn = sc6[is + 4] & 63;
-        } else {
-            sc = (sc6[is + 4] & 0xF) | ((sc6[is - 4] >> 6) << 4);
-            mn = (sc6[is + 4] >> 4) | ((sc6[is] >> 6) << 4);
-        }
-        u32 q[4];
-        ld16(b + 16 + 32 * g + 16 * (sub & 1), q);
-        int sh = 4 * (sub >> 1);
-#pragma unroll
-        for (int i = 0; i < 4; i++) s = __dp4a((int)((q[i] >> sh) & 0x0F0F0F0Fu), u[i], s);
+        int sc, mn;
+        q4k_scale_min(b + 4, 2 * g + (sub >> 1), sc, mn);
+        s = dp4a_nibbles(b + 16 + 32 * g + 16 * (sub & 1), 4 * (sub >> 1), u);
         float d1 = h2f(ld_u16(b)) * (float)sc, m1 = h2f(ld_u16(b + 2)) * (float)mn;
         return d8 * (d1 * (float)s - m1 * (float)s16);
     } else if (TY == GT_Q6_K) {  // x = d·sc·(q − 32)
         const u8* b = row + (c >> 4) * 210;
-        int cc = c & 15, n = cc >> 3, r = cc & 7, k = r >> 1, lh = r & 1;
-        const signed char* sc = (const signed char*)(b + 192);
-        u32 ql[4], qh[4];
-        ld16(b + 64 * n + (k & 1) * 32 + 16 * lh, ql);
-        ld16(b + 128 + 32 * n + 16 * lh, qh);
-        int shl = (k >> 1) * 4, shh = 2 * k;
+        u32 v[4];
+        int is = q6k_words(b, c & 15, v);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            u32 v = ((ql[i] >> shl) & 0x0F0F0F0Fu) | (((qh[i] >> shh) & 0x03030303u) << 4);
-            s = __dp4a((int)v, u[i], s);
-        }
-        return h2f(ld_u16(b + 208)) * (float)sc[8 * n + lh + 2 * k] * d8 * (float)(s - 32 * s16);
+        for (int i = 0; i < 4; i++) s = __dp4a((int)v[i], u[i], s);
+        return h2f(ld_u16(b + 208)) * (float)((const signed char*)(b + 192))[is] * d8 * (float)(s - 32 * s16);
     }
     return 0.0f;  // F32/F16: no integer form (the callers take only block formats)
 }

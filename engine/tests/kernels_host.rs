@@ -218,6 +218,20 @@ fn random_rows(ty: GgmlType, cols: usize, rows: usize, seed: u64) -> Vec<u8> {
     data
 }
 
+/// Runs the host program on `rows` rows of `ty` (`row_bytes` bytes, `cols` elements each) with
+/// `files`: the rows' file, the output file, and for q8dot16 the int8 x's file.
+fn run_host(exe: &Path, ty: GgmlType, row_bytes: usize, cols: usize, rows: usize, files: &[&Path]) -> Result<(), Failed> {
+    let st = Command::new(exe)
+        .args([ty.to_u32().to_string(), row_bytes.to_string(), cols.to_string(), rows.to_string()])
+        .args(files)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if !st.success() {
+        return Err(format!("{}: {st}", exe.display()).into());
+    }
+    Ok(())
+}
+
 fn check(ty: GgmlType, cols: usize, rows: usize) -> Result<(), Failed> {
     let exe = host_program().as_ref().map_err(|e| e.clone())?;
     let data = random_rows(ty, cols, rows, 7 + ty.to_u32() as u64);
@@ -225,16 +239,7 @@ fn check(ty: GgmlType, cols: usize, rows: usize) -> Result<(), Failed> {
     let dir = exe.parent().unwrap_or(Path::new("."));
     let (inp, outp) = (dir.join(format!("in-{ty}")), dir.join(format!("out-{ty}")));
     std::fs::write(&inp, &data).map_err(|e| e.to_string())?;
-    let row_bytes = data.len() / rows;
-    let st = Command::new(exe)
-        .args([ty.to_u32().to_string(), row_bytes.to_string(), cols.to_string(), rows.to_string()])
-        .arg(&inp)
-        .arg(&outp)
-        .status()
-        .map_err(|e| e.to_string())?;
-    if !st.success() {
-        return Err(format!("{}: {st}", exe.display()).into());
-    }
+    run_host(exe, ty, data.len() / rows, cols, rows, &[&inp, &outp])?;
     let got: Vec<f32> = std::fs::read(&outp).map_err(|e| e.to_string())?.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     if got.len() != want.len() {
         return Err(format!("{ty}: {} values from dq16, {} from the CPU twin", got.len(), want.len()).into());
@@ -266,17 +271,7 @@ fn check_q8(ty: GgmlType, cols: usize, rows: usize) -> Result<(), Failed> {
     let (inp, xp, outp) = (dir.join(format!("q8in-{ty}")), dir.join(format!("q8x-{ty}")), dir.join(format!("q8out-{ty}")));
     std::fs::write(&inp, &data).map_err(|e| e.to_string())?;
     std::fs::write(&xp, &xfile).map_err(|e| e.to_string())?;
-    let row_bytes = data.len() / rows;
-    let st = Command::new(exe)
-        .args([ty.to_u32().to_string(), row_bytes.to_string(), cols.to_string(), rows.to_string()])
-        .arg(&inp)
-        .arg(&outp)
-        .arg(&xp)
-        .status()
-        .map_err(|e| e.to_string())?;
-    if !st.success() {
-        return Err(format!("{}: {st}", exe.display()).into());
-    }
+    run_host(exe, ty, data.len() / rows, cols, rows, &[&inp, &outp, &xp])?;
     let got: Vec<f64> = std::fs::read(&outp).map_err(|e| e.to_string())?.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect();
     if got.len() != rows {
         return Err(format!("{ty}: {} row sums from q8dot16, expected {rows}", got.len()).into());
