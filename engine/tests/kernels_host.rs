@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
+mod host_cxx;
+
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep_engine::dequant;
 use lockstep_engine::gguf::GgmlType;
@@ -25,46 +27,6 @@ use rand::{Rng, SeedableRng};
 
 const COMMON: &str = include_str!("../../kernels/common.cuh");
 const QUANT: &str = include_str!("../../kernels/quant.cu");
-
-/// Host versions of what the marked kernel text uses from CUDA: the qualifiers, `__int_as_float`,
-/// `__funnelshift_r` (clamped shift, as the hardware's), `__byte_perm` (bytes of {y:x} chosen by the
-/// selector's low 3 bits per nibble), `__dp4a` (Σ of the four signed byte products, plus c) and
-/// `h2f` (IEEE half → float: exact, subnormals included).
-const PRELUDE: &str = r#"
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <cmath>
-#include <vector>
-#define __device__
-#define __host__
-#define __forceinline__ inline
-#define __restrict__
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-static inline float __int_as_float(u32 x) { float f; std::memcpy(&f, &x, 4); return f; }
-static inline u32 __funnelshift_r(u32 lo, u32 hi, u32 sh) {
-    uint64_t v = ((uint64_t)hi << 32) | lo;
-    return (u32)(v >> (sh < 32 ? sh : 32));
-}
-static inline u32 __byte_perm(u32 x, u32 y, u32 s) {
-    uint64_t v = ((uint64_t)y << 32) | x;
-    u32 r = 0;
-    for (int i = 0; i < 4; i++) r |= (u32)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
-    return r;
-}
-static inline int __dp4a(int a, int b, int c) {
-    for (int i = 0; i < 4; i++) c += (int)(signed char)(a >> (8 * i)) * (int)(signed char)(b >> (8 * i));
-    return c;
-}
-static inline float h2f(u16 h) {
-    u32 e = (h >> 10) & 31, m = h & 1023;
-    float f = e == 0 ? std::ldexp((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : std::ldexp((float)(m | 1024), (int)e - 25);
-    return (h >> 15) ? -f : f;
-}
-"#;
 
 /// Dequantizes a file of `rows` rows of `row_bytes` bytes (`cols` elements each, format `ty`) chunk
 /// by chunk with dq16 into a file of f32; given a seventh argument, a file of int8 x (`cols` i8 q8,
@@ -140,82 +102,19 @@ int main(int argc, char** argv) {
 }
 "#;
 
-/// The text between the `host-check begin` and `host-check end` lines of `src`.
-fn region<'a>(src: &'a str, file: &str) -> Result<&'a str, String> {
-    let begin = src.find("// host-check begin").ok_or(format!("kernels/{file}: no `// host-check begin` line"))?;
-    let end = src[begin..].find("// host-check end").ok_or(format!("kernels/{file}: no `// host-check end` after its begin"))?;
-    Ok(&src[begin..begin + end])
-}
-
-/// A C++ compiler: CXX, else the first of c++, g++, clang++ that answers `--version` (asked once).
-fn compiler() -> Option<&'static str> {
-    static CXX: OnceLock<Option<String>> = OnceLock::new();
-    CXX.get_or_init(|| {
-        let candidates = std::env::var("CXX").ok().into_iter().chain(["c++", "g++", "clang++"].map(String::from));
-        candidates.into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
-    })
-    .as_deref()
-}
-
 /// The compiled host program (built once), in a directory kept for the process.
 fn host_program() -> &'static Result<PathBuf, String> {
     static PROGRAM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     PROGRAM.get_or_init(|| {
-        let cxx = compiler().ok_or("no C++ compiler (CXX, c++, g++, clang++)")?;
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?.keep();
         let src = format!(
-            "{}\n{PRELUDE}\n{}\n{}\n{MAIN}",
+            "{}\n{}\n{}\n{}\n{MAIN}",
             lockstep_engine::cuda::device::kernel_constants(),
-            region(COMMON, "common.cuh")?,
-            region(QUANT, "quant.cu")?
+            host_cxx::INTRINSICS,
+            host_cxx::region(COMMON, "common.cuh")?,
+            host_cxx::region(QUANT, "quant.cu")?
         );
-        let (cpp, exe) = (dir.join("dq16_host.cpp"), dir.join("dq16_host"));
-        std::fs::write(&cpp, src).map_err(|e| e.to_string())?;
-        let out = Command::new(cxx).args(["-std=c++17", "-O1", "-ffp-contract=off", "-o"]).arg(&exe).arg(&cpp).output().map_err(|e| format!("{cxx}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!("{cxx} failed on the kernels' host-check text ({}):\n{}", cpp.display(), String::from_utf8_lossy(&out.stderr)));
-        }
-        Ok(exe)
+        host_cxx::build("dq16_host", &src, &["-std=c++17", "-O1", "-ffp-contract=off"])
     })
-}
-
-/// `rows` random rows of `cols` elements of format `ty`: random bytes, with every f16 scale (and F16
-/// value) a finite half, so that the twins' values are numbers to compare.
-fn random_rows(ty: GgmlType, cols: usize, rows: usize, seed: u64) -> Vec<u8> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut half = || half::f16::from_f32(rng.random_range(-2.0f32..2.0) * 10f32.powi(rng.random_range(-4..2))).to_bits().to_le_bytes();
-    let n = dequant::bytes_needed(ty, cols * rows).expect("whole blocks");
-    let mut rng2 = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9e37);
-    let mut data: Vec<u8> = (0..n).map(|_| rng2.random()).collect();
-    let (bs, block_bytes) = (ty.block_size(), ty.type_size());
-    // byte offsets of the f16 fields in a block
-    let halves: &[usize] = match ty {
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-        GgmlType::Q4_1 | GgmlType::Q4_K => &[0, 2],
-        GgmlType::Q6_K => &[208],
-        _ => &[],
-    };
-    match ty {
-        GgmlType::F32 => {
-            for v in data.chunks_exact_mut(4) {
-                v.copy_from_slice(&(rng2.random_range(-1.0f32..1.0) * 1e3).to_le_bytes());
-            }
-        }
-        GgmlType::F16 => {
-            for v in data.chunks_exact_mut(2) {
-                v.copy_from_slice(&half());
-            }
-        }
-        _ => {
-            for b in 0..cols * rows / bs {
-                for &off in halves {
-                    let at = b * block_bytes + off;
-                    data[at..at + 2].copy_from_slice(&half());
-                }
-            }
-        }
-    }
-    data
 }
 
 /// Runs the host program on `rows` rows of `ty` (`row_bytes` bytes, `cols` elements each) with
@@ -234,7 +133,7 @@ fn run_host(exe: &Path, ty: GgmlType, row_bytes: usize, cols: usize, rows: usize
 
 fn check(ty: GgmlType, cols: usize, rows: usize) -> Result<(), Failed> {
     let exe = host_program().as_ref().map_err(|e| e.clone())?;
-    let data = random_rows(ty, cols, rows, 7 + ty.to_u32() as u64);
+    let data = host_cxx::random_rows(ty, cols, rows, 7 + ty.to_u32() as u64);
     let want = dequant::dequantize(ty, &data, cols * rows).map_err(|e| e.to_string())?;
     let dir = exe.parent().unwrap_or(Path::new("."));
     let (inp, outp) = (dir.join(format!("in-{ty}")), dir.join(format!("out-{ty}")));
@@ -258,7 +157,7 @@ fn check(ty: GgmlType, cols: usize, rows: usize) -> Result<(), Failed> {
 /// int8 x: random q8 in [-127, 127] (a zero block among them), random d8, and the sums of 16 from q8.
 fn check_q8(ty: GgmlType, cols: usize, rows: usize) -> Result<(), Failed> {
     let exe = host_program().as_ref().map_err(|e| e.clone())?;
-    let data = random_rows(ty, cols, rows, 99 + ty.to_u32() as u64);
+    let data = host_cxx::random_rows(ty, cols, rows, 99 + ty.to_u32() as u64);
     let w = dequant::dequantize(ty, &data, cols * rows).map_err(|e| e.to_string())?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5 + ty.to_u32() as u64);
     let q: Vec<i8> = (0..cols).map(|j| if j < 32 { 0 } else { rng.random_range(-127i8..=127) }).collect();
@@ -299,7 +198,7 @@ fn main() {
         (GgmlType::Q4_K, 512),
         (GgmlType::Q6_K, 512),
     ];
-    let available = compiler();
+    let available = host_cxx::compiler();
     let trials = cases
         .into_iter()
         .map(|(ty, cols)| {
