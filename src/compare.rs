@@ -117,6 +117,12 @@ fn record_tier(f: &ManifestFile) -> Tier {
 
 /// Diversity limits from every golden continuation of `model` and `tier` in the manifest.
 pub fn diversity_limits(manifest: &Manifest, model: &str, tier: Tier) -> Result<Option<diversity::Limits>> {
+    let stats = diversity_stats(manifest, model, tier)?;
+    Ok((!stats.is_empty()).then(|| diversity::Limits::from_golden(&stats)))
+}
+
+/// The diversity statistics of every golden continuation of `model` and `tier` in the manifest.
+pub fn diversity_stats(manifest: &Manifest, model: &str, tier: Tier) -> Result<Vec<diversity::Stats>> {
     let mut stats = Vec::new();
     for f in manifest.taps_files().filter(|f| f.model.as_deref() == Some(model) && f.tier.as_deref() == Some(tier.name())) {
         let t = manifest.open_taps(f)?;
@@ -125,7 +131,7 @@ pub fn diversity_limits(manifest: &Manifest, model: &str, tier: Tier) -> Result<
         let ent: Vec<f64> = gl.iter().take(cont.len()).map(|g| g.coarse_entropy()).collect();
         stats.push(diversity::stats(&cont, &ent));
     }
-    Ok((!stats.is_empty()).then(|| diversity::Limits::from_golden(&stats)))
+    Ok(stats)
 }
 
 /// The attention heatmap: the first divergence's kq_soft_max (worst head) if attention diverges,

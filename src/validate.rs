@@ -228,11 +228,12 @@ pub fn run_case(
     };
     // The pairing llama.cpp uses for the architecture named in the file, not the engine's own choice.
     let pairing = Pairing::for_arch(model.config.arch.name());
-    let div_limits = if case.wants(Check::Diversity) || case.wants(Check::DiversitySampled) || case.wants(Check::Anticheat) {
-        compare::diversity_limits(manifest, &case.model, case.tier)?
+    let div_stats = if case.wants(Check::Diversity) || case.wants(Check::DiversitySampled) || case.wants(Check::Anticheat) {
+        compare::diversity_stats(manifest, &case.model, case.tier)?
     } else {
-        None
+        Vec::new()
     };
+    let div_limits = (!div_stats.is_empty()).then(|| diversity::Limits::from_golden(&div_stats));
     let tol = &*with_model_eps(tol, &model.file, model.config.arch.name(), &case.model);
     let opt = Options { tol, pairing, diversity: None, max_step: Some(max_step), require_all_taps: true };
     let run =
@@ -287,8 +288,10 @@ pub fn run_case(
             r.reset();
         }
         outputs.push(anticheat_generation(backend, model, &ids)?);
-        if let Some(limits) = &div_limits {
-            rep.checks.extend(checks::anticheat::check(&word, &outputs, limits));
+        let reference = checks::anticheat::Reference::load(&manifest.dir, &case.model)?;
+        if let Some(limits) = checks::anticheat::limits(&div_stats, reference.as_ref()) {
+            let want = reference.as_ref().and_then(|r| r.minutes.iter().find(|m| m.word == word)).map(|m| &m.tokens[..]);
+            rep.checks.extend(checks::anticheat::check(&word, &outputs, &limits, want));
         }
     }
     backend.reset();

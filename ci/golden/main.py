@@ -26,7 +26,7 @@ from export import CONTINUATION, THREADS, TIERS, log
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "golden"
-GENERATED = ["manifest.json", "models", "taps", "tokenize", "dequant"]   # README.md is hand-written
+GENERATED = ["manifest.json", "models", "taps", "tokenize", "dequant", "anticheat"]   # README.md is hand-written
 TAPPED_DECODE_STEPS = 4
 
 
@@ -147,6 +147,9 @@ def generate(out: Path, only: set[str] | None) -> None:
     import dequant
     log("dequantization goldens")
     files += dequant.export(model_files, out)
+    import anticheat
+    log("anti-cheat references: llama.cpp's continuation of check 9's 60 prompts (ci/golden/anticheat.py)")
+    files += anticheat.export_all(real_present, out)
 
     export.finish_records(files, out, "ci/regenerate-golden")
     files.sort(key=lambda f: f["path"])
