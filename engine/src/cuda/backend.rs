@@ -42,10 +42,11 @@ pub struct CudaOptions {
     pub fast_math: bool,
     /// Whether the fast arithmetic includes int8-activation decode matvecs ([`Gpu::int8_decode`]:
     /// x quantized per 32 values as llama.cpp's q8_1, dp4a products, llama.cpp's own decode
-    /// arithmetic on a quantized file). Default: only with LOCKSTEP_CUDA_MATH=fast, for it has not
-    /// yet been run through the shipped suites on a GPU (its products were checked on the CPU only,
-    /// engine/tests/kernels_host.rs; engine/tests/cuda_kernels.rs and cuda_model.rs hold the kernels
-    /// on a GPU).
+    /// arithmetic on a quantized file). Default: only with LOCKSTEP_CUDA_MATH=fast (every case) or
+    /// LOCKSTEP_CUDA_INT8_DECODE=1 (wherever the fast arithmetic is on: validate's shipped-tier
+    /// cases), for it has not yet been run through the shipped suites on a GPU (its kernels were
+    /// checked on the CPU only, engine/tests/kernels_host.rs and kernels_simt.rs;
+    /// engine/tests/cuda_kernels.rs and cuda_model.rs hold them on a GPU).
     pub int8_decode: bool,
 }
 
@@ -53,7 +54,8 @@ impl Default for CudaOptions {
     fn default() -> Self {
         let math = std::env::var("LOCKSTEP_CUDA_MATH").ok();
         let fast_math = matches!(fast_math_setting(math.as_deref()), Ok(Some(true)));
-        Self { max_ctx: 0, batch: 512, graphs: true, fast_math, int8_decode: math.as_deref() == Some("fast") }
+        let int8_decode = math.as_deref() == Some("fast") || std::env::var("LOCKSTEP_CUDA_INT8_DECODE").is_ok_and(|v| v == "1");
+        Self { max_ctx: 0, batch: 512, graphs: true, fast_math, int8_decode }
     }
 }
 
