@@ -4,6 +4,7 @@
 //! overflow without max subtraction. Ignored (with the reason) where CUDA is unavailable.
 
 mod cuda_common;
+mod twins;
 
 use cuda_common::{check_close, rel_l2, trials};
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -664,17 +665,9 @@ fn attention_decode_case(c: DecodeCase) -> R {
     let v = randv(&mut rng, row, 1.0);
     let kcache = randv(&mut rng, ctx * row, 1.0);
     let vcache = randv(&mut rng, ctx * row, 1.0);
-    let (mut wq, mut wk) = (q.clone(), k.clone());
-    cpu::rope(&mut wq, &[p], h, dh, c.n_rot, base, c.style);
-    cpu::rope(&mut wk, &[p], hkv, dh, c.n_rot, base, c.style);
-    // the CPU's cache `[kv_len][Hkv·Dh]`: rows < p as on the GPU, row p the new rotated k and v
-    let kc_cpu = [&kcache[..p * row], &wk[..]].concat();
-    let vc_cpu = [&vcache[..p * row], &v[..]].concat();
-    let dims = AttnDims { n_tokens: 1, n_past: p, n_head: h, n_head_kv: hkv, head_dim: dh };
+    let want = twins::decode_attention(&q, &k, &v, &kcache, &vcache, p, (h, hkv, dh), (c.n_rot, c.style, base), fault);
+    let (wq, wk, kq, probs, want_out) = (&want.q_rot, &want.k_rot, &want.kq, &want.probs, &want.out);
     let scale = 1.0 / (dh as f32).sqrt();
-    let kq = faults::attn_scores(fault, &wq, &kc_cpu, &dims);
-    let probs = faults::attn_softmax(fault, &kq, scale, &dims);
-    let want_out = faults::attn_values(fault, &probs, &vc_cpu, &dims);
 
     let pp = |b: &cudarc::driver::CudaSlice<f32>| ptr(b, &g.stream);
     let (qd, kd, vd) = (g.upload(&q, "q")?, g.upload(&k, "k")?, g.upload(&v, "v")?);
@@ -712,15 +705,15 @@ fn attention_decode_case(c: DecodeCase) -> R {
     )?;
     let what = format!("attention_decode {c:?}");
     if tapped {
-        check_close(&format!("{what} Qcur.rope tap"), &g.download(&tq, 0, h * dh)?, &wq, 1e-6)?;
-        check_close(&format!("{what} Kcur.rope tap"), &g.download(&tk, 0, hkv * dh)?, &wk, 1e-6)?;
-        check_close_nonfinite(&format!("{what} kq tap"), &g.download(&tkq, 0, h * kv_len)?, &kq, 1e-5)?;
-        check_close_nonfinite(&format!("{what} kq_soft_max tap"), &g.download(&tp, 0, h * kv_len)?, &probs, 1e-5)?;
+        check_close(&format!("{what} Qcur.rope tap"), &g.download(&tq, 0, h * dh)?, wq, 1e-6)?;
+        check_close(&format!("{what} Kcur.rope tap"), &g.download(&tk, 0, hkv * dh)?, wk, 1e-6)?;
+        check_close_nonfinite(&format!("{what} kq tap"), &g.download(&tkq, 0, h * kv_len)?, kq, 1e-5)?;
+        check_close_nonfinite(&format!("{what} kq_soft_max tap"), &g.download(&tp, 0, h * kv_len)?, probs, 1e-5)?;
     }
-    check_close_nonfinite(&format!("{what} kqv_out"), &g.download(&out, 0, h * dh)?, &want_out, 1e-5)?;
+    check_close_nonfinite(&format!("{what} kqv_out"), &g.download(&out, 0, h * dh)?, want_out, 1e-5)?;
     let got_kc = g.download(&kcd, 0, ctx * row)?;
     let new_k = &got_kc[p * row..(p + 1) * row];
-    check_close(&format!("{what} K cache row p"), new_k, &wk, 1e-6)?;
+    check_close(&format!("{what} K cache row p"), new_k, wk, 1e-6)?;
     // every other K row untouched (row p, checked just above, taken from the GPU)
     let want_kc = [&kcache[..p * row], new_k, &kcache[(p + 1) * row..]].concat();
     check_close(&format!("{what} K cache"), &got_kc, &want_kc, 0.0)?;

@@ -16,6 +16,7 @@
 //! Without a C++ compiler (CXX, else c++, g++ or clang++ on PATH) the trials are ignored, saying so.
 
 mod host_cxx;
+mod twins;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -737,16 +738,8 @@ fn attention_decode_case(c: (usize, usize, RopeStyle, usize, usize, usize, f32, 
     let base = 1e6f32;
     let (q, k, v) = (randv(&mut rng, h * dh, qscale), randv(&mut rng, row, 1.0), randv(&mut rng, row, 1.0));
     let (kcache, vcache) = (randv(&mut rng, ctx * row, 1.0), randv(&mut rng, ctx * row, 1.0));
-    let (mut wq, mut wk) = (q.clone(), k.clone());
-    cpu::rope(&mut wq, &[p], h, dh, n_rot, base, style);
-    cpu::rope(&mut wk, &[p], hkv, dh, n_rot, base, style);
-    let kc_cpu = [&kcache[..p * row], &wk[..]].concat();
-    let vc_cpu = [&vcache[..p * row], &v[..]].concat();
-    let dims = AttnDims { n_tokens: 1, n_past: p, n_head: h, n_head_kv: hkv, head_dim: dh };
+    let want = twins::decode_attention(&q, &k, &v, &kcache, &vcache, p, (h, hkv, dh), (n_rot, style, base), fault);
     let scale = 1.0 / (dh as f32).sqrt();
-    let kq = faults::attn_scores(fault, &wq, &kc_cpu, &dims);
-    let probs = faults::attn_softmax(fault, &kq, scale, &dims);
-    let want_out = faults::attn_values(fault, &probs, &vc_cpu, &dims);
     let mut sim = Sim::new()?;
     let (qb, kb, vb) = (sim.f32s(&q)?, sim.f32s(&k)?, sim.f32s(&v)?);
     let (kcb, vcb, pos, out) = (sim.f32s(&kcache)?, sim.f32s(&vcache)?, sim.i32s(&[p as i32])?, sim.out(h * dh)?);
@@ -766,14 +759,14 @@ fn attention_decode_case(c: (usize, usize, RopeStyle, usize, usize, usize, f32, 
     .concat();
     sim.launch("attention_decode_f32", (h as u32, 1), 256, &args)?;
     let what = format!("attention_decode_f32 {c:?}");
-    close(&format!("{what} Qcur.rope tap"), &sim.get(tq)?, &wq, 1e-6)?;
-    close(&format!("{what} Kcur.rope tap"), &sim.get(tk)?, &wk, 1e-6)?;
-    close_nonfinite(&format!("{what} kq tap"), &sim.get(tkq)?, &kq, 1e-5)?;
-    close_nonfinite(&format!("{what} kq_soft_max tap"), &sim.get(tp)?, &probs, 1e-5)?;
-    close_nonfinite(&format!("{what} kqv_out"), &sim.get(out)?, &want_out, 1e-5)?;
+    close(&format!("{what} Qcur.rope tap"), &sim.get(tq)?, &want.q_rot, 1e-6)?;
+    close(&format!("{what} Kcur.rope tap"), &sim.get(tk)?, &want.k_rot, 1e-6)?;
+    close_nonfinite(&format!("{what} kq tap"), &sim.get(tkq)?, &want.kq, 1e-5)?;
+    close_nonfinite(&format!("{what} kq_soft_max tap"), &sim.get(tp)?, &want.probs, 1e-5)?;
+    close_nonfinite(&format!("{what} kqv_out"), &sim.get(out)?, &want.out, 1e-5)?;
     let got_kc = sim.get(kcb)?;
     let new_k = &got_kc[p * row..(p + 1) * row];
-    close(&format!("{what} K cache row p"), new_k, &wk, 1e-6)?;
+    close(&format!("{what} K cache row p"), new_k, &want.k_rot, 1e-6)?;
     equal(&format!("{what} K cache"), &got_kc, &[&kcache[..p * row], new_k, &kcache[(p + 1) * row..]].concat())?;
     equal(&format!("{what} V cache"), &sim.get(vcb)?, &[&vcache[..p * row], &v[..], &vcache[(p + 1) * row..]].concat())?;
     Ok(())
