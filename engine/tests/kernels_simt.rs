@@ -6,7 +6,8 @@
 //! `__syncthreads` a barrier of the block, warp shuffles a barrier of the warp's 32 threads around
 //! a shared slot, a `__shared__` variable a static (blocks run one after another), the dynamic
 //! shared memory one static buffer (160 KiB, so that any launch plan fits) filled with garbage
-//! before each block, cp.async the kernels' own pre-sm_80 copy. What the GPU does differently
+//! before each block, cp.async the kernels' own pre-sm_80 copy, CUDA's vector types with their alignments
+//! (UndefinedBehaviorSanitizer stops a misaligned vector load, which faults on a GPU). What the GPU does differently
 //! (timing, PDL) does not change what these kernels compute, so their outputs must match the CPU
 //! twins here as in cuda_kernels on a GPU, with the launches ops.rs and attn_decode.rs make (grid,
 //! block, shared memory and arguments written out again below, each kernel's parameter list checked
@@ -54,10 +55,12 @@ using std::min;
 #define __shared__ static
 struct simt_dim { unsigned x = 0, y = 0, z = 0; };
 static simt_dim threadIdx, blockIdx, blockDim, gridDim;  // threadIdx: the running fiber's
-struct int4 { int x, y, z, w; };
-struct uint4 { unsigned x, y, z, w; };
-struct float4 { float x, y, z, w; };
-struct float2 { float x, y; };
+// CUDA's alignments (a vector load from an address not a multiple of them faults on the GPU; here
+// UndefinedBehaviorSanitizer's alignment check stops the program instead)
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
 static inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static inline float2 make_float2(float a, float b) { return {a, b}; }
 static inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
@@ -243,7 +246,7 @@ fn host_sources() -> Result<String, String> {
 
 fn program() -> &'static Result<PathBuf, String> {
     static PROGRAM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PROGRAM.get_or_init(|| host_cxx::build("kernels_simt", &host_sources()?, &["-std=c++17", "-O2"]))
+    PROGRAM.get_or_init(|| host_cxx::build("kernels_simt", &host_sources()?, &["-std=c++17", "-O2", "-fsanitize=alignment", "-fno-sanitize-recover=alignment"]))
 }
 
 /// ‖got − want‖ / ‖want‖ ≤ tol (NaN never passes), else the worst element.
