@@ -6,9 +6,10 @@
 //! `__syncthreads` a barrier of the block, warp shuffles a barrier of the warp's 32 threads around
 //! a shared slot, a `__shared__` variable a static (blocks run one after another), the dynamic
 //! shared memory one static buffer (160 KiB, so that any launch plan fits) filled with garbage
-//! before each block, cp.async the kernels' own pre-sm_80 copy, CUDA's vector types with their alignments
-//! (UndefinedBehaviorSanitizer stops a misaligned vector load, which faults on a GPU). What the GPU does differently
-//! (timing, PDL) does not change what these kernels compute, so their outputs must match the CPU
+//! before each block, cp.async the kernels' own pre-sm_80 copy, CUDA's vector types with their
+//! alignments (UndefinedBehaviorSanitizer stops a misaligned vector load, which faults on a GPU).
+//! What the GPU does differently (timing, PDL) does not change what these kernels compute, so their
+//! outputs must match the CPU
 //! twins here as in cuda_kernels on a GPU, with the launches ops.rs and attn_decode.rs make (grid,
 //! block, shared memory and arguments written out again below, each kernel's parameter list checked
 //! against the arguments when it is called). So a wrong index, shared-memory layout, reduction or
