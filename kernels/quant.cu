@@ -135,6 +135,7 @@ __device__ __forceinline__ void dq16(const u8* __restrict__ row, int c, int ncol
 // as integer dot products (dp4a) of the weights' integer values with q8, scaled once: the offsets
 // (Q4_0's 8, Q5_0's 16, Q6_K's 32) and Q4_1/Q4_K minimums come in through s16, exactly.
 // CPU twin: engine/src/cpu/ops.rs quantize_q8 (d8 · q8 per value) then a plain dot product.
+
 // Σ q·u over the 16 nibbles at bits sh..sh+3 of the 16 bytes at p (Q4_0, Q4_1, Q4_K), q8 words u.
 __device__ __forceinline__ int dp4a_nibbles(const u8* p, int sh, const int u[4]) {
     u32 qs[4];
@@ -145,6 +146,7 @@ __device__ __forceinline__ int dp4a_nibbles(const u8* p, int sh, const int u[4])
     return s;
 }
 
+// Chunk c of a row (`row`, format TY) against the int8 x: the section's Σ, see above.
 template <int TY>
 __device__ __forceinline__ float q8dot16(const u8* __restrict__ row, int c, const int u[4], float d8, int s16) {
     int s = 0;
@@ -481,19 +483,14 @@ __device__ __forceinline__ float q8_chunk(const u8* span, int cw, const u8* xa, 
     return q8dot16<TY>(span, cw, u, ((const float*)(xa + ncols))[c >> 1], ((const int*)(xa + ncols + ncols / 8))[c]);
 }
 
-// Σ over local chunks c = lane, lane + 32, … < nc of dq16(span, c) · x chunk c (f32 x area), or of
-// q8_chunk (Q8): one lane's share. xa: the block's x area (stage_x_any<Q8>).
-template <int TY, bool Q8>
-__device__ __forceinline__ float dot_staged(const u8* span, int nc, const u8* xa, int ncols, int lane) {
+// Σ over local chunks c = lane, lane + 32, … < nc of dq16(span, c) · xs[16c ..]: one lane's share.
+template <int TY>
+__device__ __forceinline__ float dot_staged(const u8* span, int nc, const float* xs, int lane) {
     float acc = 0.0f;
     for (int c = lane; c < nc; c += 32) {
-        if constexpr (Q8) {
-            acc += q8_chunk<TY>(span, c, xa, ncols, c);
-        } else {
-            float w[16];
-            dq16<TY>(span, c, 0, w);
-            acc += dot16(w, (const float4*)((const float*)xa + 16 * c));
-        }
+        float w[16];
+        dq16<TY>(span, c, 0, w);
+        acc += dot16(w, (const float4*)(xs + 16 * c));
     }
     return acc;
 }
@@ -535,7 +532,7 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
 #pragma unroll
     for (int k = 0; k < RPW_MAX; k++) acc[k] = 0.0f;
     int nc = nblk * CPB, c0 = b0 * CPB;  // c0: the run's first chunk in the row
-    const float* xp = (const float*)smem + b0 * block_elems(TY);
+    const float* xp = (const float*)smem + b0 * block_elems(TY);  // f32 x of the run (not Q8)
     for (int c = lane; c < nc; c += 32) {
         if constexpr (Q8) {
 #pragma unroll
@@ -613,8 +610,8 @@ __device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* _
         g = warp_sum(ag);
         u = warp_sum(au);
     } else {  // one row after the other (both in one loop would spill at 48 registers)
-        g = warp_sum(dot_staged<TY, Q8>(gs, nb * CPB, smem, ncols, lane));
-        u = warp_sum(dot_staged<TY, Q8>(us, nb * CPB, smem, ncols, lane));
+        g = warp_sum(dot_staged<TY>(gs, nb * CPB, (const float*)smem, lane));
+        u = warp_sum(dot_staged<TY>(us, nb * CPB, (const float*)smem, lane));
     }
     if (lane == 0) {
         if (g_out) g_out[r] = g;
