@@ -6,7 +6,7 @@
 mod cuda_common;
 mod twins;
 
-use cuda_common::{check_close, rel_l2, trials};
+use cuda_common::{bit_equal, check_close, check_close_nonfinite, rel_l2, trials};
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep_engine::cpu::attention::{self as cpu_attn, AttnDims, KvCache};
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
@@ -371,20 +371,6 @@ fn get_rows_case(ty: GgmlType) -> R {
     Ok(())
 }
 
-/// Bit for bit: values equal (±0 alike); on a difference, the first index and both values.
-fn bit_equal(what: &str, got: &[f32], want: &[f32]) -> R {
-    if got.len() != want.len() {
-        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()).into());
-    }
-    match got.iter().zip(want).position(|(g, w)| g != w && !(g.is_nan() && w.is_nan())) {
-        None => Ok(()),
-        Some(i) => {
-            Err(format!("{what}: element {i} = {:e}, CPU {:e} ({} values differ)", got[i], want[i], got.iter().zip(want).filter(|(g, w)| g != w).count())
-                .into())
-        }
-    }
-}
-
 /// Gpu::dequant_rows (the `dequant_{ty}` kernel on a range of rows: `dq16`, the matvecs' own
 /// dequantization, which the `dequant` check observes) against the CPU's crate::dequant, bit for bit:
 /// ranges at the start, the middle and the end of a matrix, and the whole of it.
@@ -637,17 +623,6 @@ struct DecodeCase {
     ctx: usize,
     qscale: f32,
     fault: Option<Fault>,
-}
-
-/// [`check_close`] for outputs that may overflow (softmax without max subtraction): non-finite at
-/// the same places, the finite rest close.
-fn check_close_nonfinite(what: &str, got: &[f32], want: &[f32], tol: f64) -> R {
-    let bad: Vec<bool> = want.iter().map(|v| !v.is_finite()).collect();
-    if got.iter().map(|v| !v.is_finite()).ne(bad.iter().copied()) {
-        return Err(format!("{what}: non-finite values at other places than the CPU twin's").into());
-    }
-    let finite = |x: &[f32]| -> Vec<f32> { x.iter().zip(&bad).filter(|(_, b)| !**b).map(|(v, _)| *v).collect() };
-    Ok(check_close(what, &finite(got), &finite(want), tol)?)
 }
 
 /// attention_decode_f32 against its CPU twins composed: rope on q and k at position p, then

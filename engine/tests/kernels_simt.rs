@@ -17,6 +17,7 @@
 //!
 //! Without a C++ compiler (CXX, else c++, g++ or clang++ on PATH) the trials are ignored, saying so.
 
+mod cuda_common;
 mod host_cxx;
 mod twins;
 
@@ -24,6 +25,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
+use cuda_common::{bit_equal, check_close, check_close_nonfinite};
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep_engine::cpu::attention::AttnDims;
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
@@ -250,38 +252,6 @@ fn program() -> &'static Result<PathBuf, String> {
     PROGRAM.get_or_init(|| host_cxx::build("kernels_simt", &host_sources()?, &["-std=c++17", "-O2", "-fsanitize=alignment", "-fno-sanitize-recover=alignment"]))
 }
 
-/// ‖got − want‖ / ‖want‖ ≤ tol (NaN never passes), else the worst element.
-fn close(what: &str, got: &[f32], want: &[f32], tol: f64) -> Result<(), Failed> {
-    if got.len() != want.len() {
-        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()).into());
-    }
-    let (mut num, mut den, mut worst) = (0.0f64, 0.0f64, (0usize, -1.0f64));
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let d = (g as f64 - w as f64).abs();
-        num += d * d;
-        den += (w as f64) * (w as f64);
-        if !(d <= worst.1) {
-            worst = (i, d);
-        }
-    }
-    let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();
-    if !(rel <= tol) {
-        return Err(format!("{what}: rel L2 {rel:.3e} > {tol:.0e}; worst at {}: {} vs {}", worst.0, got[worst.0], want[worst.0]).into());
-    }
-    Ok(())
-}
-
-/// Bit for bit (±0 alike).
-fn equal(what: &str, got: &[f32], want: &[f32]) -> Result<(), Failed> {
-    if got.len() != want.len() {
-        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()).into());
-    }
-    match got.iter().zip(want).position(|(g, w)| g != w && !(g.is_nan() && w.is_nan())) {
-        Some(i) => Err(format!("{what}: first difference at {i}: {} vs {}", got[i], want[i]).into()),
-        None => Ok(()),
-    }
-}
-
 /// A kernel argument (device.rs `Arg`, with buffers by number).
 #[derive(Clone, Copy)]
 enum A {
@@ -425,8 +395,8 @@ fn staged_matvec_case(ty: GgmlType, q8: bool) -> Result<(), Failed> {
         cpu::add_bias(&mut want, &bias);
         let want = cpu::add(&want, &res);
         let what = format!("{name} wpr {wpr} rpw {rpw} norm {norm}");
-        close(&what, &sim.get(y)?, &want, 1e-5)?;
-        close(&format!("{what} raw"), &sim.get(raw)?, &raw_want, 1e-5)?;
+        check_close(&what, &sim.get(y)?, &want, 1e-5)?;
+        check_close(&format!("{what} raw"), &sim.get(raw)?, &raw_want, 1e-5)?;
     }
     Ok(())
 }
@@ -458,9 +428,9 @@ fn staged_swiglu_case(ty: GgmlType, q8: bool) -> Result<(), Failed> {
     sim.launch(&name, (rows.div_ceil(8) as u32, 1), 256, &args)?;
     let xk = kernel_x(&x, Some(&nw), q8);
     let (gv, uv) = (cpu::matmul(&mg, &xk), cpu::matmul(&mu, &xk));
-    close(&format!("{name} gate"), &sim.get(g)?, &gv, 1e-5)?;
-    close(&format!("{name} up"), &sim.get(u)?, &uv, 1e-5)?;
-    close(&format!("{name} swiglu"), &sim.get(s)?, &cpu::swiglu(&gv, &uv), 1e-5)?;
+    check_close(&format!("{name} gate"), &sim.get(g)?, &gv, 1e-5)?;
+    check_close(&format!("{name} up"), &sim.get(u)?, &uv, 1e-5)?;
+    check_close(&format!("{name} swiglu"), &sim.get(s)?, &cpu::swiglu(&gv, &uv), 1e-5)?;
     Ok(())
 }
 
@@ -487,8 +457,8 @@ fn staged_multi_case(q8: bool) -> Result<(), Failed> {
     let xk = kernel_x(&x, Some(&nw), q8);
     for (ty, rows, m, y, raw) in outs {
         let want = cpu::matmul(&m, &xk);
-        close(&format!("{name} {ty} {rows} rows"), &sim.get(y)?, &want, 1e-5)?;
-        close(&format!("{name} {ty} {rows} rows raw"), &sim.get(raw)?, &want, 1e-5)?;
+        check_close(&format!("{name} {ty} {rows} rows"), &sim.get(y)?, &want, 1e-5)?;
+        check_close(&format!("{name} {ty} {rows} rows raw"), &sim.get(raw)?, &want, 1e-5)?;
     }
     Ok(())
 }
@@ -525,8 +495,8 @@ fn matvec_case(ty: GgmlType) -> Result<(), Failed> {
         let mut want = raw_want.clone();
         cpu::add_bias(&mut want, &bias);
         let want = cpu::add(&want, &res);
-        close(&format!("{name} T={t}"), &sim.get(y)?, &want, 1e-5)?;
-        close(&format!("{name} T={t} raw"), &sim.get(raw)?, &raw_want, 1e-5)?;
+        check_close(&format!("{name} T={t}"), &sim.get(y)?, &want, 1e-5)?;
+        check_close(&format!("{name} T={t} raw"), &sim.get(raw)?, &raw_want, 1e-5)?;
     }
     let t = 5;
     let (x, nw) = (randv(&mut rng, t * cols, 2.0), randv(&mut rng, cols, 2.0));
@@ -545,9 +515,9 @@ fn matvec_case(ty: GgmlType) -> Result<(), Failed> {
     sim.launch(&name, (rows.div_ceil(8) as u32, 1), 256, &args)?;
     let xn = cpu::mul_rows(&cpu::rmsnorm(&x, cols, 1e-6), &nw);
     let (gv, uv) = (cpu::matmul(&m, &xn), cpu::matmul(&m2, &xn));
-    close(&format!("{name} T={t} gate"), &sim.get(g)?, &gv, 1e-5)?;
-    close(&format!("{name} T={t} up"), &sim.get(u)?, &uv, 1e-5)?;
-    close(&format!("{name} T={t} swiglu"), &sim.get(s)?, &cpu::swiglu(&gv, &uv), 1e-5)?;
+    check_close(&format!("{name} T={t} gate"), &sim.get(g)?, &gv, 1e-5)?;
+    check_close(&format!("{name} T={t} up"), &sim.get(u)?, &uv, 1e-5)?;
+    check_close(&format!("{name} T={t} swiglu"), &sim.get(s)?, &cpu::swiglu(&gv, &uv), 1e-5)?;
     Ok(())
 }
 
@@ -567,7 +537,7 @@ fn dequant_rows_case(ty: GgmlType) -> Result<(), Failed> {
         256,
         &[A::Buf(w), A::L(row_bytes(ty, cols)), A::I(rows as i32), A::I(cols as i32), A::Buf(out)],
     )?;
-    equal(&name, &sim.get(out)?, &m.data)?;
+    bit_equal(&name, &sim.get(out)?, &m.data)?;
     let toks = [18i32, 0, 7, 18, 3];
     let (tb, x) = (sim.i32s(&toks)?, sim.out(toks.len() * cols)?);
     let name = format!("get_rows_{}", suffix(ty));
@@ -578,7 +548,7 @@ fn dequant_rows_case(ty: GgmlType) -> Result<(), Failed> {
         &[A::Buf(w), A::L(row_bytes(ty, cols)), A::I(cols as i32), A::Buf(tb), A::Buf(x)],
     )?;
     let want: Vec<f32> = toks.iter().flat_map(|&t| m.data[t as usize * cols..(t as usize + 1) * cols].to_vec()).collect();
-    equal(&name, &sim.get(x)?, &want)?;
+    bit_equal(&name, &sim.get(x)?, &want)?;
     Ok(())
 }
 
@@ -607,14 +577,14 @@ fn rmsnorm_add_case() -> Result<(), Failed> {
         let (xb, wb, bb) = (sim.f32s(&x)?, sim.f32s(&w)?, sim.f32s(&bias)?);
         let (yn, y) = (sim.out(rows * n)?, sim.out(rows * n)?);
         sim.launch("rmsnorm_f32", (rows as u32, 1), 256, &[A::Buf(xb), A::Buf(wb), A::Buf(yn), A::Buf(y), A::I(n as i32), A::F(1e-6)])?;
-        close(&format!("rmsnorm_f32 n={n} scale {scale}"), &sim.get(yn)?, &want_n, 1e-6)?;
-        close(&format!("rmsnorm_f32 · w n={n} scale {scale}"), &sim.get(y)?, &want, 1e-6)?;
+        check_close(&format!("rmsnorm_f32 n={n} scale {scale}"), &sim.get(yn)?, &want_n, 1e-6)?;
+        check_close(&format!("rmsnorm_f32 · w n={n} scale {scale}"), &sim.get(y)?, &want, 1e-6)?;
         let mut want_add = x.clone();
         cpu::add_bias(&mut want_add, &bias);
         let want_add = cpu::add(&want_add, &want);
         let args = [A::Buf(xb), A::Buf(bb), A::I(n as i32), A::Buf(y), A::Buf(xb), A::L((rows * n) as i64)];
         sim.launch("add_f32", grid_1d(rows * n), 256, &args)?;
-        close(&format!("add_f32 n={n}"), &sim.get(xb)?, &want_add, 1e-7)?;
+        check_close(&format!("add_f32 n={n}"), &sim.get(xb)?, &want_add, 1e-7)?;
     }
     let f16 = Some(Fault::F16Accumulation);
     for (n, scale) in [(897usize, 0.03f32), (897, 300.0), (4864, 22.0), (64, 85.0)] {
@@ -623,8 +593,8 @@ fn rmsnorm_add_case() -> Result<(), Failed> {
         let mut sim = Sim::new()?;
         let (xb, wb, yn, y) = (sim.f32s(&x)?, sim.f32s(&w)?, sim.out(rows * n)?, sim.out(rows * n)?);
         sim.launch("rmsnorm_f16sat_f32", (rows as u32, 1), 256, &[A::Buf(xb), A::Buf(wb), A::Buf(yn), A::Buf(y), A::I(n as i32), A::F(1e-6)])?;
-        close(&format!("rmsnorm_f16sat_f32 n={n} scale {scale}"), &sim.get(yn)?, &want_n, 1e-6)?;
-        close(&format!("rmsnorm_f16sat_f32 · w n={n} scale {scale}"), &sim.get(y)?, &cpu::mul_rows(&want_n, &w), 1e-6)?;
+        check_close(&format!("rmsnorm_f16sat_f32 n={n} scale {scale}"), &sim.get(yn)?, &want_n, 1e-6)?;
+        check_close(&format!("rmsnorm_f16sat_f32 · w n={n} scale {scale}"), &sim.get(y)?, &cpu::mul_rows(&want_n, &w), 1e-6)?;
     }
     Ok(())
 }
@@ -639,7 +609,7 @@ fn activation_case() -> Result<(), Failed> {
             let mut sim = Sim::new()?;
             let (gb, ub, sb) = (sim.f32s(&g)?, sim.f32s(&u)?, sim.out(n)?);
             sim.launch(kernel, grid_1d(n), 256, &[A::Buf(gb), A::Buf(ub), A::Buf(sb), A::L(n as i64)])?;
-            close(&format!("{kernel} n={n} scale {scale}"), &sim.get(sb)?, &faults::swiglu(fault, &g, &u), 1e-6)?;
+            check_close(&format!("{kernel} n={n} scale {scale}"), &sim.get(sb)?, &faults::swiglu(fault, &g, &u), 1e-6)?;
         }
     }
     Ok(())
@@ -665,26 +635,15 @@ fn rope_case(style: RopeStyle, n_rot: usize) -> Result<(), Failed> {
     let rot = [A::F(base.powf(-2.0 / n_rot as f32)), A::I((style == RopeStyle::Neox) as i32)];
     sim.launch("rope_store_f32", grid_1d(n), 256, &[&bufs[..], &ints([t, h, hkv, dh, n_rot]), &rot].concat())?;
     let what = format!("rope_store_f32 {style:?} n_rot {n_rot}");
-    close(&format!("{what} q"), &sim.get(qb)?, &wq, 1e-6)?;
-    close(&format!("{what} k"), &sim.get(kr)?, &wk, 1e-6)?;
+    check_close(&format!("{what} q"), &sim.get(qb)?, &wq, 1e-6)?;
+    check_close(&format!("{what} k"), &sim.get(kr)?, &wk, 1e-6)?;
     let mut want_kc = vec![0.0f32; ctx * row];
     let mut want_vc = vec![0.0f32; ctx * row];
     want_kc[n_past * row..(n_past + t) * row].copy_from_slice(&wk);
     want_vc[n_past * row..(n_past + t) * row].copy_from_slice(&v);
-    close(&format!("{what} K cache"), &sim.get(kc)?, &want_kc, 1e-6)?;
-    equal(&format!("{what} V cache"), &sim.get(vc)?, &want_vc)?;
+    check_close(&format!("{what} K cache"), &sim.get(kc)?, &want_kc, 1e-6)?;
+    bit_equal(&format!("{what} V cache"), &sim.get(vc)?, &want_vc)?;
     Ok(())
-}
-
-/// [`close`] for outputs that may overflow (softmax without max subtraction): non-finite at the
-/// same places, the finite rest close.
-fn close_nonfinite(what: &str, got: &[f32], want: &[f32], tol: f64) -> Result<(), Failed> {
-    let bad: Vec<bool> = want.iter().map(|v| !v.is_finite()).collect();
-    if got.len() != want.len() || got.iter().map(|v| !v.is_finite()).ne(bad.iter().copied()) {
-        return Err(format!("{what}: non-finite values at other places than the CPU twin's").into());
-    }
-    let finite = |x: &[f32]| -> Vec<f32> { x.iter().zip(&bad).filter(|(_, b)| !**b).map(|(v, _)| *v).collect() };
-    close(what, &finite(got), &finite(want), tol)
 }
 
 /// `attention_f32` (prefill: one block a head and tile of 8 query rows) against the CPU twins with
@@ -724,9 +683,9 @@ fn attention_case(dh: usize, qscale: f32, fault: Option<Fault>, t: usize, n_past
     ];
     sim.launch("attention_f32", (h as u32, t.div_ceil(8) as u32), 256, &args)?;
     let what = format!("attention_f32 Dh={dh} T={t} past {n_past} q scale {qscale} fault {fault:?}");
-    close(&format!("{what} kq"), &sim.get(kq)?, &want_kq, 1e-6)?;
-    close_nonfinite(&format!("{what} kq_soft_max"), &sim.get(p)?, &want_p, 1e-5)?;
-    close_nonfinite(&format!("{what} kqv_out"), &sim.get(out)?, &want_out, 1e-5)?;
+    check_close(&format!("{what} kq"), &sim.get(kq)?, &want_kq, 1e-6)?;
+    check_close_nonfinite(&format!("{what} kq_soft_max"), &sim.get(p)?, &want_p, 1e-5)?;
+    check_close_nonfinite(&format!("{what} kqv_out"), &sim.get(out)?, &want_out, 1e-5)?;
     Ok(())
 }
 
@@ -763,16 +722,16 @@ fn attention_decode_case(c: (usize, usize, RopeStyle, usize, usize, usize, f32, 
     .concat();
     sim.launch("attention_decode_f32", (h as u32, 1), 256, &args)?;
     let what = format!("attention_decode_f32 {c:?}");
-    close(&format!("{what} Qcur.rope tap"), &sim.get(tq)?, &want.q_rot, 1e-6)?;
-    close(&format!("{what} Kcur.rope tap"), &sim.get(tk)?, &want.k_rot, 1e-6)?;
-    close_nonfinite(&format!("{what} kq tap"), &sim.get(tkq)?, &want.kq, 1e-5)?;
-    close_nonfinite(&format!("{what} kq_soft_max tap"), &sim.get(tp)?, &want.probs, 1e-5)?;
-    close_nonfinite(&format!("{what} kqv_out"), &sim.get(out)?, &want.out, 1e-5)?;
+    check_close(&format!("{what} Qcur.rope tap"), &sim.get(tq)?, &want.q_rot, 1e-6)?;
+    check_close(&format!("{what} Kcur.rope tap"), &sim.get(tk)?, &want.k_rot, 1e-6)?;
+    check_close_nonfinite(&format!("{what} kq tap"), &sim.get(tkq)?, &want.kq, 1e-5)?;
+    check_close_nonfinite(&format!("{what} kq_soft_max tap"), &sim.get(tp)?, &want.probs, 1e-5)?;
+    check_close_nonfinite(&format!("{what} kqv_out"), &sim.get(out)?, &want.out, 1e-5)?;
     let got_kc = sim.get(kcb)?;
     let new_k = &got_kc[p * row..(p + 1) * row];
-    close(&format!("{what} K cache row p"), new_k, &want.k_rot, 1e-6)?;
-    equal(&format!("{what} K cache"), &got_kc, &[&kcache[..p * row], new_k, &kcache[(p + 1) * row..]].concat())?;
-    equal(&format!("{what} V cache"), &sim.get(vcb)?, &[&vcache[..p * row], &v[..], &vcache[(p + 1) * row..]].concat())?;
+    check_close(&format!("{what} K cache row p"), new_k, &want.k_rot, 1e-6)?;
+    bit_equal(&format!("{what} K cache"), &got_kc, &[&kcache[..p * row], new_k, &kcache[(p + 1) * row..]].concat())?;
+    bit_equal(&format!("{what} V cache"), &sim.get(vcb)?, &[&vcache[..p * row], &v[..], &vcache[(p + 1) * row..]].concat())?;
     Ok(())
 }
 

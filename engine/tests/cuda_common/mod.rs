@@ -1,4 +1,5 @@
-//! Shared by the CUDA test binaries (included with `#[path]`): skip-or-fail policy and comparisons.
+//! Shared by the kernel test binaries (included with `mod`): the skip-or-fail policy of the CUDA ones,
+//! and the comparisons with the CPU twins, which kernels_simt.rs (the kernels on the CPU) uses too.
 #![allow(dead_code)]
 
 use libtest_mimic::Trial;
@@ -66,4 +67,29 @@ pub fn check_close(what: &str, got: &[f32], want: &[f32], tol: f64) -> Result<()
         return Err(format!("{what}: rel L2 {r:.3e} > {tol:.0e}; worst |d| {} at {}; first: {}", worst.1, worst.0, firsts.join(", ")));
     }
     Ok(())
+}
+
+/// [`check_close`] for outputs that may overflow (softmax without max subtraction): non-finite at the
+/// same places as `want`, the finite rest close.
+pub fn check_close_nonfinite(what: &str, got: &[f32], want: &[f32], tol: f64) -> Result<(), String> {
+    let bad: Vec<bool> = want.iter().map(|v| !v.is_finite()).collect();
+    if got.iter().map(|v| !v.is_finite()).ne(bad.iter().copied()) {
+        return Err(format!("{what}: non-finite values at other places than the CPU twin's"));
+    }
+    let finite = |x: &[f32]| -> Vec<f32> { x.iter().zip(&bad).filter(|(_, b)| !**b).map(|(v, _)| *v).collect() };
+    check_close(what, &finite(got), &finite(want), tol)
+}
+
+/// Bit for bit: values equal (±0 alike, NaN where NaN); on a difference, the first index, both values
+/// and how many differ.
+pub fn bit_equal(what: &str, got: &[f32], want: &[f32]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} values, expected {}", got.len(), want.len()));
+    }
+    match got.iter().zip(want).position(|(g, w)| g != w && !(g.is_nan() && w.is_nan())) {
+        None => Ok(()),
+        Some(i) => {
+            Err(format!("{what}: element {i} = {:e}, CPU {:e} ({} values differ)", got[i], want[i], got.iter().zip(want).filter(|(g, w)| g != w).count()))
+        }
+    }
 }
