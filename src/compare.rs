@@ -117,8 +117,7 @@ fn record_tier(f: &ManifestFile) -> Tier {
 
 /// Diversity limits from every golden continuation of `model` and `tier` in the manifest.
 pub fn diversity_limits(manifest: &Manifest, model: &str, tier: Tier) -> Result<Option<diversity::Limits>> {
-    let stats = diversity_stats(manifest, model, tier)?;
-    Ok((!stats.is_empty()).then(|| diversity::Limits::from_golden(&stats)))
+    Ok(diversity::Limits::from_any(&diversity_stats(manifest, model, tier)?))
 }
 
 /// The diversity statistics of every golden continuation of `model` and `tier` in the manifest.

@@ -233,7 +233,7 @@ pub fn run_case(
     } else {
         Vec::new()
     };
-    let div_limits = (!div_stats.is_empty()).then(|| diversity::Limits::from_golden(&div_stats));
+    let div_limits = diversity::Limits::from_any(&div_stats);
     let tol = &*with_model_eps(tol, &model.file, model.config.arch.name(), &case.model);
     let opt = Options { tol, pairing, diversity: None, max_step: Some(max_step), require_all_taps: true };
     let run =
@@ -288,9 +288,10 @@ pub fn run_case(
             r.reset();
         }
         outputs.push(anticheat_generation(backend, model, &ids)?);
-        let reference = checks::anticheat::Reference::load(&manifest.dir, &case.model)?;
-        if let Some(limits) = checks::anticheat::limits(&div_stats, reference.as_ref()) {
-            let want = reference.as_ref().and_then(|r| r.minutes.iter().find(|m| m.word == word)).map(|m| &m.tokens[..]);
+        // llama.cpp's continuations of the 60 prompts (not the reference backend above)
+        let llama = checks::anticheat::Reference::load(&manifest.dir, &case.model)?;
+        if let Some(limits) = checks::anticheat::limits(&div_stats, llama.as_ref()) {
+            let want = llama.as_ref().and_then(|r| r.minutes.iter().find(|m| m.word == word)).map(|m| &m.tokens[..]);
             rep.checks.extend(checks::anticheat::check(&word, &outputs, &limits, want));
         }
     }

@@ -119,7 +119,7 @@ pub const REFERENCE_PREFIX: usize = 8;
 pub fn limits(golden: &[Stats], reference: Option<&Reference>) -> Option<Limits> {
     let mut all = golden.to_vec();
     all.extend(reference.map(Reference::stats).unwrap_or_default());
-    (!all.is_empty()).then(|| Limits::from_golden(&all))
+    Limits::from_any(&all)
 }
 
 /// One backend's generation.

@@ -51,6 +51,11 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// [`Self::from_golden`], or None without any statistics to take the limits from.
+    pub fn from_any(golden: &[Stats]) -> Option<Limits> {
+        (!golden.is_empty()).then(|| Limits::from_golden(golden))
+    }
+
     /// From the golden continuations' statistics: half the golden minimum of distinct-1/2 and of the
     /// mean entropy, twice the golden's longest run (at least 4), and the golden's worst repeated-4-gram
     /// fraction plus 0.25. Slack because a correct engine's sampled text differs from llama.cpp's.
