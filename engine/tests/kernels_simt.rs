@@ -363,13 +363,11 @@ fn kernel_x(x: &[f32], nw: Option<&[f32]>, q8: bool) -> Vec<f32> {
     }
 }
 
-/// ops.rs staged_smem for a plan: the x area, then 8 warps' `areas · rpw` staging areas of the
-/// run of ⌈blocks / wpr⌉ blocks each (staging_area: whole 16-byte pieces, 15 bytes either side).
-fn span_cap(ty: GgmlType, cols: usize, wpr: usize) -> usize {
-    (cols / ty.block_size()).div_ceil(wpr) * ty.type_size() + 15
-}
-fn span_cap16(ty: GgmlType, cols: usize, wpr: usize) -> i32 {
-    (span_cap(ty, cols, wpr).div_ceil(16) * 16) as i32
+/// The staged kernels' `span_cap` as ops.rs staged_plan gives it: a staging area for a run of
+/// ⌈blocks per row / wpr⌉ blocks (ops.rs staging_area: whole 16-byte pieces, up to 15 bytes either
+/// side of the run).
+fn span_cap(ty: GgmlType, cols: usize, wpr: usize) -> i32 {
+    (((cols / ty.block_size()).div_ceil(wpr) * ty.type_size() + 15).div_ceil(16) * 16) as i32
 }
 
 /// `matvec1{s,q}_{ty}` with bias, residual and raw output, with and without the fused RMSNorm, for
@@ -388,7 +386,7 @@ fn staged_matvec_case(ty: GgmlType, q8: bool) -> Result<(), Failed> {
         let name = format!("matvec1{}_{}", if q8 { "q" } else { "s" }, suffix(ty));
         let grid = rows.div_ceil(8 / wpr * rpw) as u32;
         let args = [A::Buf(w), A::L(row_bytes(ty, cols)), A::I(rows as i32), A::I(cols as i32), A::Buf(xb), A::Buf(y), A::Buf(bb), A::Buf(rb), A::Buf(raw)];
-        let plan = [A::I(wpr as i32), A::I(rpw as i32), A::I(span_cap16(ty, cols, wpr)), if norm { A::Buf(nwb) } else { A::Null }, A::F(1e-6)];
+        let plan = [A::I(wpr as i32), A::I(rpw as i32), A::I(span_cap(ty, cols, wpr)), if norm { A::Buf(nwb) } else { A::Null }, A::F(1e-6)];
         sim.launch(&name, (grid, 1), 256, &[&args[..], &plan[..]].concat())?;
         let raw_want = cpu::matmul(&m, &kernel_x(&x, norm.then_some(&nw[..]), q8));
         let mut want = raw_want.clone();
@@ -421,7 +419,7 @@ fn staged_swiglu_case(ty: GgmlType, q8: bool) -> Result<(), Failed> {
         A::Buf(s),
         A::Buf(g),
         A::Buf(u),
-        A::I(span_cap16(ty, cols, 1)),
+        A::I(span_cap(ty, cols, 1)),
         A::Buf(nwb),
         A::F(1e-6),
     ];
@@ -448,7 +446,7 @@ fn staged_multi_case(q8: bool) -> Result<(), Failed> {
         let (w, y, raw) = (sim.bytes(&bytes)?, sim.out(rows)?, sim.out(rows)?);
         args.extend([A::Buf(w), A::L(row_bytes(ty, cols)), A::I(rows as i32), A::I(ty.to_u32() as i32), A::Buf(y), A::Null, A::Buf(raw)]);
         outs.push((ty, rows, m, y, raw));
-        cap = cap.max(span_cap16(ty, cols, 1));
+        cap = cap.max(span_cap(ty, cols, 1));
         blocks += rows.div_ceil(8);
     }
     args.extend([A::I(cols as i32), A::Buf(xb), A::I(cap), A::Buf(nwb), A::F(1e-6)]);
