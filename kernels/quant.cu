@@ -426,25 +426,47 @@ __device__ __forceinline__ void stage_x(float* xs, const float* __restrict__ x, 
 // values, for q8dot16 (the int8 section above), into the block's x area (x_area_bytes<true>):
 //   xq [n] i8: q8 = round(x / d8) (0 where amax = 0) | xd [n / 32] f32: d8 = amax / 127 |
 //   xs [n / 16] i32: Σ of each 16 q8.
-// n a multiple of 32. Each warp takes whole 32s (lane j its value j). Whole block.
+// n a multiple of 32. Each thread takes 4 consecutive values (one float4), so 8 lanes share a 32's
+// amax and 4 lanes a 16's Σ: 5 shuffles per 128 values where one value per lane took 8 per 32, and a
+// block covers 1024 values per round (the decode's down projection stages 4864 in every block).
+// The rounds run in whole warps (full-warp shuffles): lanes past n / 4 quantize zeros and store
+// nothing. Whole block.
 __device__ __forceinline__ void stage_x_q8(u8* area, const float* __restrict__ x, int n,
                                            const float* __restrict__ norm_w, float eps, double* shd) {
     float sc = norm_w ? row_rms_scale(x, n, eps, shd) : 1.0f;
-    signed char* xq = (signed char*)area;
+    u32* xq = (u32*)area;
     float* xd = (float*)(area + n);
     int* xs = (int*)(area + n + n / 8);
-    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int b = warp; b < n / 32; b += blockDim.x >> 5) {
-        int i = 32 * b + lane;
-        float v = norm_w ? x[i] * sc * norm_w[i] : x[i];
-        float amax = warp_max(fabsf(v));
-        float d = amax / 127.0f;
-        int q = amax == 0.0f ? 0 : (int)roundf(v / d);
-        xq[i] = (signed char)q;
+    int lane = threadIdx.x & 31, n4 = n >> 2, rounds = (n4 + 31) & ~31;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < rounds; i += blockDim.x) {
+        bool in = i < n4;
+        float4 v = in ? ((const float4*)x)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (norm_w && in) {
+            v.x = v.x * sc * norm_w[4 * i];
+            v.y = v.y * sc * norm_w[4 * i + 1];
+            v.z = v.z * sc * norm_w[4 * i + 2];
+            v.w = v.w * sc * norm_w[4 * i + 3];
+        }
+        float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
-        for (int o = 8; o > 0; o >>= 1) q += __shfl_xor_sync(0xffffffffu, q, o);  // Σ over the 16
-        if (lane == 0) xd[b] = d;
-        if ((lane & 15) == 0) xs[2 * b + (lane >> 4)] = q;
+        for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        float d = amax / 127.0f;
+        int q0 = 0, q1 = 0, q2 = 0, q3 = 0;
+        if (amax != 0.0f) {
+            q0 = (int)roundf(v.x / d);
+            q1 = (int)roundf(v.y / d);
+            q2 = (int)roundf(v.z / d);
+            q3 = (int)roundf(v.w / d);
+        }
+        int s = q0 + q1 + q2 + q3;
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);  // Σ over the 16
+        if (in) {
+            xq[i] = (u32)(q0 & 0xFF) | (u32)(q1 & 0xFF) << 8 | (u32)(q2 & 0xFF) << 16 | (u32)(q3 & 0xFF) << 24;
+            if ((lane & 3) == 0) xs[i >> 2] = s;
+            if ((lane & 7) == 0) xd[i >> 3] = d;
+        }
     }
 }
 
