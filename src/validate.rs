@@ -71,14 +71,16 @@ pub fn load_backend(name: BackendName, model: &Model, fault: Option<Fault>) -> R
 }
 
 /// Whether a case of `tier` runs the backend's fast arithmetic (`Backend::set_fast_math`; CUDA: TF32
-/// tensor cores for the prefill GEMMs, and with LOCKSTEP_CUDA_MATH=fast int8 activations for the
-/// decode matvecs too, llama.cpp's own decode arithmetic on a quantized file). The shipped tier's
-/// limits were measured against llama.cpp running the quantized file with quantized activations
-/// (per-tensor gaps of 1–3e-2), and TF32 passes the shipped suites on the H200 (10/10, 2026-11-29);
-/// the exact tier's limits reject it (qwen exact-haiku s0 Qcur-0.mul_mat: 9.3e-5 against 2e-6).
-/// LOCKSTEP_CUDA_MATH=f32, =tf32 or =fast forces one arithmetic for every case (tf32 on an exact
-/// case shows the limits catching it).
+/// tensor cores for the prefill GEMMs and int8 activations for the decode matvecs, llama.cpp's own
+/// arithmetic on a quantized file). The shipped tier's limits were measured against llama.cpp
+/// running the quantized file with quantized activations (per-tensor gaps of 1–3e-2); both pass the
+/// shipped suites on the H200 (TF32: 10/10; TF32 with the int8 decode: every check, 2026-11-29); the
+/// exact tier's limits reject TF32 (qwen exact-haiku s0 Qcur-0.mul_mat: 9.3e-5 against 2e-6).
+/// LOCKSTEP_CUDA_MATH=f32, =tf32 (TF32 prefill, f32 decode) or =fast forces one arithmetic for every
+/// case (tf32 on an exact case shows the limits catching it); LOCKSTEP_CUDA_INT8_DECODE=0 keeps the
+/// decode in f32. A value of either that the backend does not know is an error here.
 pub fn fast_math_for(tier: crate::vocab::Tier) -> Result<bool> {
+    lockstep_engine::cuda::backend::int8_decode_setting(std::env::var("LOCKSTEP_CUDA_INT8_DECODE").ok().as_deref())?;
     fast_math_policy(std::env::var("LOCKSTEP_CUDA_MATH").ok().as_deref(), tier)
 }
 
@@ -492,5 +494,16 @@ mod tests {
         }
         let e = fast_math_policy(Some("bf16"), Tier::Exact).unwrap_err().to_string();
         assert!(e.contains("LOCKSTEP_CUDA_MATH=bf16") && e.contains("fast"), "{e}");
+    }
+
+    #[test]
+    fn int8_decode_setting_reads_0_and_1_and_rejects_the_rest() {
+        use lockstep_engine::cuda::backend::int8_decode_setting;
+        assert_eq!(int8_decode_setting(None).unwrap(), None);
+        assert_eq!(int8_decode_setting(Some("")).unwrap(), None);
+        assert_eq!(int8_decode_setting(Some("0")).unwrap(), Some(false));
+        assert_eq!(int8_decode_setting(Some("1")).unwrap(), Some(true));
+        let e = int8_decode_setting(Some("yes")).unwrap_err().to_string();
+        assert!(e.contains("LOCKSTEP_CUDA_INT8_DECODE=yes") && e.contains("0") && e.contains("1"), "{e}");
     }
 }
