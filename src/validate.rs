@@ -208,7 +208,8 @@ pub fn run_case(
     let g_tokens = golden.token_ids("tokens")?.ok_or_else(|| anyhow!("{}: golden has no `tokens`", golden.path.display()))?;
     let cont = golden.token_ids("continuation")?.unwrap_or_default();
     backend.set_fast_math(fast_math_for(case.tier)?)?;
-    rep.arithmetic = Some(backend.kernel_path(g_tokens.len()));
+    let (prefill, decode) = (backend.kernel_path(g_tokens.len()), backend.kernel_path(1));
+    rep.arithmetic = Some(if prefill == decode { prefill } else { format!("prefill: {prefill}; decode: {decode}") });
     let engine_tokens = if case.wants(Check::Tokens) { Some(model.prompt_tokens(&prompt_of(entry)?).context("tokenizing the golden prompt")?) } else { None };
     let max_step = case.steps.unwrap_or(usize::MAX);
     let want_taps = case.wants(Check::Taps) || case.wants(Check::Invariants);

@@ -102,8 +102,9 @@ pub struct CaseReport {
     /// `lockstep validate --pin`: the failing case judged again against a full-tap golden (src/pin.rs);
     /// null when not asked, the case passed, or its golden already holds every tap.
     pub pinned: Option<crate::pin::Pinned>,
-    /// The arithmetic the backend's prefill ran (`Backend::kernel_path`), e.g. CUDA's TF32 GEMMs on
-    /// the shipped tier; null for a dump judged by `lockstep compare`.
+    /// The arithmetic the backend ran (`Backend::kernel_path`): the prefill's, and the decode's where
+    /// it differs (CUDA's shipped tier: TF32 GEMMs, int8-activation matvecs); null for a dump judged
+    /// by `lockstep compare`.
     pub arithmetic: Option<String>,
     pub seconds: f64,
 }
