@@ -461,6 +461,7 @@ mod engine_cli {
         let ctx = (p.max(n) + 16).min(cfg.n_ctx_train);
         let (mut b, dev): (Box<dyn Engine>, String) = match backend {
             Backend::Cuda => {
+                lockstep_engine::cuda::backend::check_env()?;
                 let info = lockstep_engine::cuda::available().map_err(|e| anyhow::anyhow!("--backend cuda: no usable CUDA device ({e}); try --backend cpu"))?;
                 let opts = lockstep_engine::cuda::CudaOptions { max_ctx: ctx, batch: p.max(1), ..Default::default() };
                 (Box::new(lockstep_engine::cuda::CudaBackend::load(file, opts)?), format!("CUDA ({})", info.name))

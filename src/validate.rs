@@ -80,7 +80,7 @@ pub fn load_backend(name: BackendName, model: &Model, fault: Option<Fault>) -> R
 /// case (tf32 on an exact case shows the limits catching it); LOCKSTEP_CUDA_INT8_DECODE=0 keeps the
 /// decode in f32. A value of either that the backend does not know is an error here.
 pub fn fast_math_for(tier: crate::vocab::Tier) -> Result<bool> {
-    lockstep_engine::cuda::backend::int8_decode_setting(std::env::var("LOCKSTEP_CUDA_INT8_DECODE").ok().as_deref())?;
+    lockstep_engine::cuda::backend::check_env()?;
     fast_math_policy(std::env::var("LOCKSTEP_CUDA_MATH").ok().as_deref(), tier)
 }
 

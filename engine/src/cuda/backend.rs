@@ -60,6 +60,14 @@ impl Default for CudaOptions {
     }
 }
 
+/// LOCKSTEP_CUDA_MATH and LOCKSTEP_CUDA_INT8_DECODE checked: an error naming the variable and the
+/// accepted values for a value neither reader knows ([`CudaOptions::default`] ignores such a value).
+pub fn check_env() -> Result<()> {
+    fast_math_setting(std::env::var("LOCKSTEP_CUDA_MATH").ok().as_deref())?;
+    int8_decode_setting(std::env::var("LOCKSTEP_CUDA_INT8_DECODE").ok().as_deref())?;
+    Ok(())
+}
+
 /// LOCKSTEP_CUDA_INT8_DECODE's value read: `Some(false)` for `0` (the fast arithmetic's decode stays
 /// f32), `Some(true)` for `1`, `None` (unset or empty) for the default ([`CudaOptions::int8_decode`]).
 /// Anything else is an error naming the accepted values.
