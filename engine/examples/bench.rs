@@ -29,10 +29,13 @@ fn main() -> Result<()> {
     let cfg = lockstep_engine::config::ModelConfig::from_gguf(&file)?;
     let ctx = (p.max(n) + 16).min(cfg.n_ctx_train);
     let mut b: Box<dyn Backend> = match backend.as_str() {
-        "cuda" => Box::new(lockstep_engine::cuda::CudaBackend::load(
-            &file,
-            lockstep_engine::cuda::CudaOptions { max_ctx: ctx, batch: p.max(1), ..Default::default() },
-        )?),
+        "cuda" => {
+            lockstep_engine::cuda::backend::check_env()?;
+            Box::new(lockstep_engine::cuda::CudaBackend::load(
+                &file,
+                lockstep_engine::cuda::CudaOptions { max_ctx: ctx, batch: p.max(1), ..Default::default() },
+            )?)
+        }
         _ => Box::new(lockstep_engine::cpu::CpuBackend::load(&file, lockstep_engine::cpu::EngineOptions { threads: 0, max_ctx: ctx })?),
     };
     let dev = match backend.as_str() {
