@@ -6,7 +6,7 @@
 mod cuda_common;
 mod twins;
 
-use cuda_common::{bit_equal, check_close, check_close_nonfinite, rel_l2, trials};
+use cuda_common::{bit_equal, check_close, check_close_nonfinite, check_gate_up_swiglu, rel_l2, trials};
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep_engine::cpu::attention::{self as cpu_attn, AttnDims, KvCache};
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
@@ -332,9 +332,7 @@ fn int8_decode_case(ty: GgmlType) -> R {
     let (xd, nd) = (g.upload(&x, "x")?, g.upload(&nw, "norm")?);
     let (s, go, uo) = (g.alloc::<f32>(rows, "s")?, g.alloc::<f32>(rows, "g")?, g.alloc::<f32>(rows, "u")?);
     g.matvec_swiglu(&wg, &wu, p(&xd), 1, p(&s), Some(p(&go)), Some(p(&uo)), Some((p(&nd), eps)))?;
-    check_close(&format!("int8 gate {ty}"), &g.download(&go, 0, rows)?, &gw, 1e-5)?;
-    check_close(&format!("int8 up {ty}"), &g.download(&uo, 0, rows)?, &uw, 1e-5)?;
-    check_close(&format!("int8 swiglu {ty}"), &g.download(&s, 0, rows)?, &cpu::swiglu(&gw, &uw), 1e-5)?;
+    check_gate_up_swiglu(&format!("int8 {ty}"), [&g.download(&go, 0, rows)?, &g.download(&uo, 0, rows)?, &g.download(&s, 0, rows)?], &gw, &uw)?;
     // Q, K and V in one launch: this format, then Q8_0 and Q5_0 beside it
     let specs = [(ty, 21usize), (GgmlType::Q8_0, 8), (GgmlType::Q5_0, 13)];
     let mut mats = Vec::new();

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::OnceLock;
 
-use cuda_common::{bit_equal, check_close, check_close_nonfinite};
+use cuda_common::{bit_equal, check_close, check_close_nonfinite, check_gate_up_swiglu};
 use libtest_mimic::{Arguments, Failed, Trial};
 use lockstep_engine::cpu::attention::AttnDims;
 use lockstep_engine::cpu::ops::{self as cpu, Matrix, RopeStyle};
@@ -426,9 +426,7 @@ fn staged_swiglu_case(ty: GgmlType, q8: bool) -> Result<(), Failed> {
     sim.launch(&name, (rows.div_ceil(8) as u32, 1), 256, &args)?;
     let xk = kernel_x(&x, Some(&nw), q8);
     let (gv, uv) = (cpu::matmul(&mg, &xk), cpu::matmul(&mu, &xk));
-    check_close(&format!("{name} gate"), &sim.get(g)?, &gv, 1e-5)?;
-    check_close(&format!("{name} up"), &sim.get(u)?, &uv, 1e-5)?;
-    check_close(&format!("{name} swiglu"), &sim.get(s)?, &cpu::swiglu(&gv, &uv), 1e-5)?;
+    check_gate_up_swiglu(&name, [&sim.get(g)?, &sim.get(u)?, &sim.get(s)?], &gv, &uv)?;
     Ok(())
 }
 
@@ -513,9 +511,7 @@ fn matvec_case(ty: GgmlType) -> Result<(), Failed> {
     sim.launch(&name, (rows.div_ceil(8) as u32, 1), 256, &args)?;
     let xn = cpu::mul_rows(&cpu::rmsnorm(&x, cols, 1e-6), &nw);
     let (gv, uv) = (cpu::matmul(&m, &xn), cpu::matmul(&m2, &xn));
-    check_close(&format!("{name} T={t} gate"), &sim.get(g)?, &gv, 1e-5)?;
-    check_close(&format!("{name} T={t} up"), &sim.get(u)?, &uv, 1e-5)?;
-    check_close(&format!("{name} T={t} swiglu"), &sim.get(s)?, &cpu::swiglu(&gv, &uv), 1e-5)?;
+    check_gate_up_swiglu(&format!("{name} T={t}"), [&sim.get(g)?, &sim.get(u)?, &sim.get(s)?], &gv, &uv)?;
     Ok(())
 }
 

@@ -39,6 +39,14 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// A fused gate/up/SwiGLU kernel's three outputs (`[gate, up, s]`) against the twins' gate and up
+/// products and `cpu::swiglu` of them, each to 1e-5.
+pub fn check_gate_up_swiglu(what: &str, got: [&[f32]; 3], gate: &[f32], up: &[f32]) -> Result<(), String> {
+    check_close(&format!("{what} gate"), got[0], gate, 1e-5)?;
+    check_close(&format!("{what} up"), got[1], up, 1e-5)?;
+    check_close(&format!("{what} swiglu"), got[2], &lockstep_engine::cpu::ops::swiglu(gate, up), 1e-5)
+}
+
 /// Fails with the first mismatching pairs, the worst difference and the relative L2 error.
 pub fn check_close(what: &str, got: &[f32], want: &[f32], tol: f64) -> Result<(), String> {
     if got.len() != want.len() {
