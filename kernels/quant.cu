@@ -422,31 +422,44 @@ __device__ __forceinline__ void stage_x(float* xs, const float* __restrict__ x, 
     }
 }
 
-// x (RMS-normalised and scaled by norm_w as stage_x does it, when given) quantized to int8 per 32
-// values, for q8dot16 (the int8 section above), into the block's x area (x_area_bytes<true>):
+// x quantized to int8 per 32 values, for q8dot16 (the int8 section above), into the block's x area
+// (x_area_bytes<true>):
 //   xq [n] i8: q8 = round(x / d8) (0 where amax = 0) | xd [n / 32] f32: d8 = amax / 127 |
 //   xs [n / 16] i32: Σ of each 16 q8.
+// With norm_w, the RMSNorm is fused in with its scale deferred: the values quantized are x · norm_w,
+// and the scale sc = 1 / sqrt(mean(x²) + eps) multiplies the kernel's sums at the end
+// (norm_scale_deferred), as Σ w · q8(x·sc·w_n) = sc · Σ w · q8(x·w_n) up to roundings: so the
+// block's reduction of x² (in f64) runs beside the quantization and shares its barrier instead of
+// two of its own before it. Each warp leaves its f64 share of Σx² in shd[warp] (thread i's share:
+// its float4s, in order); norm_scale_deferred adds the warps' shares in order after the caller's
+// __syncthreads. (A tapped decode step runs the same kernels: ops.rs keeps the int8 decode's norm
+// fused when the norm is tapped, the tap coming from rmsnorm_f32 beside it.)
 // n a multiple of 32. Each thread takes 4 consecutive values (one float4), so 8 lanes share a 32's
 // amax and 4 lanes a 16's Σ: 5 shuffles per 128 values where one value per lane took 8 per 32, and a
 // block covers 1024 values per round (the decode's down projection stages 4864 in every block).
 // The rounds run in whole warps (full-warp shuffles): lanes past n / 4 quantize zeros and store
-// nothing. Whole block.
+// nothing. Whole block; the caller's __syncthreads publishes the area (and shd).
 __device__ __forceinline__ void stage_x_q8(u8* area, const float* __restrict__ x, int n,
-                                           const float* __restrict__ norm_w, float eps, double* shd) {
-    float sc = norm_w ? row_rms_scale(x, n, eps, shd) : 1.0f;
+                                           const float* __restrict__ norm_w, double* shd) {
     u32* xq = (u32*)area;
     float* xd = (float*)(area + n);
     int* xs = (int*)(area + n + n / 8);
     int lane = threadIdx.x & 31, n4 = n >> 2, rounds = (n4 + 31) & ~31;
+    double ss = 0.0;
 #pragma unroll 4
     for (int i = threadIdx.x; i < rounds; i += blockDim.x) {
         bool in = i < n4;
         float4 v = in ? ((const float4*)x)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (norm_w && in) {
-            v.x = v.x * sc * norm_w[4 * i];
-            v.y = v.y * sc * norm_w[4 * i + 1];
-            v.z = v.z * sc * norm_w[4 * i + 2];
-            v.w = v.w * sc * norm_w[4 * i + 3];
+            ss += (double)(v.x * v.x);
+            ss += (double)(v.y * v.y);
+            ss += (double)(v.z * v.z);
+            ss += (double)(v.w * v.w);
+            float4 w = ((const float4*)norm_w)[i];
+            v.x *= w.x;
+            v.y *= w.y;
+            v.z *= w.z;
+            v.w *= w.w;
         }
         float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
@@ -468,6 +481,19 @@ __device__ __forceinline__ void stage_x_q8(u8* area, const float* __restrict__ x
             if ((lane & 7) == 0) xd[i >> 3] = d;
         }
     }
+    if (norm_w) {
+        ss = warp_sum_d(ss);
+        if (lane == 0) shd[threadIdx.x >> 5] = ss;
+    }
+}
+
+// The deferred RMSNorm scale of stage_x_q8 (1 with no norm_w): the warps' shares of Σx² in shd,
+// added in warp order, after the __syncthreads that follows stage_x_q8. Every thread may call it.
+__device__ __forceinline__ float norm_scale_deferred(const float* __restrict__ norm_w, const double* shd, int n, float eps) {
+    if (!norm_w) return 1.0f;
+    double t = shd[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++) t += shd[w];
+    return 1.0f / sqrtf((float)(t / (double)n) + eps);
 }
 
 // Bytes of a staged kernel's x area for `ncols` values, 16-byte rounded: f32 values, or the int8
@@ -477,11 +503,12 @@ __device__ __forceinline__ int x_area_bytes(int ncols) {
     return ((Q8 ? ncols + ncols / 8 + ncols / 4 : 4 * ncols) + 15) & ~15;
 }
 
-// Stages x into the x area in the kernel's arithmetic (f32, or int8 when Q8).
+// Stages x into the x area in the kernel's arithmetic (f32, or int8 when Q8, whose norm scale is
+// deferred: norm_scale_deferred after the caller's __syncthreads).
 template <bool Q8>
 __device__ __forceinline__ void stage_x_any(u8* area, const float* __restrict__ x, int n,
                                             const float* __restrict__ norm_w, float eps, double* shd) {
-    if (Q8) stage_x_q8(area, x, n, norm_w, eps, shd);
+    if (Q8) stage_x_q8(area, x, n, norm_w, shd);
     else stage_x((float*)area, x, n, norm_w, eps, shd);
 }
 
@@ -549,6 +576,7 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
     stage_x_any<Q8>(smem, x, ncols, norm_w, eps, shd);
     cp_async_wait_all();
     __syncthreads();
+    float nsc = Q8 ? norm_scale_deferred(norm_w, shd, ncols, eps) : 1.0f;  // the int8 x's norm scale
     // Σ over this lane's chunks c (lane, lane + 32, …) of dq16(row k, c) · x chunk c, for each row
     float acc[RPW_MAX];
 #pragma unroll
@@ -586,7 +614,7 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
     for (int k = 0; k < RPW_MAX; k++) {
         int r = r0 + k;
         if (k < rpw && r < nrows) {
-            float v = acc[k];
+            float v = Q8 ? acc[k] * nsc : acc[k];
             if (y_raw) y_raw[r] = v;
             if (bias) v += bias[r];
             if (res) v += res[r];
@@ -629,8 +657,9 @@ __device__ void matvec_swiglu1_staged_impl(const u8* __restrict__ G, const u8* _
             ag += q8_chunk<TY>(gs, c, smem, ncols, c);
             au += q8_chunk<TY>(us, c, smem, ncols, c);
         }
-        g = warp_sum(ag);
-        u = warp_sum(au);
+        float nsc = norm_scale_deferred(norm_w, shd, ncols, eps);
+        g = warp_sum(ag) * nsc;
+        u = warp_sum(au) * nsc;
     } else {  // one row after the other (both in one loop would spill at 48 registers)
         g = warp_sum(dot_staged<TY>(gs, nb * CPB, (const float*)smem, lane));
         u = warp_sum(dot_staged<TY>(us, nb * CPB, (const float*)smem, lane));

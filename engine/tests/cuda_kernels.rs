@@ -316,10 +316,9 @@ fn int8_decode_case(ty: GgmlType) -> R {
         quantized_visible(&what, &got_raw, &cpu::matmul(&m, &x))?;
         // with the RMSNorm fused
         let nw = randv(&mut rng, cols, 2.0);
-        let xn = cpu::mul_rows(&cpu::rmsnorm(&x, cols, eps), &nw);
         let nd = g.upload(&nw, "norm")?;
         g.matvec(&w, p(&xd), 1, p(&y), None, None, None, Some((p(&nd), eps)))?;
-        check_close(&format!("{what} + norm"), &g.download(&y, 0, rows)?, &cpu::matmul(&m, &cpu::quantize_q8(&xn)), 1e-5)?;
+        check_close(&format!("{what} + norm"), &g.download(&y, 0, rows)?, &cpu::matmul(&m, &twins::q8_normed(&x, &nw, eps)), 1e-5)?;
     }
     // gate, up and SwiGLU, RMSNorm fused
     let (rows, cols) = (45, cols_for(ty)[1]);
@@ -327,7 +326,7 @@ fn int8_decode_case(ty: GgmlType) -> R {
     let (mg, mu) = (cpu_matrix(ty, &bg, rows, cols), cpu_matrix(ty, &bu, rows, cols));
     let (wg, wu) = (QMat::upload(&g, ty, rows, cols, &bg, "gate")?, QMat::upload(&g, ty, rows, cols, &bu, "up")?);
     let (x, nw) = (randv(&mut rng, cols, 2.0), randv(&mut rng, cols, 2.0));
-    let xq = cpu::quantize_q8(&cpu::mul_rows(&cpu::rmsnorm(&x, cols, eps), &nw));
+    let xq = twins::q8_normed(&x, &nw, eps);
     let (gw, uw) = (cpu::matmul(&mg, &xq), cpu::matmul(&mu, &xq));
     let (xd, nd) = (g.upload(&x, "x")?, g.upload(&nw, "norm")?);
     let (s, go, uo) = (g.alloc::<f32>(rows, "s")?, g.alloc::<f32>(rows, "g")?, g.alloc::<f32>(rows, "u")?);

@@ -350,16 +350,13 @@ fn row_bytes(ty: GgmlType, cols: usize) -> i64 {
 }
 
 /// The x the kernels multiply by: x, RMS-normalised and scaled by nw when given, quantized to int8
-/// per 32 values when q8.
+/// per 32 values when q8 (with nw, the int8 kernels' deferred norm scale: twins::q8_normed).
 fn kernel_x(x: &[f32], nw: Option<&[f32]>, q8: bool) -> Vec<f32> {
-    let xn = match nw {
-        Some(nw) => cpu::mul_rows(&cpu::rmsnorm(x, nw.len(), 1e-6), nw),
-        None => x.to_vec(),
-    };
-    if q8 {
-        cpu::quantize_q8(&xn)
-    } else {
-        xn
+    match (nw, q8) {
+        (Some(nw), true) => twins::q8_normed(x, nw, 1e-6),
+        (Some(nw), false) => cpu::mul_rows(&cpu::rmsnorm(x, nw.len(), 1e-6), nw),
+        (None, true) => cpu::quantize_q8(x),
+        (None, false) => x.to_vec(),
     }
 }
 

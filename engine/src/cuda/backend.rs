@@ -595,6 +595,14 @@ impl Step<'_> {
         }
     }
 
+    /// Whether the matvecs of `rows` rows normalise their x themselves even when the norm is tapped:
+    /// with the int8 decode (rows = 1), whose kernels defer the norm's scale (quant.cu stage_x_q8)
+    /// and so do not give the values of rmsnorm_f32 followed by a plain int8 matvec: the tapped step
+    /// then runs the kernels the CUDA graph runs, and rmsnorm_f32 beside them for the taps.
+    fn int8_norm(&self, rows: usize) -> bool {
+        rows == 1 && self.gpu.int8_decode
+    }
+
     /// Layer `l`'s attention block: RMSNorm, the Q/K/V projections (+ bias), RoPE and the KV-cache
     /// write, causal GQA attention, the output projection and the residual into `acts.ffn_inp`.
     /// Returns the rows it leaves there (1 on the last layer of a prefill: llama.cpp's inp_out_ids).
@@ -606,14 +614,17 @@ impl Step<'_> {
         let layer_kc = self.kc.at(l * self.max_ctx * kvd);
         let layer_vc = self.vc.at(l * self.max_ctx * kvd);
 
-        // RMSNorm; without taps on it, the projections normalise l_out themselves
+        // RMSNorm; without taps on it (or with the int8 decode: see int8_norm), the projections
+        // normalise l_out themselves
         let want_n0 = taps.wants("norm", li, Some("rms_norm.0"));
-        let fuse_norm = !batched && !self.op.f16_sum && !want_n0 && !taps.wants("attn_norm", li, None);
-        let (a_in, a_norm) = if fuse_norm {
-            (a.l_out.ptr, Some((lw.attn_norm.ptr, self.op.eps)))
-        } else {
+        let tapped = want_n0 || taps.wants("attn_norm", li, None);
+        let fuse_norm = !batched && !self.op.f16_sum && (!tapped || self.int8_norm(t));
+        if tapped || !fuse_norm {
             self.rmsnorm(a.l_out.ptr, lw.attn_norm.ptr, want_n0.then_some(a.norm0.ptr), a.attn_norm.ptr, t)?;
-            (a.attn_norm.ptr, None)
+        }
+        let (a_in, a_norm) = match fuse_norm {
+            true => (a.l_out.ptr, Some((lw.attn_norm.ptr, self.op.eps))),
+            false => (a.attn_norm.ptr, None),
         };
         taps.emit(gpu, "norm", li, Some("rms_norm.0"), act(t, d), &a.norm0, 0)?;
         taps.emit(gpu, "attn_norm", li, None, act(t, d), &a.attn_norm, 0)?;
@@ -781,8 +792,9 @@ impl Step<'_> {
         let (d, ff, scratch) = (self.cfg.n_embd, self.cfg.n_ff, a.scratch.as_ref());
         let want_n1 = taps.wants("norm", li, Some("rms_norm.1"));
         let fused = rows <= MV_MAX_T && lw.w_gate.ty == lw.w_up.ty && !self.op.gelu;
-        let fuse_norm = fused && !self.op.f16_sum && !want_n1 && !taps.wants("ffn_norm", li, None);
-        if !fuse_norm {
+        let tapped = want_n1 || taps.wants("ffn_norm", li, None);
+        let fuse_norm = fused && !self.op.f16_sum && (!tapped || self.int8_norm(rows));
+        if tapped || !fuse_norm {
             self.rmsnorm(a.ffn_inp.ptr, lw.ffn_norm.ptr, want_n1.then_some(a.norm1.ptr), a.ffn_norm.ptr, rows)?;
         }
         taps.emit(gpu, "norm", li, Some("rms_norm.1"), act(rows, d), &a.norm1, 0)?;
@@ -816,12 +828,19 @@ impl Step<'_> {
         let (gpu, w, a, d) = (self.gpu, self.w, self.a, self.cfg.n_embd);
         let last = a.l_out.at((rows - 1) * d);
         let want_norm = taps.wants("norm", None, None);
-        if self.op.f16_sum || want_norm || taps.wants("result_norm", None, None) {
+        let tapped = want_norm || taps.wants("result_norm", None, None);
+        if self.op.f16_sum || (tapped && !self.int8_norm(1)) {
             self.rmsnorm(last, w.output_norm.ptr, want_norm.then_some(a.norm_out.ptr), a.result_norm.ptr, 1)?;
             taps.emit(gpu, "norm", None, None, act(1, d), &a.norm_out, 0)?;
             taps.emit(gpu, "result_norm", None, None, act(1, d), &a.result_norm, 0)?;
             gpu.matvec(w.lm_head(), a.result_norm.ptr, 1, a.logits.ptr, None, None, None, None)?;
         } else {
+            if tapped {
+                // the taps from rmsnorm_f32 beside the int8 head, which normalises itself (int8_norm)
+                self.rmsnorm(last, w.output_norm.ptr, want_norm.then_some(a.norm_out.ptr), a.result_norm.ptr, 1)?;
+                taps.emit(gpu, "norm", None, None, act(1, d), &a.norm_out, 0)?;
+                taps.emit(gpu, "result_norm", None, None, act(1, d), &a.result_norm, 0)?;
+            }
             // the head normalises the last row itself
             gpu.matvec(w.lm_head(), last, 1, a.logits.ptr, None, None, None, Some((w.output_norm.ptr, self.op.eps)))?;
         }

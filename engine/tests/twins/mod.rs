@@ -49,3 +49,13 @@ pub fn decode_attention(
     let out = faults::attn_values(fault, &probs, &vc, &dims);
     DecodeAttention { q_rot, k_rot, kq, probs, out }
 }
+
+/// The x an int8 decode kernel multiplies by with the RMSNorm fused (quant.cu stage_x_q8, the norm's
+/// scale deferred): x ⊙ w quantized per 32 (cpu::quantize_q8), times the scale 1/√(mean(x²) + eps)
+/// that the kernel applies to its sums (here to each value: the same up to roundings).
+pub fn q8_normed(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
+    let scale = 1.0f32 / ((sum / x.len() as f64) as f32 + eps).sqrt();
+    let xw: Vec<f32> = x.iter().zip(w).map(|(a, b)| a * b).collect();
+    cpu::quantize_q8(&xw).into_iter().map(|v| v * scale).collect()
+}
