@@ -162,6 +162,9 @@ extern "C" __global__ void attention_f32(const float* __restrict__ q, const floa
 // score (the kq tap) but get probability 0.
 #define DEC_CHUNKS 4
 #define DEC_BATCH 4
+// Cache rows past the first pass asked of L2 before pdl_wait (attention_decode): a K and a V row a row
+// position; more stay with the loads of the passes.
+#define DEC_AHEAD 512
 
 __device__ __forceinline__ float dec_dot(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 __device__ __forceinline__ float dec_dot(float2 a, float2 b) { return a.x * b.x + a.y * b.y; }
@@ -369,14 +372,42 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
     const float* kh = k + (long long)hk * Dh;
     const float* vp = v + (long long)hk * Dh;
 
+    // Before pdl_wait (common.cuh), what no kernel of this step writes: the position (copied from the
+    // host before the step's first kernel, which every kernel here follows), the cache rows of earlier
+    // steps (row p, this step's, is written below), and the rotation angles. Then q, k and v.
+    int p = pos[0];
+    // the first pass's K and V rows into registers, the next passes' (up to DEC_AHEAD rows) asked of L2
+    const float* kbase = kc + (long long)hk * Dh;
+    const float* vbase = vc + (long long)hk * Dh;
+    DecLayout l = dec_layout(Dh, sizeof(VT) / sizeof(float));
+    VT kpre[DEC_CHUNKS], vpre[DEC_CHUNKS];
+    int j = l.row_off;
+    if (j < p) {
+        dec_load(kpre, kbase + (long long)j * kvd, l);
+        dec_load(vpre, vbase + (long long)j * kvd, l);
+    }
+    {
+        int lines = (Dh * 4 + 127) / 128, rows = min(p, l.rows_per_pass + DEC_AHEAD) - l.rows_per_pass;
+        for (int i = tid; i < 2 * rows * lines; i += blockDim.x) {
+            int r = l.rows_per_pass + i / (2 * lines), line = i % lines;
+            prefetch_l2((i / lines) % 2 ? vbase + (long long)r * kvd + 32 * line : kbase + (long long)r * kvd + 32 * line);
+        }
+    }
     // RoPE as rope_store_f32, thread tid taking pair tid: pair i < n_rot/2 rotates by
     // θ = p·theta_scale^i (f32, repeated multiplication), NeoX pairs (i, i + n_rot/2) else
-    // (2i, 2i + 1); later pairs (n_rot + 2(i − n_rot/2), +1) pass through. q, k and the writer's v
-    // are loaded before pos, so that their latency and pos's overlap.
+    // (2i, 2i + 1); later pairs (n_rot + 2(i − n_rot/2), +1) pass through.
     int half = Dh / 2, nr2 = n_rot / 2;
     bool has_pair = tid < half, rotates = tid < nr2;
     int a = rotates ? (neox ? tid : 2 * tid) : n_rot + 2 * (tid - nr2);
     int b = rotates && neox ? tid + nr2 : a + 1;
+    float c = 1.0f, s = 0.0f;
+    if (rotates) {
+        float theta = (float)p;
+        for (int i = 0; i < tid; i++) theta *= theta_scale;
+        c = cosf(theta);
+        s = sinf(theta);
+    }
+    pdl_wait();
     float q0 = 0.0f, q1 = 0.0f, k0 = 0.0f, k1 = 0.0f, vd = 0.0f;
     if (has_pair) {
         q0 = qh[a];
@@ -386,16 +417,7 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
     }
     bool copies_v = writer && tid < Dh;
     if (copies_v) vd = vp[tid];
-    int p = pos[0];
-
-    // the first pass's K and V rows, in flight while q and k rotate
-    const float* kbase = kc + (long long)hk * Dh;
-    const float* vbase = vc + (long long)hk * Dh;
-    DecLayout l = dec_layout(Dh, sizeof(VT) / sizeof(float));
-    VT kpre[DEC_CHUNKS], vpre[DEC_CHUNKS];
-    int j = l.row_off;
-    if (j < p) dec_load(kpre, kbase + (long long)j * kvd, l);
-    if (j <= p) dec_load(vpre, j < p ? vbase + (long long)j * kvd : vp, l);
+    if (j == p) dec_load(vpre, vp, l);
 
     // rotation with the first product fused, as in the CPU twin (ggml's contraction)
     float* qs = smem;
@@ -403,9 +425,6 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
     long long row_p = (long long)p * kvd + hk * Dh;
     if (has_pair) {
         if (rotates) {
-            float theta = (float)p;
-            for (int i = 0; i < tid; i++) theta *= theta_scale;
-            float c = cosf(theta), s = sinf(theta);
             float r0 = __fmaf_rn(q0, c, -(q1 * s)), r1 = __fmaf_rn(q0, s, q1 * c);
             q0 = r0;
             q1 = r1;
@@ -457,8 +476,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
     extern __shared__ float smem[];
     __shared__ float shf[32];
     __shared__ double shd[32];
-    // PDL-aware (common.cuh): everything this kernel reads or writes comes from earlier kernels
-    pdl_wait();
+    // PDL-aware (common.cuh): attention_decode calls pdl_wait once it has what no kernel of the step
+    // writes
     if ((Dh & 3) == 0)
         attention_decode<float4>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, window, out,
                                  p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap);

@@ -105,3 +105,11 @@ __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+
+// Asks L2 for the 128-byte line holding p (data a kernel reads later); no-op below sm_80 and on the
+// host.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#endif
+}

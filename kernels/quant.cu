@@ -572,7 +572,16 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
         if (k < rpw && r0 + k < nrows && nblk > 0)
             span[k] = stage_span(area + k * span_cap, W + (long long)(r0 + k) * row_bytes + (long long)b0 * BB, nblk * BB, lane);
     }
+    // the bias and residual of the rows this lane writes (lane 0 of a row's first warp), read early
+    // (the bias, a weight, before pdl_wait; the residual after it, beside the staging) so that no load
+    // waits at the end
+    bool writes = lane == 0 && part == 0;
+    float bias_k[RPW_MAX], res_k[RPW_MAX];
+#pragma unroll
+    for (int k = 0; k < RPW_MAX; k++) bias_k[k] = bias && writes && k < rpw && r0 + k < nrows ? bias[r0 + k] : 0.0f;
     pdl_wait();
+#pragma unroll
+    for (int k = 0; k < RPW_MAX; k++) res_k[k] = res && writes && k < rpw && r0 + k < nrows ? res[r0 + k] : 0.0f;
     stage_x_any<Q8>(smem, x, ncols, norm_w, eps, shd);
     cp_async_wait_all();
     __syncthreads();
@@ -616,8 +625,8 @@ __device__ void matvec1_staged_impl(const u8* __restrict__ W, long long row_byte
         if (k < rpw && r < nrows) {
             float v = Q8 ? acc[k] * nsc : acc[k];
             if (y_raw) y_raw[r] = v;
-            if (bias) v += bias[r];
-            if (res) v += res[r];
+            if (bias) v += bias_k[k];
+            if (res) v += res_k[k];
             y[r] = v;
         }
     }
