@@ -91,8 +91,12 @@ __device__ float row_rms_scale(const float* xr, int n, float eps, double* sh /* 
 
 // Programmatic dependent launch (sm_90+; Gpu::launch_pdl in engine/src/cuda/device.rs). A PDL-aware
 // kernel may start while the previous kernel of its stream still runs: it first fetches what no
-// kernel writes (its weights), then calls pdl_wait before it reads anything an earlier kernel writes
-// (activations, the KV cache) and before it writes anything. pdl_wait returns when the previous
+// kernel of the step writes (its weights; the decode attention also the position and the cache rows of
+// earlier steps), then calls pdl_wait before it reads anything a kernel of the step writes
+// (activations, this step's cache row) and before it writes anything. (What comes before the step's
+// first kernel is complete by then: a kernel starts only once the one before it has passed its own
+// pdl_wait, so once the one before that has completed, and so on back to the step's first kernel,
+// which is launched without PDL after the step's host copies.) pdl_wait returns when the previous
 // kernel has completed and its writes are visible; then it lets the next kernel launch, so that one
 // fetches its weights while this one computes. Letting it launch only after the wait keeps the
 // look-ahead to one kernel: let go at the start, every kernel of a decode step could launch at once,
