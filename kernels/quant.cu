@@ -432,8 +432,8 @@ __device__ __forceinline__ void stage_x(float* xs, const float* __restrict__ x, 
 // block's reduction of x² (in f64) runs beside the quantization and shares its barrier instead of
 // two of its own before it. Each warp leaves its f64 share of Σx² in shd[warp] (thread i's share:
 // its float4s, in order); norm_scale_deferred adds the warps' shares in order after the caller's
-// __syncthreads. (A tapped decode step runs the same kernels: ops.rs keeps the int8 decode's norm
-// fused when the norm is tapped, the tap coming from rmsnorm_f32 beside it.)
+// __syncthreads. (A tapped decode step runs the same kernels: cuda/backend.rs Step::int8_norm keeps
+// the int8 decode's norm fused when the norm is tapped, the tap coming from rmsnorm_f32 beside it.)
 // n a multiple of 32. Each thread takes 4 consecutive values (one float4), so 8 lanes share a 32's
 // amax and 4 lanes a 16's Σ: 5 shuffles per 128 values where one value per lane took 8 per 32, and a
 // block covers 1024 values per round (the decode's down projection stages 4864 in every block).
