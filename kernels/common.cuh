@@ -75,6 +75,12 @@ __device__ double block_sum_d(double v, double* sh /* [32] */) {
     return v;
 }
 
+// 1 / sqrt(mean(x²) + eps) from the f64 sum of squares of n values: the mean rounded to f32 first,
+// as ggml does; every RMSNorm of the kernels ends here.
+__device__ __forceinline__ float rms_scale_of_sum(double sum_sq, int n, float eps) {
+    return 1.0f / sqrtf((float)(sum_sq / (double)n) + eps);
+}
+
 // RMSNorm scale of one row, 1 / sqrt(mean(x²) + eps), with the sum of squares in f64 over the block
 // (thread i takes elements i, i + blockDim.x, …): the same arithmetic in rmsnorm_f32 and in the fused
 // matvecs, so both give the same bits. Every thread of the block must call it.
@@ -84,9 +90,7 @@ __device__ float row_rms_scale(const float* xr, int n, float eps, double* sh /* 
         float v = xr[i];
         s += (double)(v * v);
     }
-    s = block_sum_d(s, sh);
-    float mean = (float)(s / (double)n);
-    return 1.0f / sqrtf(mean + eps);
+    return rms_scale_of_sum(block_sum_d(s, sh), n, eps);
 }
 
 // Programmatic dependent launch (sm_90+; Gpu::launch_pdl in engine/src/cuda/device.rs). A PDL-aware

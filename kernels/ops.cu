@@ -28,7 +28,7 @@ extern "C" __global__ void rmsnorm_f16sat_f32(const float* __restrict__ x, const
     }
     s = block_sum_d(s, sh);
     s = fmin(s, 65504.0);
-    float scale = 1.0f / sqrtf((float)(s / (double)n) + eps);
+    float scale = rms_scale_of_sum(s, n, eps);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = xr[i] * scale;
         if (y_norm) y_norm[(long long)blockIdx.x * n + i] = v;

@@ -493,7 +493,7 @@ __device__ __forceinline__ float norm_scale_deferred(const float* __restrict__ n
     if (!norm_w) return 1.0f;
     double t = shd[0];
     for (int w = 1; w < (int)(blockDim.x >> 5); w++) t += shd[w];
-    return 1.0f / sqrtf((float)(t / (double)n) + eps);
+    return rms_scale_of_sum(t, n, eps);
 }
 
 // Bytes of a staged kernel's x area for `ncols` values, 16-byte rounded: f32 values, or the int8

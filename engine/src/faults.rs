@@ -518,9 +518,7 @@ pub const F16_MAX: f32 = 65504.0;
 fn rmsnorm_f16_sum(x: &[f32], width: usize, eps: f32) -> Vec<f32> {
     let mut y = vec![0.0f32; x.len()];
     for (xr, yr) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
-        let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum.min(F16_MAX as f64) / width as f64) as f32;
-        let scale = 1.0f32 / (mean + eps).sqrt();
+        let scale = ops::rms_scale(ops::sum_sq(xr).min(F16_MAX as f64), width, eps);
         for (o, &v) in yr.iter_mut().zip(xr) {
             *o = v * scale;
         }

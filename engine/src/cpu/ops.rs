@@ -137,14 +137,23 @@ pub fn matmul(w: &Matrix, x: &[f32]) -> Vec<f32> {
     super::matmul::matmul_f32(w, x)
 }
 
+/// Σx² of a row in f64 (each square rounded to f32 first), ggml's order: the RMSNorm's sum.
+pub fn sum_sq(xr: &[f32]) -> f64 {
+    xr.iter().map(|&v| (v * v) as f64).sum()
+}
+
+/// The RMSNorm scale 1/√(mean + eps) of `n` values whose Σx² is `sum_sq`, the mean rounded to f32
+/// first (ggml's arithmetic; the kernels' rms_scale_of_sum).
+pub fn rms_scale(sum_sq: f64, n: usize, eps: f32) -> f32 {
+    1.0f32 / ((sum_sq / n as f64) as f32 + eps).sqrt()
+}
+
 /// RMSNorm without the weight (ggml_rms_norm): `x / sqrt(mean(x²) + eps)` per row of `width`.
 /// Like ggml, the sum of squares is accumulated in f64 and the scale computed in f32.
 pub fn rmsnorm(x: &[f32], width: usize, eps: f32) -> Vec<f32> {
     let mut y = vec![0.0f32; x.len()];
     for (xr, yr) in x.chunks_exact(width).zip(y.chunks_exact_mut(width)) {
-        let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
-        let mean = (sum / width as f64) as f32;
-        let scale = 1.0f32 / (mean + eps).sqrt();
+        let scale = rms_scale(sum_sq(xr), width, eps);
         for (o, &v) in yr.iter_mut().zip(xr) {
             *o = v * scale;
         }

@@ -829,20 +829,17 @@ impl Step<'_> {
         let last = a.l_out.at((rows - 1) * d);
         let want_norm = taps.wants("norm", None, None);
         let tapped = want_norm || taps.wants("result_norm", None, None);
-        if self.op.f16_sum || (tapped && !self.int8_norm(1)) {
+        // without taps on the norm (or with the int8 decode: see int8_norm), the head normalises the
+        // last row itself
+        let fuse_norm = !self.op.f16_sum && (!tapped || self.int8_norm(1));
+        if tapped || !fuse_norm {
             self.rmsnorm(last, w.output_norm.ptr, want_norm.then_some(a.norm_out.ptr), a.result_norm.ptr, 1)?;
-            taps.emit(gpu, "norm", None, None, act(1, d), &a.norm_out, 0)?;
-            taps.emit(gpu, "result_norm", None, None, act(1, d), &a.result_norm, 0)?;
-            gpu.matvec(w.lm_head(), a.result_norm.ptr, 1, a.logits.ptr, None, None, None, None)?;
-        } else {
-            if tapped {
-                // the taps from rmsnorm_f32 beside the int8 head, which normalises itself (int8_norm)
-                self.rmsnorm(last, w.output_norm.ptr, want_norm.then_some(a.norm_out.ptr), a.result_norm.ptr, 1)?;
-                taps.emit(gpu, "norm", None, None, act(1, d), &a.norm_out, 0)?;
-                taps.emit(gpu, "result_norm", None, None, act(1, d), &a.result_norm, 0)?;
-            }
-            // the head normalises the last row itself
-            gpu.matvec(w.lm_head(), last, 1, a.logits.ptr, None, None, None, Some((w.output_norm.ptr, self.op.eps)))?;
+        }
+        taps.emit(gpu, "norm", None, None, act(1, d), &a.norm_out, 0)?;
+        taps.emit(gpu, "result_norm", None, None, act(1, d), &a.result_norm, 0)?;
+        match fuse_norm {
+            true => gpu.matvec(w.lm_head(), last, 1, a.logits.ptr, None, None, None, Some((w.output_norm.ptr, self.op.eps)))?,
+            false => gpu.matvec(w.lm_head(), a.result_norm.ptr, 1, a.logits.ptr, None, None, None, None)?,
         }
         taps.emit(gpu, "result_output", None, None, act(1, self.cfg.n_vocab), &a.logits, 0)?;
         Ok(())

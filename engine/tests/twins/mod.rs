@@ -54,8 +54,7 @@ pub fn decode_attention(
 /// scale deferred): x ⊙ w quantized per 32 (cpu::quantize_q8), times the scale 1/√(mean(x²) + eps)
 /// that the kernel applies to its sums (here to each value: the same up to roundings).
 pub fn q8_normed(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
-    let sum: f64 = x.iter().map(|&v| (v * v) as f64).sum();
-    let scale = 1.0f32 / ((sum / x.len() as f64) as f32 + eps).sqrt();
+    let scale = cpu::rms_scale(cpu::sum_sq(x), x.len(), eps);
     let xw: Vec<f32> = x.iter().zip(w).map(|(a, b)| a * b).collect();
     cpu::quantize_q8(&xw).into_iter().map(|v| v * scale).collect()
 }
