@@ -187,6 +187,8 @@ __device__ __forceinline__ float2 dec_shfl_xor(float2 v, int o) {
 }
 __device__ __forceinline__ float4 dec_add(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
 __device__ __forceinline__ float2 dec_add(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
+__device__ __forceinline__ float4 dec_scale(float4 a, float c) { return make_float4(a.x * c, a.y * c, a.z * c, a.w * c); }
+__device__ __forceinline__ float2 dec_scale(float2 a, float c) { return make_float2(a.x * c, a.y * c); }
 
 // Which rows and chunks a lane reads: groups of L lanes a key row, L the fewest (a power of two)
 // that leave each lane ≤ DEC_CHUNKS chunks (lane lig takes chunks lig, lig + L, …); one pass
@@ -351,6 +353,150 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
     }
 }
 
+// dec_attend for the shipped tier (attn_decode.rs: the int8 decode's): the same scores, then the
+// softmax online. Each group of L lanes keeps, over its rows, the running max m, the sum l of
+// e = exp(w − m) and Σ e·v, rescaled by exp(m_old − m_new) as m grows; the groups of a warp merge by
+// shuffles, the warps once through shared memory: one barrier after the rotation's where dec_attend
+// has three, and no pass of exponentials over stored scores. out = Σ e·v / l, f32 throughout: the
+// values of dec_attend up to roundings (exp(w − m_g)·exp(m_g − M) for exp(w − M), f32 sums for its
+// f64 one); the exact tier keeps dec_attend. Taps: kq as dec_attend's; kq_soft_max = exp(w_j − M) / l
+// from the scores kept in sc, after the merge (sc is written only for that tap: a tapped step's
+// scores fit shared memory). SOFTMAX_NO_MAX: m stays 0. Rows before the window: score only.
+// shf: [32] floats (the warps' m, then l at 16 + warp).
+#define DEC_BATCH_ONLINE 2
+template <typename VT>
+__device__ __forceinline__ void dec_online_visit(const DecLayout& l, float s, int j, int lo, int p, float scale,
+                                                 bool no_max, const VT v[DEC_CHUNKS], float& m, float& lsum,
+                                                 VT acc[DEC_CHUNKS], float* sc, float* __restrict__ kq_row,
+                                                 float* __restrict__ p_row) {
+    for (int o = l.L >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    float w = s * scale;
+    if (j > p) return;
+    if (l.lig == 0) {
+        if (kq_row) kq_row[j] = s;
+        if (p_row) sc[j] = w;
+    }
+    if (j < lo) return;
+    float mn = no_max ? 0.0f : fmaxf(m, w);
+    float c = no_max ? 1.0f : expf(m - mn);  // m = −∞ at the first row: c = 0
+    float e = expf(w - mn);
+    lsum = lsum * c + e;
+#pragma unroll
+    for (int i = 0; i < DEC_CHUNKS; i++) {
+        acc[i] = dec_scale(acc[i], c);
+        dec_axpy(acc[i], e, v[i]);
+    }
+    m = mn;
+}
+// The factors that bring a partial (m_a, ·) and (m_b, ·) to their common max mn (0 and 0 when both
+// are empty: m = −∞).
+__device__ __forceinline__ void dec_online_factors(float ma, float mb, bool no_max, float& mn, float& ca, float& cb) {
+    mn = no_max ? 0.0f : fmaxf(ma, mb);
+    if (mn == -INFINITY) {
+        ca = cb = 0.0f;
+    } else {
+        ca = no_max ? 1.0f : expf(ma - mn);
+        cb = no_max ? 1.0f : expf(mb - mn);
+    }
+}
+template <typename VT>
+__device__ __forceinline__ void dec_attend_online(const DecLayout& l, const VT kpre[DEC_CHUNKS], const VT vpre[DEC_CHUNKS],
+                                                  float* smem, float* sc, float* shf, const float* __restrict__ kbase,
+                                                  const float* __restrict__ vbase, const float* __restrict__ vp,
+                                                  float* __restrict__ out, int p, int kvd, int Dh, float scale, int fault,
+                                                  int window, float* __restrict__ kq_row, float* __restrict__ p_row) {
+    int kv_len = p + 1, rpp = l.rows_per_pass;
+    int lo = window > 0 && kv_len > window ? kv_len - window : 0;  // first visible position
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    bool no_max = fault & ATTN_SOFTMAX_NO_MAX;
+    const float* ks = smem + Dh;
+    float* red = smem + 2 * Dh;
+    VT qr[DEC_CHUNKS], acc[DEC_CHUNKS];
+    dec_load(qr, smem, l);
+#pragma unroll
+    for (int i = 0; i < DEC_CHUNKS; i++) acc[i] = VT{};
+    float m = no_max ? 0.0f : -INFINITY, lsum = 0.0f;
+    {  // the first pass: K and V from registers (row p: k from shared memory, v loaded after the wait)
+        int j = l.row_off;
+        VT kr[DEC_CHUNKS];
+        if (j >= p) dec_load(kr, ks, l);
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(j < p ? kpre[i] : kr[i], qr[i]);
+        dec_online_visit(l, s, j, lo, p, scale, no_max, vpre, m, lsum, acc, sc, kq_row, p_row);
+    }
+    // the loop bound is warp-uniform (the shuffles need every lane)
+    for (int j0 = rpp; j0 < kv_len; j0 += DEC_BATCH_ONLINE * rpp) {
+        VT kr[DEC_BATCH_ONLINE][DEC_CHUNKS], vr[DEC_BATCH_ONLINE][DEC_CHUNKS];
+#pragma unroll
+        for (int b = 0; b < DEC_BATCH_ONLINE; b++) {
+            int j = j0 + b * rpp + l.row_off;
+            if (j < p) {
+                dec_load(kr[b], kbase + (long long)j * kvd, l);
+                dec_load(vr[b], vbase + (long long)j * kvd, l);
+            } else if (j == p) {
+                dec_load(kr[b], ks, l);
+                dec_load(vr[b], vp, l);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < DEC_BATCH_ONLINE; b++) {
+            int j = j0 + b * rpp + l.row_off;
+            float s = 0.0f;
+            if (j <= p) {
+#pragma unroll
+                for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(kr[b][i], qr[i]);
+            }
+            dec_online_visit(l, s, j, lo, p, scale, no_max, vr[b], m, lsum, acc, sc, kq_row, p_row);
+        }
+    }
+    // the groups of the warp (lanes lig, lig + L, … hold the same chunks): merged by shuffles
+    for (int o = l.L; o < 32; o <<= 1) {
+        float mo = __shfl_xor_sync(0xffffffffu, m, o), lo_sum = __shfl_xor_sync(0xffffffffu, lsum, o);
+        float mn, ca, cb;
+        dec_online_factors(m, mo, no_max, mn, ca, cb);
+        lsum = lsum * ca + lo_sum * cb;
+#pragma unroll
+        for (int i = 0; i < DEC_CHUNKS; i++) {
+            VT ao = dec_shfl_xor(acc[i], o);
+            acc[i] = dec_add(dec_scale(acc[i], ca), dec_scale(ao, cb));
+        }
+        m = mn;
+    }
+    if (lane < l.L) {
+#pragma unroll
+        for (int i = 0; i < DEC_CHUNKS; i++) {
+            int c = l.lig + l.L * i;
+            if (c < l.nch) ((VT*)(red + warp * Dh))[c] = acc[i];
+        }
+    }
+    if (lane == 0) {
+        shf[warp] = m;
+        shf[16 + warp] = lsum;
+    }
+    __syncthreads();
+    // the warps, merged in a fixed order by every thread (the same M and l everywhere)
+    float M = shf[0], L = shf[16];
+    for (int w = 1; w < nw; w++) {
+        float mn, ca, cb;
+        dec_online_factors(M, shf[w], no_max, mn, ca, cb);
+        L = L * ca + shf[16 + w] * cb;
+        M = mn;
+    }
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < nw; w++) {
+            float mw = shf[w];
+            float f = no_max ? 1.0f : (mw == -INFINITY ? 0.0f : expf(mw - M));
+            o += red[w * Dh + d] * f;
+        }
+        out[d] = o / L;
+    }
+    // the probabilities' tap (llama.cpp's `kq_soft_max`), from the scores kept in sc
+    if (p_row)
+        for (int j = threadIdx.x; j < kv_len; j += blockDim.x) p_row[j] = j >= lo ? expf(sc[j] - M) / L : 0.0f;
+}
+
 // The whole kernel for one chunk type VT (float4, or float2 when Dh % 4 != 0).
 template <typename VT>
 __device__ __forceinline__ void attention_decode(const float* __restrict__ q, const float* __restrict__ k,
@@ -361,7 +507,7 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
                                                  float* __restrict__ p_scratch, int ctx, int smem_cap, float* smem,
                                                  float* shf, double* shd, float* __restrict__ q_tap,
                                                  float* __restrict__ k_tap, float* __restrict__ kq_tap,
-                                                 float* __restrict__ p_tap) {
+                                                 float* __restrict__ p_tap, int online) {
     int h = blockIdx.x, tid = threadIdx.x;
     int group = H / Hkv;
     int hk = (fault & ATTN_GQA_MODULO) ? h % Hkv : h / group;
@@ -458,7 +604,10 @@ __device__ __forceinline__ void attention_decode(const float* __restrict__ q, co
     // the score taps are [H][kv_len], kv_len = p + 1
     float* kq_row = kq_tap ? kq_tap + (long long)h * (p + 1) : nullptr;
     float* p_row = p_tap ? p_tap + (long long)h * (p + 1) : nullptr;
-    if (p + 1 <= smem_cap) {
+    if (online) {  // the shipped tier's softmax (sc only for the probabilities' tap: shared memory then)
+        float* sc = smem + (2 + (blockDim.x >> 5)) * Dh;
+        dec_attend_online<VT>(l, kpre, vpre, smem, sc, shf, kbase, vbase, vp, o, p, kvd, Dh, scale, fault, window, kq_row, p_row);
+    } else if (p + 1 <= smem_cap) {
         float* sc = smem + (2 + (blockDim.x >> 5)) * Dh;
         dec_attend<VT>(l, kpre, vpre, smem, sc, shf, shd, kbase, vbase, vp, o, p, kvd, Dh, scale, fault, window, kq_row, p_row);
     } else {
@@ -472,7 +621,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
     float* __restrict__ kc, float* __restrict__ vc, const int* __restrict__ pos, int H, int Hkv, int Dh,
     int n_rot, float theta_scale, int neox, float scale, int fault, int window, float* __restrict__ out,
     float* __restrict__ p_scratch, int ctx, int smem_cap, float* __restrict__ q_tap, float* __restrict__ k_tap,
-    float* __restrict__ kq_tap, float* __restrict__ p_tap) {
+    float* __restrict__ kq_tap, float* __restrict__ p_tap, int online) {
     extern __shared__ float smem[];
     __shared__ float shf[32];
     __shared__ double shd[32];
@@ -480,8 +629,8 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_decode_f32(
     // writes
     if ((Dh & 3) == 0)
         attention_decode<float4>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, window, out,
-                                 p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap);
+                                 p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap, online);
     else
         attention_decode<float2>(q, k, v, kc, vc, pos, H, Hkv, Dh, n_rot, theta_scale, neox, scale, fault, window, out,
-                                 p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap);
+                                 p_scratch, ctx, smem_cap, smem, shf, shd, q_tap, k_tap, kq_tap, p_tap, online);
 }

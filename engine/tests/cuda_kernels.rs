@@ -625,8 +625,11 @@ struct DecodeCase {
 /// attention_decode_f32 against its CPU twins composed: rope on q and k at position p, then
 /// scores, softmax and values over the cache rows < p and the new row p (with the fault's
 /// variants); the cache must hold the rotated k and v at row p and be unchanged elsewhere.
-fn attention_decode_case(c: DecodeCase) -> R {
-    let g = gpu()?;
+/// `online`: with the int8 decode on (the shipped tier), which runs the online softmax
+/// (attention.cu dec_attend_online); the same twins and limits.
+fn attention_decode_case(c: DecodeCase, online: bool) -> R {
+    let mut g = gpu()?;
+    g.int8_decode = online;
     let mut rng = ChaCha8Rng::seed_from_u64(41 + (c.dh * 100_000 + c.p) as u64);
     let (h, hkv, dh, p, ctx) = (c.h, c.hkv, c.dh, c.p, c.ctx);
     let row = hkv * dh;
@@ -675,7 +678,7 @@ fn attention_decode_case(c: DecodeCase) -> R {
         },
         AttnFault::of(fault),
     )?;
-    let what = format!("attention_decode {c:?}");
+    let what = format!("attention_decode {c:?} online {online}");
     if tapped {
         check_close(&format!("{what} Qcur.rope tap"), &g.download(&tq, 0, h * dh)?, wq, 1e-6)?;
         check_close(&format!("{what} Kcur.rope tap"), &g.download(&tk, 0, hkv * dh)?, wk, 1e-6)?;
@@ -784,8 +787,12 @@ fn main() {
         other(16, 16, RopeStyle::Normal, 4, 4, 9),
     ] {
         let fault = c.fault.map_or("None".to_string(), |f| format!("{f:?}"));
-        let name = format!("attention_decode_dh{}_{:?}_nrot{}_h{}x{}_p{}_qscale{}_fault_{fault}", c.dh, c.style, c.n_rot, c.h, c.hkv, c.p, c.qscale);
-        list.push(Trial::test(name, move || attention_decode_case(c)));
+        for online in [false, true] {
+            let softmax = if online { "_online" } else { "" };
+            let name =
+                format!("attention_decode{softmax}_dh{}_{:?}_nrot{}_h{}x{}_p{}_qscale{}_fault_{fault}", c.dh, c.style, c.n_rot, c.h, c.hkv, c.p, c.qscale);
+            list.push(Trial::test(name, move || attention_decode_case(c, online)));
+        }
     }
     libtest_mimic::run(&args, trials(list)).exit();
 }

@@ -684,7 +684,7 @@ fn attention_case(dh: usize, qscale: f32, fault: Option<Fault>, t: usize, n_past
 /// CPU twins composed, with its taps, as attn_decode.rs launches it: `(dh, n_rot, style, h, hkv,
 /// p, qscale, fault)`.
 #[allow(clippy::type_complexity)]
-fn attention_decode_case(c: (usize, usize, RopeStyle, usize, usize, usize, f32, Option<Fault>)) -> Result<(), Failed> {
+fn attention_decode_case(c: (usize, usize, RopeStyle, usize, usize, usize, f32, Option<Fault>), online: bool) -> Result<(), Failed> {
     let (dh, n_rot, style, h, hkv, p, qscale, fault) = c;
     let ctx = p + 9;
     let mut rng = ChaCha8Rng::seed_from_u64(41 + (dh * 100_000 + p) as u64);
@@ -709,10 +709,11 @@ fn attention_decode_case(c: (usize, usize, RopeStyle, usize, usize, usize, f32, 
         &[A::Buf(out), A::Null],
         &ints([ctx, ctx.min(DECODE_SMEM_SCORES)]),
         &[tq, tk, tkq, tp].map(A::Buf),
+        &[A::I(online as i32)],
     ]
     .concat();
     sim.launch("attention_decode_f32", (h as u32, 1), 256, &args)?;
-    let what = format!("attention_decode_f32 {c:?}");
+    let what = format!("attention_decode_f32 {c:?} online {online}");
     check_close(&format!("{what} Qcur.rope tap"), &sim.get(tq)?, &want.q_rot, 1e-6)?;
     check_close(&format!("{what} Kcur.rope tap"), &sim.get(tk)?, &want.k_rot, 1e-6)?;
     check_close_nonfinite(&format!("{what} kq tap"), &sim.get(tkq)?, &want.kq, 1e-5)?;
@@ -774,11 +775,18 @@ fn main() {
         (42, 42, RopeStyle::Normal, 6, 2, 21, 1.0, None),
         (18, 10, RopeStyle::Neox, 4, 2, 7, 1.0, None),
         (16, 16, RopeStyle::Normal, 4, 4, 9, 1.0, None),
-    ] {
-        let (dh, n_rot, style, h, hkv, p, qs, fault) = c;
+        // several passes of rows (64 a pass at Dh 64), the window cutting into them
+        (64, 64, RopeStyle::Neox, 4, 2, 200, 1.0, None),
+        (64, 64, RopeStyle::Neox, 4, 2, 200, 1.0, Some(Fault::AttentionWindow(70))),
+    ]
+    .into_iter()
+    .flat_map(|c| [(c, false), (c, true)])
+    {
+        let ((dh, n_rot, style, h, hkv, p, qs, fault), online) = c;
+        let softmax = if online { "_online" } else { "" };
         cases.push((
-            format!("attention_decode_dh{dh}_{style:?}_nrot{n_rot}_h{h}x{hkv}_p{p}_qscale{qs}_fault_{fault:?}"),
-            Box::new(move || attention_decode_case(c)),
+            format!("attention_decode{softmax}_dh{dh}_{style:?}_nrot{n_rot}_h{h}x{hkv}_p{p}_qscale{qs}_fault_{fault:?}"),
+            Box::new(move || attention_decode_case(c.0, c.1)),
         ));
     }
     let available = host_cxx::compiler().is_some();

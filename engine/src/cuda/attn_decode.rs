@@ -66,7 +66,9 @@ pub struct DecodeTaps {
 
 impl Gpu {
     /// RoPE, KV-cache write and attention of one token at position `*pos` (kv_len = *pos + 1):
-    /// out = softmax(q·Kᵀ·scale) V per query head. `fault` as [`Gpu::attention_faulty`]'s (no
+    /// out = softmax(q·Kᵀ·scale) V per query head. With the int8 decode ([`Gpu::int8_decode`], the
+    /// shipped tier) the softmax runs online (attention.cu dec_attend_online: the same values up to
+    /// roundings, fewer barriers); else as attention_f32's. `fault` as [`Gpu::attention_faulty`]'s (no
     /// causal mask changes nothing for one row); `AttnFault::default()` is the clean kernel.
     pub fn attention_decode(&self, a: &DecodeAttnArgs, fault: AttnFault) -> Result<()> {
         let (h, hkv, dh) = (a.n_head, a.n_head_kv, a.head_dim);
@@ -112,6 +114,8 @@ impl Gpu {
             Arg::P(a.taps.k_rot),
             Arg::P(a.taps.kq),
             Arg::P(a.taps.p),
+            // the shipped tier's online softmax (attention.cu dec_attend_online) with the int8 decode
+            Arg::I(self.int8_decode as i32),
         ];
         self.launch_pdl("attention_decode_f32", (h as u32, 1, 1), BLOCK, smem as u32, &args)
     }
