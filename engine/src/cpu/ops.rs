@@ -249,8 +249,9 @@ pub fn softmax_row_into(x: &[f32], scale: f32, n_valid: usize, y: &mut [f32]) {
 }
 
 /// Activations as the shipped tier's int8 decode sees them (the CPU twin of kernels/quant.cu
-/// stage_x_q8, llama.cpp's quantize_q8_1): per 32 values, `d = amax / 127`, `q = round(x / d)` (0 when
-/// amax is 0), and each value comes back as `d · q`. A dot product of dequantized weights with these
+/// stage_x_q8; llama.cpp's quantize_q8_1 but for ties): per 32 values, `d = amax / 127`,
+/// `q = round(x · (127 / amax))` (0 when amax is 0; a tiny amax and its x scaled by 2^100 first, so
+/// that 127 / amax stays finite), and each value comes back as `d · q`. A dot product of dequantized weights with these
 /// is what the `matvec1q_*` kernels compute, up to the order of their f32 sums. `x.len()` must be
 /// a multiple of 32 (the block formats' rows are).
 pub fn quantize_q8(x: &[f32]) -> Vec<f32> {
@@ -258,8 +259,10 @@ pub fn quantize_q8(x: &[f32]) -> Vec<f32> {
     x.chunks_exact(32)
         .flat_map(|b| {
             let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            b.iter().map(move |&v| if amax == 0.0 { 0.0 } else { (v / d).round() * d })
+            // a tiny amax and its x scaled by 2^100 first (exact), as stage_x_q8 does
+            let up = if amax < 1e-30 { 2f32.powi(100) } else { 1.0 };
+            let (d, id) = (amax / 127.0, if amax == 0.0 { 0.0 } else { 127.0 / (amax * up) });
+            b.iter().map(move |&v| if amax == 0.0 { 0.0 } else { ((v * up) * id).round() * d })
         })
         .collect()
 }
@@ -309,6 +312,14 @@ mod tests {
         h[2] = -2.5;
         let qh = super::quantize_q8(&h);
         assert_eq!((qh[1], qh[2]), (3.0, -3.0));
+        // an amax so small that 127 / amax overflows: scaled first, still within half a step
+        let tiny: Vec<f32> = (0..32).map(|i| (i as f32 - 9.0) * 1e-40).collect();
+        assert!((127.0f32 / 22e-40).is_infinite());
+        let qt = super::quantize_q8(&tiny);
+        let dt = 22e-40f32 / 127.0;
+        for (i, (&a, &b)) in tiny.iter().zip(&qt).enumerate() {
+            assert!(b.is_finite() && (a - b).abs() <= dt, "{i}: {a} -> {b} (step {dt})");
+        }
     }
 
     fn naive_dot(a: &[f32], b: &[f32]) -> f64 {

@@ -429,7 +429,9 @@ impl Backend for CudaBackend {
             (false, true) if self.gpu.int8_decode => {
                 format!("int8 activations (shipped tier only): {INT8_DECODE}, attention_decode_f32 with an online softmax, replayed as one CUDA graph per step")
             }
-            (false, false) if self.gpu.int8_decode && t == 1 => format!("int8 activations (shipped tier only): {INT8_DECODE}, attention_decode_f32 with an online softmax"),
+            (false, false) if self.gpu.int8_decode && t == 1 => {
+                format!("int8 activations (shipped tier only): {INT8_DECODE}, attention_decode_f32 with an online softmax")
+            }
             (false, true) => "f32 (exact tier): fused quantized matvec kernels and attention_decode_f32, replayed as one CUDA graph per step".into(),
             (false, false) => "f32 (exact tier): fused quantized matvec kernels".into(),
         }
