@@ -434,36 +434,47 @@ __device__ __forceinline__ void stage_x(float* xs, const float* __restrict__ x, 
 // its float4s, in order); norm_scale_deferred adds the warps' shares in order after the caller's
 // __syncthreads. (A tapped decode step runs the same kernels: cuda/backend.rs Step::int8_norm keeps
 // the int8 decode's norm fused when the norm is tapped, the tap coming from rmsnorm_f32 beside it.)
-// n a multiple of 32. Each thread takes 4 consecutive values (one float4), so 8 lanes share a 32's
-// amax and 4 lanes a 16's Σ: 5 shuffles per 128 values where one value per lane took 8 per 32, and a
-// block covers 1024 values per round (the decode's down projection stages 4864 in every block).
-// The rounds run in whole warps (full-warp shuffles): lanes past n / 4 quantize zeros and store
-// nothing. Whole block; the caller's __syncthreads publishes the area (and shd).
+// n a multiple of 32. Each thread takes 8 consecutive values (two float4s), so 4 lanes share a 32's
+// amax (2 shuffles) and 2 lanes a 16's Σ (1 shuffle); a block covers 2048 values per round (the
+// decode's down projection stages 4864 in every block: 3 rounds). The rounds run in whole warps
+// (full-warp shuffles): lanes past n / 8 quantize zeros and store nothing. Whole block; the caller's
+// __syncthreads publishes the area (and shd).
 __device__ __forceinline__ void stage_x_q8(u8* area, const float* __restrict__ x, int n,
                                            const float* __restrict__ norm_w, double* shd) {
-    u32* xq = (u32*)area;
+    uint2* xq = (uint2*)area;
     float* xd = (float*)(area + n);
     int* xs = (int*)(area + n + n / 8);
-    int lane = threadIdx.x & 31, n4 = n >> 2, rounds = (n4 + 31) & ~31;
+    int lane = threadIdx.x & 31, n8 = n >> 3, rounds = (n8 + 31) & ~31;
     double ss = 0.0;
-#pragma unroll 4
+#pragma unroll 2
     for (int i = threadIdx.x; i < rounds; i += blockDim.x) {
-        bool in = i < n4;
-        float4 v = in ? ((const float4*)x)[i] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (norm_w && in) {
-            ss += (double)(v.x * v.x);
-            ss += (double)(v.y * v.y);
-            ss += (double)(v.z * v.z);
-            ss += (double)(v.w * v.w);
-            float4 w = ((const float4*)norm_w)[i];
-            v.x *= w.x;
-            v.y *= w.y;
-            v.z *= w.z;
-            v.w *= w.w;
-        }
-        float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+        bool in = i < n8;
+        float v[8];
 #pragma unroll
-        for (int o = 1; o < 8; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        for (int k = 0; k < 2; k++) {
+            float4 f = in ? ((const float4*)x)[2 * i + k] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            v[4 * k] = f.x;
+            v[4 * k + 1] = f.y;
+            v[4 * k + 2] = f.z;
+            v[4 * k + 3] = f.w;
+        }
+        if (norm_w && in) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) ss += (double)(v[k] * v[k]);
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                float4 w = ((const float4*)norm_w)[2 * i + k];
+                v[4 * k] *= w.x;
+                v[4 * k + 1] *= w.y;
+                v[4 * k + 2] *= w.z;
+                v[4 * k + 3] *= w.w;
+            }
+        }
+        float amax = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; k++) amax = fmaxf(amax, fabsf(v[k]));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
         // q8 = round(x · 127/amax): one division a thread rather than one a value (llama.cpp's
         // round(x / d) gives the same q8 but at a tie of the rounding). No branch: a tiny amax, whose
         // 127/amax could overflow, and its x are scaled by 2^100 first (exact, and the same q8 wherever
@@ -471,15 +482,20 @@ __device__ __forceinline__ void stage_x_q8(u8* area, const float* __restrict__ x
         // case cost smollm2-135m's decode 5 % on the H200.)
         float d = amax / 127.0f, up = amax < 1e-30f ? 0x1p100f : 1.0f;
         float id = amax == 0.0f ? 0.0f : 127.0f / (amax * up);
-        int q0 = (int)roundf((v.x * up) * id), q1 = (int)roundf((v.y * up) * id);
-        int q2 = (int)roundf((v.z * up) * id), q3 = (int)roundf((v.w * up) * id);
-        int s = q0 + q1 + q2 + q3;
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);  // Σ over the 16
+        u32 word[2];
+        int s = 0;
+#pragma unroll
+        for (int k = 0; k < 2; k++) {
+            int q0 = (int)roundf((v[4 * k] * up) * id), q1 = (int)roundf((v[4 * k + 1] * up) * id);
+            int q2 = (int)roundf((v[4 * k + 2] * up) * id), q3 = (int)roundf((v[4 * k + 3] * up) * id);
+            s += q0 + q1 + q2 + q3;
+            word[k] = (u32)(q0 & 0xFF) | (u32)(q1 & 0xFF) << 8 | (u32)(q2 & 0xFF) << 16 | (u32)(q3 & 0xFF) << 24;
+        }
+        s += __shfl_xor_sync(0xffffffffu, s, 1);  // Σ over the 16
         if (in) {
-            xq[i] = (u32)(q0 & 0xFF) | (u32)(q1 & 0xFF) << 8 | (u32)(q2 & 0xFF) << 16 | (u32)(q3 & 0xFF) << 24;
-            if ((lane & 3) == 0) xs[i >> 2] = s;
-            if ((lane & 7) == 0) xd[i >> 3] = d;
+            xq[i] = make_uint2(word[0], word[1]);
+            if ((lane & 1) == 0) xs[i >> 1] = s;
+            if ((lane & 3) == 0) xd[i >> 2] = d;
         }
     }
     if (norm_w) {
