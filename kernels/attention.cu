@@ -189,6 +189,16 @@ __device__ __forceinline__ float4 dec_add(float4 a, float4 b) { return make_floa
 __device__ __forceinline__ float2 dec_add(float2 a, float2 b) { return make_float2(a.x + b.x, a.y + b.y); }
 __device__ __forceinline__ float4 dec_scale(float4 a, float c) { return make_float4(a.x * c, a.y * c, a.z * c, a.w * c); }
 __device__ __forceinline__ float2 dec_scale(float2 a, float c) { return make_float2(a.x * c, a.y * c); }
+// A key row's dot with q over this lane's chunks (0 when the row is not `live`).
+template <typename VT>
+__device__ __forceinline__ float dec_row_dot(const VT k[DEC_CHUNKS], const VT q[DEC_CHUNKS], bool live) {
+    float s = 0.0f;
+    if (live) {
+#pragma unroll
+        for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(k[i], q[i]);
+    }
+    return s;
+}
 
 // Which rows and chunks a lane reads: groups of L lanes a key row, L the fewest (a power of two)
 // that leave each lane ≤ DEC_CHUNKS chunks (lane lig takes chunks lig, lig + L, …); one pass
@@ -216,6 +226,19 @@ __device__ __forceinline__ void dec_load(VT r[DEC_CHUNKS], const float* row, con
         int c = l.lig + l.L * i;
         r[i] = c < l.nch ? ((const VT*)row)[c] : VT{};
     }
+}
+
+// The first pass's row j: its k from the registers loaded before pdl_wait (j < p), else row p's
+// from shared memory (j > p: a row past the position, whose score is not used).
+template <typename VT>
+__device__ __forceinline__ float dec_first_dot(const DecLayout& l, const VT kpre[DEC_CHUNKS], const float* ks,
+                                               const VT q[DEC_CHUNKS], int j, int p) {
+    VT kr[DEC_CHUNKS];
+    if (j >= p) dec_load(kr, ks, l);
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(j < p ? kpre[i] : kr[i], q[i]);
+    return s;
 }
 
 // Row j's score from this lane's share s: summed over the group, scaled, stored once, max kept
@@ -256,11 +279,7 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
     float m = -INFINITY;
     {
         int j = l.row_off;
-        VT kr[DEC_CHUNKS];
-        if (j >= p) dec_load(kr, ks, l);
-        float s = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(j < p ? kpre[i] : kr[i], qr[i]);
+        float s = dec_first_dot(l, kpre, ks, qr, j, p);
         dec_score(s, j, lo, p, scale, sc, l, m, kq_row);
     }
     // the loop bound is warp-uniform (the shuffles need every lane)
@@ -275,11 +294,7 @@ __device__ __forceinline__ void dec_attend(const DecLayout& l, const VT kpre[DEC
 #pragma unroll
         for (int b = 0; b < DEC_BATCH; b++) {
             int j = j0 + b * rpp + l.row_off;
-            float s = 0.0f;
-            if (j <= p) {
-#pragma unroll
-                for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(kr[b][i], qr[i]);
-            }
+            float s = dec_row_dot(kr[b], qr, j <= p);
             dec_score(s, j, lo, p, scale, sc, l, m, kq_row);
         }
     }
@@ -418,11 +433,7 @@ __device__ __forceinline__ void dec_attend_online(const DecLayout& l, const VT k
     float m = no_max ? 0.0f : -INFINITY, lsum = 0.0f;
     {  // the first pass: K and V from registers (row p: k from shared memory, v loaded after the wait)
         int j = l.row_off;
-        VT kr[DEC_CHUNKS];
-        if (j >= p) dec_load(kr, ks, l);
-        float s = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(j < p ? kpre[i] : kr[i], qr[i]);
+        float s = dec_first_dot(l, kpre, ks, qr, j, p);
         dec_online_visit(l, s, j, lo, p, scale, no_max, vpre, m, lsum, acc, sc, kq_row, p_row);
     }
     // the loop bound is warp-uniform (the shuffles need every lane)
@@ -442,11 +453,7 @@ __device__ __forceinline__ void dec_attend_online(const DecLayout& l, const VT k
 #pragma unroll
         for (int b = 0; b < DEC_BATCH_ONLINE; b++) {
             int j = j0 + b * rpp + l.row_off;
-            float s = 0.0f;
-            if (j <= p) {
-#pragma unroll
-                for (int i = 0; i < DEC_CHUNKS; i++) s += dec_dot(kr[b][i], qr[i]);
-            }
+            float s = dec_row_dot(kr[b], qr, j <= p);
             dec_online_visit(l, s, j, lo, p, scale, no_max, vr[b], m, lsum, acc, sc, kq_row, p_row);
         }
     }
