@@ -55,6 +55,5 @@ pub fn decode_attention(
 /// that the kernel applies to its sums (here to each value: the same up to roundings).
 pub fn q8_normed(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let scale = cpu::rms_scale(cpu::sum_sq(x), x.len(), eps);
-    let xw: Vec<f32> = x.iter().zip(w).map(|(a, b)| a * b).collect();
-    cpu::quantize_q8(&xw).into_iter().map(|v| v * scale).collect()
+    cpu::quantize_q8(&cpu::mul_rows(x, w)).into_iter().map(|v| v * scale).collect()
 }
